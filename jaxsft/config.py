@@ -1,0 +1,268 @@
+"""Configuration: dataclasses with the seed's defaults, YAML loading, dotted
+`--set key=value` overrides, and validation that names the file, line and key.
+
+A config file has four parts (see configs/default.yaml):
+
+    model:   d_model, n_heads, n_layers, d_ff, max_seq_len, dropout, init_from
+    data:    train, val, test, system_prompt
+    train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
+    out_dir: where the run writes checkpoints, metrics.jsonl and curves.png
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+DEFAULT_SYSTEM_PROMPT = "你是一个有帮助的AI助手。"
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # vocabulary size; filled in from the tokenizer, not set by hand
+    vocab_size: int = 0
+    # longest token sequence the model is trained on (the seed pads every row to it)
+    max_seq_len: int = 256
+    d_model: int = 384
+    n_heads: int = 6
+    n_layers: int = 6
+    # SwiGLU hidden width
+    d_ff: int = 1536
+    dropout: float = 0.1
+    # start from a pretrained run directory (its best parameters and tokenizer)
+    init_from: Optional[str] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "data/train.jsonl"
+    val: str = "data/val.jsonl"
+    test: Optional[str] = "data/test.jsonl"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # rows per optimizer step (the seed's meaning of batch size)
+    batch_size: int = 8
+    epochs: int = 5
+    # optional cap on optimizer steps; the schedule is laid out over the capped length
+    max_steps: Optional[int] = None
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # validate every N steps (0: only at the end of each epoch)
+    eval_every: int = 0
+    # save the full training state for --resume every N steps (0: only at evaluations)
+    save_every: int = 0
+    # split each batch into k micro-batches whose gradients are summed by token count
+    grad_accum_steps: int = 1
+    # activation dtype: float32 or bfloat16 (parameters and optimizer state stay float32)
+    dtype: str = "float32"
+    # greedy answers to this many validation questions are printed at each evaluation
+    sample_questions: int = 3
+    # per-row sequence lengths a batch is padded to (each compiles once); capped by max_seq_len
+    buckets: tuple = (32, 64, 96, 128, 192, 256)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # devices on the data-parallel axis (0: all devices not on fsdp)
+    data: int = 0
+    # devices that parameters and optimizer state are sharded over
+    fsdp: int = 1
+    # multi-host: coordinator "host:port", number of processes, this process's id
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    out_dir: str = "runs/default"
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
+
+
+def _key_lines(path: str, text: str) -> dict:
+    """Maps 'section.key' to its 1-based line in the YAML text (for error messages)."""
+    lines = {}
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if not isinstance(node, yaml.MappingNode):
+        return lines
+    for k, v in node.value:
+        lines[k.value] = k.start_mark.line + 1
+        if isinstance(v, yaml.MappingNode):
+            for k2, _ in v.value:
+                lines[f"{k.value}.{k2.value}"] = k2.start_mark.line + 1
+    return lines
+
+
+def _field_types(cls) -> dict:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, default: Any, where: str, ftype: str):
+    """Checks `value` against the field's declared type; returns the typed value."""
+    t = ftype.replace("Optional[", "").rstrip("]") if ftype.startswith("Optional[") else ftype
+    optional = ftype.startswith("Optional[")
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: must not be empty (expected {t})")
+    if t == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if t == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if t == "str":
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    if t == "tuple":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{where}: expected a list of integers, got {value!r}")
+        return tuple(value)
+    raise AssertionError(f"unhandled type {ftype}")
+
+
+def _parse_override(item: str):
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected key=value, e.g. train.max_steps=20")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Reads a YAML config (or the defaults when `path` is None), applies
+    `section.key=value` overrides and validates the result.
+
+    Raises UserError naming the file, line and key for any mistake.
+    """
+    raw, lines, text = {}, {}, ""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: config file not found")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            raw = yaml.safe_load(text) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not valid UTF-8") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping with sections model, data, train, out_dir")
+        lines = _key_lines(path, text)
+    src = path or "<defaults>"
+
+    def where(key):
+        return f"{src}:{lines[key]}: {key}" if key in lines else f"{src}: {key}"
+
+    values = {name: {} for name in SECTIONS}
+    out_dir = Config.out_dir
+    for sec, body in raw.items():
+        if sec == "out_dir":
+            out_dir = _coerce(body, out_dir, where("out_dir"), "str")
+            continue
+        if sec not in SECTIONS:
+            raise UserError(f"{where(sec)}: unknown section (expected one of model, data, train, mesh, out_dir)")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise UserError(f"{where(sec)}: expected a mapping of keys")
+        fields = _field_types(SECTIONS[sec])
+        for k, v in body.items():
+            key = f"{sec}.{k}"
+            if k not in fields or k == "vocab_size":
+                raise UserError(f"{where(key)}: unknown key (known: {', '.join(n for n in fields if n != 'vocab_size')})")
+            values[sec][k] = _coerce(v, fields[k].default, where(key), str(fields[k].type))
+
+    for item in overrides:
+        key, v = _parse_override(item)
+        if key == "out_dir":
+            out_dir = _coerce(v, out_dir, "--set out_dir", "str")
+            continue
+        sec, _, k = key.partition(".")
+        if sec not in SECTIONS or not k:
+            raise UserError(f"--set {key}: no such key (sections: model, data, train, mesh, out_dir)")
+        fields = _field_types(SECTIONS[sec])
+        if k not in fields or k == "vocab_size":
+            raise UserError(f"--set {key}: no such key in section {sec}")
+        values[sec][k] = _coerce(v, fields[k].default, f"--set {key}", str(fields[k].type))
+
+    cfg = Config(**{sec: SECTIONS[sec](**values[sec]) for sec in SECTIONS}, out_dir=out_dir)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where=lambda k: k) -> None:
+    """Range checks that types alone cannot express."""
+    m, t = cfg.model, cfg.train
+    positive = [("model.d_model", m.d_model), ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
+                ("model.d_ff", m.d_ff), ("model.max_seq_len", m.max_seq_len), ("train.batch_size", t.batch_size),
+                ("train.epochs", t.epochs), ("train.lr", t.lr), ("train.grad_accum_steps", t.grad_accum_steps)]
+    for key, v in positive:
+        if v <= 0:
+            raise UserError(f"{where(key)}: must be positive, got {v}")
+    if m.d_model % m.n_heads:
+        raise UserError(f"{where('model.n_heads')}: n_heads={m.n_heads} does not divide d_model={m.d_model}")
+    if m.head_dim % 2:
+        raise UserError(f"{where('model.n_heads')}: head size d_model/n_heads={m.head_dim} must be even for rotary embedding")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"{where('model.dropout')}: must be in [0, 1), got {m.dropout}")
+    for key, v in [("train.weight_decay", t.weight_decay), ("train.warmup_steps", t.warmup_steps),
+                   ("train.max_grad_norm", t.max_grad_norm), ("train.eval_every", t.eval_every),
+                   ("train.save_every", t.save_every), ("train.sample_questions", t.sample_questions)]:
+        if v < 0:
+            raise UserError(f"{where(key)}: must not be negative, got {v}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise UserError(f"{where('train.max_steps')}: must be positive, got {t.max_steps}")
+    if t.batch_size % t.grad_accum_steps:
+        raise UserError(f"{where('train.grad_accum_steps')}: {t.grad_accum_steps} does not divide batch_size={t.batch_size}")
+    if t.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"{where('train.dtype')}: expected float32 or bfloat16, got {t.dtype!r}")
+    if not t.buckets or any(b <= 0 for b in t.buckets):
+        raise UserError(f"{where('train.buckets')}: expected positive lengths, got {list(t.buckets)}")
+    if not cfg.out_dir:
+        raise UserError(f"{where('out_dir')}: must not be empty")
+
+
+def to_dict(cfg) -> dict:
+    """Plain-JSON form (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in names})

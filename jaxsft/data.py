@@ -1,0 +1,139 @@
+"""JSONL reading and row validation.
+
+Two row formats are accepted, one JSON object per line (blank lines and a UTF-8
+BOM are fine):
+
+    {"instruction": "...", "response": "...", "category": "...", "expected": "..."}
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...], ...}
+
+Every row becomes a `Row`: a list of messages (user/assistant alternating, an
+optional leading system turn) plus its category and expected answer. A mistake
+raises UserError naming the file, the line and the problem.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Row:
+    messages: tuple  # ((role, content), ...)
+    category: str = ""
+    expected: Optional[str] = None  # reference answer for scoring (last assistant turn by default)
+    line: int = 0
+
+    @property
+    def prompt_messages(self) -> tuple:
+        """The conversation up to (not including) the last assistant answer."""
+        if self.messages and self.messages[-1][0] == "assistant":
+            return self.messages[:-1]
+        return self.messages
+
+    @property
+    def question(self) -> str:
+        """The last user turn."""
+        return next(c for r, c in reversed(self.messages) if r == "user")
+
+
+def parse_row(obj, where: str, need_answer: bool = True) -> Row:
+    """One decoded JSON value -> Row, or UserError mentioning `where` ("file:line")."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    category = obj.get("category", "")
+    if not isinstance(category, str):
+        raise UserError(f"{where}: 'category' must be a string")
+    expected = obj.get("expected")
+    if expected is not None and not isinstance(expected, str):
+        raise UserError(f"{where}: 'expected' must be a string")
+
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise UserError(f"{where}: 'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            role, content = m["role"], m["content"]
+            if role not in ROLES:
+                raise UserError(f"{where}: messages[{i}] has unknown role {role!r} (expected system, user or assistant)")
+            if not isinstance(content, str):
+                raise UserError(f"{where}: messages[{i}] 'content' must be a string")
+            if role == "system" and i != 0:
+                raise UserError(f"{where}: messages[{i}] a system turn may only come first")
+            if role == "assistant" and not content.strip():
+                raise UserError(f"{where}: messages[{i}] has an empty assistant answer")
+            if role == "user" and not content.strip():
+                raise UserError(f"{where}: messages[{i}] has an empty user turn")
+            out.append((role, content))
+        turns = [r for r, _ in out if r != "system"]
+        for i, r in enumerate(turns):
+            if r != ("user" if i % 2 == 0 else "assistant"):
+                raise UserError(f"{where}: messages must alternate user/assistant after an optional system turn")
+        if not turns:
+            raise UserError(f"{where}: messages has no user turn")
+        if need_answer and turns[-1] != "assistant":
+            raise UserError(f"{where}: messages has no assistant answer at the end")
+        if expected is None and out[-1][0] == "assistant":
+            expected = out[-1][1]
+        return Row(tuple(out), category, expected)
+
+    if "instruction" not in obj:
+        raise UserError(f"{where}: missing 'instruction' (or 'messages')")
+    ins = obj["instruction"]
+    if not isinstance(ins, str):
+        raise UserError(f"{where}: 'instruction' must be a string")
+    if not ins.strip():
+        raise UserError(f"{where}: empty 'instruction'")
+    msgs = [("user", ins)]
+    if "response" in obj:
+        resp = obj["response"]
+        if not isinstance(resp, str):
+            raise UserError(f"{where}: 'response' must be a string")
+        if not resp.strip():
+            raise UserError(f"{where}: empty 'response'")
+        msgs.append(("assistant", resp))
+        if expected is None:
+            expected = resp
+    elif need_answer:
+        raise UserError(f"{where}: missing 'response'")
+    return Row(tuple(msgs), category, expected)
+
+
+def read_jsonl(path: str, need_answer: bool = True) -> list[Row]:
+    """Reads and validates every row of a JSONL file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+    rows = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        row = parse_row(obj, where, need_answer)
+        rows.append(Row(row.messages, row.category, row.expected, n))
+    if not rows:
+        raise UserError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def row_texts(rows: list[Row]) -> list[str]:
+    """All message contents, for building a vocabulary."""
+    return [c for r in rows for _, c in r.messages]

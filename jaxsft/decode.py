@@ -1,0 +1,176 @@
+"""Jitted decoding with a preallocated KV cache.
+
+`generate` is one compiled program: a prefill of the (left-padded) prompts,
+then a `lax.while_loop` of one-token steps that ends when every row has
+written <|endoftext|> or max_new_tokens is reached. Greedy by default;
+temperature / top-k / top-p sampling with an explicit key.
+
+`Generator` wraps it for scripts: it renders conversations in ChatML, pads
+prompt lengths and batch sizes to a few buckets (so a chat session compiles a
+bounded number of programs) and decodes the answers.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import chatml, model
+from .config import ModelConfig
+from .tokenizer import Tokenizer
+
+PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: all tokens
+    top_p: float = 1.0
+
+
+def pick(logits, key, s: Sampling):
+    """logits (B, V) float32 -> next tokens (B,) int32."""
+    if s.temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if s.top_p < 1.0:
+        sorted_l = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_l, axis=-1), axis=-1)
+        # keep the smallest prefix whose probability reaches top_p (always >= 1 token)
+        cutoff_idx = jnp.sum(cum < s.top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_l, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "max_new_tokens", "end_id", "pad_id", "sampling"))
+def generate(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, max_new_tokens: int,
+             end_id: int, pad_id: int = 0, sampling: Sampling = Sampling()):
+    """Decodes up to max_new_tokens tokens after each prompt.
+
+    prompts (B, P) int32, left-padded: row b's prompt is prompts[b, P - prompt_lens[b]:].
+    Returns tokens (B, max_new_tokens) int32: each row's answer, then <|endoftext|>,
+    then pad_id.
+    """
+    B, P = prompts.shape
+    S = P + max_new_tokens
+    pad = P - prompt_lens  # (B,)
+    key_idx = jnp.arange(S)
+    key_valid = key_idx[None, :] >= pad[:, None]  # (B, S): pads are never attended to
+    dtype = jax.tree.leaves(params)[0].dtype
+    cache = [(jnp.zeros((B, S, cfg.n_heads, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
+
+    positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
+    mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
+    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0)
+    tok = pick(logits[:, -1], jax.random.fold_in(key, 0), sampling)
+    out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+
+    def cond(state):
+        i, _, _, _, done = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, tok, cache, out, done = state
+        pos = (prompt_lens + i - 1)[:, None]  # (B, 1)
+        step_mask = ((key_idx <= P + i - 1)[None, :] & key_valid)[:, None, :]  # (B, 1, S)
+        logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos, mask=step_mask,
+                                    cache=cache, index=P + i - 1)
+        nxt = jnp.where(done, pad_id, pick(logits[:, -1], jax.random.fold_in(key, i), sampling))
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, nxt, cache, out, done | (nxt == end_id)
+
+    state = (jnp.int32(1), tok, cache, out, tok == end_id)
+    return jax.lax.while_loop(cond, body, state)[3]
+
+
+def naive_greedy(graphdef, params, prompt: Sequence[int], max_new_tokens: int, end_id: int) -> list[int]:
+    """Reference decoder: re-runs the whole sequence for every new token (no cache)."""
+    fwd = jax.jit(lambda p, t: model.apply(graphdef, p, t)[0])
+    seq = list(prompt)
+    out = []
+    for _ in range(max_new_tokens):
+        tok = int(jnp.argmax(fwd(params, jnp.asarray([seq], jnp.int32))[0, -1]))
+        out.append(tok)
+        seq.append(tok)
+        if tok == end_id:
+            break
+    return out
+
+
+def _bucket(n: int, sizes: Sequence[int]) -> int:
+    return next((s for s in sizes if s >= n), n)
+
+
+class Generator:
+    """Answers conversations with a trained model.
+
+    >>> gen = Generator(params, model_cfg, tok)
+    >>> gen.answer([[("user", "什么是机器学习？")]])
+    ['机器学习是让模型从数据中学习规律并做预测。']
+    """
+
+    def __init__(self, params, cfg: ModelConfig, tok: Tokenizer, system_prompt: Optional[str] = None,
+                 max_new_tokens: int = 100, batch_size: int = 64):
+        from .config import DEFAULT_SYSTEM_PROMPT
+        self.params, self.cfg, self.tok = params, cfg, tok
+        self.graphdef = model.abstract(cfg)[0]
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        self.max_new_tokens = min(max_new_tokens, cfg.max_seq_len // 2)
+        self.batch_size = batch_size
+
+    def prompt_ids(self, messages) -> tuple[np.ndarray, bool]:
+        """ChatML prompt ids for a conversation ending with a user turn, cut to fit
+        the context: oldest user/assistant pairs go first, then the start of the
+        last question. Returns (ids, truncated)."""
+        budget = self.cfg.max_seq_len - self.max_new_tokens
+        msgs = list(messages)
+        system = [msgs.pop(0)] if msgs and msgs[0][0] == "system" else []
+        truncated = False
+        while True:
+            ids, _ = chatml.render(system + msgs, self.tok, self.system_prompt, add_generation_prompt=True)
+            if len(ids) <= budget:
+                return ids, truncated
+            truncated = True
+            if len(msgs) > 1:
+                msgs = msgs[2:]  # drop the oldest (user, assistant) pair
+            else:
+                role, text = msgs[0]
+                msgs = [(role, text[len(ids) - budget:])] if len(text) > len(ids) - budget else [(role, text[-1:])]
+                if len(text) <= 1:
+                    return ids[-budget:], True
+
+    def generate_ids(self, prompts: list[np.ndarray], sampling: Sampling = Sampling(), seed: int = 0) -> list[list[int]]:
+        """Token ids of each answer (without <|endoftext|>), in batches."""
+        answers = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            B = _bucket(len(chunk), BATCH_BUCKETS)
+            P = _bucket(max(len(p) for p in chunk), PROMPT_BUCKETS)
+            arr = np.full((B, P), self.tok.pad_id, np.int32)
+            lens = np.ones((B,), np.int32)
+            for i, p in enumerate(chunk):
+                arr[i, P - len(p):] = p
+                lens[i] = len(p)
+            arr[len(chunk):, -1] = self.tok.bos_id  # filler rows: a 1-token prompt
+            out = generate(self.params, jnp.asarray(arr), jnp.asarray(lens), jax.random.PRNGKey(seed + start),
+                           graphdef=self.graphdef, cfg=self.cfg, max_new_tokens=self.max_new_tokens,
+                           end_id=self.tok.end_id, pad_id=self.tok.pad_id, sampling=sampling)
+            for row in np.asarray(out)[: len(chunk)]:
+                row = list(row)
+                answers.append(row[: row.index(self.tok.end_id)] if self.tok.end_id in row else row)
+        return answers
+
+    def answer(self, conversations: Sequence, sampling: Sampling = Sampling(), seed: int = 0) -> list[str]:
+        """Conversations (each a list of (role, content) ending with a user turn) -> answers."""
+        prompts = [self.prompt_ids(c)[0] for c in conversations]
+        return [self.tok.decode(ids) for ids in self.generate_ids(prompts, sampling, seed)]

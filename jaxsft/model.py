@@ -1,0 +1,175 @@
+"""The seed's GPT in Flax NNX: tied token embedding / output head, pre-norm
+RMSNorm (eps 1e-5), rotary position embedding, SwiGLU feed-forward, no biases,
+dropout, N(0, 0.02) init.
+
+Modules are built once and split (`init`) into a static graphdef and a pytree of
+parameters; `apply` merges them inside a jitted function, so training and
+decoding are pure functions of (params, inputs). Dropout takes an explicit key.
+
+Shapes: B batch, T query length, S key length (T, or the KV-cache size),
+H heads, K head size, D d_model, F d_ff, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+
+_init = nnx.initializers.normal(stddev=0.02)
+
+
+def _linear(d_in, d_out, rngs):
+    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=_init, rngs=rngs)
+
+
+def _dropout(x, rate, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):  # (..., D)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x, positions, base: float = 10000.0):
+    """Rotary embedding. x (B, T, H, K), positions (B, T) int -> (B, T, H, K).
+
+    Pairs (x[i], x[i + K/2]) are rotated by angle position * base^(-2i/K), so a
+    query-key dot product depends only on the difference of their positions.
+    """
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (K/2,)
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # (B, T, K/2)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(q, k, v, mask):
+    """q (B, T, H, K), k v (B, S, H, K), mask (B|1, T, S) bool -> (B, T, H, K)."""
+    scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshk->bthk", probs, v)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.wq, self.wk, self.wv, self.wo = (_linear(d, d, rngs) for _ in range(4))
+
+    def __call__(self, x, positions, mask, cache=None, index=None):
+        """x (B, T, D); cache (k, v) each (B, S, H, K) written at [index, index+T)."""
+        B, T, D = x.shape
+        H = self.n_heads
+        q = rope(self.wq(x).reshape(B, T, H, D // H), positions)
+        k = rope(self.wk(x).reshape(B, T, H, D // H), positions)
+        v = self.wv(x).reshape(B, T, H, D // H)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
+            cache = (k, v)
+        out = attend(q, k, v, mask).reshape(B, T, D)
+        return self.wo(out), cache
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.w1 = _linear(cfg.d_model, cfg.d_ff, rngs)
+        self.w3 = _linear(cfg.d_model, cfg.d_ff, rngs)
+        self.w2 = _linear(cfg.d_ff, cfg.d_model, rngs)
+
+    def __call__(self, x):  # (B, T, D) -> (B, T, D)
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.norm1 = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg, rngs)
+        self.norm2 = RMSNorm(cfg.d_model)
+        self.mlp = SwiGLU(cfg, rngs)
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_init, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model)
+
+    def __call__(self, tokens, positions=None, mask=None, cache=None, index=None,
+                 dropout_key: Optional[jax.Array] = None):
+        """tokens (B, T) int32 -> logits (B, T, V) float32, new cache.
+
+        positions (B, T): defaults to 0..T-1. mask (B|1, T, S) bool: which keys
+        each query sees; defaults to causal. cache: per-layer (k, v), each
+        (B, S, H, K), written at positions [index, index + T) of the cache.
+        dropout_key: None for evaluation, a PRNG key for training.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if mask is None:
+            mask = jnp.tril(jnp.ones((1, T, T), bool))
+        rate = self.cfg.dropout
+        keys = [None] * (2 * len(self.blocks) + 1)
+        if dropout_key is not None and rate > 0:
+            keys = list(jax.random.split(dropout_key, len(keys)))
+        emb = self.embed.embedding[...]
+        x = _dropout(jnp.take(emb, tokens, axis=0), rate, keys[0])  # (B, T, D)
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            h, c = blk.attn(blk.norm1(x), positions, mask, None if cache is None else cache[i], index)
+            new_cache.append(c)
+            x = x + _dropout(h, rate, keys[2 * i + 1])
+            x = x + _dropout(blk.mlp(blk.norm2(x)), rate, keys[2 * i + 2])
+        x = self.norm(x)
+        logits = jnp.einsum("btd,vd->btv", x, emb).astype(jnp.float32)  # tied output head
+        return logits, (new_cache if cache is not None else None)
+
+
+def init(cfg: ModelConfig, seed: int = 0):
+    """Builds the model; returns (graphdef, params). params is an nnx.State pytree."""
+    assert cfg.vocab_size > 0, "vocab_size must be set from the tokenizer"
+    model = GPT(cfg, nnx.Rngs(seed))
+    return nnx.split(model, nnx.Param)
+
+
+def abstract(cfg: ModelConfig):
+    """(graphdef, params as ShapeDtypeStructs) without allocating anything."""
+    model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
+    return nnx.split(model, nnx.Param)
+
+
+def apply(graphdef, params, tokens, **kw):
+    """Pure forward pass: see GPT.__call__."""
+    return nnx.merge(graphdef, params)(tokens, **kw)
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): the matmuls
+    (6 * matmul parameters, the tied head included) plus attention scores."""
+    n_matmul = cfg.n_layers * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.d_ff) + cfg.vocab_size * cfg.d_model
+    attn = cfg.n_layers * 2 * 2 * seq_len * cfg.d_model / 2  # causal: half of QK^T and PV
+    return 6 * n_matmul + 3 * attn

@@ -509,16 +509,16 @@ WORD_CLASSES = ["动物", "水果", "蔬菜", "颜色", "国家"]
 # --------------------------------------------------------------------------
 KNOW_TRAIN = ["用一句话解释：{x}是什么？", "简要说明：{x}是什么？", "{x}是什么？",
               "什么是{x}？", "请解释一下{x}。"]
-KNOW_HELD = ["请简单介绍一下{x}。", "你能说说{x}是什么吗？", "{x}指的是什么？"]
+KNOW_HELD = ["请简单说说{x}。", "{x}的意思是什么？", "{x}指的是什么？"]
 
 DEF_TRAIN = ["哪个概念是{d}？", "{d}，这是什么概念？", "说出对应的术语：{d}",
              "什么术语描述的是{d}？"]
-DEF_HELD = ["{d}叫作什么？", "请说出这个描述对应的名词：{d}"]
+DEF_HELD = ["{d}被称为什么？", "请说出这个描述对应的名词：{d}"]
 
 CMP_TRAIN = ["{a}和{b}有什么区别？", "比较一下{a}和{b}。", "{a}与{b}的区别是什么？",
              "请对比{a}和{b}。"]
-CMP_SINGLE_TRAIN = ["{a}有什么特点？", "说说{a}的特点。"]   # train-only helper
-CMP_HELD = ["{a}跟{b}有何不同？", "说说{a}和{b}的不同之处。"]
+CMP_SINGLE_TRAIN = ["{a}有什么特点？", "{a}的特点是什么？"]   # train-only helper
+CMP_HELD = ["{a}与{b}有何不同？", "说说{a}和{b}的不同之处。"]
 
 JUDGE_TRAIN = ["判断：{a}{r}{b}吗？", "{a}{r}{b}，对吗？", "判断对错：{a}{r}{b}。",
                "请判断{a}是否{r}{b}。"]
@@ -555,7 +555,7 @@ STR_HELD = [
 
 CLS_TRAIN = ["{w}属于哪一类：动物、水果、蔬菜、颜色还是国家？", "给这个词分类：{w}",
              "{w}是什么类别的词？", "请判断{w}属于哪个类别。"]
-CLS_HELD = ["{w}应该归到哪个类别？", "下面这个词属于什么类别：{w}"]
+CLS_HELD = ["{w}可以归到哪个类别？", "下面这个词属于什么类别：{w}"]
 PAR_TRAIN = ["{n}是奇数还是偶数？", "判断{n}的奇偶性。", "{n}是偶数还是奇数？"]
 PAR_HELD = ["{n}属于奇数还是偶数？", "请问{n}的奇偶性是什么？"]
 
@@ -758,6 +758,17 @@ def take(rng, cands, n, used=None):
     return out
 
 
+def take_balanced(rng, cands, n):
+    """Like take(), but split n evenly over the subtypes (meta[0]), in sorted order."""
+    kinds = sorted(set(c[2][0] for c in cands))
+    out = []
+    for i, k in enumerate(kinds):
+        nk = n // len(kinds) + (1 if i < n % len(kinds) else 0)
+        out += take(rng, [c for c in cands if c[2][0] == k], nk)
+    rng.shuffle(out)
+    return out
+
+
 def seed_row(cat, c):
     instr, resp, meta = c
     return {"instruction": instr, "response": resp, "category": cat, "expected": resp}, meta
@@ -779,7 +790,9 @@ def build(rng):
     strings, seen = [], set()
     while len(strings) < N_STRINGS:
         s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
-        if s not in seen:
+        # no string in the pool is the reverse of another one, so a held-out
+        # string never shows up as the answer of a train reversal either
+        if s not in seen and s[::-1] not in seen:
             seen.add(s)
             strings.append(s)
     st_tr, st_va, st_te = split_pool(rng, strings, *HOLD["strings"])
@@ -839,8 +852,9 @@ def build(rng):
             splits[split] += [seed_row(cat, c) for c in take(rng, cands[split][key], SIZES[key][si], used)]
     for key in ("比较", "判断", "算术", "字符串", "分类_奇偶"):
         cat = "分类" if key.startswith("分类") else key
+        pick = take_balanced if key in ("算术", "字符串") else take
         for si, split in ((0, "train"), (1, "val"), (2, "test")):
-            splits[split] += [seed_row(cat, c) for c in take(rng, cands[split][key], SIZES[key][si])]
+            splits[split] += [seed_row(cat, c) for c in pick(rng, cands[split][key], SIZES[key][si])]
 
     # ---- multi-turn: (knowledge-ish question) then (algorithmic question) ----
     first_keys = ["知识问答", "定义", "比较"]
@@ -888,8 +902,8 @@ def build_corpus(rng, facts, groups, feats, pools, words):
             i += k
         return lines
 
-    know_ph = ["{t}是{b}。", "所谓{t}，就是{b}。", "{t}：{b}。", "简单地说，{t}是{b}。",
-               "我们把{b}叫作{t}。", "说到{t}，它是{b}。"]
+    know_ph = ["{t}是{b}。", "{t}就是{b}。", "{t}：{b}。", "简单地说，{t}是{b}。",
+               "{b}被称为{t}。", "说到{t}，{t}是{b}。"]
     sents = []
     for _ in range(6):
         order = list(facts)
@@ -897,7 +911,6 @@ def build_corpus(rng, facts, groups, feats, pools, words):
         sents += [rng.choice(know_ph).format(t=t, b=b) for t, b in order]
     files["knowledge.txt"] = paragraphs(sents, 4, 7)
 
-    cm_tr = set(P["cm"])
     sents = []
     for _ in range(4):
         s2 = []
@@ -909,7 +922,6 @@ def build_corpus(rng, facts, groups, feats, pools, words):
                 s2.append("%s%s，而%s%s。" % (a, feats[a], b, feats[b]))
         rng.shuffle(s2)
         sents += s2
-    assert cm_tr
     files["compare.txt"] = paragraphs(sents, 3, 6)
 
     sents = []
@@ -1022,16 +1034,18 @@ def check(splits, corpus):
         ops = {"num_pairs": set(), "strings": set(), "parity": set(), "cmp": set()}
         for row, meta in splits[split]:
             if meta[0] == "multi":
-                qs = list(zip(user_turns(row), meta[1]))
+                turns = [m for m in row["messages"] if m["role"] != "system"]
+                qs = [(turns[i]["content"], turns[i + 1]["content"], meta[1][i // 2])
+                      for i in (0, 2)]
             else:
-                qs = [(user_turns(row)[0], meta)]
-            for u, m in qs:
+                qs = [(row["instruction"], row["response"], meta)]
+            for u, ans, m in qs:
                 kind = m[0]
                 nums = tuple(sorted(int(x) for x in re.findall(r"\d+", u)))
                 if kind in ("rev", "len", "cnt", "up"):
                     strs = re.findall(r"[a-z]{3,}", u)
                     assert len(strs) == 1, u
-                    ops["strings"].add(strs[0])
+                    ops["strings"].update(strs + re.findall(r"[a-z]{3,}", ans))
                 elif kind in ("add", "sub"):
                     assert len(nums) == 2, u
                     ops["num_pairs"].add(("ar",) + nums)
@@ -1058,16 +1072,16 @@ def check(splits, corpus):
     # strings/number pairs of val/test never in the corpus either
     corpus_text = "\n".join("\n".join(v) for v in corpus.values())
     corpus_strings = set(re.findall(r"[a-z]+", corpus_text))
+    corpus_exprs = set(re.findall(r"(?<!\d)(\d+)(加|减|\+|-)(\d+)(?=等于|=)", corpus_text))
+    corpus_pairs = set(("ar",) + tuple(sorted((int(a), int(b)))) for a, _, b in corpus_exprs)
     for split in ("val", "test"):
-        bad = (operands(split)["strings"]) & corpus_strings
+        o = operands(split)
+        bad = o["strings"] & corpus_strings
         if bad:
             die("held-out strings in corpus: %s" % sorted(bad)[:5])
-        for tag, a, b in operands(split)["num_pairs"]:
-            if tag == "ar":
-                for pat in ("%d加%d等" % (a, b), "%d加%d等" % (b, a), "%d减%d等" % (b, a),
-                            "%d+%d=" % (a, b), "%d+%d=" % (b, a), "%d-%d=" % (b, a)):
-                    if re.search(r"(?<!\d)" + re.escape(pat), corpus_text):
-                        die("held-out arithmetic pair in corpus: " + pat)
+        bad = o["num_pairs"] & corpus_pairs
+        if bad:
+            die("held-out arithmetic pairs in corpus: %s" % sorted(bad)[:5])
     # character coverage: everything in val/test/corpus must appear in train
     train_chars = set(ch for row, _ in splits["train"] for t in row_texts(row) for ch in t)
     train_chars |= set(SYSTEM_PROMPT)

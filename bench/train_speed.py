@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Training throughput at the seed's config (batch 8 rows, d_model 384, 6 layers).
+
+    python bench/train_speed.py [--train ../shared/seed-data/custom_sft_train.jsonl]
+                                [--config configs/seed.yaml] [--steps 40] [--set key=value ...]
+
+Prints examples/s, answer tokens/s, non-pad tokens/s, model FLOP/s and MFU
+against a matmul peak measured in the same run, compile time, number of
+compilations and peak RSS; the last line is one JSON object of these figures.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+
+def matmul_peak(n=2048, repeats=10):
+    """Best f32 n^3 matmul rate under JAX, FLOP/s."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs/seed.yaml"))
+    p.add_argument("--train", default=os.path.join(ROOT, "../shared/seed-data/custom_sft_train.jsonl"))
+    p.add_argument("--steps", type=int, default=40, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxsft import chatml, model, train
+    from jaxsft.config import load_config
+    from jaxsft.data import read_jsonl, row_texts
+    from jaxsft.tokenizer import Tokenizer
+    import dataclasses
+
+    cfg = load_config(args.config, [f"data.train={args.train}", f"data.val={args.train}"] + args.set)
+    tc = cfg.train
+    rows = read_jsonl(cfg.data.train)
+    tok = Tokenizer.build(row_texts(rows) + [cfg.data.system_prompt, "\n"])
+    mcfg = dataclasses.replace(cfg.model, vocab_size=len(tok))
+    examples, _ = chatml.encode_rows(rows, tok, cfg.data.system_prompt, mcfg.max_seq_len)
+
+    peak = matmul_peak()
+    graphdef, params = model.init(mcfg, tc.seed)
+    total = args.warmup + args.steps
+    tx = train.make_optimizer(tc, total)
+    state = train.TrainState(jnp.int32(0), params, tx.init(params))
+    step_fn = train.make_train_step(graphdef, tx, tc)
+    key = jax.random.PRNGKey(tc.seed)
+
+    def batch_at(s):
+        return chatml.batch_for_step(examples, s, tc.batch_size, tc.seed, tc.buckets, mcfg.max_seq_len)
+
+    t0 = time.perf_counter()
+    b0 = batch_at(0)
+    compiled = step_fn.lower(state, b0, key).compile()
+    compile_s = time.perf_counter() - t0
+    del compiled
+    for s in range(args.warmup):
+        state, m = step_fn(state, batch_at(s), key)
+    jax.block_until_ready(state)
+
+    answer_tokens = nonpad = padded = 0
+    flops = 0.0
+    batches = [batch_at(s) for s in range(args.warmup, total)]
+    t0 = time.perf_counter()
+    for b in batches:
+        state, m = step_fn(state, b, key)
+    jax.block_until_ready(state)
+    dt = time.perf_counter() - t0
+    for b in batches:
+        B, L = b["inputs"].shape
+        lens = (b["inputs"] != 0).sum(1)  # real tokens per row (pad id 0 never occurs inside a row)
+        nonpad += int(lens.sum())
+        padded += B * L
+        answer_tokens += int(b["loss_mask"].sum())
+        flops += sum(model.flops_per_token(mcfg, int(n)) * int(n) for n in lens)
+    exec_flops = sum(model.flops_per_token(mcfg, b["inputs"].shape[1]) * b["inputs"].size for b in batches)
+    n_ex = args.steps * tc.batch_size
+    figures = {
+        "config": os.path.basename(args.config), "params": model.count_params(state.params),
+        "batch_size": tc.batch_size, "steps": args.steps, "s_per_step": dt / args.steps,
+        "examples_per_s": n_ex / dt, "answer_tokens_per_s": answer_tokens / dt,
+        "nonpad_tokens_per_s": nonpad / dt, "padded_fraction": 1 - nonpad / padded,
+        "useful_gflops": flops / dt / 1e9, "executed_gflops": exec_flops / dt / 1e9,
+        "peak_gflops": peak / 1e9, "mfu_useful": flops / dt / peak, "mfu_executed": exec_flops / dt / peak,
+        "compile_s": compile_s, "compilations": step_fn._cache_size(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "backend": jax.default_backend(), "devices": jax.device_count(),
+    }
+    for k, v in figures.items():
+        print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

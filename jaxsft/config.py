@@ -11,6 +11,7 @@ A config file has four parts (see configs/default.yaml):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -102,6 +103,22 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
 
 
+def read_text(path: str) -> str:
+    """A UTF-8 file's text (a leading BOM dropped), or UserError naming the line of a bad byte."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+
+
 def _key_lines(path: str, text: str) -> dict:
     """Maps 'section.key' to its 1-based line in the YAML text (for error messages)."""
     lines = {}
@@ -136,8 +153,15 @@ def _coerce(value: Any, default: Any, where: str, ftype: str):
             raise UserError(f"{where}: expected an integer, got {value!r}")
         return value
     if t == "float":
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if t == "str":
         if not isinstance(value, str):
@@ -171,12 +195,9 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     if path is not None:
         if not os.path.isfile(path):
             raise UserError(f"{path}: config file not found")
+        text = read_text(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
             raw = yaml.safe_load(text) or {}
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not valid UTF-8") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -186,7 +207,11 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         lines = _key_lines(path, text)
     src = path or "<defaults>"
 
+    overridden = set()  # keys set by --set: a range error names the override, not the file's line
+
     def where(key):
+        if key in overridden:
+            return f"--set {key}"
         return f"{src}:{lines[key]}: {key}" if key in lines else f"{src}: {key}"
 
     values = {name: {} for name in SECTIONS}
@@ -210,6 +235,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
 
     for item in overrides:
         key, v = _parse_override(item)
+        overridden.add(key)
         if key == "out_dir":
             out_dir = _coerce(v, out_dir, "--set out_dir", "str")
             continue

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import UserError
+from .config import UserError, read_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -107,17 +107,20 @@ def parse_row(obj, where: str, need_answer: bool = True) -> Row:
     return Row(tuple(msgs), category, expected)
 
 
+def _has_lone_surrogate(obj) -> bool:
+    """True when a string in obj holds an unpaired UTF-16 surrogate (e.g. from "\\ud800")."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def read_jsonl(path: str, need_answer: bool = True) -> list[Row]:
     """Reads and validates every row of a JSONL file."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+    text = read_text(path)
     rows = []
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -127,6 +130,8 @@ def read_jsonl(path: str, need_answer: bool = True) -> list[Row]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if "\\u" in line and _has_lone_surrogate(obj):
+            raise UserError(f"{where}: a \\u escape encodes half a surrogate pair, which is not text")
         row = parse_row(obj, where, need_answer)
         rows.append(Row(row.messages, row.category, row.expected, n))
     if not rows:

@@ -93,13 +93,22 @@ def generate(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, m
     return jax.lax.while_loop(cond, body, state)[3]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_at(graphdef, params, tokens, t):
+    """tokens (1, T) -> logits of position t (V,); compiled once per T, shared by calls."""
+    return model.apply(graphdef, params, tokens)[0][0, t]
+
+
 def naive_greedy(graphdef, params, prompt: Sequence[int], max_new_tokens: int, end_id: int) -> list[int]:
-    """Reference decoder: re-runs the whole sequence for every new token (no cache)."""
-    fwd = jax.jit(lambda p, t: model.apply(graphdef, p, t)[0])
+    """Reference decoder: re-runs the whole sequence for every new token (no cache).
+    The sequence is right-padded to len(prompt) + max_new_tokens, which a causal
+    model does not see, so one program per total length is compiled, not one per step."""
     seq = list(prompt)
+    buf = np.zeros((1, len(seq) + max_new_tokens), np.int32)
     out = []
     for _ in range(max_new_tokens):
-        tok = int(jnp.argmax(fwd(params, jnp.asarray([seq], jnp.int32))[0, -1]))
+        buf[0, :len(seq)] = seq
+        tok = int(jnp.argmax(_logits_at(graphdef, params, jnp.asarray(buf), len(seq) - 1)))
         out.append(tok)
         seq.append(tok)
         if tok == end_id:
@@ -174,3 +183,74 @@ class Generator:
         """Conversations (each a list of (role, content) ending with a user turn) -> answers."""
         prompts = [self.prompt_ids(c)[0] for c in conversations]
         return [self.tok.decode(ids) for ids in self.generate_ids(prompts, sampling, seed)]
+
+    def stream_ids(self, prompt: np.ndarray, sampling: Sampling = Sampling(), seed: int = 0):
+        """Yields the answer's token ids one at a time as they are decoded (until
+        <|endoftext|>, which is not yielded). Same tokens as generate_ids([prompt],
+        sampling, seed)[0]: same prompt bucket, key and per-step key schedule."""
+        P = _bucket(len(prompt), PROMPT_BUCKETS)
+        arr = np.full((1, P), self.tok.pad_id, np.int32)
+        arr[0, P - len(prompt):] = prompt
+        for tok in generate_stream(self.params, jnp.asarray(arr), jnp.asarray([len(prompt)], np.int32),
+                                   jax.random.PRNGKey(seed), graphdef=self.graphdef, cfg=self.cfg,
+                                   max_new_tokens=self.max_new_tokens, end_id=self.tok.end_id,
+                                   pad_id=self.tok.pad_id, sampling=sampling):
+            if tok[0] == self.tok.end_id:
+                return
+            yield int(tok[0])
+
+
+# Streaming: the same decoding as `generate`, but the loop runs on the host over a
+# jitted one-token step that updates the KV cache in place (donated), so each
+# token reaches the caller as soon as it exists. `generate` itself is untouched.
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "max_new_tokens", "sampling"))
+def _stream_prefill(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, max_new_tokens: int,
+                    sampling: Sampling):
+    """prompts (B, P) left-padded -> first answer tokens (B,) int32 and the filled cache."""
+    B, P = prompts.shape
+    S = P + max_new_tokens
+    pad = P - prompt_lens
+    key_idx = jnp.arange(S)
+    key_valid = key_idx[None, :] >= pad[:, None]  # (B, S)
+    dtype = jax.tree.leaves(params)[0].dtype
+    cache = [(jnp.zeros((B, S, cfg.n_heads, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
+    positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
+    mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
+    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0)
+    return pick(logits[:, -1], jax.random.fold_in(key, 0), sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "P", "end_id", "pad_id", "sampling"),
+                   donate_argnums=(2,))
+def _stream_step(params, tok, cache, done, prompt_lens, i, key, *, graphdef, cfg: ModelConfig, P: int,
+                 end_id: int, pad_id: int, sampling: Sampling):
+    """Token i of the answer from token i - 1: tok, done (B,), i int32 scalar.
+    Returns (next tokens (B,), cache, done); finished rows get pad_id."""
+    S = cache[0][0].shape[1]
+    key_idx = jnp.arange(S)
+    key_valid = key_idx[None, :] >= (P - prompt_lens)[:, None]  # (B, S)
+    pos = (prompt_lens + i - 1)[:, None]  # (B, 1)
+    step_mask = ((key_idx <= P + i - 1)[None, :] & key_valid)[:, None, :]  # (B, 1, S)
+    logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos, mask=step_mask,
+                                cache=cache, index=P + i - 1)
+    nxt = jnp.where(done, pad_id, pick(logits[:, -1], jax.random.fold_in(key, i), sampling))
+    return nxt, cache, done | (nxt == end_id)
+
+
+def generate_stream(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, max_new_tokens: int,
+                    end_id: int, pad_id: int = 0, sampling: Sampling = Sampling()):
+    """Like `generate`, one step at a time: yields tokens (B,) numpy int32 for
+    answer positions 0, 1, ... until every row has written end_id or
+    max_new_tokens tokens are out. Stacked, they equal generate's output."""
+    P = prompts.shape[1]
+    tok, cache = _stream_prefill(params, prompts, prompt_lens, key, graphdef=graphdef, cfg=cfg,
+                                 max_new_tokens=max_new_tokens, sampling=sampling)
+    done = tok == end_id
+    yield np.asarray(tok)
+    for i in range(1, max_new_tokens):
+        if np.asarray(done).all():
+            return
+        tok, cache, done = _stream_step(params, tok, cache, done, prompt_lens, jnp.int32(i), key, graphdef=graphdef,
+                                        cfg=cfg, P=P, end_id=end_id, pad_id=pad_id, sampling=sampling)
+        yield np.asarray(tok)

@@ -12,7 +12,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Callable, Optional
 
@@ -22,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from . import chatml, checkpoint, model
+from . import chatml, checkpoint, model, parallel
 from .config import Config, UserError
 from .data import Row, read_jsonl, row_texts
 from .tokenizer import Tokenizer
@@ -67,20 +69,28 @@ def loss_sums(params, graphdef, batch: dict, dropout_key=None, dtype=jnp.float32
     return jnp.sum(nll * m), jnp.sum(m)
 
 
-def make_train_step(graphdef, tx, tc) -> Callable:
+def make_train_step(graphdef, tx, tc, shardings=None) -> Callable:
     """(state, batch, key) -> (state, metrics), jitted with the state donated.
 
     The dropout key of step s is fold_in(key, s): a run resumed at step s draws
     the same masks as an uninterrupted one. A non-finite loss or gradient norm
     leaves the state unchanged and reports ok=False.
+    shardings: None (one device), or (state shardings, batch sharding) on a mesh
+    (see parallel.py): the state keeps its layout from step to step.
     """
     dtype = jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32
     k = tc.grad_accum_steps
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    if shardings is not None:  # fsdp: weights are gathered where used, their gradients reduce-scattered back
+        whole = jax.sharding.NamedSharding(shardings[1].mesh, jax.sharding.PartitionSpec())
+        grad_fn = jax.value_and_grad(
+            lambda p, *a: loss_sums(jax.lax.with_sharding_constraint(p, whole), *a), has_aux=True)
 
     def step(state: TrainState, batch: dict, key):
         key = jax.random.fold_in(key, state.step)
         micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+        if shardings is not None and k > 1:  # each micro-batch split over all devices
+            micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
 
         def accumulate(carry, xs):
             i, mb = xs
@@ -103,7 +113,12 @@ def make_train_step(graphdef, tx, tc) -> Callable:
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
         return new, {"loss": loss, "tokens": n, "grad_norm": gnorm, "ok": ok}
 
-    return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sh, batch_sh = shardings
+    micro_sharding = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec))
+    rep = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep))
 
 
 def make_eval_step(graphdef) -> Callable:
@@ -149,13 +164,13 @@ def prepare(cfg: Config, log=print):
     L = model_cfg.max_seq_len
     train_ex, dropped = chatml.encode_rows(train_rows, tok, cfg.data.system_prompt, L)
     val_ex, vdropped = chatml.encode_rows(val_rows, tok, cfg.data.system_prompt, L)
-    if dropped or vdropped:
-        log(f"warning: dropped {dropped} training and {vdropped} validation rows whose answer does not fit "
-            f"max_seq_len={L}", file=sys.stderr)
     if not train_ex:
         raise UserError(f"{cfg.data.train}: no row fits max_seq_len={L} with any of its answer")
     if not val_ex:
         raise UserError(f"{cfg.data.val}: no row fits max_seq_len={L} with any of its answer")
+    if dropped or vdropped:
+        log(f"warning: dropped {dropped} training and {vdropped} validation rows whose answer does not fit "
+            f"max_seq_len={L}", file=sys.stderr)
     unk = sum(len(tok.unknown(t)) for t in row_texts(val_rows))
     if unk:
         log(f"note: {unk} validation characters are not in the training vocabulary (they become <unk>)",
@@ -182,9 +197,10 @@ class MetricsLog:
         self.path = path
         if keep_until is not None and os.path.exists(path):  # resume: forget steps after the checkpoint
             with open(path, encoding="utf-8") as f:
-                kept = [l for l in f if l.strip() and json.loads(l)["step"] <= keep_until]
-            with open(path, "w", encoding="utf-8") as f:
+                kept = [l.rstrip("\n") + "\n" for l in f if _step_of(l) is not None and _step_of(l) <= keep_until]
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(kept)
+            os.replace(path + ".tmp", path)  # a kill now leaves the old file or the new one
         elif keep_until is None:
             open(path, "w").close()
 
@@ -192,6 +208,14 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
+
+
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics.jsonl line; None for a line torn by a killed process."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _info(*args, file=None):
@@ -205,6 +229,12 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
     from .decode import Generator
 
     tc = cfg.train
+    mesh = parallel.setup(cfg.mesh)  # None on one device: nothing below is sharded then
+    main = jax.process_index() == 0  # only process 0 writes logs, curves and run metadata
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731
+    if mesh is not None:
+        parallel.check_batch(tc.batch_size, tc.grad_accum_steps, mesh)
     model_cfg, tok, train_ex, val_rows, val_ex, init_params = prepare(cfg, log)
     run_dir = cfg.out_dir
     has_run = os.path.isdir(os.path.join(run_dir, "latest")) or os.path.isdir(os.path.join(run_dir, "best"))
@@ -216,56 +246,80 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
         old_cfg, old_tok = checkpoint.read_meta(run_dir)
         if old_cfg["model"] != checkpoint.to_dict(model_cfg) or old_tok.itos != tok.itos:
             raise UserError(f"{run_dir}: was trained with another model config or vocabulary; cannot resume")
+    parallel.sync("jaxsft: run directory checked")  # before process 0 creates anything in it
 
     per_epoch = math.ceil(len(train_ex) / tc.batch_size)
     total = per_epoch * tc.epochs if tc.max_steps is None else min(per_epoch * tc.epochs, tc.max_steps)
     graphdef, params = init_params_from(model_cfg, tc.seed, init_params)
     tx = make_optimizer(tc, total)
     state = TrainState(jnp.int32(0), params, tx.init(params))
+    scalar = jnp.float32
+    if mesh is not None:
+        state_sh = parallel.state_shardings(state, mesh)
+        batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+        state = parallel.shard_tree(state, state_sh)
+        scalar = lambda v: parallel.shard_tree(np.float32(v), rep)  # noqa: E731
     best_val = float("inf")
+    if not resume and main:  # before the checkpoint dirs: a run dir without config.json holds no run
+        checkpoint.write_meta(run_dir, dataclasses.replace(cfg, model=model_cfg), tok)
     ckpt = checkpoint.RunCheckpoints(run_dir)
     if resume:
-        restored = ckpt.restore_latest({"state": state, "best_val_loss": jnp.float32(0)})
-        state, best_val = restored["state"], float(restored["best_val_loss"])
-        log(f"resumed {run_dir} at step {int(state.step)} (best validation loss {best_val:.4f})")
-    else:
-        checkpoint.write_meta(run_dir, dataclasses.replace(cfg, model=model_cfg), tok)
+        restored = ckpt.restore_latest({"state": state, "best_val_loss": scalar(0)})
+        if restored is None:  # stopped before its first save: nothing to continue, start again
+            log(f"{run_dir} holds no training state yet; starting from step 0")
+        else:
+            state, best_val = restored["state"], float(restored["best_val_loss"])
+            log(f"resumed {run_dir} at step {int(state.step)} (best validation loss {best_val:.4f})")
     start = int(state.step)
-    metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), keep_until=start if resume else None)
+    metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), keep_until=start if resume else None) \
+        if main else None
 
     n_params = model.count_params(state.params)
     log(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tok)} | train {len(train_ex)} rows, "
         f"val {len(val_ex)} | {total} steps ({per_epoch}/epoch), batch {tc.batch_size}")
+    if mesh is not None:
+        log(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over {mesh.size} "
+            f"{mesh.devices.flat[0].platform} devices, {jax.process_count()} process(es)")
 
-    train_step = make_train_step(graphdef, tx, tc)
+    train_step = make_train_step(graphdef, tx, tc, None if mesh is None else (state_sh, batch_sh))
     eval_step = make_eval_step(graphdef)
     schedule = make_schedule(tc, total)
     key = jax.random.PRNGKey(tc.seed)
     samples = [r.prompt_messages for r in val_rows[: tc.sample_questions]]
+    if mesh is not None:
+        key = parallel.shard_tree(key, rep)
+        eval_one = eval_step
+        eval_step = lambda p, b: eval_one(p, parallel.host_batch_to_global(b, batch_sh))  # noqa: E731
+        if jax.process_count() > 1:
+            samples = []  # printed answers would need every process to decode in step
     gen = Generator(None, model_cfg, tok, cfg.data.system_prompt, max_new_tokens=64) if samples else None
 
     def batch_at(step):
-        return chatml.batch_for_step(train_ex, step, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len)
+        b = chatml.batch_for_step(train_ex, step, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len)
+        return b if mesh is None else parallel.host_batch_to_global(b, batch_sh)  # this process's rows only
 
     def save_latest(step):
         if ckpt.latest.latest_step() == step:
             return
-        ckpt.save_latest(step, {"state": state, "best_val_loss": jnp.float32(best_val)})
+        ckpt.save_latest(step, {"state": state, "best_val_loss": scalar(best_val)})
 
     def run_eval(step):
         nonlocal best_val
         val_loss = evaluate(eval_step, state.params, val_ex, tc.batch_size, tc.buckets, model_cfg.max_seq_len)
         improved = val_loss < best_val
         if improved:
-            best_val = val_loss
+            best_val = float(np.float32(val_loss))  # as the latest state keeps it: a resumed run compares alike
             ckpt.save_best(step, state.params, val_loss)
-        metrics_log.write([{"step": step, "val_loss": val_loss, "best": improved}])
+        if main:
+            metrics_log.write([{"step": step, "val_loss": val_loss, "best": improved}])
         log(f"step {step}: val_loss {val_loss:.4f}" + (" (best, saved)" if improved else f" (best {best_val:.4f})"))
         if gen is not None:
             gen.params = state.params
             for q, a in zip(samples, gen.answer(samples)):
                 log(f"  {q[-1][1]} -> {a}")
         save_latest(step)
+        if not main:
+            return
         try:
             from .plots import write_curves
             write_curves(run_dir)
@@ -273,7 +327,7 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
             pass
 
     pending, t_last, tokens_since = [], time.time(), 0.0
-    bar = tqdm(total=total, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=total, initial=start, disable=not progress or not main, dynamic_ncols=True, unit="step")
 
     def flush():
         nonlocal pending, t_last, tokens_since
@@ -282,6 +336,8 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
         records = []
         for s, m in jax.device_get(pending):
             if not m["ok"]:
+                if main:
+                    metrics_log.write(records)  # the good steps before it
                 raise TrainingDiverged(f"non-finite loss or gradient norm at step {s}; stopped, the last good "
                                        f"checkpoints in {run_dir} are kept")
             records.append({"step": s, "loss": float(m["loss"]), "lr": float(schedule(s - 1)),
@@ -291,9 +347,24 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
         bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}",
                         tok_s=f"{tokens_since / max(now - t_last, 1e-9):.0f}")
         t_last, tokens_since = now, 0.0
-        metrics_log.write(records)
+        if main:
+            metrics_log.write(records)
         pending = []
 
+    stop, saving = [], []  # Ctrl-Cs so far; set once the run only waits for its checkpoints
+
+    def on_sigint(signum, frame):
+        stop.append(signum)
+        if saving:
+            log("saving the training state, a moment", file=sys.stderr)
+        elif len(stop) > 1:
+            raise KeyboardInterrupt  # a second Ctrl-C: quit now, without saving this step
+        else:
+            log("stopping after this step to save the training state (Ctrl-C again to quit at once)",
+                file=sys.stderr)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_sigint = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         nxt = pool.submit(batch_at, start) if start < total else None
@@ -314,20 +385,27 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
             elif tc.save_every and done % tc.save_every == 0:
                 flush()
                 save_latest(done)
+            if stop and done < total:
+                raise KeyboardInterrupt
         flush()
     except KeyboardInterrupt:
+        saving.append(True)
         bar.close()
+        if len(stop) > 1:  # the state may be mid-step: keep the last saved one
+            log(f"stopped without saving this step; --resume continues from {run_dir}/latest", file=sys.stderr)
+            raise
         flush()
         step = int(state.step)
         save_latest(step)
-        ckpt.wait()
         ckpt.close()
-        log(f"interrupted at step {step}; state saved. Resume with: bin/train --config ... --resume "
-            f"(same config, out_dir {run_dir})", file=sys.stderr)
+        log(f"interrupted at step {step}; the training state is saved in {run_dir}/latest "
+            f"(continue with the same config and --resume)", file=sys.stderr)
         raise
     finally:
+        saving.append(True)
+        ckpt.close()  # every way out lets a save in flight finish: the checkpoints stay whole
+        if in_main_thread:
+            signal.signal(signal.SIGINT, old_sigint)
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
-    ckpt.wait()
-    ckpt.close()
     return {"steps": total, "best_val_loss": best_val, "params": n_params, "run_dir": run_dir}

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Decoder latency and throughput on the seed's test questions.
+
+    python bench/decode_speed.py [--checkpoint runs/seed] [--test ../shared/seed-data/custom_sft_test.jsonl]
+
+With --checkpoint, answers come from that trained model (they stop at <|endoftext|>);
+without it, a randomly initialised model at the seed's config decodes --max-new-tokens
+tokens for every prompt (the seed's own chat() always ran 100 steps).
+Prints seconds per answer one prompt at a time (after compile), seconds for all
+test rows in batches, compile times; the last line is one JSON object.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="trained run directory (default: random seed-config model)")
+    p.add_argument("--test", default=os.path.join(ROOT, "../shared/seed-data/custom_sft_test.jsonl"))
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=128)
+    args = p.parse_args()
+
+    import dataclasses
+    import numpy as np
+    from jaxsft import checkpoint, model
+    from jaxsft.config import ModelConfig
+    from jaxsft.data import read_jsonl, row_texts
+    from jaxsft.decode import Generator
+    from jaxsft.tokenizer import Tokenizer
+
+    rows = read_jsonl(args.test, need_answer=False)
+    if args.checkpoint:
+        params, mcfg, tok = checkpoint.restore(args.checkpoint)
+    else:
+        tok = Tokenizer.build(row_texts(rows) + ["你是一个有帮助的AI助手。", "\n"])
+        mcfg = dataclasses.replace(ModelConfig(), vocab_size=len(tok))
+        _, params = model.init(mcfg, 0)
+    gen = Generator(params, mcfg, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    convs = [r.prompt_messages for r in rows]
+    unique = list(dict.fromkeys(convs))
+
+    t = time.perf_counter()
+    gen.answer(unique[:1])
+    compile_single = time.perf_counter() - t
+    times, lengths = [], []
+    for c in unique:
+        t = time.perf_counter()
+        ids = gen.generate_ids([gen.prompt_ids(c)[0]])[0]
+        times.append(time.perf_counter() - t)
+        lengths.append(len(ids))
+
+    t = time.perf_counter()
+    gen.answer(convs[: args.batch_size])
+    compile_batch = time.perf_counter() - t
+    t = time.perf_counter()
+    answers = gen.answer(convs)
+    all_s = time.perf_counter() - t
+    exact = None
+    if args.checkpoint:
+        exact = float(np.mean([a == r.expected for a, r in zip(answers, rows)]))
+    figures = {
+        "checkpoint": args.checkpoint, "params": model.count_params(params), "unique_questions": len(unique),
+        "s_per_answer_median": float(np.median(times)), "s_per_answer_mean": float(np.mean(times)),
+        "s_per_answer_max": float(np.max(times)), "mean_answer_tokens": float(np.mean(lengths)),
+        "ms_per_token_single": 1000 * float(np.sum(times) / max(np.sum(lengths), 1)),
+        "rows": len(convs), "s_all_rows_batched": all_s, "rows_per_s": len(convs) / all_s,
+        "batch_size": args.batch_size, "compile_s_single": compile_single, "compile_s_batch": compile_batch,
+        "exact_match": exact,
+    }
+    for k, v in figures.items():
+        print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny Q/A rows and config files, and one tiny model trained
+end to end with bin/train (session-scoped `trained_run`, reused by the CLI tests).
+
+Everything is written under pytest's tmp dirs; nothing reads ../shared or data/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# tests use tiny models: XLA's cheapest backend optimisation compiles about 3x faster on
+# CPU and runs them about as fast. Set before JAX starts; subprocesses inherit it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # plain `pytest` (not `python -m pytest`) from any directory
+    sys.path.insert(0, REPO)
+
+# a few distinct question/answer pairs; the trained tiny model must reproduce each answer exactly
+QA = [
+    ("什么是机器学习？", "让计算机从数据中学习规律。"),
+    ("你好", "你好！有什么可以帮你？"),
+    ("1+1等于几？", "等于2。"),
+    ("天空是什么颜色？", "晴天是蓝色的。"),
+]
+
+# the tiny run: small enough to train in seconds, big enough to memorise QA
+TINY_YAML = """\
+model:
+  max_seq_len: 64
+  d_model: 64
+  n_heads: 4
+  n_layers: 2
+  d_ff: 128
+  dropout: 0.0
+data:
+  train: {train}
+  val: {val}
+  test: null
+train:
+  batch_size: 8
+  epochs: 8
+  lr: 3.0e-3
+  weight_decay: 0.0
+  warmup_steps: 10
+  max_grad_norm: 1.0
+  seed: 0
+  sample_questions: 0
+  buckets: [32, 64]
+out_dir: {out}
+"""
+TINY_REPEATS = 50  # 4 pairs x 50 = 200 rows = 25 steps per epoch (few evaluations)
+TINY_STEPS = 150
+
+
+def write_jsonl(path, pairs) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for q, a in pairs:
+            f.write(json.dumps({"instruction": q, "response": a}, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def run_script(name: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs bin/<name> with this interpreter; returns the completed process (text output)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def qa():
+    """The question/answer pairs, as a list of (question, answer)."""
+    return list(QA)
+
+
+def write_tiny_config(tmp, out_dir, train_pairs=None, val_pairs=None) -> str:
+    """Writes train/val JSONL and the tiny YAML under `tmp`; returns the YAML path."""
+    train = write_jsonl(os.path.join(tmp, "train.jsonl"), train_pairs if train_pairs is not None
+                        else QA * TINY_REPEATS)
+    val = write_jsonl(os.path.join(tmp, "val.jsonl"), val_pairs if val_pairs is not None else QA)
+    path = os.path.join(tmp, "tiny.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(TINY_YAML.format(train=json.dumps(train), val=json.dumps(val), out=json.dumps(str(out_dir))))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny model trained with bin/train to memorise QA. Returns a dict with
+    run_dir, config (YAML path), rows (the val JSONL) and the bin/train process."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    run_dir = os.path.join(tmp, "run")
+    config = write_tiny_config(tmp, run_dir)
+    proc = run_script("train", "--config", config, "--set", f"train.max_steps={TINY_STEPS}", "--no-progress",
+                      timeout=300)
+    assert proc.returncode == 0, f"bin/train failed:\n{proc.stdout}\n{proc.stderr}"
+    return {"run_dir": run_dir, "config": config, "rows": os.path.join(tmp, "val.jsonl"), "proc": proc}
+
+
+def pytest_configure(config):
+    # orbax 0.12's background asyncio runner sometimes schedules on its loop after the loop
+    # has closed, when a finished CheckpointManager is garbage collected; harmless, and
+    # reported at whichever test happens to be running then
+    config.addinivalue_line(
+        "filterwarnings", r"ignore:(?s).*RuntimeError. Event loop is closed:pytest.PytestUnraisableExceptionWarning")

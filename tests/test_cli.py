@@ -1,0 +1,88 @@
+"""bin/train and bin/chat end to end, in subprocesses: a tiny model memorises a few
+answers and bin/chat prints them back; user mistakes exit 2 with one line."""
+import json
+import os
+
+import pytest
+
+from conftest import TINY_STEPS, run_script, write_tiny_config
+
+
+def _one_line_error(proc, *fragments):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def test_train_memorises(trained_run):
+    proc, run_dir = trained_run["proc"], trained_run["run_dir"]
+    assert "Traceback" not in proc.stderr
+    done = proc.stdout.strip().splitlines()[-1]
+    assert done.startswith(f"done: {TINY_STEPS} steps, best validation loss ")
+    best = float(done.split("best validation loss ")[1].split(",")[0])
+    assert best < 0.1
+    assert {"config.json", "tokenizer.json", "best", "latest", "metrics.jsonl"} <= set(os.listdir(run_dir))
+    records = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, TINY_STEPS + 1))
+    assert train[0]["loss"] > 2.0 and train[-1]["loss"] < 0.1
+    assert val[-1]["step"] == TINY_STEPS and min(r["val_loss"] for r in val) == pytest.approx(best, abs=1e-4)
+
+
+def test_chat_prints_the_trained_answer(trained_run, qa):
+    question, answer = qa[2]
+    proc = run_script("chat", "--checkpoint", trained_run["run_dir"], question)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == answer + "\n"
+
+
+def test_chat_file_writes_one_line_per_row(trained_run, qa, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    with open(rows, "w", encoding="utf-8") as f:
+        for q, _ in qa:
+            f.write(json.dumps({"instruction": q}, ensure_ascii=False) + "\n")  # no answer needed
+        f.write("\n")  # blank lines are skipped
+        f.write(json.dumps({"messages": [{"role": "user", "content": qa[0][0]}]}, ensure_ascii=False) + "\n")
+    out = tmp_path / "answers.jsonl"
+    proc = run_script("chat", "--checkpoint", trained_run["run_dir"], "--file", rows, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    got = [json.loads(l) for l in open(out, encoding="utf-8")]
+    assert [r["line"] for r in got] == [1, 2, 3, 4, 6]
+    assert [r["question"] for r in got] == [q for q, _ in qa] + [qa[0][0]]
+    assert [r["answer"] for r in got] == [a for _, a in qa] + [qa[0][1]]
+
+
+def test_train_missing_config(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    _one_line_error(run_script("train", "--config", missing), str(missing), "not found")
+
+
+def test_train_unknown_set_key(tmp_path):
+    config = write_tiny_config(tmp_path, tmp_path / "run")
+    _one_line_error(run_script("train", "--config", config, "--set", "train.learning_rate=0.1"),
+                    "train.learning_rate")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_train_bad_json_line(tmp_path, qa):
+    config = write_tiny_config(tmp_path, tmp_path / "run")
+    train = tmp_path / "train.jsonl"
+    with open(train, "a", encoding="utf-8") as f:
+        f.write('{"instruction": "hi", "response": \n')
+    n = sum(1 for _ in open(train, encoding="utf-8"))
+    _one_line_error(run_script("train", "--config", config), f"{train}:{n}", "not valid JSON")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_chat_bad_json_line_and_missing_run(trained_run, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "你好"}\n[1, 2\n', encoding="utf-8")
+    _one_line_error(run_script("chat", "--checkpoint", trained_run["run_dir"], "--file", rows),
+                    f"{rows}:2", "not valid JSON")
+    _one_line_error(run_script("chat", "--checkpoint", tmp_path / "none", "hi"), str(tmp_path / "none"))

@@ -1,0 +1,165 @@
+"""The GPT: shapes, tied head, parameter count, no biases, init, RoPE, causality, dropout.
+
+Every forward pass goes through one jitted `apply` with inputs of shape (2, 12)
+so the file compiles few programs.
+"""
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsft import model
+from jaxsft.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=50, max_seq_len=64, d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.0)
+B, T = 2, 12
+POS = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+apply = jax.jit(model.apply, static_argnums=0)
+
+
+def _tokens(seed=0, high=10):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, high, (B, T)), jnp.int32)
+
+
+def _leaves(params):
+    """[(path string, array)] of a parameter tree."""
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _replace(params, name, fn):
+    """params with every leaf whose path contains `name` replaced by fn(leaf)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: fn(x) if name in jax.tree_util.keystr(p) else x, params)
+
+
+@pytest.fixture(scope="module")
+def built():
+    return model.init(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fwd(built):
+    """(params, tokens (B, T), positions (B, T)) -> logits (B, T, V)."""
+    graphdef = built[0]
+    return lambda params, tokens, positions=POS: apply(graphdef, params, tokens, positions=positions)[0]
+
+
+def test_output_shapes(built, fwd):
+    graphdef, params = built
+    logits = fwd(params, _tokens())
+    chex.assert_shape(logits, (B, T, CFG.vocab_size))
+    assert logits.dtype == jnp.float32
+    # with a KV cache of 20 slots: per layer (k, v), each (B, S, H, K), written at [index, index + T)
+    H, K = CFG.n_heads, CFG.head_dim
+    cache = [(jnp.zeros((B, 20, H, K)),) * 2 for _ in range(CFG.n_layers)]
+    mask = jnp.ones((B, T, 20), bool)
+    logits, new = apply(graphdef, params, _tokens(), positions=POS, mask=mask, cache=cache, index=3)
+    chex.assert_shape(logits, (B, T, CFG.vocab_size))
+    assert len(new) == CFG.n_layers
+    chex.assert_shape([c for kv in new for c in kv], (B, 20, H, K))
+    k0 = new[0][0]
+    assert not k0[:, :3].any() and not k0[:, 3 + T:].any() and k0[:, 3:3 + T].all(axis=-1).any()
+
+
+def test_output_head_is_tied_to_embedding(built, fwd):
+    """Rows of unused tokens set to unit vectors read the final hidden state out of
+    the logits; the real logits must then be hidden @ embedding.T."""
+    _, params = built
+    tokens = _tokens(high=10)  # uses ids < 10 only
+    D = CFG.d_model
+    emb = params["embed"]["embedding"][...]
+    probe = emb.at[10:10 + D].set(jnp.eye(D))
+    hidden = fwd(_replace(params, "embedding", lambda _: probe), tokens)[..., 10:10 + D]  # (B, T, D)
+    logits = fwd(params, tokens)
+    np.testing.assert_allclose(logits, jnp.einsum("btd,vd->btv", hidden, emb), rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(hidden).mean()) > 0.1  # the probe really read something
+    # and changing an embedding row changes that token's logit by hidden . delta
+    delta = jnp.linspace(-1, 1, D)
+    moved = fwd(_replace(params, "embedding", lambda e: e.at[40].add(delta)), tokens)
+    np.testing.assert_allclose(moved[..., 40] - logits[..., 40], hidden @ delta, rtol=1e-3, atol=1e-5)
+
+
+def test_parameter_count(built):
+    _, params = built
+    V, d, L, F = CFG.vocab_size, CFG.d_model, CFG.n_layers, CFG.d_ff
+    assert model.count_params(params) == V * d + L * (4 * d * d + 3 * d * F + 2 * d) + d
+    # same figure without allocating
+    assert model.count_params(model.abstract(CFG)[1]) == model.count_params(params)
+
+
+def test_no_biases_and_init(built):
+    _, params = built
+    leaves = _leaves(params)
+    assert not [p for p, _ in leaves if "bias" in p]
+    for path, x in leaves:
+        x = np.asarray(x)
+        if x.ndim == 1:  # only RMSNorm scales are vectors, initialised to 1
+            assert path.endswith("['scale'].value"), path
+            np.testing.assert_array_equal(x, 1.0)
+        else:
+            assert x.ndim == 2, path
+            assert abs(x.std() - 0.02) < 0.002, (path, x.std())
+            assert abs(x.mean()) < 0.002, path
+    assert sum(np.ndim(x) == 1 for _, x in leaves) == 2 * CFG.n_layers + 1
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 9, 3, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 9, 3, 16)), jnp.float32)
+    pos = jnp.asarray(rng.integers(0, 30, (2, 9)), jnp.int32)
+
+    @jax.jit
+    def scores(pq, pk):
+        return jnp.einsum("bthk,bshk->bhts", model.rope(q, pq), model.rope(k, pk))
+
+    base = scores(pos, pos)
+    for shift in (1, 7, 100):
+        np.testing.assert_allclose(scores(pos + shift, pos + shift), base, rtol=1e-4, atol=1e-4)
+    # shifting only the keys changes the scores: positions do matter
+    assert float(jnp.abs(scores(pos, pos + 3) - base).max()) > 0.1
+    # a rotation keeps lengths; position 0 is the identity
+    rope = jax.jit(model.rope)
+    np.testing.assert_allclose(np.linalg.norm(rope(q, pos), axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(rope(q, jnp.zeros_like(pos)), q, atol=1e-6)
+
+
+def test_model_logits_invariant_to_position_shift(built, fwd):
+    _, params = built
+    tokens = _tokens()
+    base = fwd(params, tokens)
+    for shift in (3, 40):
+        np.testing.assert_allclose(fwd(params, tokens, POS + shift), base, rtol=1e-4, atol=1e-5)
+    # not a constant shift: logits change
+    assert float(jnp.abs(fwd(params, tokens, POS[:, ::-1]) - base).max()) > 1e-3
+
+
+def test_causal(built, fwd):
+    _, params = built
+    tokens = _tokens()
+    changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % 10)
+    a, b = fwd(params, tokens), fwd(params, changed)
+    np.testing.assert_allclose(a[:, :7], b[:, :7], rtol=1e-6, atol=1e-7)
+    diff = np.abs(np.asarray(a[:, 7:] - b[:, 7:])).max(axis=-1)  # (B, T - 7)
+    assert (diff > 1e-5).all()  # every later position sees the change
+
+
+def test_dropout_eval_deterministic_train_random(built, fwd):
+    _, params = built
+    graphdef = model.abstract(dataclasses.replace(CFG, dropout=0.5))[0]
+    tokens = _tokens()
+    run = jax.jit(lambda p, t, key: model.apply(graphdef, p, t, positions=POS, dropout_key=key)[0])
+    ev = jax.jit(lambda p, t: model.apply(graphdef, p, t, positions=POS)[0])
+    e1 = ev(params, tokens)
+    np.testing.assert_array_equal(e1, ev(params, tokens))
+    # without a key the dropout model is the same function as the dropout-free one
+    np.testing.assert_allclose(e1, fwd(params, tokens), rtol=1e-6, atol=1e-7)
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    t1 = run(params, tokens, k1)
+    np.testing.assert_array_equal(t1, run(params, tokens, k1))  # same key, same masks
+    assert float(jnp.abs(t1 - e1).max()) > 1e-3
+    assert float(jnp.abs(t1 - run(params, tokens, k2)).max()) > 1e-3

@@ -1,0 +1,624 @@
+"""Reliability: a user's mistakes and their machine's.
+
+- bad data, config and chat input: exit status 2, one line on stderr naming the
+  file, line (or key) and the problem, no traceback, nothing written;
+- SIGKILL at the worst moments (between the best and the latest checkpoint of a
+  step; with a checkpoint fully written but not yet committed; at a random
+  moment) and Ctrl-C leave readable checkpoints, and `--resume` ends with
+  bitwise the parameters, optimizer state and metrics of an uninterrupted run;
+- a non-finite loss stops the run naming the step, keeping the last good
+  checkpoints; chat input never crashes; nothing a user loads is a pickle.
+
+Every training run is the same tiny config (24 steps, evaluations at the ends of
+epochs 12 and 24, latest state every 5 steps); the runs share a persistent JAX
+compilation cache so only the first one compiles.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# line numbers matter: error messages are checked against them
+YAML = """\
+model:
+  max_seq_len: 64
+  d_model: 32
+  n_heads: 2
+  n_layers: 1
+  d_ff: 64
+  dropout: 0.1
+data:
+  train: train.jsonl
+  val: val.jsonl
+  test: null
+train:
+  batch_size: 4
+  epochs: 2
+  lr: 1.0e-3
+  warmup_steps: 4
+  eval_every: 0
+  save_every: 5
+  seed: 3
+  sample_questions: 0
+  buckets: [64]
+out_dir: run
+"""
+TOTAL_STEPS = 24  # 48 rows / batch 4 = 12 steps per epoch, 2 epochs
+
+
+def _row(i: int) -> dict:
+    a, b = 3 + i % 17, 5 + (7 * i) % 23
+    return {"instruction": f"{a}加{b}等于多少？", "response": f"{a}加{b}等于{a + b}。"}
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+# the seed's files start with a UTF-8 BOM and may hold blank lines: both are fine
+TRAIN = "\ufeff" + _jsonl(_row(i) for i in range(24)) + "\n" + _jsonl(_row(i) for i in range(24, 48)) + "\n\n"
+VAL = _jsonl(_row(i) for i in range(100, 108))
+
+
+def write_inputs(d, **overrides) -> None:
+    files = {"tiny.yaml": YAML, "train.jsonl": TRAIN, "val.jsonl": VAL, **overrides}
+    for name, content in files.items():
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with open(os.path.join(d, name), mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+            f.write(content)
+
+
+def snapshot(d) -> dict:
+    """Every path under d with its size and modification time."""
+    out = {}
+    for root, dirs, files in os.walk(d):
+        for n in dirs + files:
+            p = os.path.join(root, n)
+            st = os.stat(p)
+            out[os.path.relpath(p, d)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# bad inputs, in-process through the scripts' main() (the jax import is paid once)
+
+_MODULES = {}
+
+
+def script(name):
+    """bin/<name> loaded as a module (its main() is wrapped by cli.main_guard)."""
+    if name not in _MODULES:
+        path = os.path.join(REPO, "bin", name)
+        loader = importlib.machinery.SourceFileLoader(f"bin_{name}", path)
+        spec = importlib.util.spec_from_loader(loader.name, loader)
+        mod = importlib.util.module_from_spec(spec)
+        loader.exec_module(mod)
+        _MODULES[name] = mod
+    return _MODULES[name]
+
+
+def run_main(name, args, capsys, monkeypatch):
+    """(exit status, stdout, stderr) of bin/<name> args, run in this process."""
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        script(name).main()
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def _replace(text, old, new):
+    assert old in text, old
+    return text.replace(old, new)
+
+
+def _fake_run(d):
+    """A run directory with config.json and tokenizer.json but no checkpoint."""
+    from jaxsft import config, tokenizer
+    os.makedirs(os.path.join(d, "norun"))
+    tok = tokenizer.Tokenizer("0123456789")
+    tok.save(os.path.join(d, "norun", "tokenizer.json"))
+    cfg = config.Config(model=config.ModelConfig(vocab_size=len(tok), max_seq_len=64, d_model=32, n_heads=2,
+                                                 n_layers=1, d_ff=64))
+    with open(os.path.join(d, "norun", "config.json"), "w") as f:
+        json.dump(config.to_dict(cfg), f)
+
+
+Y = YAML
+T = ["--config", "tiny.yaml", "--no-progress"]
+BAD_INPUTS = [
+    # (id, script, args, files to write, setup, substrings of the error line)
+    ("config-missing", "train", ["--config", "nope.yaml"], {}, None, ["nope.yaml: config file not found"]),
+    ("config-unknown-key", "train", T, {"tiny.yaml": _replace(Y, "  lr: 1.0e-3", "  learning_rate: 1.0e-3")},
+     None, ["tiny.yaml:15: train.learning_rate: unknown key"]),
+    ("config-unknown-section", "train", T, {"tiny.yaml": _replace(Y, "train:\n", "trian:\n")}, None,
+     ["tiny.yaml:12: trian: unknown section"]),
+    ("config-mistyped-int", "train", T, {"tiny.yaml": _replace(Y, "batch_size: 4", "batch_size: four")}, None,
+     ["tiny.yaml:13: train.batch_size: expected an integer, got 'four'"]),
+    ("config-mistyped-float", "train", T, {"tiny.yaml": _replace(Y, "lr: 1.0e-3", "lr: fast")}, None,
+     ["tiny.yaml:15: train.lr: expected a number, got 'fast'"]),
+    ("config-lr-zero", "train", T, {"tiny.yaml": _replace(Y, "lr: 1.0e-3", "lr: 0")}, None,
+     ["tiny.yaml:15: train.lr: must be positive, got 0.0"]),
+    ("config-lr-negative", "train", T, {"tiny.yaml": _replace(Y, "lr: 1.0e-3", "lr: -1e-3")}, None,
+     ["tiny.yaml:15: train.lr: must be positive, got -0.001"]),
+    ("config-lr-nan", "train", T, {"tiny.yaml": _replace(Y, "lr: 1.0e-3", "lr: .nan")}, None,
+     ["tiny.yaml:15: train.lr: expected a finite number"]),
+    ("config-batch-zero", "train", T, {"tiny.yaml": _replace(Y, "batch_size: 4", "batch_size: 0")}, None,
+     ["tiny.yaml:13: train.batch_size: must be positive, got 0"]),
+    ("config-length-negative", "train", T, {"tiny.yaml": _replace(Y, "max_seq_len: 64", "max_seq_len: -64")},
+     None, ["tiny.yaml:2: model.max_seq_len: must be positive, got -64"]),
+    ("config-heads-not-dividing", "train", T, {"tiny.yaml": _replace(Y, "n_heads: 2", "n_heads: 3")}, None,
+     ["tiny.yaml:4: model.n_heads: n_heads=3 does not divide d_model=32"]),
+    ("config-invalid-yaml", "train", T, {"tiny.yaml": _replace(Y, "  d_ff: 64", "  d_ff: [64")}, None,
+     ["tiny.yaml:", "invalid YAML"]),
+    ("config-not-utf8", "train", T, {"tiny.yaml": Y.encode() + b"# \xff\n"}, None,
+     ["tiny.yaml:23: not valid UTF-8 (byte 0xff)"]),
+    ("set-no-such-key", "train", T + ["--set", "train.learnin_rate=0.1"], {}, None,
+     ["--set train.learnin_rate: no such key in section train"]),
+    ("set-no-such-section", "train", T + ["--set", "optim.lr=0.1"], {}, None, ["--set optim.lr: no such key"]),
+    ("set-no-value", "train", T + ["--set", "train.lr"], {}, None, ["--set train.lr: expected key=value"]),
+    ("set-bad-value", "train", T + ["--set", "train.epochs=-1"], {}, None,
+     ["<no line>", "train.epochs: must be positive, got -1"]),
+    ("set-data-path-missing", "train", T + ["--set", "data.val=nope.jsonl"], {}, None,
+     ["nope.jsonl: file not found"]),
+    ("set-init-from-missing", "train", T + ["--set", "model.init_from=nowhere"], {}, None,
+     ["nowhere: no such run directory"]),
+    ("data-missing", "train", T, {"tiny.yaml": _replace(Y, "train: train.jsonl", "train: missing.jsonl")}, None,
+     ["missing.jsonl: file not found"]),
+    ("data-not-json", "train", T, {"train.jsonl": TRAIN.replace('"}\n', '"\n', 1)}, None,
+     ["train.jsonl:1: not valid JSON"]),
+    ("data-not-object", "train", T, {"val.jsonl": VAL + '["a", "b"]\n'}, None,
+     ["val.jsonl:9: expected a JSON object, got list"]),
+    ("data-missing-response", "train", T, {"train.jsonl": TRAIN + '{"instruction": "问"}\n'}, None,
+     ["train.jsonl:52: missing 'response'"]),
+    ("data-missing-instruction", "train", T, {"train.jsonl": '{"question": "问", "response": "答"}\n'}, None,
+     ["train.jsonl:1: missing 'instruction' (or 'messages')"]),
+    ("data-non-string", "train", T, {"train.jsonl": '{"instruction": 12, "response": "答"}\n'}, None,
+     ["train.jsonl:1: 'instruction' must be a string"]),
+    ("data-empty-answer", "train", T, {"train.jsonl": '\n{"instruction": "问", "response": "  "}\n'}, None,
+     ["train.jsonl:2: empty 'response'"]),
+    ("messages-unknown-role", "train", T,
+     {"train.jsonl": '{"messages": [{"role": "human", "content": "问"}, {"role": "assistant", "content": "答"}]}\n'},
+     None, ["train.jsonl:1: messages[0] has unknown role 'human'"]),
+    ("messages-no-assistant", "train", T, {"train.jsonl": '{"messages": [{"role": "user", "content": "问"}]}\n'},
+     None, ["train.jsonl:1: messages has no assistant answer"]),
+    ("messages-not-alternating", "train", T,
+     {"train.jsonl": '{"messages": [{"role": "user", "content": "问"}, {"role": "user", "content": "又问"}, '
+                     '{"role": "assistant", "content": "答"}]}\n'},
+     None, ["train.jsonl:1: messages must alternate user/assistant"]),
+    ("data-invalid-utf8", "train", T, {"train.jsonl": TRAIN.encode("utf-8") + b'{"instruction": "\xe4\xb8", '
+                                                                             b'"response": "x"}\n'}, None,
+     ["train.jsonl:52: not valid UTF-8 (byte 0xe4)"]),
+    ("data-lone-surrogate", "train", T, {"val.jsonl": '{"instruction": "\\ud800", "response": "x"}\n'}, None,
+     ["val.jsonl:1: a \\u escape encodes half a surrogate pair"]),
+    ("data-empty-file", "train", T, {"train.jsonl": "\ufeff\n\n"}, None, ["train.jsonl: no rows (the file is empty)"]),
+    ("data-nothing-fits", "train", T + ["--set", "model.max_seq_len=16"], {}, None,
+     ["train.jsonl: no row fits max_seq_len=16"]),
+    ("resume-nothing", "train", T + ["--resume"], {}, None, ["run: nothing to resume"]),
+    ("run-exists", "train", T, {}, lambda d: os.makedirs(os.path.join(d, "run", "latest")),
+     ["run: already holds a run; pass --resume"]),
+    ("chat-no-run", "chat", ["--checkpoint", "nowhere", "你好"], {}, None, ["nowhere: no such run directory"]),
+    ("chat-empty-question", "chat", ["--checkpoint", "nowhere", "   "], {}, None, ["the question is empty"]),
+    ("chat-bad-file-row", "chat", ["--checkpoint", "nowhere", "--file", "train.jsonl"],
+     {"train.jsonl": '{"instruction": "问"}\n{"instruction": ""}\n'}, None, ["train.jsonl:2: empty 'instruction'"]),
+    ("chat-bad-option", "chat", ["--checkpoint", "nowhere", "--max-new-tokens", "0", "你好"], {}, None,
+     ["--max-new-tokens and --batch-size must be positive"]),
+    ("chat-no-checkpoint", "chat", ["--checkpoint", "norun", "你好"], {}, _fake_run,
+     ["norun/best: holds no checkpoint"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, capsys, monkeypatch):
+    name, prog, args, files, setup, expected = case
+    write_inputs(tmp_path, **files)
+    monkeypatch.chdir(tmp_path)
+    if setup is not None:
+        setup(str(tmp_path))
+    before = snapshot(tmp_path)
+    code, out, err = run_main(prog, args, capsys, monkeypatch)
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for s in expected:
+        if s == "<no line>":  # an override names the key, not a line of the file
+            assert "tiny.yaml:" not in lines[0], lines[0]
+        else:
+            assert s in lines[0], lines[0]
+    assert snapshot(tmp_path) == before  # nothing written, not even the run directory
+
+
+def test_rows_too_long_are_dropped_with_one_warning(tmp_path, capsys, monkeypatch):
+    """Rows whose answer cannot start within max_seq_len are counted in one warning."""
+    from jaxsft import config, train
+    long_q = {"instruction": "长" * 80, "response": "答"}
+    write_inputs(tmp_path, **{"train.jsonl": TRAIN + _jsonl([long_q] * 3), "val.jsonl": VAL + _jsonl([long_q])})
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load_config("tiny.yaml")
+    msgs = []
+    _, _, train_ex, _, val_ex, _ = train.prepare(cfg, log=lambda *a, **k: msgs.append(" ".join(map(str, a))))
+    assert (len(train_ex), len(val_ex)) == (48, 8)
+    warnings = [m for m in msgs if m.startswith("warning")]
+    assert warnings == ["warning: dropped 3 training and 1 validation rows whose answer does not fit "
+                        "max_seq_len=64"]
+
+
+def test_config_accepts_bom_blank_lines_and_exponents(tmp_path):
+    """A BOM, `1e-3` (a string to YAML 1.1) and `--set train.lr=2e-4` are all fine."""
+    from jaxsft import config
+    p = tmp_path / "c.yaml"
+    p.write_text("\ufeff" + _replace(YAML, "lr: 1.0e-3", "lr: 1e-3") + "\n\n", encoding="utf-8")
+    assert config.load_config(str(p)).train.lr == 1e-3
+    assert config.load_config(str(p), ["train.lr=2e-4"]).train.lr == 2e-4
+
+
+def test_bad_input_in_a_real_process(tmp_path):
+    """The same failure end to end: exit status 2, one line, no traceback."""
+    write_inputs(tmp_path, **{"train.jsonl": TRAIN + "{oops\n"})
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bin", "train"), *T], cwd=tmp_path,
+                          env=_env(None), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: train.jsonl:52: not valid JSON (Expecting property name enclosed in double quotes at column 2)"]
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------
+# training runs in subprocesses: kills, Ctrl-C, resume
+
+
+def _env(cache):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8")
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+# bin/train with test-only hooks: python DRIVER REPO HOOK STEP bin/train-args...
+# curves.png is not drawn (matplotlib takes seconds per evaluation on a busy machine
+# and has nothing to do with checkpoints); everything else is bin/train itself
+DRIVER = r'''
+import os, signal, sys, runpy
+import numpy as np
+repo, hook, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, repo)
+from jaxsft import chatml, checkpoint
+try:
+    import jaxsft.plots
+    jaxsft.plots.write_curves = lambda run_dir: None
+except ImportError:
+    pass
+
+if hook == "none":
+    pass
+elif hook == "slow":  # each batch takes `at` ms more to prepare: a signal lands mid-run, not after it
+    import time
+    batch_for_step = chatml.batch_for_step
+    def hooked(*a, **k):
+        time.sleep(at / 1000)
+        return batch_for_step(*a, **k)
+    chatml.batch_for_step = hooked
+elif hook == "kill_before_latest":  # step `at` has its best checkpoint and metrics, not its latest state
+    save_latest = checkpoint.RunCheckpoints.save_latest
+    def hooked(self, step, state):
+        if step == at:
+            self.best.wait_until_finished()  # the moment right after best/<at> is committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        save_latest(self, step, state)
+    checkpoint.RunCheckpoints.save_latest = hooked
+elif hook == "kill_before_commit":  # latest/<at> is fully written to orbax's tmp dir, not yet renamed
+    from orbax.checkpoint._src.path import atomicity
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def hooked(self, *a, **k):
+        final = self.get_final()
+        if final.name == str(at) and final.parent.name == "latest":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await finalize(self, *a, **k)
+    atomicity.AtomicRenameTemporaryPath.finalize = hooked
+elif hook == "nan_at":  # the batch of step `at` (1-based) gets a NaN loss mask
+    batch_for_step = chatml.batch_for_step
+    def hooked(examples, step, *a, **k):
+        b = batch_for_step(examples, step, *a, **k)
+        if step + 1 == at:
+            b["loss_mask"] = b["loss_mask"] * np.float32("nan")
+        return b
+    chatml.batch_for_step = hooked
+else:
+    raise SystemExit(f"unknown hook {hook}")
+sys.argv = [os.path.join(repo, "bin", "train")] + sys.argv[4:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+class Runs:
+    """Starts bin/train (optionally under a hook) on the tiny config in one directory."""
+
+    def __init__(self, d, cache):
+        self.d, self.cache = str(d), cache
+        write_inputs(self.d)
+        with open(os.path.join(self.d, "driver.py"), "w") as f:
+            f.write(DRIVER)
+
+    def cmd(self, *extra, hook=("none", 0)):
+        return [sys.executable, os.path.join(self.d, "driver.py"), REPO, hook[0], str(hook[1]), *T, *extra]
+
+    def run(self, *extra, hook=("none", 0), timeout=300):
+        return subprocess.run(self.cmd(*extra, hook=hook), cwd=self.d, env=_env(self.cache),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self, *extra, hook=("none", 0)):
+        return subprocess.Popen(self.cmd(*extra, hook=hook), cwd=self.d, env=_env(self.cache),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def path(self, *p):
+        return os.path.join(self.d, "run", *p)
+
+
+def steps(d) -> list[int]:
+    """Committed checkpoint steps under an orbax manager directory."""
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def load_tree(d, step) -> dict:
+    """A checkpoint's arrays as {path: numpy array}, read with orbax without a target."""
+    import jax
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as c:
+        tree = c.restore(os.path.join(d, str(step), "default"))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
+
+
+def wait_for(pred, proc, timeout=120.0):
+    """Polls pred() while proc runs; a process that ends first or a timeout fails the test."""
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            pytest.fail(f"bin/train ended before the moment waited for:\n{proc.communicate()[1]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"timed out:\n{proc.communicate()[1]}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """The uninterrupted run; every interrupted one must end exactly here."""
+    r = Runs(tmp_path_factory.mktemp("reference"), cache)
+    proc = r.run()
+    assert proc.returncode == 0, proc.stderr
+    assert steps(r.path("latest")) == [TOTAL_STEPS]
+    with open(r.path("metrics.jsonl")) as f:
+        metrics = f.read()
+    assert len([l for l in metrics.splitlines() if '"loss"' in l]) == TOTAL_STEPS
+    return {"runs": r, "latest": load_tree(r.path("latest"), TOTAL_STEPS), "metrics": metrics,
+            "best": {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}}
+
+
+def assert_same_as_reference(r: Runs, reference):
+    assert steps(r.path("latest")) == [TOTAL_STEPS]
+    assert_bitwise_equal(load_tree(r.path("latest"), TOTAL_STEPS), reference["latest"])
+    assert {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}.keys() == reference["best"].keys()
+    for s, tree in reference["best"].items():
+        assert_bitwise_equal(load_tree(r.path("best"), s), tree)
+    with open(r.path("metrics.jsonl")) as f:
+        assert f.read() == reference["metrics"]  # same losses, step for step
+
+
+def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cache, reference):
+    r = Runs(tmp_path, cache)
+    # 1. killed after step 12's best checkpoint and metrics, before its latest state
+    p = r.run(hook=("kill_before_latest", 12))
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert steps(r.path("best")) == [12] and steps(r.path("latest")) == [10]
+    load_tree(r.path("best"), 12), load_tree(r.path("latest"), 10)  # both readable
+    with open(r.path("metrics.jsonl")) as f:
+        assert max(json.loads(l)["step"] for l in f) == 12  # beyond the latest state: trimmed on resume
+
+    # 2. resumed, then killed with latest/20 written to its tmp dir but not committed
+    p = r.run("--resume", hook=("kill_before_commit", 20))
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert "resumed run at step 10" in p.stdout
+    assert steps(r.path("latest")) == [15]
+    assert any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest"))), os.listdir(r.path("latest"))
+    load_tree(r.path("latest"), 15)
+
+    # 3. resumed to the end: the same parameters, optimizer state, best checkpoints and metrics
+    p = r.run("--resume")
+    assert p.returncode == 0, p.stderr
+    assert "resumed run at step 15" in p.stdout
+    assert_same_as_reference(r, reference)
+    assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest")))
+
+
+def test_ctrl_c_saves_a_resumable_state_and_sigkill_anywhere_too(tmp_path, cache, reference):
+    r = Runs(tmp_path, cache)
+    # Ctrl-C once training runs: state saved at the current step, exit 130, a resume command, no traceback
+    proc = r.start(hook=("slow", 40))
+    wait_for(lambda: steps(r.path("latest")), proc)
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # no-op once it has ended
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    m = re.search(r"interrupted at step (\d+)", err)
+    assert m, err
+    step = int(m.group(1))
+    assert steps(r.path("latest")) == [step] and 5 <= step < TOTAL_STEPS
+    assert err.strip().splitlines()[-1] == "resume with: " + " ".join(
+        [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *T, "--resume"])
+    assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
+
+    # resumed, then SIGKILL at whatever moment follows the next checkpoint
+    proc = r.start("--resume", hook=("slow", 40))
+    wait_for(lambda: any(s > step for s in steps(r.path("latest"))), proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    for d in ("latest", "best"):  # whatever the moment, the newest committed step is whole
+        if steps(r.path(d)):  # (an older one may be half deleted: see the test below)
+            load_tree(r.path(d), steps(r.path(d))[-1])
+    assert steps(r.path("latest"))[-1] < TOTAL_STEPS
+
+    p = r.run("--resume")
+    assert p.returncode == 0, p.stderr
+    assert_same_as_reference(r, reference)
+
+
+def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_path, reference):
+    """orbax deletes the older step only after the newer one is committed, with a plain
+    recursive delete: a kill then leaves it half removed. The run directory's managers
+    drop such steps when they start, and every reader takes the newest step."""
+    import jax
+    from jaxsft import checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(reference["runs"].path(), run)
+    for d, keep in (("best", "metrics"), ("latest", "_CHECKPOINT_METADATA")):  # as a kill left them
+        shutil.copytree(run / d / str(TOTAL_STEPS), run / d / "12")
+        for n in os.listdir(run / d / "12"):
+            if n != keep:
+                shutil.rmtree(run / d / "12" / n, ignore_errors=True)
+                (run / d / "12" / n).unlink(missing_ok=True)
+    params, _, _ = checkpoint.restore(str(run))  # readers take the newest step
+
+    def arrays(leaves):
+        return sorted((np.asarray(a).shape, np.asarray(a).tobytes()) for a in leaves)
+    assert arrays(jax.tree.leaves(params)) == arrays(reference["best"][TOTAL_STEPS].values())
+    ck = checkpoint.RunCheckpoints(str(run))  # what a resume starts with
+    ck.close()
+    assert steps(run / "best") == [TOTAL_STEPS] and steps(run / "latest") == [TOTAL_STEPS]
+    assert sorted(os.listdir(run / "best")) == [str(TOTAL_STEPS)]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, cache, reference):
+    r = Runs(tmp_path, cache)
+    p = r.run(hook=("nan_at", 14))
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: non-finite loss or gradient norm at step 14;")
+    assert steps(r.path("latest")) == [12] and steps(r.path("best")) == [12]
+    latest = load_tree(r.path("latest"), 12)
+    assert int(latest["['state']['step']"]) == 12
+    assert all(np.isfinite(v).all() for v in latest.values())
+    best = load_tree(r.path("best"), 12)
+    assert all(np.isfinite(v).all() for v in best.values())
+    with open(r.path("metrics.jsonl")) as f:
+        assert max(json.loads(l)["step"] for l in f) == 13  # nothing of the bad step is logged
+    # the good prefix is the reference's, bit for bit (determinism on CPU)
+    ref12 = [l for l in reference["metrics"].splitlines() if json.loads(l)["step"] <= 13]
+    with open(r.path("metrics.jsonl")) as f:
+        assert f.read().splitlines() == ref12
+
+
+def test_resume_or_chat_with_another_model_config_is_refused(tmp_path, reference, capsys, monkeypatch):
+    src = reference["runs"].d
+    for n in ("tiny.yaml", "train.jsonl", "val.jsonl"):
+        shutil.copy(os.path.join(src, n), tmp_path)
+    shutil.copytree(os.path.join(src, "run"), tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = run_main("train", T + ["--resume", "--set", "model.d_model=64"], capsys, monkeypatch)
+    assert code == 2 and err.strip() == ("error: run: was trained with another model config or vocabulary; "
+                                         "cannot resume")
+    assert snapshot(tmp_path) == before
+    # a config.json edited by hand: the stored arrays do not fit the model it describes
+    with open(tmp_path / "run" / "config.json") as f:
+        cfg = json.load(f)
+    cfg["model"]["d_model"] = 64
+    with open(tmp_path / "run" / "config.json", "w") as f:
+        json.dump(cfg, f)
+    before = snapshot(tmp_path)
+    code, _, err = run_main("chat", ["--checkpoint", "run", "你好"], capsys, monkeypatch)
+    assert code == 2 and err.strip() == ("error: run/best/24: the best checkpoint does not match this model config "
+                                         "(blocks.0.attn.wk.kernel.value: stored (32, 32), the config needs (64, 64))")
+    assert snapshot(tmp_path) == before
+
+
+def test_nothing_a_user_loads_is_a_pickle(reference, monkeypatch):
+    run = reference["runs"].path()
+    for root, _, files in os.walk(run):
+        for n in files:
+            with open(os.path.join(root, n), "rb") as f:
+                head = f.read(2)
+            assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), n
+
+    from jaxsft import checkpoint  # imported before pickle is taken away (some imports use it)
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle used")
+
+    class Refused(pickle.Unpickler):
+        load = refuse
+    for name in ("load", "loads"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Refused)
+    params, model_cfg, tok = checkpoint.restore(run)
+    assert model_cfg.d_model == 32 and len(tok) > 7
+    assert load_tree(os.path.join(run, "latest"), TOTAL_STEPS).keys() == reference["latest"].keys()
+
+
+def test_chat_unknown_characters_empty_questions_and_long_conversations(reference):
+    """Interactive chat: an empty line is refused politely, characters outside the
+    vocabulary are reported once, a conversation beyond the context is cut from
+    its oldest turns; nothing crashes."""
+    lines = ["", "12加5等于多少？😀", "😀3加4等于多少？", "1加2等于多少？" * 20, "/quit"]  # 😀: not in the vocabulary
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bin", "chat"), "--checkpoint",
+                           reference["runs"].path(), "--max-new-tokens", "8"], input="\n".join(lines) + "\n",
+                          env=_env(None), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("(please type a question)") == 1
+    assert proc.stderr.count("not in the vocabulary") == 1  # 😀 twice, told once
+    assert "😀" in proc.stderr
+    assert "oldest turns are left out" in proc.stderr
+    assert proc.stdout.count("你> ") == 5  # every line read, to /quit
+
+
+def test_prompt_is_cut_to_the_context_never_crashing():
+    from jaxsft import chatml
+    from jaxsft.config import ModelConfig
+    from jaxsft.decode import Generator
+    from jaxsft.tokenizer import Tokenizer
+    tok = Tokenizer("问答长系统")
+    cfg = ModelConfig(vocab_size=len(tok), max_seq_len=64, d_model=32, n_heads=2, n_layers=1, d_ff=64)
+    gen = Generator(None, cfg, tok, "系统", max_new_tokens=16)  # prompt budget 48 tokens
+    tail = [tok.encode("\n")[0], tok.assistant_id]
+    history = [("user", "问" * 10), ("assistant", "答" * 10)] * 3 + [("user", "问问")]
+    ids, cut = gen.prompt_ids(history)
+    assert cut and len(ids) <= 48 and list(ids[-2:]) == tail
+    assert list(ids[-5:-3]) == tok.encode("问问")  # the last question, whole
+    # the fewest oldest (user, assistant) pairs are dropped; the system prompt stays
+    k = next(k for k in range(4) if len(chatml.render(history[2 * k:], tok, "系统", True)[0]) <= 48)
+    assert k == 2
+    assert list(ids) == list(chatml.render(history[2 * k:], tok, "系统", True)[0])
+    for conv in ([("user", "长" * 500)], [("system", "系" * 100), ("user", "问")], [("user", "?")]):
+        ids, _ = gen.prompt_ids(conv)
+        assert 0 < len(ids) <= 48

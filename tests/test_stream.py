@@ -1,0 +1,109 @@
+"""Streaming decoding (same tokens as the one-program decoder) and what bin/chat prints."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import QA, REPO, run_script
+from jaxsft import model
+from jaxsft.config import ModelConfig
+from jaxsft.decode import Generator, Sampling, generate, generate_stream
+from jaxsft.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    """An untrained tiny model: (tokenizer, config, graphdef, params)."""
+    tok = Tokenizer.build(["abcdefghij你好世界\n"])
+    cfg = ModelConfig(vocab_size=len(tok), max_seq_len=64, d_model=32, n_heads=4, n_layers=1, d_ff=64)
+    graphdef, params = model.init(cfg, 0)
+    return tok, cfg, graphdef, params
+
+
+def test_generate_stream_equals_generate(random_model):
+    """Sampling with top-k and top-p, two rows of different prompt lengths (greedy: next test)."""
+    tok, cfg, graphdef, params = random_model
+    sampling = Sampling(temperature=1.5, top_k=8, top_p=0.95)
+    prompts = jnp.asarray([[0, 0, 1, 8, 9, 10], [1, 7, 8, 9, 10, 11]], jnp.int32)  # left-padded
+    lens = jnp.asarray([4, 6], jnp.int32)
+    key = jax.random.PRNGKey(3)
+    kw = dict(graphdef=graphdef, cfg=cfg, max_new_tokens=12, pad_id=0, sampling=sampling)
+    full = np.asarray(generate(params, prompts, lens, key, end_id=-1, **kw))  # never ends
+    # with an end token that row 0 writes early, rows finish at different steps and the stream stops
+    # once both have (row 0 padded after its end token, as in generate)
+    end_id = int(full[0, 2])
+    want = np.asarray(generate(params, prompts, lens, key, end_id=end_id, **kw))
+    got = np.stack(list(generate_stream(params, prompts, lens, key, end_id=end_id, **kw)), axis=1)
+    np.testing.assert_array_equal(got, want[:, :got.shape[1]])
+    assert (want[:, got.shape[1]:] == 0).all()
+    first = full[0].tolist().index(end_id)
+    assert got[0, first + 1:].tolist() == [0] * (got.shape[1] - first - 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stream_ids_equals_generate_ids(random_model, seed):
+    """Greedy and sampled: what bin/chat streams is what the batch decoder would answer."""
+    tok, cfg, graphdef, params = random_model
+    gen = Generator(params, cfg, tok, "", max_new_tokens=20)
+    ids, _ = gen.prompt_ids([("user", "你好")])
+    for sampling in (Sampling(), Sampling(temperature=1.0)):
+        assert list(gen.stream_ids(ids, sampling, seed)) == gen.generate_ids([ids], sampling, seed)[0]
+
+
+def test_stream_ids_yields_each_token_before_decoding_the_next(random_model, monkeypatch):
+    from jaxsft import decode
+    tok, cfg, graphdef, params = random_model
+    gen = Generator(params, cfg, tok, "", max_new_tokens=20)
+    ids, _ = gen.prompt_ids([("user", "abc")])
+    want = gen.generate_ids([ids], Sampling(temperature=1.0), 0)[0]
+    assert len(want) >= 2
+    steps = []
+    real_step = decode._stream_step
+    monkeypatch.setattr(decode, "_stream_step", lambda *a, **kw: steps.append(1) or real_step(*a, **kw))
+    stream = gen.stream_ids(ids, Sampling(temperature=1.0), 0)
+    assert next(stream) == want[0] and len(steps) == 0  # the first token comes from the prefill alone
+    assert next(stream) == want[1] and len(steps) == 1
+    stream.close()
+
+
+def chat(*args, stdin="", encoding="ascii"):
+    """bin/chat with a non-UTF-8 locale encoding: it must still read and write UTF-8."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING=encoding)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bin", "chat"), *map(str, args)], cwd=REPO, env=env,
+                          input=stdin.encode("utf-8"), capture_output=True, timeout=120)
+    return proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+
+
+def test_chat_interactive_streams_answers_and_knows_commands(trained_run):
+    stdin = f"{QA[0][0]}\n/clear\n{QA[2][0]}\n/system 你是一个有帮助的AI助手。\n{QA[1][0]}\n/quit\n{QA[3][0]}\n"
+    rc, out, err = chat("--checkpoint", trained_run["run_dir"], stdin=stdin)
+    assert rc == 0, err
+    answers = [l.replace("你> ", "") for l in out.splitlines() if l.replace("你> ", "")]  # prompts go to stdout
+    assert answers == [QA[0][1], QA[2][1], QA[1][1]]  # nothing after /quit
+    assert "(conversation cleared)" in err and "system prompt set to '你是一个有帮助的AI助手。'" in err
+
+
+def test_chat_compare_base_and_sft(trained_run):
+    """The base model gets <bos> + the raw text (no template); the SFT model answers in ChatML."""
+    from jaxsft import checkpoint
+    run = trained_run["run_dir"]
+    q = QA[0][0]
+    rc, out, err = chat("--checkpoint", run, "--compare", run, "--max-new-tokens", 10, q)
+    assert rc == 0, err
+    params, cfg, tok = checkpoint.restore(run)
+    base = Generator(params, cfg, tok, "", max_new_tokens=10)
+    continuation = tok.decode(base.generate_ids([np.asarray([tok.bos_id] + tok.encode(q), np.int32)])[0])
+    assert out.splitlines() == [
+        f"instruction: {q}", "",
+        f"[base {run}] continues the raw text:", q + continuation, "",
+        f"[SFT {run}] answers in the chat template:", QA[0][1][:10],
+    ]
+
+
+def test_chat_compare_needs_a_question(tmp_path):
+    proc = run_script("chat", "--checkpoint", tmp_path, "--compare", tmp_path)
+    assert proc.returncode == 2 and "--compare needs a question" in proc.stderr

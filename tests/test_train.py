@@ -1,0 +1,176 @@
+"""Optimizer, schedule, loss and the jitted train step on a tiny model.
+
+All train steps here share one compiled program per batch shape: (4, 32) and (4, 24).
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxsft import chatml, model, train
+from jaxsft.config import ModelConfig, TrainConfig
+from jaxsft.data import Row
+from jaxsft.tokenizer import Tokenizer
+
+STEPS = 100
+TC = TrainConfig(batch_size=4, lr=1e-2, weight_decay=0.0, warmup_steps=5, max_grad_norm=1.0, buckets=(24, 32))
+
+
+@pytest.fixture(scope="module")
+def setup(qa):
+    """Tokenizer, the 4 QA rows as examples (input lengths 26, 18, 16, 20), a tiny
+    model, its optimizer and one jitted train step."""
+    tok = Tokenizer.build([t for pair in qa for t in pair] + ["\n"])
+    rows = [Row((("user", q), ("assistant", a))) for q, a in qa]
+    examples, dropped = chatml.encode_rows(rows, tok, None, max_seq_len=32)
+    assert dropped == 0 and [len(x) for x, _, _ in examples] == [26, 18, 16, 20]
+    cfg = ModelConfig(vocab_size=len(tok), max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
+    graphdef, params = model.init(cfg, seed=0)
+    tx = train.make_optimizer(TC, STEPS)
+    return dict(tok=tok, examples=examples, graphdef=graphdef, params=params, tx=tx,
+                step=train.make_train_step(graphdef, tx, TC), eval_step=train.make_eval_step(graphdef))
+
+
+def _fresh_state(s):
+    params = jax.tree.map(jnp.array, s["params"])  # a copy: the train step donates its state
+    return train.TrainState(jnp.int32(0), params, s["tx"].init(params))
+
+
+def _np(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def test_schedule_matches_seed_formula():
+    tc = TrainConfig(lr=1e-3, warmup_steps=10)
+    total = 110
+    sched = train.make_schedule(tc, total)
+
+    def seed(step):  # the seed notebook's LambdaLR factor times lr
+        if step < tc.warmup_steps:
+            return tc.lr * step / tc.warmup_steps
+        return tc.lr * 0.5 * (1 + math.cos(math.pi * (step - tc.warmup_steps) / (total - tc.warmup_steps)))
+
+    for step in (0, 1, 5, 10, 35, 60, 85, 109, 110):
+        assert float(sched(step)) == pytest.approx(seed(step), rel=1e-5, abs=tc.lr * 1e-6), step
+    assert float(sched(60)) == pytest.approx(tc.lr / 2, rel=1e-5)  # the middle of the cosine
+    assert float(sched(110)) == pytest.approx(0.0, abs=1e-12)
+
+
+def _clipped_gradient(tc, grads):
+    """The gradient the Adam part of make_optimizer receives: after one update,
+    Adam's first moment is (1 - b1) * g with b1 = 0.9."""
+    params = jax.tree.map(jnp.zeros_like, grads)
+    tx = train.make_optimizer(tc, 100)
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    return jax.tree.map(lambda m: m / 0.1, optax.tree_utils.tree_get(state, "mu"))
+
+
+def test_clipping_bounds_the_gradient():
+    grads = {"a": jnp.full((3, 4), 1e6), "b": jnp.arange(5.0) * -1e5}
+    norm = float(optax.tree.norm(grads))
+    clipped = _clipped_gradient(TC, grads)
+    assert float(optax.tree.norm(clipped)) == pytest.approx(TC.max_grad_norm, rel=1e-4)
+    for key in grads:  # same direction, scaled down
+        np.testing.assert_allclose(clipped[key], grads[key] * TC.max_grad_norm / norm, rtol=1e-4, atol=1e-9)
+    # a small gradient passes unchanged
+    small = {"a": jnp.full((3, 4), 0.01), "b": jnp.arange(5.0) * 0.02}
+    np.testing.assert_allclose(_clipped_gradient(TC, small)["b"], small["b"], rtol=1e-5)
+    # max_grad_norm = 0 turns clipping off
+    off = _clipped_gradient(dataclasses.replace(TC, max_grad_norm=0.0), grads)
+    np.testing.assert_allclose(off["a"], grads["a"], rtol=1e-5)
+
+
+def test_tiny_model_overfits(setup):
+    batch = chatml.make_batch(setup["examples"], 4, 32)
+    state = _fresh_state(setup)
+    key = jax.random.PRNGKey(0)
+    losses = []
+    for _ in range(STEPS):
+        state, m = setup["step"](state, batch, key)
+        losses.append(m)
+    losses = [float(m["loss"]) for m in jax.device_get(losses)]
+    assert int(state.step) == STEPS
+    assert losses[0] > 2.5  # about ln(vocab) at the start
+    assert losses[-1] < 0.05, losses[::10]
+    # the eval step agrees with the last training loss's trend: the rows are memorised
+    s, n = setup["eval_step"](state.params, batch)
+    assert float(n) == sum(float(m.sum()) for _, _, m in setup["examples"])
+    assert float(s) / float(n) < 0.05
+
+
+def test_all_masked_batch_changes_nothing_through_the_loss(setup):
+    state = _fresh_state(setup)
+    batch = chatml.make_batch(setup["examples"], 4, 32)
+    key = jax.random.PRNGKey(0)
+    for _ in range(3):  # nonzero Adam moments and learning rate
+        state, _ = setup["step"](state, batch, key)
+    before = _np(state)
+    masked = dict(batch, loss_mask=np.zeros_like(batch["loss_mask"]))
+    state, m = setup["step"](state, masked, key)
+    assert float(m["loss"]) == 0.0 and float(m["tokens"]) == 0.0
+    assert float(m["grad_norm"]) == 0.0 and bool(m["ok"])
+    # the new parameters are exactly what the optimizer makes of a zero gradient
+
+    @jax.jit
+    def zero_gradient_update(params, opt_state):
+        updates, _ = setup["tx"].update(jax.tree.map(jnp.zeros_like, params), opt_state, params)
+        return optax.apply_updates(params, updates)
+
+    expected = zero_gradient_update(before.params, before.opt_state)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), _np(state.params), _np(expected))
+    # the gradient of the all-masked loss is exactly zero and finite
+    g = jax.jit(jax.grad(lambda p: train.loss_sums(p, setup["graphdef"], masked)[0]))(before.params)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g))
+
+
+def test_non_finite_loss_leaves_state_unchanged(setup):
+    state = _fresh_state(setup)
+    batch = chatml.make_batch(setup["examples"], 4, 32)
+    bad = dict(batch, loss_mask=batch["loss_mask"] * np.nan)
+    before = _np(state)
+    state, m = setup["step"](state, bad, jax.random.PRNGKey(0))
+    assert not bool(m["ok"])
+    assert int(state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, _np(state.params), before.params)
+
+
+def test_batch_loss_is_token_weighted(setup):
+    examples, ev = setup["examples"], setup["eval_step"]
+    params = setup["params"]
+    batch = chatml.make_batch(examples, 4, 32)
+    per_row = [ev(params, chatml.make_batch([ex], 4, 32)) for ex in examples]  # each row alone
+    sums = np.array([float(s) for s, _ in per_row])
+    counts = np.array([float(n) for _, n in per_row])
+    assert counts.tolist() == [14, 12, 5, 8]  # answer characters + <|endoftext|>
+    s, n = ev(params, batch)
+    assert float(n) == counts.sum()
+    assert float(s) == pytest.approx(sums.sum(), rel=1e-5)
+    weighted = sums.sum() / counts.sum()
+    assert abs(weighted - np.mean(sums / counts)) > 1e-4  # the weighting matters for these rows
+    # the train step reports the same token-weighted loss
+    _, m = setup["step"](_fresh_state(setup), batch, jax.random.PRNGKey(0))
+    assert float(m["loss"]) == pytest.approx(weighted, rel=1e-5)
+    assert float(m["tokens"]) == counts.sum()
+    # and its gradient is the token-weighted sum of per-row gradients
+    grad = jax.jit(jax.grad(lambda p, b: train.loss_sums(p, setup["graphdef"], b)[0]))
+    total = grad(params, batch)
+    rows = [grad(params, chatml.make_batch([ex], 4, 32)) for ex in examples]
+    summed = jax.tree.map(lambda *g: sum(g), *rows)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), _np(total), _np(summed))
+
+
+def test_train_step_compiles_once_per_bucket(setup):
+    step = setup["step"]
+    state = _fresh_state(setup)
+    key = jax.random.PRNGKey(0)
+    short = [ex for ex in setup["examples"] if len(ex[0]) <= 24]
+    for i in range(6):
+        batch = chatml.make_batch(setup["examples"], 4, 32) if i % 2 else chatml.make_batch(short, 4, 24)
+        state, _ = step(state, batch, key)
+    # every test in this file uses only these two shapes with this train step
+    assert step._cache_size() == 2
+    assert int(state.step) == 6

@@ -19,12 +19,12 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 
-def matmul_peak(n=2048, repeats=10):
-    """Best f32 n^3 matmul rate under JAX, FLOP/s."""
+def matmul_peak(n=2048, repeats=10, dtype="float32"):
+    """Best n^3 matmul rate under JAX, FLOP/s."""
     import jax
     import jax.numpy as jnp
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     f = jax.jit(jnp.matmul)
     f(a, b).block_until_ready()
     best = float("inf")
@@ -41,6 +41,8 @@ def main():
     p.add_argument("--train", default=os.path.join(ROOT, "../shared/seed-data/custom_sft_train.jsonl"))
     p.add_argument("--steps", type=int, default=40, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak (8192 on a GPU)")
+    p.add_argument("--peak-dtype", default="float32", help="matmul dtype for the peak (bfloat16 on a GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
 
@@ -60,7 +62,7 @@ def main():
     mcfg = dataclasses.replace(cfg.model, vocab_size=len(tok))
     examples, _ = chatml.encode_rows(rows, tok, cfg.data.system_prompt, mcfg.max_seq_len)
 
-    peak = matmul_peak()
+    peak = matmul_peak(args.peak_size, dtype=args.peak_dtype)
     graphdef, params = model.init(mcfg, tc.seed)
     total = args.warmup + args.steps
     tx = train.make_optimizer(tc, total)
@@ -106,7 +108,8 @@ def main():
         "peak_gflops": peak / 1e9, "mfu_useful": flops / dt / peak, "mfu_executed": exec_flops / dt / peak,
         "compile_s": compile_s, "compilations": step_fn._cache_size(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "backend": jax.default_backend(), "devices": jax.device_count(),
+        "peak_dtype": args.peak_dtype, "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind, "dtype": tc.dtype, "devices": jax.device_count(),
     }
     for k, v in figures.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")

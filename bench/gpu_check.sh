@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One short GPU check (issue 7): the train benchmark at the seed config and at a larger
+# bf16 config, and the decoder benchmark. Run from the repo root on a machine with a GPU.
+set -u
+python3 -c "import jax; print(jax.devices())"
+python3 bench/train_speed.py --train data/train.jsonl --steps 30 --peak-size 8192 --peak-dtype float32 2>&1 | tail -1
+python3 bench/train_speed.py --train data/train.jsonl --steps 30 --peak-size 8192 --peak-dtype bfloat16 \
+  --set train.dtype=bfloat16 2>&1 | tail -1
+python3 bench/train_speed.py --train data/train.jsonl --steps 20 --peak-size 8192 --peak-dtype bfloat16 \
+  --set model.d_model=1024 --set model.n_heads=16 --set model.n_layers=12 --set model.d_ff=4096 \
+  --set model.max_seq_len=512 --set "train.buckets=[512]" --set train.batch_size=32 --set train.dtype=bfloat16 2>&1 | tail -1
+python3 bench/decode_speed.py --test data/test.jsonl --max-new-tokens 100 2>&1 | tail -1

@@ -88,19 +88,19 @@ def make_train_step(graphdef, tx, tc, shardings=None) -> Callable:
 
     def step(state: TrainState, batch: dict, key):
         key = jax.random.fold_in(key, state.step)
-        micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
-        if shardings is not None and k > 1:  # each micro-batch split over all devices
-            micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
-
-        def accumulate(carry, xs):
-            i, mb = xs
-            (s, n), g = grad_fn(state.params, graphdef, mb, jax.random.fold_in(key, i), dtype)
-            return jax.tree.map(jnp.add, carry, (s, n, g)), None
-
-        zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
         if k == 1:
             (s, n), g = grad_fn(state.params, graphdef, batch, key, dtype)
         else:
+            micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+            if shardings is not None:  # each micro-batch split over all devices
+                micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+
+            def accumulate(carry, xs):
+                i, mb = xs
+                (s, n), g = grad_fn(state.params, graphdef, mb, jax.random.fold_in(key, i), dtype)
+                return jax.tree.map(jnp.add, carry, (s, n, g)), None
+
+            zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
             (s, n, g), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
         denom = jnp.maximum(n, 1.0)
         loss = s / denom

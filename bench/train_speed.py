@@ -71,20 +71,24 @@ def main():
     key = jax.random.PRNGKey(tc.seed)
 
     def batch_at(s):
-        return chatml.batch_for_step(examples, s, tc.batch_size, tc.seed, tc.buckets, mcfg.max_seq_len)
+        return chatml.batch_for_step(examples, s, tc.batch_size, tc.seed, tc.buckets, mcfg.max_seq_len,
+                                     tc.pack_len, tc.grad_accum_steps)
 
+    batches = [batch_at(s) for s in range(args.warmup, total)]
     t0 = time.perf_counter()
-    b0 = batch_at(0)
-    compiled = step_fn.lower(state, b0, key).compile()
+    compiled = step_fn.lower(state, batches[0], key).compile()
     compile_s = time.perf_counter() - t0
     del compiled
-    for s in range(args.warmup):
-        state, m = step_fn(state, batch_at(s), key)
+    # warm-up: a few steps, then one step per distinct batch shape, so the timed loop compiles nothing
+    warm = [batch_at(s) for s in range(args.warmup)]
+    warm += list({b["inputs"].shape: b for b in batches}.values())
+    for b in warm:
+        state, m = step_fn(state, b, key)
     jax.block_until_ready(state)
+    compilations_warm = step_fn._cache_size()
 
     answer_tokens = nonpad = padded = 0
     flops = 0.0
-    batches = [batch_at(s) for s in range(args.warmup, total)]
     t0 = time.perf_counter()
     for b in batches:
         state, m = step_fn(state, b, key)
@@ -92,13 +96,16 @@ def main():
     dt = time.perf_counter() - t0
     for b in batches:
         B, L = b["inputs"].shape
-        lens = (b["inputs"] != 0).sum(1)  # real tokens per row (pad id 0 never occurs inside a row)
-        nonpad += int(lens.sum())
+        if "segments" in b:  # packed: one length per example
+            lens = [int(n) for row in b["segments"] for n in np.bincount(row)[1:] if n]
+        else:
+            lens = [int(n) for n in (b["inputs"] != 0).sum(1) if n]  # pad id 0 never occurs inside a row
+        nonpad += sum(lens)
         padded += B * L
         answer_tokens += int(b["loss_mask"].sum())
-        flops += sum(model.flops_per_token(mcfg, int(n)) * int(n) for n in lens)
+        flops += sum(model.flops_per_token(mcfg, n) * n for n in lens)
     exec_flops = sum(model.flops_per_token(mcfg, b["inputs"].shape[1]) * b["inputs"].size for b in batches)
-    n_ex = args.steps * tc.batch_size
+    n_ex = len(batches) * tc.batch_size
     figures = {
         "config": os.path.basename(args.config), "params": model.count_params(state.params),
         "batch_size": tc.batch_size, "steps": args.steps, "s_per_step": dt / args.steps,
@@ -107,6 +114,7 @@ def main():
         "useful_gflops": flops / dt / 1e9, "executed_gflops": exec_flops / dt / 1e9,
         "peak_gflops": peak / 1e9, "mfu_useful": flops / dt / peak, "mfu_executed": exec_flops / dt / peak,
         "compile_s": compile_s, "compilations": step_fn._cache_size(),
+        "compilations_after_warmup": step_fn._cache_size() - compilations_warm, "pack_len": tc.pack_len,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_dtype": args.peak_dtype, "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind, "dtype": tc.dtype, "devices": jax.device_count(),

@@ -108,6 +108,46 @@ def make_batch(examples: Sequence, batch_size: int, length: int) -> dict:
     return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
 
 
+def pack_batch(examples: Sequence, length: int, multiple: int = 1) -> dict:
+    """Packs examples into as few rows of `length` tokens as first-fit decreasing
+    finds (rounded up to a multiple of `multiple`), instead of one padded row each.
+
+    Each example keeps its own positions (0, 1, ... restarting at its start) and a
+    segment id (1, 2, ... within a packed row; 0 for padding), from which the
+    model builds a block-diagonal causal mask: packed examples never see each
+    other, so the loss equals that of the examples run one by one. Returns
+    inputs, targets, positions, segments (int32) and loss_mask (float32), each
+    (N, length); every example must be at most `length` tokens.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    rows: list[list[int]] = []  # example indices per packed row
+    free: list[int] = []
+    for i in order:
+        n = len(examples[i][0])
+        assert n <= length, f"example of {n} tokens does not fit a packed row of {length}"
+        r = next((r for r, f in enumerate(free) if f >= n), None)
+        if r is None:
+            rows.append([])
+            free.append(length)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= n
+    N = -(-max(len(rows), 1) // multiple) * multiple
+    out = {k: np.zeros((N, length), np.int32) for k in ("inputs", "targets", "positions", "segments")}
+    out["loss_mask"] = np.zeros((N, length), np.float32)
+    for r, members in enumerate(rows):
+        at = 0
+        for seg, i in enumerate(members, start=1):
+            x, y, m = examples[i]
+            n = len(x)
+            sl = slice(at, at + n)
+            out["inputs"][r, sl], out["targets"][r, sl], out["loss_mask"][r, sl] = x, y, m
+            out["positions"][r, sl] = np.arange(n)
+            out["segments"][r, sl] = seg
+            at += n
+    return out
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled row order of one epoch; a pure function of (seed, epoch), so a
     resumed run sees exactly the rows the interrupted one would have."""
@@ -115,12 +155,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def batch_for_step(examples: Sequence, step: int, batch_size: int, seed: int,
-                   buckets: Sequence[int], max_seq_len: int) -> dict:
-    """The batch of global step `step`: epoch = step // steps_per_epoch, rows in
-    that epoch's shuffled order, padded to the bucket of its longest row."""
+                   buckets: Sequence[int], max_seq_len: int, pack_len: int = 0, multiple: int = 1) -> dict:
+    """The batch of global step `step`: epoch = step // steps_per_epoch, the next
+    batch_size rows of that epoch's shuffled order. pack_len 0: one row per
+    example, padded to the bucket of the longest. pack_len > 0: the rows packed
+    (`pack_batch`) into rows of max(pack_len, that bucket) tokens, their number
+    a multiple of `multiple`."""
     per_epoch = -(-len(examples) // batch_size)
     epoch, i = divmod(step, per_epoch)
     idx = epoch_order(len(examples), seed, epoch)[i * batch_size:(i + 1) * batch_size]
     chosen = [examples[j] for j in idx]
     length = bucket_length(max(len(x) for x, _, _ in chosen), buckets, max_seq_len)
+    if pack_len:
+        return pack_batch(chosen, max(pack_len, length), multiple)
     return make_batch(chosen, batch_size, length)

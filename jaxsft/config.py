@@ -4,7 +4,7 @@
 A config file has four parts (see configs/default.yaml):
 
     model:   d_model, n_heads, n_layers, d_ff, max_seq_len, dropout, init_from
-    data:    train, val, test, system_prompt
+    data:    train, val, test, system_prompt, corpus
     train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
     out_dir: where the run writes checkpoints, metrics.jsonl and curves.png
 """
@@ -51,6 +51,9 @@ class DataConfig:
     val: str = "data/val.jsonl"
     test: Optional[str] = "data/test.jsonl"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # plain text for pretraining (bin/pretrain): a directory of *.txt files or one file, one
+    # paragraph per line; when set, the run trains on next-token loss over it and train/val are unused
+    corpus: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,11 @@ class TrainConfig:
     sample_questions: int = 3
     # per-row sequence lengths a batch is padded to (each compiles once); capped by max_seq_len
     buckets: tuple = (32, 64, 96, 128, 192, 256)
+    # > 0: pack each step's rows into rows of this many tokens (fewer pad tokens; the
+    # number of packed rows varies, each count compiles once); 0: one padded row per example
+    pack_len: int = 0
+    # at each evaluation, greedy-decode this many validation rows and log their exact match (0: off)
+    eval_exact: int = 0
 
 
 @dataclass(frozen=True)
@@ -269,7 +277,8 @@ def validate(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('model.dropout')}: must be in [0, 1), got {m.dropout}")
     for key, v in [("train.weight_decay", t.weight_decay), ("train.warmup_steps", t.warmup_steps),
                    ("train.max_grad_norm", t.max_grad_norm), ("train.eval_every", t.eval_every),
-                   ("train.save_every", t.save_every), ("train.sample_questions", t.sample_questions)]:
+                   ("train.save_every", t.save_every), ("train.sample_questions", t.sample_questions),
+                   ("train.pack_len", t.pack_len), ("train.eval_exact", t.eval_exact)]:
         if v < 0:
             raise UserError(f"{where(key)}: must not be negative, got {v}")
     if t.max_steps is not None and t.max_steps <= 0:
@@ -280,6 +289,8 @@ def validate(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('train.dtype')}: expected float32 or bfloat16, got {t.dtype!r}")
     if not t.buckets or any(b <= 0 for b in t.buckets):
         raise UserError(f"{where('train.buckets')}: expected positive lengths, got {list(t.buckets)}")
+    if cfg.data.corpus is not None and not cfg.data.corpus.strip():
+        raise UserError(f"{where('data.corpus')}: must not be empty (leave it out for fine-tuning)")
     if not cfg.out_dir:
         raise UserError(f"{where('out_dir')}: must not be empty")
 

@@ -9,13 +9,20 @@ BOM are fine):
 Every row becomes a `Row`: a list of messages (user/assistant alternating, an
 optional leading system turn) plus its category and expected answer. A mistake
 raises UserError naming the file, the line and the problem.
+
+A pretraining corpus (data.corpus) is plain UTF-8 text, one paragraph per line:
+`read_corpus`, `split_corpus` and `corpus_examples` turn it into the same
+(inputs, targets, loss_mask) examples that chatml makes of rows.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 from .config import UserError, read_text
 
@@ -142,3 +149,58 @@ def read_jsonl(path: str, need_answer: bool = True) -> list[Row]:
 def row_texts(rows: list[Row]) -> list[str]:
     """All message contents, for building a vocabulary."""
     return [c for r in rows for _, c in r.messages]
+
+
+VAL_EVERY = 20  # split_corpus holds out every 20th paragraph for the validation loss
+
+
+def read_corpus(path: str) -> list[str]:
+    """The paragraphs of a corpus: every non-blank line (stripped) of `path`, a .txt file,
+    or of each *.txt file directly in the directory `path`, files in name order.
+
+    Raises UserError for a missing path, a directory without .txt files, a corpus of fewer
+    than 2 paragraphs (split_corpus holds one out), or a line that is not UTF-8 (naming file:line).
+    """
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(glob.escape(path), "*.txt")))
+        if not files:
+            raise UserError(f"{path}: no .txt files in this directory")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise UserError(f"{path}: no such file or directory")
+    paragraphs = [line.strip() for f in files for line in read_text(f).split("\n") if line.strip()]
+    if len(paragraphs) < 2:
+        raise UserError(f"{path}: {'no text (every line is blank)' if not paragraphs else 'a single paragraph'}; "
+                        f"a corpus needs at least 2 lines of text (one is held out for validation)")
+    return paragraphs
+
+
+def split_corpus(paragraphs: list[str], every: int = VAL_EVERY) -> tuple[list[str], list[str]]:
+    """(train, val): paragraphs every, 2*every, ... (counted from 1) are held out for
+    validation; with fewer than `every` paragraphs, the last one is. Deterministic: the
+    same corpus always gives the same split."""
+    if len(paragraphs) < 2:
+        raise ValueError("split_corpus needs at least 2 paragraphs")
+    held = set(range(every - 1, len(paragraphs), every)) or {len(paragraphs) - 1}
+    return ([p for i, p in enumerate(paragraphs) if i not in held],
+            [p for i, p in enumerate(paragraphs) if i in held])
+
+
+def corpus_examples(paragraphs: list[str], tok, max_seq_len: int) -> list[tuple]:
+    """Paragraphs -> next-token examples (inputs, targets, loss_mask), int32 arrays of
+    length <= max_seq_len, as chatml.to_example makes them.
+
+    Each paragraph becomes <bos> + its characters + <|endoftext|>; the paragraphs are
+    concatenated into one token stream, which is cut into windows of max_seq_len + 1
+    tokens starting every max_seq_len tokens (consecutive windows share one token), so
+    every token after the first is a target exactly once. A window may span paragraphs
+    (the markers separate them); only the last window is shorter. The loss counts every
+    position: inputs = window[:-1], targets = window[1:], loss_mask = 1.
+    """
+    stream = np.asarray([i for p in paragraphs for i in [tok.bos_id, *tok.encode(p), tok.end_id]], np.int32)
+    examples = []
+    for start in range(0, len(stream) - 1, max_seq_len):
+        w = stream[start:start + max_seq_len + 1]
+        examples.append((w[:-1], w[1:], np.ones(len(w) - 1, np.int32)))
+    return examples

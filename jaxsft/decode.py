@@ -67,7 +67,7 @@ def generate(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, m
     key_idx = jnp.arange(S)
     key_valid = key_idx[None, :] >= pad[:, None]  # (B, S): pads are never attended to
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = [(jnp.zeros((B, S, cfg.n_heads, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
+    cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
 
     positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
     mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
@@ -214,7 +214,7 @@ def _stream_prefill(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelCo
     key_idx = jnp.arange(S)
     key_valid = key_idx[None, :] >= pad[:, None]  # (B, S)
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = [(jnp.zeros((B, S, cfg.n_heads, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
+    cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
     positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
     mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
     logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0)
@@ -227,7 +227,7 @@ def _stream_step(params, tok, cache, done, prompt_lens, i, key, *, graphdef, cfg
                  end_id: int, pad_id: int, sampling: Sampling):
     """Token i of the answer from token i - 1: tok, done (B,), i int32 scalar.
     Returns (next tokens (B,), cache, done); finished rows get pad_id."""
-    S = cache[0][0].shape[1]
+    S = cache[0][0].shape[2]
     key_idx = jnp.arange(S)
     key_valid = key_idx[None, :] >= (P - prompt_lens)[:, None]  # (B, S)
     pos = (prompt_lens + i - 1)[:, None]  # (B, 1)

@@ -26,7 +26,7 @@ from flax import struct
 
 from . import chatml, checkpoint, model, parallel
 from .config import Config, UserError
-from .data import Row, read_jsonl, row_texts
+from .data import Row, corpus_examples, read_corpus, read_jsonl, row_texts, split_corpus
 from .tokenizer import Tokenizer
 
 
@@ -59,11 +59,19 @@ def make_optimizer(tc, total_steps: int) -> optax.GradientTransformation:
 def loss_sums(params, graphdef, batch: dict, dropout_key=None, dtype=jnp.float32):
     """Summed masked cross-entropy and the number of answer tokens.
 
-    batch: inputs, targets (B, L) int32, loss_mask (B, L) float32.
+    batch: inputs, targets (B, L) int32, loss_mask (B, L) float32; a packed batch
+    (chatml.pack_batch) also has positions and segments (B, L) int32, and each
+    token then attends only to earlier tokens of its own segment.
     """
     if dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(dtype), params)
-    logits, _ = model.apply(graphdef, params, batch["inputs"], dropout_key=dropout_key)  # (B, L, V) f32
+    positions = mask = None
+    if "segments" in batch:
+        seg, L = batch["segments"], batch["segments"].shape[1]
+        mask = (seg[:, :, None] == seg[:, None, :]) & jnp.tril(jnp.ones((L, L), bool))  # (B, L, L)
+        positions = batch["positions"]
+    logits, _ = model.apply(graphdef, params, batch["inputs"], positions=positions, mask=mask,
+                            dropout_key=dropout_key)  # (B, L, V) f32
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
     m = batch["loss_mask"]
     return jnp.sum(nll * m), jnp.sum(m)
@@ -143,23 +151,48 @@ def load_rows(cfg: Config) -> tuple[list[Row], list[Row]]:
     return read_jsonl(cfg.data.train), read_jsonl(cfg.data.val)
 
 
+def vocabulary(cfg: Config, texts: list[str]):
+    """(tokenizer, init_params) for a run trained on `texts`.
+
+    From scratch: every character of `texts`, the system prompt and "\n"; init_params None.
+    With model.init_from: the base run's tokenizer with the new characters appended in
+    sorted order (old ids keep their meaning; the same texts always give the same
+    vocabulary, so a resumed run rebuilds it identically), and init_params = (the base's
+    best parameters, its vocabulary size) for init_params_from.
+    """
+    if not cfg.model.init_from:
+        return Tokenizer.build(list(texts) + [cfg.data.system_prompt, "\n"]), None
+    base_cfg = checkpoint.read_meta(cfg.model.init_from)[0]["model"]  # checked before any array is read
+    for f in ("d_model", "n_heads", "n_layers", "d_ff"):
+        if base_cfg.get(f) != getattr(cfg.model, f):
+            raise UserError(f"model.init_from: {cfg.model.init_from} has {f}={base_cfg.get(f)}, "
+                            f"this config has {getattr(cfg.model, f)}")
+    base_params, _, base_tok = checkpoint.restore(cfg.model.init_from)
+    return base_tok.extend(list(texts) + [cfg.data.system_prompt]), (base_params, len(base_tok))
+
+
+def prepare_corpus(cfg: Config):
+    """prepare() for pretraining (data.corpus set): the vocabulary of the whole corpus,
+    next-token examples of its training and held-out paragraphs (data.split_corpus,
+    data.corpus_examples), and no validation rows (no sample answers are printed)."""
+    paragraphs = read_corpus(cfg.data.corpus)
+    tok, init_params = vocabulary(cfg, paragraphs)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=len(tok))
+    train_par, val_par = split_corpus(paragraphs)
+    L = model_cfg.max_seq_len
+    return model_cfg, tok, corpus_examples(train_par, tok, L), [], corpus_examples(val_par, tok, L), init_params
+
+
 def prepare(cfg: Config, log=print):
     """Reads and validates everything a run needs before anything is written.
 
-    Returns (model_cfg, tokenizer, train_examples, val_rows, val_examples, init_params).
+    Returns (model_cfg, tokenizer, train_examples, val_rows, val_examples, init_params);
+    with data.corpus set, a pretraining run's (see prepare_corpus).
     """
+    if cfg.data.corpus:
+        return prepare_corpus(cfg)
     train_rows, val_rows = load_rows(cfg)
-    init_params = None
-    if cfg.model.init_from:
-        base_params, base_cfg, base_tok = checkpoint.restore(cfg.model.init_from)
-        for f in ("d_model", "n_heads", "n_layers", "d_ff"):
-            if getattr(base_cfg, f) != getattr(cfg.model, f):
-                raise UserError(f"model.init_from: {cfg.model.init_from} has {f}={getattr(base_cfg, f)}, "
-                                f"this config has {getattr(cfg.model, f)}")
-        tok = base_tok.extend(row_texts(train_rows) + [cfg.data.system_prompt])
-        init_params = (base_params, len(base_tok))
-    else:
-        tok = Tokenizer.build(row_texts(train_rows) + [cfg.data.system_prompt, "\n"])
+    tok, init_params = vocabulary(cfg, row_texts(train_rows))
     model_cfg = dataclasses.replace(cfg.model, vocab_size=len(tok))
     L = model_cfg.max_seq_len
     train_ex, dropped = chatml.encode_rows(train_rows, tok, cfg.data.system_prompt, L)
@@ -179,14 +212,20 @@ def prepare(cfg: Config, log=print):
 
 
 def init_params_from(model_cfg, seed: int, init_params):
-    """Fresh parameters, or a pretrained model's with its embedding grown to the new vocabulary."""
+    """Fresh parameters, or a pretrained model's with its embedding grown to the new vocabulary:
+    every array is the base's, except that the embedding (n_old rows) gains the fresh rows
+    n_old.. for the tokens appended to the base's vocabulary."""
     graphdef, params = model.init(model_cfg, seed)
     if init_params is not None:
         base, n_old = init_params
-        emb = params["embed"]["embedding"]
-        new_rows = emb[...][n_old:]
-        base["embed"]["embedding"][...] = jnp.concatenate([base["embed"]["embedding"][...], new_rows], axis=0)
-        params = base
+
+        def from_base(fresh, old):
+            if fresh.shape == old.shape:
+                return old
+            assert fresh.shape[1:] == old.shape[1:] and old.shape[0] == n_old, (fresh.shape, old.shape)
+            return jnp.concatenate([old, fresh[n_old:]], axis=0)  # the embedding: new tokens' rows appended
+
+        params = jax.tree.map(from_base, params, base)  # a new tree: the arrays' shapes may change
     return graphdef, params
 
 
@@ -286,16 +325,19 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
     schedule = make_schedule(tc, total)
     key = jax.random.PRNGKey(tc.seed)
     samples = [r.prompt_messages for r in val_rows[: tc.sample_questions]]
+    scored = [r for r in val_rows if r.expected is not None][: tc.eval_exact]
     if mesh is not None:
         key = parallel.shard_tree(key, rep)
         eval_one = eval_step
         eval_step = lambda p, b: eval_one(p, parallel.host_batch_to_global(b, batch_sh))  # noqa: E731
         if jax.process_count() > 1:
-            samples = []  # printed answers would need every process to decode in step
-    gen = Generator(None, model_cfg, tok, cfg.data.system_prompt, max_new_tokens=64) if samples else None
+            samples = scored = []  # answers would need every process to decode in step
+    gen = Generator(None, model_cfg, tok, cfg.data.system_prompt, max_new_tokens=64) if samples or scored else None
+    t_start = time.time()
 
     def batch_at(step):
-        b = chatml.batch_for_step(train_ex, step, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len)
+        b = chatml.batch_for_step(train_ex, step, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,
+                                  tc.pack_len, tc.grad_accum_steps * (1 if mesh is None else mesh.size))
         return b if mesh is None else parallel.host_batch_to_global(b, batch_sh)  # this process's rows only
 
     def save_latest(step):
@@ -310,13 +352,22 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
         if improved:
             best_val = float(np.float32(val_loss))  # as the latest state keeps it: a resumed run compares alike
             ckpt.save_best(step, state.params, val_loss)
-        if main:
-            metrics_log.write([{"step": step, "val_loss": val_loss, "best": improved}])
-        log(f"step {step}: val_loss {val_loss:.4f}" + (" (best, saved)" if improved else f" (best {best_val:.4f})"))
+        record = {"step": step, "val_loss": val_loss, "best": improved}
         if gen is not None:
             gen.params = state.params
-            for q, a in zip(samples, gen.answer(samples)):
-                log(f"  {q[-1][1]} -> {a}")
+        exact = ""
+        if scored:
+            from .evaluate import exact_match
+            answers = gen.answer([r.prompt_messages for r in scored])
+            record["val_exact"] = float(np.mean([exact_match(a, r.expected) for a, r in zip(answers, scored)]))
+            exact = f", exact match {100 * record['val_exact']:.1f}% of {len(scored)} rows"
+        record["elapsed_s"] = round(time.time() - t_start, 2)  # wall time of this session, evaluations included
+        if main:
+            metrics_log.write([record])
+        log(f"step {step}: val_loss {val_loss:.4f}" + (" (best, saved)" if improved else f" (best {best_val:.4f})")
+            + exact)
+        for q, a in zip(samples, gen.answer(samples) if samples else []):
+            log(f"  {q[-1][1]} -> {a}")
         save_latest(step)
         if not main:
             return

@@ -96,8 +96,9 @@ def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_run")
     run_dir = os.path.join(tmp, "run")
     config = write_tiny_config(tmp, run_dir)
-    proc = run_script("train", "--config", config, "--set", f"train.max_steps={TINY_STEPS}", "--no-progress",
-                      timeout=300)
+    # packed rows (about 3 rows of 64 tokens per step) and exact match on the 4 val rows at each evaluation
+    proc = run_script("train", "--config", config, "--set", f"train.max_steps={TINY_STEPS}", "--set",
+                      "train.pack_len=64", "--set", "train.eval_exact=4", "--no-progress", timeout=300)
     assert proc.returncode == 0, f"bin/train failed:\n{proc.stdout}\n{proc.stderr}"
     return {"run_dir": run_dir, "config": config, "rows": os.path.join(tmp, "val.jsonl"), "proc": proc}
 

@@ -160,3 +160,36 @@ def test_batch_for_step_is_deterministic():
             np.testing.assert_array_equal(a[key], b[key])
     orders = {tuple(_rows_of(chatml.batch_for_step(examples, 0, seed=sd, **kw))) for sd in range(5)}
     assert len(orders) > 1  # the seed matters
+
+
+def test_pack_batch_layout():
+    # lengths 5, 4, 3, 2 into rows of 8: first-fit decreasing puts 5+3 and 4+2 together
+    examples = [_example(5, 1), _example(4, 2), _example(3, 3), _example(2, 4)]
+    b = chatml.pack_batch(examples, length=8)
+    assert set(b) == {"inputs", "targets", "loss_mask", "positions", "segments"}
+    for key in b:
+        assert b[key].shape == (2, 8)
+    assert b["inputs"].tolist() == [[1, 1, 1, 1, 1, 3, 3, 3], [2, 2, 2, 2, 4, 4, 0, 0]]
+    assert b["targets"].tolist() == [[101] * 5 + [103] * 3, [102] * 4 + [104] * 2 + [0, 0]]
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]]
+    assert b["segments"].tolist() == [[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2, 0, 0]]
+    assert b["loss_mask"].tolist() == [[0, 0, 0, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 1, 0, 0]]
+    assert b["segments"].dtype == b["positions"].dtype == np.int32 and b["loss_mask"].dtype == np.float32
+    # the row count is rounded up to a multiple (for micro-batches / devices); extra rows are empty
+    b4 = chatml.pack_batch(examples, length=8, multiple=4)
+    assert b4["inputs"].shape == (4, 8) and not b4["segments"][2:].any() and not b4["loss_mask"][2:].any()
+    # an example as long as the row gets a row to itself
+    assert chatml.pack_batch([_example(8, 1), _example(1, 2)], 8)["segments"].tolist() == [[1] * 8, [1] + [0] * 7]
+
+
+def test_batch_for_step_packed_has_the_same_rows():
+    examples = [_example(2 + (v % 5) * 3, v) for v in range(1, 11)]  # lengths 2..14
+    kw = dict(batch_size=4, seed=3, buckets=(8, 16), max_seq_len=16)
+    for step in range(6):
+        padded = chatml.batch_for_step(examples, step, **kw)
+        packed = chatml.batch_for_step(examples, step, **kw, pack_len=16)
+        assert packed["inputs"].shape[1] == 16 and packed["inputs"].shape[0] <= 4
+        assert sorted(set(packed["inputs"].ravel()) - {0}) == sorted(_rows_of(padded))
+        assert packed["loss_mask"].sum() == padded["loss_mask"].sum()
+    # pack_len below the longest row's bucket: rows take that bucket's length
+    assert chatml.batch_for_step(examples, 0, **kw, pack_len=4)["inputs"].shape[1] in (8, 16)

@@ -32,6 +32,11 @@ def test_train_memorises(trained_run):
     assert [r["step"] for r in train] == list(range(1, TINY_STEPS + 1))
     assert train[0]["loss"] > 2.0 and train[-1]["loss"] < 0.1
     assert val[-1]["step"] == TINY_STEPS and min(r["val_loss"] for r in val) == pytest.approx(best, abs=1e-4)
+    # exact match of greedy answers on the 4 val rows, logged at each evaluation (wall time too)
+    assert val[-1]["val_exact"] == 1.0
+    assert all(r["val_exact"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in val)
+    assert [r["elapsed_s"] for r in val] == sorted(r["elapsed_s"] for r in val)
+    assert f"step {TINY_STEPS}: val_loss" in proc.stdout and "exact match 100.0% of 4 rows" in proc.stdout
 
 
 def test_chat_prints_the_trained_answer(trained_run, qa):

@@ -53,16 +53,16 @@ def test_output_shapes(built, fwd):
     logits = fwd(params, _tokens())
     chex.assert_shape(logits, (B, T, CFG.vocab_size))
     assert logits.dtype == jnp.float32
-    # with a KV cache of 20 slots: per layer (k, v), each (B, S, H, K), written at [index, index + T)
+    # with a KV cache of 20 slots: per layer (k, v), each (B, H, S, K), written at [index, index + T)
     H, K = CFG.n_heads, CFG.head_dim
-    cache = [(jnp.zeros((B, 20, H, K)),) * 2 for _ in range(CFG.n_layers)]
+    cache = [(jnp.zeros((B, H, 20, K)),) * 2 for _ in range(CFG.n_layers)]
     mask = jnp.ones((B, T, 20), bool)
     logits, new = apply(graphdef, params, _tokens(), positions=POS, mask=mask, cache=cache, index=3)
     chex.assert_shape(logits, (B, T, CFG.vocab_size))
     assert len(new) == CFG.n_layers
-    chex.assert_shape([c for kv in new for c in kv], (B, 20, H, K))
+    chex.assert_shape([c for kv in new for c in kv], (B, H, 20, K))
     k0 = new[0][0]
-    assert not k0[:, :3].any() and not k0[:, 3 + T:].any() and k0[:, 3:3 + T].all(axis=-1).any()
+    assert not k0[:, :, :3].any() and not k0[:, :, 3 + T:].any() and k0[:, :, 3:3 + T].all(axis=-1).any()
 
 
 def test_output_head_is_tied_to_embedding(built, fwd):
@@ -163,3 +163,22 @@ def test_dropout_eval_deterministic_train_random(built, fwd):
     np.testing.assert_array_equal(t1, run(params, tokens, k1))  # same key, same masks
     assert float(jnp.abs(t1 - e1).max()) > 1e-3
     assert float(jnp.abs(t1 - run(params, tokens, k2)).max()) > 1e-3
+
+
+def test_swiglu_gradient_equals_autodiff():
+    """The hand-written SwiGLU backward (model.swiglu) against autodiff of its formula."""
+    ks = jax.random.split(jax.random.PRNGKey(3), 5)
+    x = jax.random.normal(ks[0], (10, 8))
+    w1, w3 = jax.random.normal(ks[1], (8, 12)), jax.random.normal(ks[2], (8, 12))
+    w2, g = jax.random.normal(ks[3], (12, 8)), jax.random.normal(ks[4], (10, 8))
+
+    def plain(x, w1, w3, w2):
+        return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
+
+    np.testing.assert_allclose(model.swiglu(x, w1, w3, w2), plain(x, w1, w3, w2), rtol=1e-6)
+    want = jax.vjp(plain, x, w1, w3, w2)[1](g)
+    got = jax.vjp(model.swiglu, x, w1, w3, w2)[1](g)
+    assert len(got) == 4
+    for a, b in zip(got, want):
+        chex.assert_equal_shape([a, b])
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

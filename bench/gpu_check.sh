@@ -8,5 +8,7 @@ python3 bench/train_speed.py --train data/train.jsonl --steps 30 --peak-size 819
   --set train.dtype=bfloat16 2>&1 | tail -1
 python3 bench/train_speed.py --train data/train.jsonl --steps 20 --peak-size 8192 --peak-dtype bfloat16 \
   --set model.d_model=1024 --set model.n_heads=16 --set model.n_layers=12 --set model.d_ff=4096 \
-  --set model.max_seq_len=512 --set "train.buckets=[512]" --set train.batch_size=32 --set train.dtype=bfloat16 2>&1 | tail -1
+  --set model.max_seq_len=512 --set "train.buckets=[512]" --set train.pack_len=512 --set train.batch_size=96 --set train.dtype=bfloat16 2>&1 | tail -1
 python3 bench/decode_speed.py --test data/test.jsonl --max-new-tokens 100 2>&1 | tail -1
+# the numerical checks on this backend: KV cache == naive argmax, packed == padded, swiglu gradient
+python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_train.py tests/test_model.py 2>&1 | tail -15

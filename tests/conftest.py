@@ -17,6 +17,10 @@ import pytest
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# exact numerics on a GPU too: its default TF32 matmuls are ~1e-3 off f32, which the
+# tolerance checks here would mistake for bugs (no effect on CPU)
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # plain `pytest` (not `python -m pytest`) from any directory
     sys.path.insert(0, REPO)

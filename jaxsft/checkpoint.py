@@ -16,6 +16,7 @@ Scripts restore a usable model in one call:
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -125,8 +126,14 @@ def _leaf_name(path) -> str:
 def check_shapes(step_dir: str, target, what: str) -> None:
     """UserError naming the first array whose stored shape differs from `target`'s, before any
     array is read (a failed orbax restore leaves its pending reads behind)."""
-    with ocp.StandardCheckpointer() as c:  # (a relative path reads as an empty tree)
-        meta = c.metadata(os.path.abspath(os.path.join(step_dir, "default"))).item_metadata
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # reading an item directory's metadata warns that the step's own file is elsewhere
+    try:
+        with ocp.StandardCheckpointer() as c:  # (a relative path reads as an empty tree)
+            meta = c.metadata(os.path.abspath(os.path.join(step_dir, "default"))).item_metadata
+    finally:
+        absl.setLevel(level)
     stored = {m.name: tuple(m.shape) for m in jax.tree.leaves(meta) if hasattr(m, "name")}
     if not stored:
         return  # metadata in a form this version does not know: orbax's restore checks instead

@@ -23,7 +23,7 @@ from . import chatml, model
 from .config import ModelConfig
 from .tokenizer import Tokenizer
 
-PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024)
+PROMPT_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 512, 1024)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -71,7 +71,8 @@ def generate(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, m
 
     positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
     mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
-    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0)
+    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0,
+                                last_only=True)
     tok = pick(logits[:, -1], jax.random.fold_in(key, 0), sampling)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
 
@@ -217,7 +218,8 @@ def _stream_prefill(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelCo
     cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
     positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
     mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
-    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0)
+    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0,
+                                last_only=True)
     return pick(logits[:, -1], jax.random.fold_in(key, 0), sampling), cache
 
 

@@ -152,13 +152,14 @@ class GPT(nnx.Module):
         self.norm = RMSNorm(cfg.d_model)
 
     def __call__(self, tokens, positions=None, mask=None, cache=None, index=None,
-                 dropout_key: Optional[jax.Array] = None):
-        """tokens (B, T) int32 -> logits (B, T, V) float32, new cache.
+                 dropout_key: Optional[jax.Array] = None, last_only: bool = False):
+        """tokens (B, T) int32 -> logits (B, T, V) float32 ((B, 1, V) with last_only), new cache.
 
         positions (B, T): defaults to 0..T-1. mask (B|1, T, S) bool: which keys
         each query sees; defaults to causal. cache: per-layer (k, v), each
         (B, H, S, K), written at positions [index, index + T) of the cache.
         dropout_key: None for evaluation, a PRNG key for training.
+        last_only: the output head on the last position only (a decoder's prefill).
         """
         B, T = tokens.shape
         if positions is None:
@@ -177,6 +178,8 @@ class GPT(nnx.Module):
             new_cache.append(c)
             x = x + _dropout(h, rate, keys[2 * i + 1])
             x = x + _dropout(blk.mlp(blk.norm2(x)), rate, keys[2 * i + 2])
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
         logits = jnp.einsum("btd,vd->btv", x, emb).astype(jnp.float32)  # tied output head
         return logits, (new_cache if cache is not None else None)

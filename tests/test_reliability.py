@@ -173,6 +173,8 @@ BAD_INPUTS = [
     ("set-no-value", "train", T + ["--set", "train.lr"], {}, None, ["--set train.lr: expected key=value"]),
     ("set-bad-value", "train", T + ["--set", "train.epochs=-1"], {}, None,
      ["<no line>", "train.epochs: must be positive, got -1"]),
+    ("set-pack-len-negative", "train", T + ["--set", "train.pack_len=-128"], {}, None,
+     ["<no line>", "train.pack_len: must not be negative, got -128"]),
     ("set-data-path-missing", "train", T + ["--set", "data.val=nope.jsonl"], {}, None,
      ["nope.jsonl: file not found"]),
     ("set-init-from-missing", "train", T + ["--set", "model.init_from=nowhere"], {}, None,

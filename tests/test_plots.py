@@ -76,7 +76,7 @@ def test_training_writes_curves_and_every_point(trained_run):
     # one evaluation per epoch, and one at the last step
     assert [r["step"] for r in val] == sorted(set(range(per_epoch, TINY_STEPS + 1, per_epoch)) | {TINY_STEPS})
     assert set(train[0]) == {"step", "loss", "lr", "grad_norm", "tokens"}
-    assert set(val[0]) == {"step", "val_loss", "best"}
+    assert set(val[0]) == {"step", "val_loss", "best", "val_exact", "elapsed_s"}  # the run sets train.eval_exact
     with open(os.path.join(run_dir, "curves.png"), "rb") as f:
         assert f.read(8) == PNG_MAGIC
     assert not os.path.exists(os.path.join(run_dir, "curves.png.tmp"))

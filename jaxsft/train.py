@@ -345,9 +345,11 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
             return
         ckpt.save_latest(step, {"state": state, "best_val_loss": scalar(best_val)})
 
+    eval_batch = tc.batch_size * -(-64 // tc.batch_size)  # >= 64 rows (no gradients kept): fewer, fuller calls
+
     def run_eval(step):
         nonlocal best_val
-        val_loss = evaluate(eval_step, state.params, val_ex, tc.batch_size, tc.buckets, model_cfg.max_seq_len)
+        val_loss = evaluate(eval_step, state.params, val_ex, eval_batch, tc.buckets, model_cfg.max_seq_len)
         improved = val_loss < best_val
         if improved:
             best_val = float(np.float32(val_loss))  # as the latest state keeps it: a resumed run compares alike

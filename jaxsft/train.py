@@ -417,7 +417,9 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
                 file=sys.stderr)
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    old_sigint = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+    # SIGTERM (a scheduler's preemption, `kill`) is handled like Ctrl-C: save the state, then stop
+    old_handlers = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)} \
+        if in_main_thread else {}
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         nxt = pool.submit(batch_at, start) if start < total else None
@@ -458,7 +460,8 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
         saving.append(True)
         ckpt.close()  # every way out lets a save in flight finish: the checkpoints stay whole
         if in_main_thread:
-            signal.signal(signal.SIGINT, old_sigint)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
     return {"steps": total, "best_val_loss": best_val, "params": n_params, "run_dir": run_dir}

@@ -465,6 +465,23 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest")))
 
 
+def test_sigterm_saves_a_resumable_state_like_ctrl_c(tmp_path, cache):
+    r = Runs(tmp_path, cache)
+    proc = r.start(hook=("slow", 40))
+    wait_for(lambda: steps(r.path("latest")), proc)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends before it preempts a job
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    step = int(re.search(r"interrupted at step (\d+)", err).group(1))
+    assert steps(r.path("latest")) == [step] and 5 <= step < TOTAL_STEPS
+    assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
+    assert err.strip().splitlines()[-1].startswith("resume with: ")
+
+
 def test_ctrl_c_saves_a_resumable_state_and_sigkill_anywhere_too(tmp_path, cache, reference):
     r = Runs(tmp_path, cache)
     # Ctrl-C once training runs: state saved at the current step, exit 130, a resume command, no traceback

@@ -52,6 +52,40 @@ def pick(logits, key, s: Sampling):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _prefill(params, prompts, prompt_lens, key, graphdef, cfg: ModelConfig, max_new_tokens: int,
+             sampling: Sampling):
+    """prompts (B, P) int32, left-padded: row b's prompt is prompts[b, P - prompt_lens[b]:].
+    Returns the first answer tokens (B,) int32 and the KV cache (P + max_new_tokens slots)
+    holding the prompts."""
+    B, P = prompts.shape
+    S = P + max_new_tokens
+    pad = P - prompt_lens  # (B,)
+    key_idx = jnp.arange(S)
+    key_valid = key_idx[None, :] >= pad[:, None]  # (B, S): pads are never attended to
+    dtype = jax.tree.leaves(params)[0].dtype
+    cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
+    positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
+    mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
+    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0,
+                                last_only=True)
+    return pick(logits[:, -1], jax.random.fold_in(key, 0), sampling), cache
+
+
+def _step(params, tok, cache, done, prompt_lens, i, key, graphdef, P: int, end_id: int, pad_id: int,
+          sampling: Sampling):
+    """Token i of the answer from token i - 1: tok, done (B,), i int32 scalar, P the prompt
+    length. Returns (next tokens (B,), cache, done); finished rows get pad_id."""
+    S = cache[0][0].shape[2]
+    key_idx = jnp.arange(S)
+    key_valid = key_idx[None, :] >= (P - prompt_lens)[:, None]  # (B, S)
+    pos = (prompt_lens + i - 1)[:, None]  # (B, 1)
+    step_mask = ((key_idx <= P + i - 1)[None, :] & key_valid)[:, None, :]  # (B, 1, S)
+    logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos, mask=step_mask,
+                                cache=cache, index=P + i - 1)
+    nxt = jnp.where(done, pad_id, pick(logits[:, -1], jax.random.fold_in(key, i), sampling))
+    return nxt, cache, done | (nxt == end_id)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "max_new_tokens", "end_id", "pad_id", "sampling"))
 def generate(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, max_new_tokens: int,
              end_id: int, pad_id: int = 0, sampling: Sampling = Sampling()):
@@ -62,18 +96,7 @@ def generate(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, m
     then pad_id.
     """
     B, P = prompts.shape
-    S = P + max_new_tokens
-    pad = P - prompt_lens  # (B,)
-    key_idx = jnp.arange(S)
-    key_valid = key_idx[None, :] >= pad[:, None]  # (B, S): pads are never attended to
-    dtype = jax.tree.leaves(params)[0].dtype
-    cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
-
-    positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
-    mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
-    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0,
-                                last_only=True)
-    tok = pick(logits[:, -1], jax.random.fold_in(key, 0), sampling)
+    tok, cache = _prefill(params, prompts, prompt_lens, key, graphdef, cfg, max_new_tokens, sampling)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
 
     def cond(state):
@@ -82,13 +105,9 @@ def generate(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, m
 
     def body(state):
         i, tok, cache, out, done = state
-        pos = (prompt_lens + i - 1)[:, None]  # (B, 1)
-        step_mask = ((key_idx <= P + i - 1)[None, :] & key_valid)[:, None, :]  # (B, 1, S)
-        logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos, mask=step_mask,
-                                    cache=cache, index=P + i - 1)
-        nxt = jnp.where(done, pad_id, pick(logits[:, -1], jax.random.fold_in(key, i), sampling))
-        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-        return i + 1, nxt, cache, out, done | (nxt == end_id)
+        nxt, cache, done = _step(params, tok, cache, done, prompt_lens, i, key, graphdef, P, end_id, pad_id,
+                                 sampling)
+        return i + 1, nxt, cache, jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i)), done
 
     state = (jnp.int32(1), tok, cache, out, tok == end_id)
     return jax.lax.while_loop(cond, body, state)[3]
@@ -202,42 +221,11 @@ class Generator:
 
 
 # Streaming: the same decoding as `generate`, but the loop runs on the host over a
-# jitted one-token step that updates the KV cache in place (donated), so each
-# token reaches the caller as soon as it exists. `generate` itself is untouched.
+# jitted one-token step (`_step`, the body of generate's loop) that updates the KV cache in
+# place (donated), so each token reaches the caller as soon as it exists.
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "max_new_tokens", "sampling"))
-def _stream_prefill(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, max_new_tokens: int,
-                    sampling: Sampling):
-    """prompts (B, P) left-padded -> first answer tokens (B,) int32 and the filled cache."""
-    B, P = prompts.shape
-    S = P + max_new_tokens
-    pad = P - prompt_lens
-    key_idx = jnp.arange(S)
-    key_valid = key_idx[None, :] >= pad[:, None]  # (B, S)
-    dtype = jax.tree.leaves(params)[0].dtype
-    cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
-    positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
-    mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
-    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0,
-                                last_only=True)
-    return pick(logits[:, -1], jax.random.fold_in(key, 0), sampling), cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "P", "end_id", "pad_id", "sampling"),
-                   donate_argnums=(2,))
-def _stream_step(params, tok, cache, done, prompt_lens, i, key, *, graphdef, cfg: ModelConfig, P: int,
-                 end_id: int, pad_id: int, sampling: Sampling):
-    """Token i of the answer from token i - 1: tok, done (B,), i int32 scalar.
-    Returns (next tokens (B,), cache, done); finished rows get pad_id."""
-    S = cache[0][0].shape[2]
-    key_idx = jnp.arange(S)
-    key_valid = key_idx[None, :] >= (P - prompt_lens)[:, None]  # (B, S)
-    pos = (prompt_lens + i - 1)[:, None]  # (B, 1)
-    step_mask = ((key_idx <= P + i - 1)[None, :] & key_valid)[:, None, :]  # (B, 1, S)
-    logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos, mask=step_mask,
-                                cache=cache, index=P + i - 1)
-    nxt = jnp.where(done, pad_id, pick(logits[:, -1], jax.random.fold_in(key, i), sampling))
-    return nxt, cache, done | (nxt == end_id)
+_stream_prefill = jax.jit(_prefill, static_argnames=("graphdef", "cfg", "max_new_tokens", "sampling"))
+_stream_step = jax.jit(_step, static_argnames=("graphdef", "P", "end_id", "pad_id", "sampling"), donate_argnums=(2,))
 
 
 def generate_stream(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, max_new_tokens: int,
@@ -254,5 +242,5 @@ def generate_stream(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelCo
         if np.asarray(done).all():
             return
         tok, cache, done = _stream_step(params, tok, cache, done, prompt_lens, jnp.int32(i), key, graphdef=graphdef,
-                                        cfg=cfg, P=P, end_id=end_id, pad_id=pad_id, sampling=sampling)
+                                        P=P, end_id=end_id, pad_id=pad_id, sampling=sampling)
         yield np.asarray(tok)

@@ -151,24 +151,32 @@ def load_rows(cfg: Config) -> tuple[list[Row], list[Row]]:
     return read_jsonl(cfg.data.train), read_jsonl(cfg.data.val)
 
 
-def vocabulary(cfg: Config, texts: list[str]):
-    """(tokenizer, init_params) for a run trained on `texts`.
+def tokenizer_for(cfg: Config, texts: list[str]) -> Tokenizer:
+    """The vocabulary of a run trained on `texts` (reads no weights).
 
-    From scratch: every character of `texts`, the system prompt and "\n"; init_params None.
-    With model.init_from: the base run's tokenizer with the new characters appended in
-    sorted order (old ids keep their meaning; the same texts always give the same
-    vocabulary, so a resumed run rebuilds it identically), and init_params = (the base's
-    best parameters, its vocabulary size) for init_params_from.
+    From scratch: every character of `texts`, the system prompt and "\n". With
+    model.init_from: the base run's tokenizer with the new characters appended in sorted
+    order (old ids keep their meaning; the same texts always give the same vocabulary, so
+    a resumed run rebuilds it identically); the base's model shape must match this config's.
     """
     if not cfg.model.init_from:
-        return Tokenizer.build(list(texts) + [cfg.data.system_prompt, "\n"]), None
-    base_cfg = checkpoint.read_meta(cfg.model.init_from)[0]["model"]  # checked before any array is read
+        return Tokenizer.build(list(texts) + [cfg.data.system_prompt, "\n"])
+    base_cfg, base_tok = checkpoint.read_meta(cfg.model.init_from)
     for f in ("d_model", "n_heads", "n_layers", "d_ff"):
-        if base_cfg.get(f) != getattr(cfg.model, f):
-            raise UserError(f"model.init_from: {cfg.model.init_from} has {f}={base_cfg.get(f)}, "
+        if base_cfg["model"].get(f) != getattr(cfg.model, f):
+            raise UserError(f"model.init_from: {cfg.model.init_from} has {f}={base_cfg['model'].get(f)}, "
                             f"this config has {getattr(cfg.model, f)}")
+    return base_tok.extend(list(texts) + [cfg.data.system_prompt])
+
+
+def vocabulary(cfg: Config, texts: list[str]):
+    """(tokenizer_for(cfg, texts), init_params): None from scratch; with model.init_from,
+    (the base's best parameters, its vocabulary size) for init_params_from."""
+    tok = tokenizer_for(cfg, texts)  # checks the base's shape before any array is read
+    if not cfg.model.init_from:
+        return tok, None
     base_params, _, base_tok = checkpoint.restore(cfg.model.init_from)
-    return base_tok.extend(list(texts) + [cfg.data.system_prompt]), (base_params, len(base_tok))
+    return tok, (base_params, len(base_tok))
 
 
 def prepare_corpus(cfg: Config):

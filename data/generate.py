@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 1234
 SYSTEM_PROMPT = "你是一个有帮助的AI助手。"
 MAX_RENDER = 180          # chars of system + all turns (markers not counted)
-MAX_RESPONSE = 30         # chars of any assistant answer
+MAX_RESPONSE = 36         # chars of any assistant answer
 MAX_FACT = 25             # chars of a knowledge answer
 
 CATEGORIES = ["知识问答", "定义", "比较", "判断", "算术", "字符串", "分类", "多轮对话"]
@@ -504,60 +504,86 @@ WORDS = {
 WORD_CLASSES = ["动物", "水果", "蔬菜", "颜色", "国家"]
 
 # --------------------------------------------------------------------------
-# 4. Templates.  TRAIN templates appear only in train; HELD templates only in
-#    val/test.  Answer style is a fixed function of the template.
+# 4. Templates.  An instruction template is PREFIX + FORM + SUFFIX.  Per
+#    category (and per operation inside 算术/字符串) a fixed random set of
+#    these combinations is held out: val/test use only held-out combinations,
+#    train only the others, so no val/test template string ever occurs in
+#    train, while every prefix, form and suffix does (in other combinations).
 # --------------------------------------------------------------------------
-KNOW_TRAIN = ["用一句话解释：{x}是什么？", "简要说明：{x}是什么？", "{x}是什么？",
-              "什么是{x}？", "请解释一下{x}。"]
-KNOW_HELD = ["请简单说说{x}。", "{x}的意思是什么？", "{x}指的是什么？"]
+PREFIXES = ["", "问一下，", "考考你，", "请回答：", "小测验："]
+SUFFIXES = ["", "简短回答。", "谢谢！"]
 
-DEF_TRAIN = ["哪个概念是{d}？", "{d}，这是什么概念？", "说出对应的术语：{d}",
-             "什么术语描述的是{d}？"]
-DEF_HELD = ["{d}被称为什么？", "请说出这个描述对应的名词：{d}"]
-
-CMP_TRAIN = ["{a}和{b}有什么区别？", "比较一下{a}和{b}。", "{a}与{b}的区别是什么？",
-             "请对比{a}和{b}。"]
-CMP_SINGLE_TRAIN = ["{a}有什么特点？", "{a}的特点是什么？"]   # train-only helper
-CMP_HELD = ["{a}与{b}有何不同？", "说说{a}和{b}的不同之处。"]
-
-JUDGE_TRAIN = ["判断：{a}{r}{b}吗？", "{a}{r}{b}，对吗？", "判断对错：{a}{r}{b}。",
-               "请判断{a}是否{r}{b}。"]
-JUDGE_HELD = ["{a}{r}{b}，这句话对吗？", "下面的说法正确吗：{a}{r}{b}"]
+KNOW_FORMS = ["{x}是什么？", "什么是{x}？", "{x}指的是什么？", "{x}的意思是什么？",
+              "请解释一下{x}。", "用一句话解释{x}。", "简单说说{x}。"]
+DEF_FORMS = ["哪个概念是{d}？", "{d}，这是什么概念？", "说出对应的术语：{d}",
+             "什么术语描述的是{d}？", "{d}被称为什么？", "这个描述对应什么名词：{d}"]
+CMP_FORMS = ["{a}和{b}有什么区别？", "比较一下{a}和{b}。", "{a}与{b}的区别是什么？",
+             "对比{a}和{b}。", "{a}与{b}有何不同？", "说说{a}和{b}的不同之处。"]
+CMP_SINGLE_FORMS = ["{a}有什么特点？", "{a}的特点是什么？", "说说{a}的特点。"]  # train only
+JUDGE_FORMS = ["{a}{r}{b}吗？", "{a}{r}{b}，对吗？", "判断对错：{a}{r}{b}。",
+               "判断{a}是否{r}{b}。", "{a}{r}{b}，这句话对吗？", "下面的说法正确吗：{a}{r}{b}"]
 JUDGE_RELS = ["大于", "小于"]
+# {o}: the symbol +/-, {w}: the word 加/减; every form exists for both operations
+ARITH_FORMS = ["计算：{a}{o}{b}=", "{a}{o}{b}=？", "计算{a}{o}{b}。", "{a}{w}{b}等于多少？",
+               "{a}{w}{b}是多少？", "求{a}{o}{b}的值。", "{a}{o}{b}的结果是多少？",
+               "算一算{a}{w}{b}等于几？"]
+STR_FORMS = [("把{s}倒过来写。", "rev"), ("反转字符串：{s}", "rev"), ("将{s}从后往前写出来。", "rev"),
+             ("{s}有几个字母？", "len"), ("字符串{s}的长度是多少？", "len"),
+             ("{s}一共由多少个字母组成？", "len"),
+             ("{s}中有几个{c}？", "cnt"), ("数一数{s}里有多少个{c}。", "cnt"),
+             ("字母{c}在{s}里出现了几次？", "cnt"),
+             ("把{s}转成大写。", "up"), ("将{s}改写为大写字母。", "up"), ("{s}的大写形式是什么？", "up")]
+CLS_FORMS = ["{w}属于哪一类：动物、水果、蔬菜、颜色还是国家？", "给这个词分类：{w}",
+             "{w}是什么类别的词？", "判断{w}属于哪个类别。", "{w}可以归到哪个类别？",
+             "这个词属于什么类别：{w}"]
+PAR_FORMS = ["{n}是奇数还是偶数？", "判断{n}的奇偶性。", "{n}是偶数还是奇数？",
+             "{n}属于奇数还是偶数？", "{n}的奇偶性是什么？"]
 
-# (template, op, style): style "num" -> bare number, "sent" -> "{a}加{b}等于{c}。"
-# Rule (holds for held-out templates too): symbols +/- -> bare number;
-# the words 加/减 -> the sentence.
-ARITH_TRAIN = [
-    ("计算：{a}+{b}=", "+", "num"), ("{a}+{b}=？", "+", "num"), ("请计算{a}+{b}。", "+", "num"),
-    ("{a}加{b}等于多少？", "+", "sent"), ("请问{a}加{b}是多少？", "+", "sent"),
-    ("计算：{a}-{b}=", "-", "num"), ("{a}-{b}=？", "-", "num"), ("请计算{a}-{b}。", "-", "num"),
-    ("{a}减{b}等于多少？", "-", "sent"), ("请问{a}减{b}是多少？", "-", "sent"),
-]
-ARITH_HELD = [
-    ("求{a}+{b}的值。", "+", "num"), ("{a}+{b}的结果是多少？", "+", "num"),
-    ("算一算{a}加{b}等于几？", "+", "sent"),
-    ("求{a}-{b}的值。", "-", "num"), ("{a}-{b}的结果是多少？", "-", "num"),
-    ("算一算{a}减{b}等于几？", "-", "sent"),
-]
 
-# (template, op): rev -> reversed string, len -> number, cnt -> number, up -> upper
-STR_TRAIN = [
-    ("把{s}倒过来写。", "rev"), ("反转字符串：{s}", "rev"), ("将{s}的字母顺序颠倒。", "rev"),
-    ("{s}有几个字母？", "len"), ("字符串{s}的长度是多少？", "len"),
-    ("{s}中有几个{c}？", "cnt"), ("数一数{s}里有多少个{c}。", "cnt"),
-    ("把{s}转成大写。", "up"), ("将{s}改写为大写字母。", "up"),
-]
-STR_HELD = [
-    ("请将{s}从后往前写出来。", "rev"), ("{s}一共由多少个字母组成？", "len"),
-    ("字母{c}在{s}里出现了几次？", "cnt"), ("{s}的大写形式是什么？", "up"),
-]
+def split_templates(name, forms, n_held):
+    """All PREFIX+form+SUFFIX combinations of `forms` -> (train, held) template lists.
 
-CLS_TRAIN = ["{w}属于哪一类：动物、水果、蔬菜、颜色还是国家？", "给这个词分类：{w}",
-             "{w}是什么类别的词？", "请判断{w}属于哪个类别。"]
-CLS_HELD = ["{w}可以归到哪个类别？", "下面这个词属于什么类别：{w}"]
-PAR_TRAIN = ["{n}是奇数还是偶数？", "判断{n}的奇偶性。", "{n}是偶数还是奇数？"]
-PAR_HELD = ["{n}属于奇数还是偶数？", "请问{n}的奇偶性是什么？"]
+    `forms` are strings or (string, op) tuples; tuples are grouped by op and
+    n_held combinations are held out per op.  The choice uses its own RNG
+    seeded by the category name, so it does not depend on anything else.
+    """
+    rng = random.Random("%d-%s" % (SEED, name))
+    groups = {}
+    for f in forms:
+        groups.setdefault(f[1] if isinstance(f, tuple) else None, []).append(f)
+    train, held = [], []
+    for op in sorted(groups, key=str):
+        combos = []
+        for f in groups[op]:
+            text = f[0] if isinstance(f, tuple) else f
+            for p in PREFIXES:
+                for x in SUFFIXES:
+                    sep = " " if x and text[-1] not in "？。！" else ""
+                    combos.append((p + text + sep + x,) + ((op,) if op is not None else ()))
+        pick = set(rng.sample(range(len(combos)), n_held))
+        held += [c for i, c in enumerate(combos) if i in pick]
+        train += [c for i, c in enumerate(combos) if i not in pick]
+    unwrap = (lambda c: c) if isinstance(forms[0], tuple) else (lambda c: c[0])
+    return [unwrap(c) for c in train], [unwrap(c) for c in held]
+
+
+def arith_forms():
+    out = []
+    for f in ARITH_FORMS:
+        out.append((f.replace("{o}", "+").replace("{w}", "加"), "+"))
+        out.append((f.replace("{o}", "-").replace("{w}", "减"), "-"))
+    return out
+
+
+KNOW_TRAIN, KNOW_HELD = split_templates("知识问答", KNOW_FORMS, 14)
+DEF_TRAIN, DEF_HELD = split_templates("定义", DEF_FORMS, 12)
+CMP_TRAIN, CMP_HELD = split_templates("比较", CMP_FORMS, 12)
+CMP_SINGLE_TRAIN = [p + f + x for f in CMP_SINGLE_FORMS for p in PREFIXES for x in SUFFIXES]
+JUDGE_TRAIN, JUDGE_HELD = split_templates("判断", JUDGE_FORMS, 12)
+ARITH_TRAIN, ARITH_HELD = split_templates("算术", arith_forms(), 8)
+STR_TRAIN, STR_HELD = split_templates("字符串", STR_FORMS, 4)
+CLS_TRAIN, CLS_HELD = split_templates("分类_词", CLS_FORMS, 12)
+PAR_TRAIN, PAR_HELD = split_templates("分类_奇偶", PAR_FORMS, 10)
 
 MT_PREFIXES = ["", "另外，", "再问一个：", "还有，"]   # before the 2nd user turn
 
@@ -569,16 +595,18 @@ PAR_MAX = 999              # parity numbers 0..999
 N_STRINGS = 6000
 SIZES = {
     # category: (train, val, test); None = use every candidate
-    "知识问答": (None, 60, 120),
-    "定义": (None, 40, 80),
-    "比较": (None, None, None),
-    "判断": (2200, 50, 100),
+    "知识问答": (3200, 60, 120),
+    "定义": (2000, 40, 80),
+    "比较": (1400, 40, 80),
+    "比较_单": (1000, 0, 0),      # single-item rows, train only
+    "判断": (2000, 50, 100),
     "算术": (4000, 60, 120),
     "字符串": (3600, 60, 120),
-    "分类_词": (None, 30, 60),
-    "分类_奇偶": (1200, 20, 40),
-    "多轮对话": (1100, 30, 60),
+    "分类_词": (800, 30, 60),
+    "分类_奇偶": (800, 20, 40),
+    "多轮对话": (1000, 30, 60),
 }
+STR_TRAIN_WEIGHTS = {"rev": 2, "up": 2, "len": 1, "cnt": 1}
 HOLD = {  # (val, test) sizes of held-out operand pools
     "arith_pairs": (150, 300),
     "judge_pairs": (120, 240),
@@ -637,16 +665,32 @@ def cmp_answer(a, fa, b, fb):
     return "%s%s，%s%s。" % (a, fa, b, fb)
 
 
-def arith(a, b, op, style):
-    c = a + b if op == "+" else a - b
-    if style == "num":
-        return str(c)
-    return "%d%s%d等于%d。" % (a, "加" if op == "+" else "减", b, c)
+def arith(a, b, op):
+    """The worked answer, units column first (a, b in 0..99; for "-", a >= b):
+    个位7+5=12，十位1+2+1=4，得42。  /  个位15-9=6，十位8-4-1=3，得36。
+    Every step is a one-digit fact or a copy, so a held-out pair needs no
+    table entry that train lacks."""
+    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+    if op == "+":
+        s0 = a0 + b0
+        return "个位%d+%d=%d，十位%d+%d+%d=%d，得%d。" % (a0, b0, s0, a1, b1, s0 // 10,
+                                                      a1 + b1 + s0 // 10, a + b)
+    borrow = int(a0 < b0)
+    return "个位%d-%d=%d，十位%d-%d-%d=%d，得%d。" % (a0 + 10 * borrow, b0, a0 + 10 * borrow - b0,
+                                                  a1, b1, borrow, a1 - b1 - borrow, a - b)
 
 
 def judge(a, b, r):
+    """Tens digits first, units only on a tie, then the true relation, the
+    relation the question claims, and the verdict:
+    十位6>2，所以62大于25；问的是大于，对。
+    十位4=4，个位3<7，所以43小于47；问的是大于，不对。"""
+    sym = lambda x, y: ">" if x > y else ("<" if x < y else "=")
     truth = "大于" if a > b else ("小于" if a < b else "等于")
-    return "%s，因为%d%s%d。" % ("对" if truth == r else "不对", a, truth, b)
+    work = "十位%d%s%d，" % (a // 10, sym(a // 10, b // 10), b // 10)
+    if a // 10 == b // 10:
+        work += "个位%d%s%d，" % (a % 10, sym(a % 10, b % 10), b % 10)
+    return "%s所以%d%s%d；问的是%s，%s。" % (work, a, truth, b, r, "对" if truth == r else "不对")
 
 
 def str_op(s, op, c):
@@ -692,36 +736,44 @@ def cands_compare(pairs, feats, templates, singles=()):
     return out
 
 
-def cands_judge(pairs, templates):
+def few(rng, templates, k):
+    """k templates drawn at random (all of them when k is None): keeps the
+    train candidate lists small when there are many templates per operand."""
+    return list(templates) if k is None else rng.sample(list(templates), k)
+
+
+def cands_judge(rng, pairs, templates, k=None):
     out = []
     for x, y in pairs:
         for a, b in ((x, y), (y, x)) if x != y else ((x, y),):
             for r in JUDGE_RELS:
-                for t in templates:
+                for t in few(rng, templates, k):
                     out.append((t.format(a=a, b=b, r=r), judge(a, b, r),
                                 ("pair", (x, y), t)))
     return out
 
 
-def cands_arith(pairs, templates):
+def cands_arith(rng, pairs, templates, k=None):
     out = []
     for x, y in pairs:
-        for t, op, style in templates:
+        for t, op in (few(rng, [t for t in templates if t[1] == "+"], k)
+                      + few(rng, [t for t in templates if t[1] == "-"], k)):
             if op == "+":
                 orders = ((x, y), (y, x)) if x != y else ((x, y),)
             else:
                 orders = ((max(x, y), min(x, y)),)
             for a, b in orders:
-                out.append((t.format(a=a, b=b), arith(a, b, op, style),
+                out.append((t.format(a=a, b=b), arith(a, b, op),
                             ("add" if op == "+" else "sub", (x, y), t)))
     return out
 
 
-def cands_string(rng, strings, templates):
+def cands_string(rng, strings, templates, k=None):
     out = []
     letters = "abcdefghijklmnopqrstuvwxyz"
+    ops = sorted(set(op for _, op in templates))
     for s in strings:
-        for t, op in templates:
+        for t, op in [t for o in ops for t in few(rng, [t for t in templates if t[1] == o], k)]:
             c = ""
             if op == "cnt":
                 if rng.random() < 0.8:
@@ -758,12 +810,16 @@ def take(rng, cands, n, used=None):
     return out
 
 
-def take_balanced(rng, cands, n):
-    """Like take(), but split n evenly over the subtypes (meta[0]), in sorted order."""
+def take_balanced(rng, cands, n, weights=None):
+    """Like take(), but split n over the subtypes (meta[0], in sorted order):
+    evenly, or in proportion to weights[subtype]."""
     kinds = sorted(set(c[2][0] for c in cands))
+    w = [1 if weights is None else weights[k] for k in kinds]
+    sizes = [n * wk // sum(w) for wk in w]
+    for i in range(n - sum(sizes)):
+        sizes[i] += 1
     out = []
-    for i, k in enumerate(kinds):
-        nk = n // len(kinds) + (1 if i < n % len(kinds) else 0)
+    for k, nk in zip(kinds, sizes):
         out += take(rng, [c for c in cands if c[2][0] == k], nk)
     rng.shuffle(out)
     return out
@@ -832,11 +888,11 @@ def build(rng):
         cands[split] = {
             "知识问答": cands_knowledge(facts, KNOW_TRAIN if tr else KNOW_HELD),
             "定义": cands_define(facts, DEF_TRAIN if tr else DEF_HELD),
-            "比较": cands_compare(P["cm"], feats, CMP_TRAIN if tr else CMP_HELD,
-                                singles=sorted(feats) if tr else ()),
-            "判断": cands_judge(P["ju"], JUDGE_TRAIN if tr else JUDGE_HELD),
-            "算术": cands_arith(P["ar"], ARITH_TRAIN if tr else ARITH_HELD),
-            "字符串": cands_string(rng, P["st"], STR_TRAIN if tr else STR_HELD),
+            "比较": cands_compare(P["cm"], feats, CMP_TRAIN if tr else CMP_HELD),
+            "比较_单": cands_compare([], feats, (), singles=sorted(feats) if tr else ()),
+            "判断": cands_judge(rng, P["ju"], JUDGE_TRAIN if tr else JUDGE_HELD, 3 if tr else None),
+            "算术": cands_arith(rng, P["ar"], ARITH_TRAIN if tr else ARITH_HELD, 3 if tr else None),
+            "字符串": cands_string(rng, P["st"], STR_TRAIN if tr else STR_HELD, 3 if tr else None),
             "分类_词": cands_classify(words, CLS_TRAIN if tr else CLS_HELD),
             "分类_奇偶": cands_parity(P["pa"], PAR_TRAIN if tr else PAR_HELD),
         }
@@ -850,11 +906,17 @@ def build(rng):
         used = set()
         for si, split in ((1, "val"), (2, "test")):
             splits[split] += [seed_row(cat, c) for c in take(rng, cands[split][key], SIZES[key][si], used)]
-    for key in ("比较", "判断", "算术", "字符串", "分类_奇偶"):
-        cat = "分类" if key.startswith("分类") else key
-        pick = take_balanced if key in ("算术", "字符串") else take
+    for key in ("比较", "比较_单", "判断", "算术", "字符串", "分类_奇偶"):
+        cat = key.split("_")[0]
         for si, split in ((0, "train"), (1, "val"), (2, "test")):
-            splits[split] += [seed_row(cat, c) for c in pick(rng, cands[split][key], SIZES[key][si])]
+            cs, n = cands[split][key], SIZES[key][si]
+            if key == "算术" or (key == "字符串" and split != "train"):
+                rows = take_balanced(rng, cs, n)
+            elif key == "字符串":   # copying (rev, up) is learned slowest: twice the rows
+                rows = take_balanced(rng, cs, n, STR_TRAIN_WEIGHTS)
+            else:
+                rows = take(rng, cs, n)
+            splits[split] += [seed_row(cat, c) for c in rows]
 
     # ---- multi-turn: (knowledge-ish question) then (algorithmic question) ----
     first_keys = ["知识问答", "定义", "比较"]
@@ -1154,20 +1216,28 @@ def counts_markdown(splits, corpus_sizes, n_chars, facts, groups):
 def templates_markdown():
     def lst(ts):
         return "；".join("`%s`" % t for t in ts)
+
+    def ops(ts):
+        return ["%s (%s)" % t for t in ts]
+    out = ["前缀 PREFIX：%s。后缀 SUFFIX：%s（问句不以标点结尾时，后缀前加一个空格）。" % (
+        "、".join("`%s`" % p if p else "（无）" for p in PREFIXES),
+        "、".join("`%s`" % x if x else "（无）" for x in SUFFIXES)), ""]
     rows = [
-        ("知识问答", KNOW_TRAIN, KNOW_HELD),
-        ("定义", DEF_TRAIN, DEF_HELD),
-        ("比较", CMP_TRAIN + CMP_SINGLE_TRAIN, CMP_HELD),
-        ("判断（{r} ∈ 大于/小于）", JUDGE_TRAIN, JUDGE_HELD),
-        ("算术", ["%s → %s" % (t, "数字" if s == "num" else "句子") for t, _, s in ARITH_TRAIN],
-         ["%s → %s" % (t, "数字" if s == "num" else "句子") for t, _, s in ARITH_HELD]),
-        ("字符串", ["%s (%s)" % (t, o) for t, o in STR_TRAIN], ["%s (%s)" % (t, o) for t, o in STR_HELD]),
-        ("分类（词语）", CLS_TRAIN, CLS_HELD),
-        ("分类（奇偶）", PAR_TRAIN, PAR_HELD),
+        ("知识问答", KNOW_FORMS, KNOW_TRAIN, KNOW_HELD),
+        ("定义", DEF_FORMS, DEF_TRAIN, DEF_HELD),
+        ("比较", CMP_FORMS, CMP_TRAIN, CMP_HELD),
+        ("判断（{r} ∈ 大于/小于）", JUDGE_FORMS, JUDGE_TRAIN, JUDGE_HELD),
+        ("算术", ARITH_FORMS, ops(ARITH_TRAIN), ops(ARITH_HELD)),
+        ("字符串", ops(STR_FORMS), ops(STR_TRAIN), ops(STR_HELD)),
+        ("分类（词语）", CLS_FORMS, CLS_TRAIN, CLS_HELD),
+        ("分类（奇偶）", PAR_FORMS, PAR_TRAIN, PAR_HELD),
     ]
-    out = ["| 类别 | train 模板 | val/test 模板（train 中从不出现） |", "| --- | --- | --- |"]
-    for name, tr, he in rows:
-        out.append("| %s | %s | %s |" % (name, lst(tr), lst(he)))
+    out += ["| 类别 | 问句 FORM | train 模板数 | val/test 模板（held-out 组合，train 中从不出现） |",
+            "| --- | --- | ---: | --- |"]
+    for name, forms, tr, he in rows:
+        out.append("| %s | %s | %d | %s |" % (name, lst(forms), len(tr), lst(he)))
+    out.append("")
+    out.append("比较的单项模板（仅 train，全部前缀×后缀组合）：%s。" % lst(CMP_SINGLE_FORMS))
     out.append("")
     out.append("多轮对话第二个用户轮的前缀：%s。" % "、".join("`%s`" % p if p else "（无）" for p in MT_PREFIXES))
     return "\n".join(out)
@@ -1182,23 +1252,35 @@ def replace_between(text, tag, body):
     return pre + begin + "\n" + body + "\n" + end + post
 
 
-def main():
+def main(argv=None):
+    """python data/generate.py [--out DIR]: writes next to this script (and
+    refreshes README.md), or into DIR (README untouched; used by the tests)."""
+    argv = sys.argv[1:] if argv is None else argv
+    out = HERE
+    if argv:
+        if len(argv) != 2 or argv[0] != "--out":
+            die("usage: python data/generate.py [--out DIR]")
+        out = argv[1]
     t0 = time.time()
     rng = random.Random(SEED)
     splits, pools, facts, groups, feats, words = build(rng)
     corpus = build_corpus(rng, facts, groups, feats, pools, words)
     n_chars = check(splits, corpus)
 
+    os.makedirs(out, exist_ok=True)
     for split in ("train", "val", "test"):
-        write_lines(os.path.join(HERE, split + ".jsonl"),
+        write_lines(os.path.join(out, split + ".jsonl"),
                     [json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r, _ in splits[split]])
-    cdir = os.path.join(HERE, "corpus")
+    cdir = os.path.join(out, "corpus")
     os.makedirs(cdir, exist_ok=True)
     corpus_sizes = {}
     for name in sorted(corpus):
         path = os.path.join(cdir, name)
         write_lines(path, corpus[name])
         corpus_sizes[name] = (len(corpus[name]), os.path.getsize(path))
+    if out != HERE:
+        print("all checks passed; wrote %s in %.1fs" % (out, time.time() - t0))
+        return
 
     counts = counts_markdown(splits, corpus_sizes, n_chars, facts, groups)
     readme = os.path.join(HERE, "README.md")

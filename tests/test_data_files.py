@@ -1,0 +1,145 @@
+"""The committed data/ set: answers are right, val/test are really held out,
+and data/generate.py reproduces the committed files byte for byte."""
+import filecmp
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "data")
+sys.path.insert(0, DATA)
+import generate as G  # noqa: E402  (data/generate.py: templates and answer rules)
+
+
+def _rows(split):
+    with open(os.path.join(DATA, split + ".jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _qa(row):
+    """(question, answer) pairs of a row: one, or every user/assistant turn pair."""
+    if "messages" not in row:
+        return [(row["instruction"], row["response"])]
+    turns = [m["content"] for m in row["messages"] if m["role"] != "system"]
+    return list(zip(turns[0::2], turns[1::2]))
+
+
+SPLITS = {s: _rows(s) for s in ("train", "val", "test")}
+PAIR = re.compile(r"^\D*?(\d+)(\+|-|加|减)(\d+)\D*$")
+
+
+def _template(question, templates, **slots):
+    """The template that renders `question` with these slot values, or None."""
+    for t in templates:
+        text = t[0] if isinstance(t, tuple) else t
+        if text.format(**slots) == question:
+            return t
+    return None
+
+
+def test_arithmetic_answers_are_right():
+    n = 0
+    for split, rows in SPLITS.items():
+        for row in rows:
+            for q, a in _qa(row):
+                m = PAIR.match(q)
+                if not m or "得" not in a:
+                    continue
+                x, op, y = int(m.group(1)), m.group(2), int(m.group(3))
+                want = x + y if op in "+加" else x - y
+                assert a.endswith("得%d。" % want), (q, a)
+                # each step of the working is a true one-digit fact
+                for l, o, r, rest in re.findall(r"(\d+)([+-])(\d+)((?:[+-]\d+)?)=", a):
+                    left = int(l) + int(r) if o == "+" else int(l) - int(r)
+                    if rest:
+                        left = left + int(rest[1:]) if rest[0] == "+" else left - int(rest[1:])
+                    tail = a.split("%s%s%s%s=" % (l, o, r, rest), 1)[1]
+                    assert int(re.match(r"\d+", tail).group()) == left, (q, a)
+                n += 1
+    assert n > 4000
+
+
+def test_judgement_verdict_matches_the_numbers():
+    n = 0
+    for rows in SPLITS.values():
+        for row in rows:
+            for q, a in _qa(row):
+                m = re.search(r"(\d+)(?:是否)?(大于|小于)(\d+)", q)
+                if not m or not a.endswith("对。"):
+                    continue
+                x, rel, y = int(m.group(1)), m.group(2), int(m.group(3))
+                holds = x > y if rel == "大于" else x < y
+                assert a.endswith("，对。") == holds and a.endswith("不对。") != holds, (q, a)
+                truth = "大于" if x > y else ("小于" if x < y else "等于")
+                assert "所以%d%s%d；问的是%s，" % (x, truth, y, rel) in a, (q, a)
+                n += 1
+    assert n > 2000
+
+
+def test_string_answers_are_right():
+    n = 0
+    for rows in SPLITS.values():
+        for row in rows:
+            if row["category"] != "字符串":
+                continue
+            q, a = _qa(row)[0]
+            s = re.findall(r"[a-z]{3,}", q)[0]
+            c = (re.findall(r"(?<![a-z])[a-z](?![a-z])", q) or [""])[0]
+            t = _template(q, G.STR_TRAIN + G.STR_HELD, s=s, c=c)
+            assert t is not None, q
+            assert a == G.str_op(s, t[1], c) == {"rev": s[::-1], "len": str(len(s)),
+                                                   "cnt": str(s.count(c)), "up": s.upper()}[t[1]]
+            n += 1
+    assert n == len([r for rows in SPLITS.values() for r in rows if r["category"] == "字符串"])
+
+
+def test_val_and_test_templates_never_occur_in_train():
+    train_q = {q for row in SPLITS["train"] for q, _ in _qa(row)}
+    held = set(G.KNOW_HELD)
+    assert not held & set(G.KNOW_TRAIN)
+    checked = 0
+    for split in ("val", "test"):
+        for row in SPLITS[split]:
+            for q, _ in _qa(row):
+                assert q not in train_q
+            if row["category"] == "知识问答":
+                term = row["response"].split("是", 1)[0]
+                t = _template(row["instruction"], G.KNOW_TRAIN + G.KNOW_HELD, x=term)
+                assert t in held, row["instruction"]
+                checked += 1
+    assert checked == 180
+    for tr, he in ((G.DEF_TRAIN, G.DEF_HELD), (G.CMP_TRAIN, G.CMP_HELD), (G.JUDGE_TRAIN, G.JUDGE_HELD),
+                   (G.ARITH_TRAIN, G.ARITH_HELD), (G.STR_TRAIN, G.STR_HELD),
+                   (G.CLS_TRAIN, G.CLS_HELD), (G.PAR_TRAIN, G.PAR_HELD)):
+        assert he and not set(he) & set(tr)
+
+
+def test_held_out_number_pairs_and_strings_never_occur_in_train():
+    def operands(split):
+        pairs, strings = set(), set()
+        for row in SPLITS[split]:
+            for q, a in _qa(row):
+                m = PAIR.match(q)
+                if m and "得" in a:
+                    pairs.add(tuple(sorted((int(m.group(1)), int(m.group(3))))))
+                strings.update(re.findall(r"(?<![A-Za-z])[a-z]{3,}(?![A-Za-z])", q))
+        return pairs, strings
+    tr_p, tr_s = operands("train")
+    for split in ("val", "test"):
+        p, s = operands(split)
+        assert p and s
+        assert not p & tr_p
+        assert not s & tr_s and not {x[::-1] for x in s} & tr_s
+
+
+def test_generate_reproduces_the_committed_files(tmp_path):
+    subprocess.run([sys.executable, os.path.join(DATA, "generate.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    names = ["train.jsonl", "val.jsonl", "test.jsonl"] + [
+        os.path.join("corpus", f) for f in sorted(os.listdir(os.path.join(DATA, "corpus")))]
+    match, mismatch, errors = filecmp.cmpfiles(DATA, tmp_path, names, shallow=False)
+    assert mismatch == [] and errors == [] and len(match) == len(names)

@@ -7,8 +7,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data")
 sys.path.insert(0, DATA)
@@ -29,6 +27,11 @@ def _qa(row):
 
 
 SPLITS = {s: _rows(s) for s in ("train", "val", "test")}
+
+
+def _all_qa():
+    """Every (question, answer) pair of every split."""
+    return [qa for rows in SPLITS.values() for row in rows for qa in _qa(row)]
 PAIR = re.compile(r"^\D*?(\d+)(\+|-|加|减)(\d+)\D*$")
 
 
@@ -43,40 +46,36 @@ def _template(question, templates, **slots):
 
 def test_arithmetic_answers_are_right():
     n = 0
-    for split, rows in SPLITS.items():
-        for row in rows:
-            for q, a in _qa(row):
-                m = PAIR.match(q)
-                if not m or "得" not in a:
-                    continue
-                x, op, y = int(m.group(1)), m.group(2), int(m.group(3))
-                want = x + y if op in "+加" else x - y
-                assert a.endswith("得%d。" % want), (q, a)
-                # each step of the working is a true one-digit fact
-                for l, o, r, rest in re.findall(r"(\d+)([+-])(\d+)((?:[+-]\d+)?)=", a):
-                    left = int(l) + int(r) if o == "+" else int(l) - int(r)
-                    if rest:
-                        left = left + int(rest[1:]) if rest[0] == "+" else left - int(rest[1:])
-                    tail = a.split("%s%s%s%s=" % (l, o, r, rest), 1)[1]
-                    assert int(re.match(r"\d+", tail).group()) == left, (q, a)
-                n += 1
+    for q, a in _all_qa():
+        m = PAIR.match(q)
+        if not m or "得" not in a:
+            continue
+        x, op, y = int(m.group(1)), m.group(2), int(m.group(3))
+        want = x + y if op in "+加" else x - y
+        assert a.endswith("得%d。" % want), (q, a)
+        # each step of the working is a true one-digit fact
+        for l, o, r, rest in re.findall(r"(\d+)([+-])(\d+)((?:[+-]\d+)?)=", a):
+            left = int(l) + int(r) if o == "+" else int(l) - int(r)
+            if rest:
+                left = left + int(rest[1:]) if rest[0] == "+" else left - int(rest[1:])
+            tail = a.split("%s%s%s%s=" % (l, o, r, rest), 1)[1]
+            assert int(re.match(r"\d+", tail).group()) == left, (q, a)
+        n += 1
     assert n > 4000
 
 
 def test_judgement_verdict_matches_the_numbers():
     n = 0
-    for rows in SPLITS.values():
-        for row in rows:
-            for q, a in _qa(row):
-                m = re.search(r"(\d+)(?:是否)?(大于|小于)(\d+)", q)
-                if not m or not a.endswith("对。"):
-                    continue
-                x, rel, y = int(m.group(1)), m.group(2), int(m.group(3))
-                holds = x > y if rel == "大于" else x < y
-                assert a.endswith("，对。") == holds and a.endswith("不对。") != holds, (q, a)
-                truth = "大于" if x > y else ("小于" if x < y else "等于")
-                assert "所以%d%s%d；问的是%s，" % (x, truth, y, rel) in a, (q, a)
-                n += 1
+    for q, a in _all_qa():
+        m = re.search(r"(\d+)(?:是否)?(大于|小于)(\d+)", q)
+        if not m or not a.endswith("对。"):
+            continue
+        x, rel, y = int(m.group(1)), m.group(2), int(m.group(3))
+        holds = x > y if rel == "大于" else x < y
+        assert a.endswith("，对。") == holds and a.endswith("不对。") != holds, (q, a)
+        truth = "大于" if x > y else ("小于" if x < y else "等于")
+        assert "所以%d%s%d；问的是%s，" % (x, truth, y, rel) in a, (q, a)
+        n += 1
     assert n > 2000
 
 

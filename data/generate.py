@@ -578,7 +578,7 @@ def arith_forms():
 KNOW_TRAIN, KNOW_HELD = split_templates("知识问答", KNOW_FORMS, 14)
 DEF_TRAIN, DEF_HELD = split_templates("定义", DEF_FORMS, 12)
 CMP_TRAIN, CMP_HELD = split_templates("比较", CMP_FORMS, 12)
-CMP_SINGLE_TRAIN = [p + f + x for f in CMP_SINGLE_FORMS for p in PREFIXES for x in SUFFIXES]
+CMP_SINGLE_TRAIN, _ = split_templates("比较_单", CMP_SINGLE_FORMS, 0)   # all combinations, train only
 JUDGE_TRAIN, JUDGE_HELD = split_templates("判断", JUDGE_FORMS, 12)
 ARITH_TRAIN, ARITH_HELD = split_templates("算术", arith_forms(), 8)
 STR_TRAIN, STR_HELD = split_templates("字符串", STR_FORMS, 4)

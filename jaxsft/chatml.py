@@ -108,9 +108,29 @@ def make_batch(examples: Sequence, batch_size: int, length: int) -> dict:
     return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
 
 
-def pack_batch(examples: Sequence, length: int, multiple: int = 1) -> dict:
+def system_prefix(tok: Tokenizer, system_prompt: Optional[str]) -> Optional[np.ndarray]:
+    """The tokens every row rendered with `system_prompt` starts with:
+    <bos><|system|>SYSTEM<|endoftext|>\n, (P,) int32; None for no system prompt."""
+    if not system_prompt:
+        return None
+    return np.concatenate([render([], tok, system_prompt)[0], np.asarray(tok.encode("\n"), np.int32)])
+
+
+def strip_prefix(example, prefix: Optional[np.ndarray]):
+    """(example without its first P tokens, True) when its inputs start with `prefix`
+    and no loss falls on those P tokens; else (example, False)."""
+    x, y, m = example
+    P = 0 if prefix is None else len(prefix)
+    if P and len(x) > P and np.array_equal(x[:P], prefix) and not m[:P].any():
+        return (x[P:], y[P:], m[P:]), True
+    return example, False
+
+
+def pack_batch(examples: Sequence, length: int, multiple: int = 1,
+               prefix: Optional[np.ndarray] = None, min_rows: int = 0) -> dict:
     """Packs examples into as few rows of `length` tokens as first-fit decreasing
-    finds (rounded up to a multiple of `multiple`), instead of one padded row each.
+    finds (at least min_rows, rounded up to a multiple of `multiple`), instead of
+    one padded row each.
 
     Each example keeps its own positions (0, 1, ... restarting at its start) and a
     segment id (1, 2, ... within a packed row; 0 for padding), from which the
@@ -118,7 +138,15 @@ def pack_batch(examples: Sequence, length: int, multiple: int = 1) -> dict:
     other, so the loss equals that of the examples run one by one. Returns
     inputs, targets, positions, segments (int32) and loss_mask (float32), each
     (N, length); every example must be at most `length` tokens.
+
+    prefix (P,) (`system_prefix`): examples that start with it are packed without
+    it, their positions starting at P, and flagged in `shared` (N, length) int32;
+    `prefix` (N, P) repeats it. The model computes the prefix once per batch and
+    every flagged token also attends to it (train.loss_sums): the same loss and
+    gradient as packing each example whole, with ~P fewer tokens per example.
     """
+    stripped = [strip_prefix(e, prefix) for e in examples]
+    examples = [e for e, _ in stripped]
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     rows: list[list[int]] = []  # example indices per packed row
     free: list[int] = []
@@ -132,20 +160,39 @@ def pack_batch(examples: Sequence, length: int, multiple: int = 1) -> dict:
             r = len(rows) - 1
         rows[r].append(i)
         free[r] -= n
-    N = -(-max(len(rows), 1) // multiple) * multiple
+    N = -(-max(len(rows), min_rows, 1) // multiple) * multiple
     out = {k: np.zeros((N, length), np.int32) for k in ("inputs", "targets", "positions", "segments")}
     out["loss_mask"] = np.zeros((N, length), np.float32)
+    if prefix is not None:
+        out["shared"] = np.zeros((N, length), np.int32)
+        out["prefix"] = np.tile(np.asarray(prefix, np.int32), (N, 1))
     for r, members in enumerate(rows):
         at = 0
         for seg, i in enumerate(members, start=1):
             x, y, m = examples[i]
-            n = len(x)
+            n, shared = len(x), stripped[i][1]
             sl = slice(at, at + n)
             out["inputs"][r, sl], out["targets"][r, sl], out["loss_mask"][r, sl] = x, y, m
-            out["positions"][r, sl] = np.arange(n)
+            out["positions"][r, sl] = np.arange(n) + (len(prefix) if shared else 0)
             out["segments"][r, sl] = seg
+            if shared:
+                out["shared"][r, sl] = 1
             at += n
     return out
+
+
+def typical_rows(examples: Sequence, batch_size: int, seed: int, buckets: Sequence[int], max_seq_len: int,
+                 pack_len: int, multiple: int = 1, prefix: Optional[np.ndarray] = None, steps: int = 200) -> int:
+    """The most common row count of the first `steps` packed batches (ties: the
+    larger). Packing every batch into at least that many rows leaves a few batch
+    shapes, each compiled once, instead of one per row count: the rare smaller
+    batches carry an empty row or two."""
+    counts: dict = {}
+    for step in range(steps):
+        n = len(batch_for_step(examples, step, batch_size, seed, buckets, max_seq_len, pack_len, multiple,
+                               prefix)["inputs"])
+        counts[n] = counts.get(n, 0) + 1
+    return max(counts, key=lambda n: (counts[n], n))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -155,17 +202,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def batch_for_step(examples: Sequence, step: int, batch_size: int, seed: int,
-                   buckets: Sequence[int], max_seq_len: int, pack_len: int = 0, multiple: int = 1) -> dict:
+                   buckets: Sequence[int], max_seq_len: int, pack_len: int = 0, multiple: int = 1,
+                   prefix: Optional[np.ndarray] = None, min_rows: int = 0) -> dict:
     """The batch of global step `step`: epoch = step // steps_per_epoch, the next
     batch_size rows of that epoch's shuffled order. pack_len 0: one row per
     example, padded to the bucket of the longest. pack_len > 0: the rows packed
     (`pack_batch`) into rows of max(pack_len, that bucket) tokens, their number
-    a multiple of `multiple`."""
+    a multiple of `multiple` and at least min_rows, sharing `prefix` when given."""
     per_epoch = -(-len(examples) // batch_size)
     epoch, i = divmod(step, per_epoch)
     idx = epoch_order(len(examples), seed, epoch)[i * batch_size:(i + 1) * batch_size]
     chosen = [examples[j] for j in idx]
-    length = bucket_length(max(len(x) for x, _, _ in chosen), buckets, max_seq_len)
     if pack_len:
-        return pack_batch(chosen, max(pack_len, length), multiple)
+        longest = max(len(strip_prefix(e, prefix)[0][0]) for e in chosen)
+        length = bucket_length(longest, buckets, max_seq_len)
+        return pack_batch(chosen, max(pack_len, length), multiple, prefix, min_rows)
+    length = bucket_length(max(len(x) for x, _, _ in chosen), buckets, max_seq_len)
     return make_batch(chosen, batch_size, length)

@@ -83,6 +83,9 @@ class TrainConfig:
     # > 0: pack each step's rows into rows of this many tokens (fewer pad tokens; the
     # number of packed rows varies, each count compiles once); 0: one padded row per example
     pack_len: int = 0
+    # with pack_len: compute the system prompt that starts most rows once per batch
+    # instead of once per row (the same loss and gradients, ~30% fewer tokens on data/)
+    share_prefix: bool = True
     # at each evaluation, greedy-decode this many validation rows and log their exact match (0: off)
     eval_exact: int = 0
 
@@ -171,6 +174,10 @@ def _coerce(value: Any, default: Any, where: str, ftype: str):
         if not math.isfinite(value):
             raise UserError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
+    if t == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
     if t == "str":
         if not isinstance(value, str):
             raise UserError(f"{where}: expected a string, got {value!r}")

@@ -203,6 +203,23 @@ def apply(graphdef, params, tokens, **kw):
     return nnx.merge(graphdef, params)(tokens, **kw)
 
 
+def prefix_cache(graphdef, params, prefix, batch: int, length: int, dropout_key=None):
+    """Runs a prefix shared by every row once: prefix (1, P) -> (per-layer (k, v),
+    each (batch, H, P + length, K) with the prefix's keys/values at [0, P) of every
+    row, and P). Rows then run with index=P as a decoder's next step would, each
+    query choosing by its mask whether it sees the prefix; gradients flow back into
+    the prefix's computation, so the loss is that of every row carrying its own copy."""
+    m = nnx.merge(graphdef, params)
+    P, H = prefix.shape[1], m.cfg.n_heads
+    K = m.cfg.d_model // H
+    dtype = m.embed.embedding[...].dtype
+    empty = [(jnp.zeros((1, H, P, K), dtype),) * 2 for _ in m.blocks]
+    _, kv = m(prefix, cache=empty, index=0, dropout_key=dropout_key)
+    grow = lambda a: jnp.concatenate([jnp.broadcast_to(a, (batch,) + a.shape[1:]),  # noqa: E731
+                                      jnp.zeros((batch, H, length, K), a.dtype)], axis=2)
+    return [(grow(k), grow(v)) for k, v in kv], P
+
+
 def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 

@@ -65,13 +65,18 @@ def loss_sums(params, graphdef, batch: dict, dropout_key=None, dtype=jnp.float32
     """
     if dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(dtype), params)
-    positions = mask = None
+    positions = mask = cache = index = None
     if "segments" in batch:
         seg, L = batch["segments"], batch["segments"].shape[1]
         mask = (seg[:, :, None] == seg[:, None, :]) & jnp.tril(jnp.ones((L, L), bool))  # (B, L, L)
         positions = batch["positions"]
+    if "prefix" in batch:  # the shared system prompt: computed once, its keys/values seen by flagged tokens
+        cache, index = model.prefix_cache(graphdef, params, batch["prefix"][:1], mask.shape[0], L, dropout_key)
+        mask = jnp.concatenate([jnp.broadcast_to(batch["shared"][:, :, None] > 0, (mask.shape[0], L, index)),
+                                mask], axis=-1)  # (B, L, P + L)
+        dropout_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
     logits, _ = model.apply(graphdef, params, batch["inputs"], positions=positions, mask=mask,
-                            dropout_key=dropout_key)  # (B, L, V) f32
+                            cache=cache, index=index, dropout_key=dropout_key)  # (B, L, V) f32
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
     m = batch["loss_mask"]
     return jnp.sum(nll * m), jnp.sum(m)
@@ -343,9 +348,14 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
     gen = Generator(None, model_cfg, tok, cfg.data.system_prompt, max_new_tokens=64) if samples or scored else None
     t_start = time.time()
 
+    prefix = chatml.system_prefix(tok, cfg.data.system_prompt) if tc.share_prefix and tc.pack_len else None
+    multiple = tc.grad_accum_steps * (1 if mesh is None else mesh.size)
+    min_rows = chatml.typical_rows(train_ex, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,
+                                   tc.pack_len, multiple, prefix) if tc.pack_len else 0
+
     def batch_at(step):
         b = chatml.batch_for_step(train_ex, step, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,
-                                  tc.pack_len, tc.grad_accum_steps * (1 if mesh is None else mesh.size))
+                                  tc.pack_len, multiple, prefix, min_rows)
         return b if mesh is None else parallel.host_batch_to_global(b, batch_sh)  # this process's rows only
 
     def save_latest(step):

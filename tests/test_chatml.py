@@ -178,8 +178,49 @@ def test_pack_batch_layout():
     # the row count is rounded up to a multiple (for micro-batches / devices); extra rows are empty
     b4 = chatml.pack_batch(examples, length=8, multiple=4)
     assert b4["inputs"].shape == (4, 8) and not b4["segments"][2:].any() and not b4["loss_mask"][2:].any()
+    # at least min_rows rows (the typical count of a run, see typical_rows): the extra ones are empty
+    b3 = chatml.pack_batch(examples, length=8, min_rows=3)
+    assert b3["inputs"].shape == (3, 8) and not b3["segments"][2].any() and b3["inputs"][:2].tolist() == b["inputs"].tolist()
     # an example as long as the row gets a row to itself
     assert chatml.pack_batch([_example(8, 1), _example(1, 2)], 8)["segments"].tolist() == [[1] * 8, [1] + [0] * 7]
+
+
+def test_pack_batch_shares_the_prefix():
+    """Examples starting with the prefix are packed without it, positions from P, flagged
+    in `shared`; others (no prefix, or loss on a prefix token) are packed whole."""
+    pre = np.array([7, 8, 9], np.int32)
+    with_pre = (np.array([7, 8, 9, 5, 5], np.int32), np.array([8, 9, 5, 5, 6], np.int32),
+                np.array([0, 0, 0, 1, 1], np.int32))
+    loss_on_pre = (with_pre[0], with_pre[1], np.array([0, 0, 1, 1, 1], np.int32))
+    b = chatml.pack_batch([with_pre, _example(3, 1), loss_on_pre], length=8, prefix=pre)
+    assert set(b) == {"inputs", "targets", "loss_mask", "positions", "segments", "shared", "prefix"}
+    assert b["prefix"].tolist() == [[7, 8, 9]] * 2
+    assert b["inputs"].tolist() == [[7, 8, 9, 5, 5, 1, 1, 1], [5, 5, 0, 0, 0, 0, 0, 0]]
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [3, 4, 0, 0, 0, 0, 0, 0]]
+    assert b["shared"].tolist() == [[0] * 8, [1, 1] + [0] * 6]
+    assert b["targets"][1, :2].tolist() == [5, 6] and b["loss_mask"][1, :2].tolist() == [1, 1]
+    assert b["loss_mask"].sum() == 2 + 1 + 3
+
+
+def test_system_prefix_is_how_rows_start(qa):
+    tok = Tokenizer.build([t for pair in qa for t in pair] + ["你好", "\n"])
+    pre = chatml.system_prefix(tok, "你好")
+    ids, mask = chatml.render([("user", qa[0][0]), ("assistant", qa[0][1])], tok, "你好")
+    assert ids[:len(pre)].tolist() == pre.tolist() and ids[len(pre)] == tok.user_id and not mask[:len(pre)].any()
+    assert tok.decode(pre[2:-2].tolist()) == "你好" and chatml.system_prefix(tok, "") is None
+
+
+def test_typical_rows_is_the_most_common_row_count():
+    examples = [_example(2 + (v % 7) * 2, v) for v in range(1, 41)]  # lengths 2..14
+    kw = dict(batch_size=6, seed=0, buckets=(16,), max_seq_len=16, pack_len=16)
+    counts = [len(chatml.batch_for_step(examples, s, **kw)["inputs"]) for s in range(7)]
+    typical = chatml.typical_rows(examples, steps=7, **kw)
+    assert typical == max(set(counts), key=lambda n: (counts.count(n), n)) and len(set(counts)) > 1
+    for s in range(7):  # at least `typical` rows, the same examples and answer tokens
+        a, b = chatml.batch_for_step(examples, s, **kw), chatml.batch_for_step(examples, s, **kw, min_rows=typical)
+        assert len(b["inputs"]) == max(len(a["inputs"]), typical)
+        assert b["loss_mask"].sum() == a["loss_mask"].sum()
+        assert sorted(b["inputs"][b["inputs"] > 0]) == sorted(a["inputs"][a["inputs"] > 0])
 
 
 def test_batch_for_step_packed_has_the_same_rows():

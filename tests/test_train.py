@@ -176,6 +176,39 @@ def test_train_step_compiles_once_per_bucket(setup):
     assert int(state.step) == 6
 
 
+def test_shared_system_prefix_trains_like_whole_rows(qa):
+    """With the system prompt computed once per batch (train.share_prefix), loss,
+    gradients and one optimizer step equal those of packing every row whole; a row
+    with its own system prompt is packed whole beside them."""
+    sysp = "你是助手"
+    tok = Tokenizer.build([t for pair in qa for t in pair] + [sysp, "别的", "\n"])
+    rows = [Row((("user", q), ("assistant", a))) for q, a in qa]
+    rows.append(Row((("system", "别的"), ("user", qa[0][0]), ("assistant", qa[1][1]))))
+    examples, _ = chatml.encode_rows(rows, tok, sysp, max_seq_len=64)
+    pre = chatml.system_prefix(tok, sysp)
+    whole, shared = chatml.pack_batch(examples, 64), chatml.pack_batch(examples, 64, prefix=pre)
+    assert shared["inputs"].size < whole["inputs"].size and shared["shared"].any()
+    flagged = {(r, shared["segments"][r, c]) for r, c in zip(*np.nonzero(shared["shared"]))}
+    assert len(flagged) == len(qa)  # every row but the one with its own system prompt
+    cfg = ModelConfig(vocab_size=len(tok), max_seq_len=64, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
+    graphdef, params = model.init(cfg, seed=0)
+    lg = jax.jit(jax.value_and_grad(lambda p, b: train.loss_sums(p, graphdef, b), has_aux=True))
+    (s1, n1), g1 = lg(params, whole)
+    (s2, n2), g2 = lg(params, shared)
+    assert float(n1) == float(n2) == sum(m.sum() for _, _, m in examples)
+    assert float(s2) == pytest.approx(float(s1), rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), _np(g1), _np(g2))
+    # the flags matter: rows that do not see the prefix get another loss
+    blind = float(train.loss_sums(params, graphdef, dict(shared, shared=np.zeros_like(shared["shared"])))[0])
+    assert abs(blind - float(s1)) > 1e-2
+    tx = train.make_optimizer(TC, STEPS)
+    step = train.make_train_step(graphdef, tx, TC)
+    fresh = lambda: train.TrainState(jnp.int32(0), jax.tree.map(jnp.array, params), tx.init(params))  # noqa: E731
+    a, _ = step(fresh(), whole, jax.random.PRNGKey(0))
+    b, _ = step(fresh(), shared, jax.random.PRNGKey(0))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), _np(a.params), _np(b.params))
+
+
 def test_packed_batch_trains_like_the_padded_batch(setup):
     """Packing the 4 rows into 2 rows of 48 tokens (26+20, 18+16) changes neither the
     loss nor the gradient nor the update: packed rows never see each other."""

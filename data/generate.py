@@ -597,7 +597,8 @@ SIZES = {
     # category: (train, val, test); None = use every candidate
     "知识问答": (3200, 60, 120),
     "定义": (2000, 40, 80),
-    "比较": (1400, 40, 80),
+    "比较": (600, 40, 80),
+    "比较_跨组": (1000, 0, 0),    # pairs of items from different groups, train only
     "比较_单": (1000, 0, 0),      # single-item rows, train only
     "判断": (2000, 50, 100),
     "算术": (4000, 60, 120),
@@ -723,11 +724,11 @@ def cands_define(facts, templates):
             for term, body in facts for t in templates]
 
 
-def cands_compare(pairs, feats, templates, singles=()):
+def cands_compare(pairs, feats, templates, singles=(), rng=None, k=None):
     out = []
     for x, y in pairs:
         for a, b in ((x, y), (y, x)):
-            for t in templates:
+            for t in (templates if k is None else few(rng, templates, k)):
                 out.append((t.format(a=a, b=b), cmp_answer(a, feats[a], b, feats[b]),
                             ("pair", tuple(sorted((a, b))), t)))
     for a in singles:
@@ -873,6 +874,11 @@ def build(rng):
     cm_va, cm_te = held[:HOLD["cmp_pairs"][0]], held[HOLD["cmp_pairs"][0]:]
     held_set = set(held)
     cm_tr = [p for p in cmp_pairs if p not in held_set]
+    # pairs across groups (train only): thousands of pairings, each seen about once, so
+    # an answer has to be put together from the two items' features, not recalled whole
+    group_of = {n: i for i, g in enumerate(groups) for n, _ in g}
+    names = sorted(group_of)
+    cm_cross = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if group_of[a] != group_of[b]]
 
     pools = {
         "train": dict(ar=ar_tr, ju=ju_tr, pa=pa_tr, st=st_tr, cm=cm_tr),
@@ -889,6 +895,7 @@ def build(rng):
             "知识问答": cands_knowledge(facts, KNOW_TRAIN if tr else KNOW_HELD),
             "定义": cands_define(facts, DEF_TRAIN if tr else DEF_HELD),
             "比较": cands_compare(P["cm"], feats, CMP_TRAIN if tr else CMP_HELD),
+            "比较_跨组": cands_compare(cm_cross if tr else [], feats, CMP_TRAIN, rng=rng, k=1),
             "比较_单": cands_compare([], feats, (), singles=sorted(feats) if tr else ()),
             "判断": cands_judge(rng, P["ju"], JUDGE_TRAIN if tr else JUDGE_HELD, 3 if tr else None),
             "算术": cands_arith(rng, P["ar"], ARITH_TRAIN if tr else ARITH_HELD, 3 if tr else None),
@@ -906,7 +913,7 @@ def build(rng):
         used = set()
         for si, split in ((1, "val"), (2, "test")):
             splits[split] += [seed_row(cat, c) for c in take(rng, cands[split][key], SIZES[key][si], used)]
-    for key in ("比较", "比较_单", "判断", "算术", "字符串", "分类_奇偶"):
+    for key in ("比较", "比较_跨组", "比较_单", "判断", "算术", "字符串", "分类_奇偶"):
         cat = key.split("_")[0]
         for si, split in ((0, "train"), (1, "val"), (2, "test")):
             cs, n = cands[split][key], SIZES[key][si]
@@ -1174,7 +1181,11 @@ def subtype(row, meta):
     if cat == "分类":
         return "词语类别" if meta[0] == "word" else "奇偶"
     if cat == "比较":
-        return "两项比较" if meta[0] == "pair" else "单项特点(仅train)"
+        if meta[0] == "single":
+            return "单项特点(仅train)"
+        group_of = {n: i for i, g in enumerate(parse_compare()) for n, _ in g}
+        cross = len({group_of[n] for n in meta[1]}) == 2
+        return "跨组两项(仅train)" if cross else "同组两项"
     if cat == "多轮对话":
         return "含system" if row["messages"][0]["role"] == "system" else "无system"
     return None

@@ -70,10 +70,8 @@ def main():
     step_fn = train.make_train_step(graphdef, tx, tc)
     key = jax.random.PRNGKey(tc.seed)
 
-    prefix = chatml.system_prefix(tok, cfg.data.system_prompt) if tc.share_prefix and tc.pack_len else None
-
-    min_rows = chatml.typical_rows(examples, tc.batch_size, tc.seed, tc.buckets, mcfg.max_seq_len,
-                                   tc.pack_len, tc.grad_accum_steps, prefix) if tc.pack_len else 0
+    prefix, min_rows = train.packing(tc, tok, cfg.data.system_prompt, examples, mcfg.max_seq_len,
+                                     tc.grad_accum_steps)
 
     def batch_at(s):
         return chatml.batch_for_step(examples, s, tc.batch_size, tc.seed, tc.buckets, mcfg.max_seq_len,

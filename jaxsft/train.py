@@ -152,6 +152,16 @@ def evaluate(eval_step, params, examples, batch_size: int, buckets, max_seq_len:
     return total / max(count, 1.0)
 
 
+def packing(tc, tok: Tokenizer, system_prompt, examples, max_seq_len: int, multiple: int = 1):
+    """(prefix, min_rows) of a run's packed batches (chatml.batch_for_step): the shared
+    system prompt (train.share_prefix) and the typical row count; (None, 0) unpacked."""
+    if not tc.pack_len:
+        return None, 0
+    prefix = chatml.system_prefix(tok, system_prompt) if tc.share_prefix else None
+    return prefix, chatml.typical_rows(examples, tc.batch_size, tc.seed, tc.buckets, max_seq_len,
+                                       tc.pack_len, multiple, prefix)
+
+
 def load_rows(cfg: Config) -> tuple[list[Row], list[Row]]:
     return read_jsonl(cfg.data.train), read_jsonl(cfg.data.val)
 
@@ -348,10 +358,8 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
     gen = Generator(None, model_cfg, tok, cfg.data.system_prompt, max_new_tokens=64) if samples or scored else None
     t_start = time.time()
 
-    prefix = chatml.system_prefix(tok, cfg.data.system_prompt) if tc.share_prefix and tc.pack_len else None
     multiple = tc.grad_accum_steps * (1 if mesh is None else mesh.size)
-    min_rows = chatml.typical_rows(train_ex, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,
-                                   tc.pack_len, multiple, prefix) if tc.pack_len else 0
+    prefix, min_rows = packing(tc, tok, cfg.data.system_prompt, train_ex, model_cfg.max_seq_len, multiple)
 
     def batch_at(step):
         b = chatml.batch_for_step(train_ex, step, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,

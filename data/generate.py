@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 1234
 SYSTEM_PROMPT = "你是一个有帮助的AI助手。"
 MAX_RENDER = 180          # chars of system + all turns (markers not counted)
-MAX_RESPONSE = 36         # chars of any assistant answer
+MAX_RESPONSE = 60         # chars of any assistant answer (36 in data/; a --worked-strings reversal of 6 letters: 58)
 MAX_FACT = 25             # chars of a knowledge answer
 
 CATEGORIES = ["知识问答", "定义", "比较", "判断", "算术", "字符串", "分类", "多轮对话"]
@@ -582,6 +582,16 @@ CMP_SINGLE_TRAIN, _ = split_templates("比较_单", CMP_SINGLE_FORMS, 0)   # all
 JUDGE_TRAIN, JUDGE_HELD = split_templates("判断", JUDGE_FORMS, 12)
 ARITH_TRAIN, ARITH_HELD = split_templates("算术", arith_forms(), 8)
 STR_TRAIN, STR_HELD = split_templates("字符串", STR_FORMS, 4)
+# --worked-strings (a variant, never the committed files): the operand in quotes, and
+# worked answers (str_answer).  The held-out choice is the same (same number of combos).
+WORKED_STRINGS = False
+
+
+def use_worked_strings():
+    global WORKED_STRINGS, STR_FORMS, STR_TRAIN, STR_HELD
+    WORKED_STRINGS = True
+    STR_FORMS = [(f.replace("{s}", "“{s}”"), op) for f, op in STR_FORMS]
+    STR_TRAIN, STR_HELD = split_templates("字符串", STR_FORMS, 4)
 CLS_TRAIN, CLS_HELD = split_templates("分类_词", CLS_FORMS, 12)
 PAR_TRAIN, PAR_HELD = split_templates("分类_奇偶", PAR_FORMS, 10)
 
@@ -695,6 +705,7 @@ def judge(a, b, r):
 
 
 def str_op(s, op, c):
+    """The bare result of a string operation: what the worked answer ends with."""
     if op == "rev":
         return s[::-1]
     if op == "len":
@@ -702,6 +713,28 @@ def str_op(s, op, c):
     if op == "cnt":
         return str(s.count(c))
     return s.upper()
+
+
+def str_answer(s, op, c):
+    """The worked answer.  It first copies the quoted operand, so every later
+    letter is copied from a fixed spot nearby instead of being found in a
+    question whose wording varies; a reversal also numbers the letters and
+    reads the numbers back, so each step copies the letter after a digit:
+    “abc”：1a 2b 3c，倒过来3c 2b 1a，得“cba”。
+    “abc”的大写是“ABC”。  “abc”有3个字母。  “abca”中有2个a。
+    Only with --worked-strings; the committed data answers str_op alone."""
+    r = str_op(s, op, c)
+    if not WORKED_STRINGS:
+        return r
+    if op == "rev":
+        fwd = " ".join("%d%s" % (i + 1, x) for i, x in enumerate(s))
+        back = " ".join("%d%s" % (i + 1, s[i]) for i in reversed(range(len(s))))
+        return "“%s”：%s，倒过来%s，得“%s”。" % (s, fwd, back, r)
+    if op == "up":
+        return "“%s”的大写是“%s”。" % (s, r)
+    if op == "len":
+        return "“%s”有%s个字母。" % (s, r)
+    return "“%s”中有%s个%s。" % (s, r, c)
 
 
 def split_pool(rng, items, n_val, n_test):
@@ -781,7 +814,7 @@ def cands_string(rng, strings, templates, k=None):
                     c = rng.choice(s)
                 else:
                     c = rng.choice([ch for ch in letters if ch not in s])
-            out.append((t.format(s=s, c=c), str_op(s, op, c), (op, s, t)))
+            out.append((t.format(s=s, c=c), str_answer(s, op, c), (op, s, t)))
     return out
 
 
@@ -1265,12 +1298,19 @@ def replace_between(text, tag, body):
 
 def main(argv=None):
     """python data/generate.py [--out DIR]: writes next to this script (and
-    refreshes README.md), or into DIR (README untouched; used by the tests)."""
-    argv = sys.argv[1:] if argv is None else argv
+    refreshes README.md), or into DIR (README untouched; used by the tests).
+    python data/generate.py --worked-strings --out DIR: the variant with worked
+    string answers (see data/README.md), only into another directory."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     out = HERE
+    if "--worked-strings" in argv:
+        argv.remove("--worked-strings")
+        if not argv:
+            die("--worked-strings writes a variant: give it --out DIR")
+        use_worked_strings()
     if argv:
         if len(argv) != 2 or argv[0] != "--out":
-            die("usage: python data/generate.py [--out DIR]")
+            die("usage: python data/generate.py [--worked-strings] [--out DIR]")
         out = argv[1]
     t0 = time.time()
     rng = random.Random(SEED)

@@ -88,6 +88,12 @@ class TrainConfig:
     share_prefix: bool = True
     # at each evaluation, greedy-decode this many validation rows and log their exact match (0: off)
     eval_exact: int = 0
+    # a curriculum: the first focus_steps steps draw their rows only from the training rows
+    # of category focus_category, then the run goes through the whole set as usual (max_steps
+    # caps both together). For a skill that forms late, e.g. copying a string, while the
+    # learning rate is high; "" / 0: off
+    focus_category: str = ""
+    focus_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -285,13 +291,18 @@ def validate(cfg: Config, where=lambda k: k) -> None:
     for key, v in [("train.weight_decay", t.weight_decay), ("train.warmup_steps", t.warmup_steps),
                    ("train.max_grad_norm", t.max_grad_norm), ("train.eval_every", t.eval_every),
                    ("train.save_every", t.save_every), ("train.sample_questions", t.sample_questions),
-                   ("train.pack_len", t.pack_len), ("train.eval_exact", t.eval_exact)]:
+                   ("train.pack_len", t.pack_len), ("train.eval_exact", t.eval_exact),
+                   ("train.focus_steps", t.focus_steps)]:
         if v < 0:
             raise UserError(f"{where(key)}: must not be negative, got {v}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise UserError(f"{where('train.max_steps')}: must be positive, got {t.max_steps}")
     if t.batch_size % t.grad_accum_steps:
         raise UserError(f"{where('train.grad_accum_steps')}: {t.grad_accum_steps} does not divide batch_size={t.batch_size}")
+    if t.focus_steps and not t.focus_category:
+        raise UserError(f"{where('train.focus_steps')}: {t.focus_steps} focus steps need a train.focus_category")
+    if t.focus_steps and cfg.data.corpus is not None:
+        raise UserError(f"{where('train.focus_steps')}: pretraining has no categories to focus on")
     if t.dtype not in ("float32", "bfloat16"):
         raise UserError(f"{where('train.dtype')}: expected float32 or bfloat16, got {t.dtype!r}")
     if not t.buckets or any(b <= 0 for b in t.buckets):

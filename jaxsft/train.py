@@ -162,6 +162,16 @@ def packing(tc, tok: Tokenizer, system_prompt, examples, max_seq_len: int, multi
                                        tc.pack_len, multiple, prefix)
 
 
+def focus_examples(cfg: Config, tok: Tokenizer, max_seq_len: int) -> list:
+    """The training examples of train.focus_category (the curriculum's first steps)."""
+    rows = [r for r in read_jsonl(cfg.data.train) if r.category == cfg.train.focus_category]
+    examples, _ = chatml.encode_rows(rows, tok, cfg.data.system_prompt, max_seq_len)
+    if not examples:
+        raise UserError(f"train.focus_category: {cfg.data.train} has no row of category "
+                        f"{cfg.train.focus_category!r} that fits max_seq_len={max_seq_len}")
+    return examples
+
+
 def load_rows(cfg: Config) -> tuple[list[Row], list[Row]]:
     return read_jsonl(cfg.data.train), read_jsonl(cfg.data.val)
 
@@ -310,8 +320,11 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
             raise UserError(f"{run_dir}: was trained with another model config or vocabulary; cannot resume")
     parallel.sync("jaxsft: run directory checked")  # before process 0 creates anything in it
 
+    focus = tc.focus_steps  # the curriculum's steps come first; epochs count the steps after them
+    focus_ex = focus_examples(cfg, tok, model_cfg.max_seq_len) if focus else []
     per_epoch = math.ceil(len(train_ex) / tc.batch_size)
-    total = per_epoch * tc.epochs if tc.max_steps is None else min(per_epoch * tc.epochs, tc.max_steps)
+    total = focus + per_epoch * tc.epochs
+    total = total if tc.max_steps is None else min(total, tc.max_steps)
     graphdef, params = init_params_from(model_cfg, tc.seed, init_params)
     tx = make_optimizer(tc, total)
     state = TrainState(jnp.int32(0), params, tx.init(params))
@@ -339,6 +352,8 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
     n_params = model.count_params(state.params)
     log(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tok)} | train {len(train_ex)} rows, "
         f"val {len(val_ex)} | {total} steps ({per_epoch}/epoch), batch {tc.batch_size}")
+    if focus:
+        log(f"curriculum: steps 1-{focus} draw from the {len(focus_ex)} rows of {tc.focus_category!r} only")
     if mesh is not None:
         log(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over {mesh.size} "
             f"{mesh.devices.flat[0].platform} devices, {jax.process_count()} process(es)")
@@ -360,10 +375,16 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
 
     multiple = tc.grad_accum_steps * (1 if mesh is None else mesh.size)
     prefix, min_rows = packing(tc, tok, cfg.data.system_prompt, train_ex, model_cfg.max_seq_len, multiple)
+    focus_rows = packing(tc, tok, cfg.data.system_prompt, focus_ex, model_cfg.max_seq_len, multiple)[1] \
+        if focus else 0
 
     def batch_at(step):
-        b = chatml.batch_for_step(train_ex, step, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,
-                                  tc.pack_len, multiple, prefix, min_rows)
+        if step < focus:
+            b = chatml.batch_for_step(focus_ex, step, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,
+                                      tc.pack_len, multiple, prefix, focus_rows)
+        else:
+            b = chatml.batch_for_step(train_ex, step - focus, tc.batch_size, tc.seed, tc.buckets,
+                                      model_cfg.max_seq_len, tc.pack_len, multiple, prefix, min_rows)
         return b if mesh is None else parallel.host_batch_to_global(b, batch_sh)  # this process's rows only
 
     def save_latest(step):
@@ -459,7 +480,7 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
             done = step + 1
             if len(pending) >= 10:
                 flush()
-            end_of_epoch = done % per_epoch == 0 or done == total
+            end_of_epoch = (done > focus and (done - focus) % per_epoch == 0) or done == total
             if (tc.eval_every and done % tc.eval_every == 0) or end_of_epoch:
                 flush()
                 run_eval(done)

@@ -142,3 +142,34 @@ def test_generate_reproduces_the_committed_files(tmp_path):
         os.path.join("corpus", f) for f in sorted(os.listdir(os.path.join(DATA, "corpus")))]
     match, mismatch, errors = filecmp.cmpfiles(DATA, tmp_path, names, shallow=False)
     assert mismatch == [] and errors == [] and len(match) == len(names)
+
+
+def test_worked_strings_variant_answers_are_right(tmp_path):
+    """generate.py --worked-strings: quoted operands, answers that restate the operand,
+    number the letters of a reversal, and end with the true result; other rows as committed."""
+    subprocess.run([sys.executable, os.path.join(DATA, "generate.py"), "--worked-strings", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    n = 0
+    for split in ("train", "val", "test"):
+        with open(tmp_path / (split + ".jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        assert [r["category"] for r in rows] == [r["category"] for r in SPLITS[split]]
+        for row in rows:
+            if row["category"] != "字符串":
+                continue
+            q, a = _qa(row)[0]
+            s = re.search(r"“([a-z]+)”", q).group(1)
+            c = (re.findall(r"(?<![a-z“])[a-z](?![a-z”])", q) or [""])[0]
+            op = _template(q, [(t.replace("{s}", "“{s}”"), o) for t, o in G.STR_TRAIN + G.STR_HELD], s=s, c=c)[1]
+            want = {"rev": "“%s”。" % s[::-1], "len": "%d个字母。" % len(s),
+                    "cnt": "%d个%s。" % (s.count(c), c), "up": "“%s”。" % s.upper()}[op]
+            assert a.startswith("“%s”" % s) and a.endswith(want), (q, a)
+            if op == "rev":  # the numbered letters, forwards then backwards
+                fwd, back = re.match(r"“[a-z]+”：([^，]+)，倒过来([^，]+)，", a).groups()
+                assert fwd.split() == ["%d%s" % (i + 1, x) for i, x in enumerate(s)], a
+                assert back.split() == fwd.split()[::-1], a
+            n += 1
+    assert n == 3600 + 60 + 120
+    # the variant never overwrites the committed files
+    assert subprocess.run([sys.executable, os.path.join(DATA, "generate.py"), "--worked-strings"],
+                          capture_output=True).returncode == 1

@@ -233,3 +233,34 @@ def test_packed_batch_trains_like_the_padded_batch(setup):
     b, mb = step(_fresh_state(setup), packed, key)
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), _np(a.params), _np(b.params))
+
+
+def test_focus_steps_draw_from_one_category_then_the_whole_set(tmp_path):
+    """train.focus_category/focus_steps: the first steps train on that category's rows
+    only (1-letter answers: 2 answer tokens a row), then step k is the whole set's
+    step k - focus_steps, epochs counted from there; max_steps caps both together."""
+    import json
+
+    from conftest import write_tiny_config
+    from jaxsft.config import load_config
+    rows = [{"instruction": f"短{i}", "response": "是", "category": "短"} for i in range(8)] + \
+           [{"instruction": f"长{i}", "response": "一二三四五六", "category": "长"} for i in range(24)]
+    path = write_tiny_config(str(tmp_path), tmp_path / "run", val_pairs=[("短0", "是"), ("长0", "一二三四五六")])
+    with open(tmp_path / "train.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    sets = ["train.focus_category=短", "train.focus_steps=3", "train.batch_size=4", "train.epochs=1",
+            "train.max_steps=7", "train.pack_len=0"]
+    cfg = load_config(path, sets)
+    logged = []
+    summary = train.train(cfg, log=lambda *a, **k: logged.append(" ".join(map(str, a))), progress=False)
+    assert summary["steps"] == 7  # min(3 + 8 steps of one epoch, max_steps)
+    assert "curriculum: steps 1-3 draw from the 8 rows of '短' only" in logged
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    tokens = [r["tokens"] for r in records if "tokens" in r]
+    _, _, train_ex, _, _, _ = train.prepare(cfg, log=lambda *a, **k: None)
+    whole = [int(chatml.batch_for_step(train_ex, s, 4, cfg.train.seed, cfg.train.buckets, 64)["loss_mask"].sum())
+             for s in range(4)]
+    assert tokens == [8, 8, 8] + whole
+    assert whole != [8, 8, 8, 8]  # the whole set's batches are told apart by their answer tokens
+    assert [r["step"] for r in records if "val_loss" in r] == [7]  # 3 + 8 (the epoch's end) is past the cap

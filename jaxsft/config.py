@@ -89,10 +89,10 @@ class TrainConfig:
     # at each evaluation, greedy-decode this many validation rows and log their exact match (0: off)
     eval_exact: int = 0
     # a curriculum: the first focus_steps steps draw their rows only from the training rows
-    # of category focus_category, then the run goes through the whole set as usual (max_steps
-    # caps both together). For a skill that forms late, e.g. copying a string, while the
-    # learning rate is high; "" / 0: off
-    focus_category: str = ""
+    # whose category is one of focus_categories, then the run goes through the whole set as
+    # usual (max_steps caps both together). For a skill that forms late, e.g. copying a
+    # string, while the learning rate is high; [] / 0: off
+    focus_categories: tuple[str, ...] = ()
     focus_steps: int = 0
 
 
@@ -188,6 +188,11 @@ def _coerce(value: Any, default: Any, where: str, ftype: str):
         if not isinstance(value, str):
             raise UserError(f"{where}: expected a string, got {value!r}")
         return value
+    if t == "tuple[str, ...]":  # a bare string is a list of one
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if t == "tuple":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise UserError(f"{where}: expected a list of integers, got {value!r}")
@@ -299,8 +304,8 @@ def validate(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('train.max_steps')}: must be positive, got {t.max_steps}")
     if t.batch_size % t.grad_accum_steps:
         raise UserError(f"{where('train.grad_accum_steps')}: {t.grad_accum_steps} does not divide batch_size={t.batch_size}")
-    if t.focus_steps and not t.focus_category:
-        raise UserError(f"{where('train.focus_steps')}: {t.focus_steps} focus steps need a train.focus_category")
+    if t.focus_steps and not t.focus_categories:
+        raise UserError(f"{where('train.focus_steps')}: {t.focus_steps} focus steps need train.focus_categories")
     if t.focus_steps and cfg.data.corpus is not None:
         raise UserError(f"{where('train.focus_steps')}: pretraining has no categories to focus on")
     if t.dtype not in ("float32", "bfloat16"):

@@ -163,12 +163,16 @@ def packing(tc, tok: Tokenizer, system_prompt, examples, max_seq_len: int, multi
 
 
 def focus_examples(cfg: Config, tok: Tokenizer, max_seq_len: int) -> list:
-    """The training examples of train.focus_category (the curriculum's first steps)."""
-    rows = [r for r in read_jsonl(cfg.data.train) if r.category == cfg.train.focus_category]
+    """The training examples of train.focus_categories (the curriculum's first steps)."""
+    rows = read_jsonl(cfg.data.train)
+    for name in cfg.train.focus_categories:
+        if not any(r.category == name for r in rows):
+            raise UserError(f"train.focus_categories: {cfg.data.train} has no row of category {name!r}")
+    rows = [r for r in rows if r.category in cfg.train.focus_categories]
     examples, _ = chatml.encode_rows(rows, tok, cfg.data.system_prompt, max_seq_len)
     if not examples:
-        raise UserError(f"train.focus_category: {cfg.data.train} has no row of category "
-                        f"{cfg.train.focus_category!r} that fits max_seq_len={max_seq_len}")
+        raise UserError(f"train.focus_categories: no row of {list(cfg.train.focus_categories)} in "
+                        f"{cfg.data.train} fits max_seq_len={max_seq_len}")
     return examples
 
 
@@ -353,7 +357,8 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
     log(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tok)} | train {len(train_ex)} rows, "
         f"val {len(val_ex)} | {total} steps ({per_epoch}/epoch), batch {tc.batch_size}")
     if focus:
-        log(f"curriculum: steps 1-{focus} draw from the {len(focus_ex)} rows of {tc.focus_category!r} only")
+        log(f"curriculum: steps 1-{focus} draw from the {len(focus_ex)} rows of "
+            f"{', '.join(tc.focus_categories)} only")
     if mesh is not None:
         log(f"mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over {mesh.size} "
             f"{mesh.devices.flat[0].platform} devices, {jax.process_count()} process(es)")

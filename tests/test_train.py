@@ -236,7 +236,7 @@ def test_packed_batch_trains_like_the_padded_batch(setup):
 
 
 def test_focus_steps_draw_from_one_category_then_the_whole_set(tmp_path):
-    """train.focus_category/focus_steps: the first steps train on that category's rows
+    """train.focus_categories/focus_steps: the first steps train on that category's rows
     only (1-letter answers: 2 answer tokens a row), then step k is the whole set's
     step k - focus_steps, epochs counted from there; max_steps caps both together."""
     import json
@@ -248,13 +248,13 @@ def test_focus_steps_draw_from_one_category_then_the_whole_set(tmp_path):
     path = write_tiny_config(str(tmp_path), tmp_path / "run", val_pairs=[("短0", "是"), ("长0", "一二三四五六")])
     with open(tmp_path / "train.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    sets = ["train.focus_category=短", "train.focus_steps=3", "train.batch_size=4", "train.epochs=1",
+    sets = ["train.focus_categories=[短]", "train.focus_steps=3", "train.batch_size=4", "train.epochs=1",
             "train.max_steps=7", "train.pack_len=0"]
     cfg = load_config(path, sets)
     logged = []
     summary = train.train(cfg, log=lambda *a, **k: logged.append(" ".join(map(str, a))), progress=False)
     assert summary["steps"] == 7  # min(3 + 8 steps of one epoch, max_steps)
-    assert "curriculum: steps 1-3 draw from the 8 rows of '短' only" in logged
+    assert "curriculum: steps 1-3 draw from the 8 rows of 短 only" in logged
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     tokens = [r["tokens"] for r in records if "tokens" in r]

@@ -384,12 +384,9 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
         if focus else 0
 
     def batch_at(step):
-        if step < focus:
-            b = chatml.batch_for_step(focus_ex, step, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,
-                                      tc.pack_len, multiple, prefix, focus_rows)
-        else:
-            b = chatml.batch_for_step(train_ex, step - focus, tc.batch_size, tc.seed, tc.buckets,
-                                      model_cfg.max_seq_len, tc.pack_len, multiple, prefix, min_rows)
+        examples, k, rows = (focus_ex, step, focus_rows) if step < focus else (train_ex, step - focus, min_rows)
+        b = chatml.batch_for_step(examples, k, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,
+                                  tc.pack_len, multiple, prefix, rows)
         return b if mesh is None else parallel.host_batch_to_global(b, batch_sh)  # this process's rows only
 
     def save_latest(step):

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 1234
 SYSTEM_PROMPT = "你是一个有帮助的AI助手。"
 MAX_RENDER = 180          # chars of system + all turns (markers not counted)
-MAX_RESPONSE = 60         # chars of any assistant answer (36 in data/; a --worked-strings reversal of 6 letters: 58)
+MAX_RESPONSE = 40         # chars of any assistant answer
 MAX_FACT = 25             # chars of a knowledge answer
 
 CATEGORIES = ["知识问答", "定义", "比较", "判断", "算术", "字符串", "分类", "多轮对话"]
@@ -527,12 +527,13 @@ JUDGE_RELS = ["大于", "小于"]
 ARITH_FORMS = ["计算：{a}{o}{b}=", "{a}{o}{b}=？", "计算{a}{o}{b}。", "{a}{w}{b}等于多少？",
                "{a}{w}{b}是多少？", "求{a}{o}{b}的值。", "{a}{o}{b}的结果是多少？",
                "算一算{a}{w}{b}等于几？"]
-STR_FORMS = [("把{s}倒过来写。", "rev"), ("反转字符串：{s}", "rev"), ("将{s}从后往前写出来。", "rev"),
-             ("{s}有几个字母？", "len"), ("字符串{s}的长度是多少？", "len"),
-             ("{s}一共由多少个字母组成？", "len"),
-             ("{s}中有几个{c}？", "cnt"), ("数一数{s}里有多少个{c}。", "cnt"),
-             ("字母{c}在{s}里出现了几次？", "cnt"),
-             ("把{s}转成大写。", "up"), ("将{s}改写为大写字母。", "up"), ("{s}的大写形式是什么？", "up")]
+# the operand is always in quotes “…”: the answer copies it from between two fixed marks
+STR_FORMS = [("把“{s}”倒过来写。", "rev"), ("反转字符串：“{s}”", "rev"), ("将“{s}”从后往前写出来。", "rev"),
+             ("“{s}”有几个字母？", "len"), ("字符串“{s}”的长度是多少？", "len"),
+             ("“{s}”一共由多少个字母组成？", "len"),
+             ("“{s}”中有几个{c}？", "cnt"), ("数一数“{s}”里有多少个{c}。", "cnt"),
+             ("字母{c}在“{s}”里出现了几次？", "cnt"),
+             ("把“{s}”转成大写。", "up"), ("将“{s}”改写为大写字母。", "up"), ("“{s}”的大写形式是什么？", "up")]
 CLS_FORMS = ["{w}属于哪一类：动物、水果、蔬菜、颜色还是国家？", "给这个词分类：{w}",
              "{w}是什么类别的词？", "判断{w}属于哪个类别。", "{w}可以归到哪个类别？",
              "这个词属于什么类别：{w}"]
@@ -582,16 +583,6 @@ CMP_SINGLE_TRAIN, _ = split_templates("比较_单", CMP_SINGLE_FORMS, 0)   # all
 JUDGE_TRAIN, JUDGE_HELD = split_templates("判断", JUDGE_FORMS, 12)
 ARITH_TRAIN, ARITH_HELD = split_templates("算术", arith_forms(), 8)
 STR_TRAIN, STR_HELD = split_templates("字符串", STR_FORMS, 4)
-# --worked-strings (a variant, never the committed files): the operand in quotes, and
-# worked answers (str_answer).  The held-out choice is the same (same number of combos).
-WORKED_STRINGS = False
-
-
-def use_worked_strings():
-    global WORKED_STRINGS, STR_FORMS, STR_TRAIN, STR_HELD
-    WORKED_STRINGS = True
-    STR_FORMS = [(f.replace("{s}", "“{s}”"), op) for f, op in STR_FORMS]
-    STR_TRAIN, STR_HELD = split_templates("字符串", STR_FORMS, 4)
 CLS_TRAIN, CLS_HELD = split_templates("分类_词", CLS_FORMS, 12)
 PAR_TRAIN, PAR_HELD = split_templates("分类_奇偶", PAR_FORMS, 10)
 
@@ -677,35 +668,37 @@ def cmp_answer(a, fa, b, fb):
 
 
 def arith(a, b, op):
-    """The worked answer, units column first (a, b in 0..99; for "-", a >= b):
-    个位7+5=12，十位1+2+1=4，得42。  /  个位15-9=6，十位8-4-1=3，得36。
+    """The worked answer: the operands restated, then units column first
+    (a, b in 0..99; for "-", a >= b):
+    27+15：个位7+5=12，十位2+1+1=4，得42。  /  85-49：个位15-9=6，十位8-4-1=3，得36。
     Every step is a one-digit fact or a copy, so a held-out pair needs no
-    table entry that train lacks."""
+    table entry that train lacks; restating the operands first puts the digits
+    each step copies at a fixed spot in the answer, whatever the question's wording."""
     a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
     if op == "+":
         s0 = a0 + b0
-        return "个位%d+%d=%d，十位%d+%d+%d=%d，得%d。" % (a0, b0, s0, a1, b1, s0 // 10,
-                                                      a1 + b1 + s0 // 10, a + b)
+        return "%d+%d：个位%d+%d=%d，十位%d+%d+%d=%d，得%d。" % (a, b, a0, b0, s0, a1, b1, s0 // 10,
+                                                           a1 + b1 + s0 // 10, a + b)
     borrow = int(a0 < b0)
-    return "个位%d-%d=%d，十位%d-%d-%d=%d，得%d。" % (a0 + 10 * borrow, b0, a0 + 10 * borrow - b0,
-                                                  a1, b1, borrow, a1 - b1 - borrow, a - b)
+    return "%d-%d：个位%d-%d=%d，十位%d-%d-%d=%d，得%d。" % (a, b, a0 + 10 * borrow, b0, a0 + 10 * borrow - b0,
+                                                       a1, b1, borrow, a1 - b1 - borrow, a - b)
 
 
 def judge(a, b, r):
-    """Tens digits first, units only on a tie, then the true relation, the
-    relation the question claims, and the verdict:
-    十位6>2，所以62大于25；问的是大于，对。
-    十位4=4，个位3<7，所以43小于47；问的是大于，不对。"""
+    """The operands restated, tens digits first, units only on a tie, then the
+    true relation, the relation the question claims, and the verdict:
+    62和25：十位6>2，所以62大于25；问的是大于，对。
+    43和47：十位4=4，个位3<7，所以43小于47；问的是大于，不对。"""
     sym = lambda x, y: ">" if x > y else ("<" if x < y else "=")
     truth = "大于" if a > b else ("小于" if a < b else "等于")
     work = "十位%d%s%d，" % (a // 10, sym(a // 10, b // 10), b // 10)
     if a // 10 == b // 10:
         work += "个位%d%s%d，" % (a % 10, sym(a % 10, b % 10), b % 10)
-    return "%s所以%d%s%d；问的是%s，%s。" % (work, a, truth, b, r, "对" if truth == r else "不对")
+    return "%d和%d：%s所以%d%s%d；问的是%s，%s。" % (a, b, work, a, truth, b, r, "对" if truth == r else "不对")
 
 
 def str_op(s, op, c):
-    """The bare result of a string operation: what the worked answer ends with."""
+    """The bare result of a string operation: what str_answer quotes."""
     if op == "rev":
         return s[::-1]
     if op == "len":
@@ -716,20 +709,13 @@ def str_op(s, op, c):
 
 
 def str_answer(s, op, c):
-    """The worked answer.  It first copies the quoted operand, so every later
-    letter is copied from a fixed spot nearby instead of being found in a
-    question whose wording varies; a reversal also numbers the letters and
-    reads the numbers back, so each step copies the letter after a digit:
-    “abc”：1a 2b 3c，倒过来3c 2b 1a，得“cba”。
-    “abc”的大写是“ABC”。  “abc”有3个字母。  “abca”中有2个a。
-    Only with --worked-strings; the committed data answers str_op alone."""
+    """The answer restates the quoted operand, so every letter of the result is
+    copied from a fixed spot nearby instead of being found in a question whose
+    wording varies:
+    “abc”倒过来是“cba”。  “abc”的大写是“ABC”。  “abc”有3个字母。  “abca”中有2个a。"""
     r = str_op(s, op, c)
-    if not WORKED_STRINGS:
-        return r
     if op == "rev":
-        fwd = " ".join("%d%s" % (i + 1, x) for i, x in enumerate(s))
-        back = " ".join("%d%s" % (i + 1, s[i]) for i in reversed(range(len(s))))
-        return "“%s”：%s，倒过来%s，得“%s”。" % (s, fwd, back, r)
+        return "“%s”倒过来是“%s”。" % (s, r)
     if op == "up":
         return "“%s”的大写是“%s”。" % (s, r)
     if op == "len":
@@ -1045,8 +1031,7 @@ def build_corpus(rng, facts, groups, feats, pools, words):
     sents = []
     for s in rng.sample(P["st"], 2500):
         c = rng.choice(s)
-        opts = ["%s倒过来是%s。" % (s, s[::-1]), "%s的大写是%s。" % (s, s.upper()),
-                "%s有%d个字母。" % (s, len(s)), "%s中有%d个%s。" % (s, s.count(c), c)]
+        opts = [str_answer(s, op, c) for op in ("rev", "up", "len", "cnt")]
         sents += rng.sample(opts, 2)
     files["strings.txt"] = paragraphs(sents, 4, 7)
 
@@ -1298,19 +1283,12 @@ def replace_between(text, tag, body):
 
 def main(argv=None):
     """python data/generate.py [--out DIR]: writes next to this script (and
-    refreshes README.md), or into DIR (README untouched; used by the tests).
-    python data/generate.py --worked-strings --out DIR: the variant with worked
-    string answers (see data/README.md), only into another directory."""
+    refreshes README.md), or into DIR (README untouched; used by the tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     out = HERE
-    if "--worked-strings" in argv:
-        argv.remove("--worked-strings")
-        if not argv:
-            die("--worked-strings writes a variant: give it --out DIR")
-        use_worked_strings()
     if argv:
         if len(argv) != 2 or argv[0] != "--out":
-            die("usage: python data/generate.py [--worked-strings] [--out DIR]")
+            die("usage: python data/generate.py [--out DIR]")
         out = argv[1]
     t0 = time.time()
     rng = random.Random(SEED)

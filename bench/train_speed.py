@@ -43,6 +43,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak (8192 on a GPU)")
     p.add_argument("--peak-dtype", default="float32", help="matmul dtype for the peak (bfloat16 on a GPU)")
+    p.add_argument("--full-head", action="store_true",
+                   help="the output head at every position (no answer_at), to compare")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
 
@@ -70,12 +72,13 @@ def main():
     step_fn = train.make_train_step(graphdef, tx, tc)
     key = jax.random.PRNGKey(tc.seed)
 
-    prefix, min_rows = train.packing(tc, tok, cfg.data.system_prompt, examples, mcfg.max_seq_len,
-                                     tc.grad_accum_steps)
+    prefix, min_rows, slots = train.packing(tc, tok, cfg.data.system_prompt, examples, mcfg.max_seq_len,
+                                            tc.grad_accum_steps)
+    slots = 0 if args.full_head else slots
 
     def batch_at(s):
         return chatml.batch_for_step(examples, s, tc.batch_size, tc.seed, tc.buckets, mcfg.max_seq_len,
-                                     tc.pack_len, tc.grad_accum_steps, prefix, min_rows)
+                                     tc.pack_len, tc.grad_accum_steps, prefix, min_rows, slots)
 
     batches = [batch_at(s) for s in range(args.warmup, total)]
     t0 = time.perf_counter()
@@ -84,14 +87,15 @@ def main():
     del compiled
     # warm-up: a few steps, then one step per distinct batch shape, so the timed loop compiles nothing
     warm = [batch_at(s) for s in range(args.warmup)]
-    warm += list({b["inputs"].shape: b for b in batches}.values())
+    warm += list({(b["inputs"].shape, "answer_at" in b): b for b in batches}.values())
     for b in warm:
         state, m = step_fn(state, b, key)
     jax.block_until_ready(state)
     compilations_warm = step_fn._cache_size()
 
-    answer_tokens = nonpad = padded = 0
-    flops = 0.0
+    answer_tokens = nonpad = padded = head_everywhere = 0
+    flops = exec_flops = 0.0
+    head = 6 * mcfg.vocab_size * mcfg.d_model  # training FLOPs of the tied head, per position
     t0 = time.perf_counter()
     for b in batches:
         state, m = step_fn(state, b, key)
@@ -106,8 +110,12 @@ def main():
         nonpad += sum(lens)
         padded += B * L
         answer_tokens += int(b["loss_mask"].sum())
-        flops += sum(model.flops_per_token(mcfg, n) * n for n in lens)
-    exec_flops = sum(model.flops_per_token(mcfg, b["inputs"].shape[1]) * b["inputs"].size for b in batches)
+        # the output head counts where it runs: every token, or the answer_at positions
+        flops += sum(model.flops_per_token(mcfg, n, head=False) * n for n in lens)
+        flops += head * (int(b["loss_mask"].sum()) if "answer_at" in b else sum(lens))
+        exec_flops += model.flops_per_token(mcfg, L, head=False) * B * L
+        exec_flops += head * (len(b["answer_at"]) if "answer_at" in b else B * L)
+        head_everywhere += "answer_at" not in b
     n_ex = len(batches) * tc.batch_size
     figures = {
         "config": os.path.basename(args.config), "params": model.count_params(state.params),
@@ -118,6 +126,7 @@ def main():
         "peak_gflops": peak / 1e9, "mfu_useful": flops / dt / peak, "mfu_executed": exec_flops / dt / peak,
         "compile_s": compile_s, "compilations": step_fn._cache_size(),
         "compilations_after_warmup": step_fn._cache_size() - compilations_warm, "pack_len": tc.pack_len,
+        "answer_slots": slots, "batches_head_everywhere": head_everywhere,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_dtype": args.peak_dtype, "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind, "dtype": tc.dtype, "devices": jax.device_count(),

@@ -127,7 +127,7 @@ def strip_prefix(example, prefix: Optional[np.ndarray]):
 
 
 def pack_batch(examples: Sequence, length: int, multiple: int = 1,
-               prefix: Optional[np.ndarray] = None, min_rows: int = 0) -> dict:
+               prefix: Optional[np.ndarray] = None, min_rows: int = 0, answer_slots: int = 0) -> dict:
     """Packs examples into as few rows of `length` tokens as first-fit decreasing
     finds (at least min_rows, rounded up to a multiple of `multiple`), instead of
     one padded row each.
@@ -144,6 +144,11 @@ def pack_batch(examples: Sequence, length: int, multiple: int = 1,
     `prefix` (N, P) repeats it. The model computes the prefix once per batch and
     every flagged token also attends to it (train.loss_sums): the same loss and
     gradient as packing each example whole, with ~P fewer tokens per example.
+
+    answer_slots (`answer_slots`): when the batch has at most that many tokens
+    with loss, under 3/4 of its N * length, it also has answer_at (answer_slots,)
+    int32: their flat positions, padded with a position of loss_mask 0, so the
+    loss computes the output head there only (train.loss_sums).
     """
     stripped = [strip_prefix(e, prefix) for e in examples]
     examples = [e for e, _ in stripped]
@@ -178,7 +183,29 @@ def pack_batch(examples: Sequence, length: int, multiple: int = 1,
             if shared:
                 out["shared"][r, sl] = 1
             at += n
+    flat = out["loss_mask"].reshape(-1)
+    if answer_slots and answer_slots < 0.75 * flat.size:
+        at = np.flatnonzero(flat)
+        if len(at) <= answer_slots:
+            pad = np.full(answer_slots - len(at), np.flatnonzero(flat == 0)[0])
+            out["answer_at"] = np.concatenate([at, pad]).astype(np.int32)
     return out
+
+
+def answer_slots(examples: Sequence, batch_size: int, seed: int, steps: int = 200, quantum: int = 64) -> int:
+    """Room for the tokens with loss of a run's batches (`pack_batch`): the most that
+    any of the first `steps` batches holds, rounded up to a multiple of `quantum`.
+    One fixed size is one compiled shape; a later batch holding more runs the
+    output head everywhere instead."""
+    counts = np.array([int(np.count_nonzero(m)) for _, _, m in examples])
+    per_epoch = -(-len(examples) // batch_size)
+    most, orders = 0, {}
+    for step in range(steps):
+        epoch, i = divmod(step, per_epoch)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(len(examples), seed, epoch)
+        most = max(most, int(counts[orders[epoch][i * batch_size:(i + 1) * batch_size]].sum()))
+    return -(-most // quantum) * quantum
 
 
 def typical_rows(examples: Sequence, batch_size: int, seed: int, buckets: Sequence[int], max_seq_len: int,
@@ -203,12 +230,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def batch_for_step(examples: Sequence, step: int, batch_size: int, seed: int,
                    buckets: Sequence[int], max_seq_len: int, pack_len: int = 0, multiple: int = 1,
-                   prefix: Optional[np.ndarray] = None, min_rows: int = 0) -> dict:
+                   prefix: Optional[np.ndarray] = None, min_rows: int = 0, answer_slots: int = 0) -> dict:
     """The batch of global step `step`: epoch = step // steps_per_epoch, the next
     batch_size rows of that epoch's shuffled order. pack_len 0: one row per
     example, padded to the bucket of the longest. pack_len > 0: the rows packed
     (`pack_batch`) into rows of max(pack_len, that bucket) tokens, their number
-    a multiple of `multiple` and at least min_rows, sharing `prefix` when given."""
+    a multiple of `multiple` and at least min_rows, sharing `prefix` when given,
+    with answer_at when answer_slots has room for its tokens with loss."""
     per_epoch = -(-len(examples) // batch_size)
     epoch, i = divmod(step, per_epoch)
     idx = epoch_order(len(examples), seed, epoch)[i * batch_size:(i + 1) * batch_size]
@@ -216,6 +244,6 @@ def batch_for_step(examples: Sequence, step: int, batch_size: int, seed: int,
     if pack_len:
         longest = max(len(strip_prefix(e, prefix)[0][0]) for e in chosen)
         length = bucket_length(longest, buckets, max_seq_len)
-        return pack_batch(chosen, max(pack_len, length), multiple, prefix, min_rows)
+        return pack_batch(chosen, max(pack_len, length), multiple, prefix, min_rows, answer_slots)
     length = bucket_length(max(len(x) for x, _, _ in chosen), buckets, max_seq_len)
     return make_batch(chosen, batch_size, length)

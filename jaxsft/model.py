@@ -152,14 +152,19 @@ class GPT(nnx.Module):
         self.norm = RMSNorm(cfg.d_model)
 
     def __call__(self, tokens, positions=None, mask=None, cache=None, index=None,
-                 dropout_key: Optional[jax.Array] = None, last_only: bool = False):
-        """tokens (B, T) int32 -> logits (B, T, V) float32 ((B, 1, V) with last_only), new cache.
+                 dropout_key: Optional[jax.Array] = None, last_only: bool = False,
+                 select: Optional[jax.Array] = None):
+        """tokens (B, T) int32 -> logits (B, T, V) float32 ((B, 1, V) with last_only,
+        (N,) with select), new cache.
 
         positions (B, T): defaults to 0..T-1. mask (B|1, T, S) bool: which keys
         each query sees; defaults to causal. cache: per-layer (k, v), each
         (B, H, S, K), written at positions [index, index + T) of the cache.
         dropout_key: None for evaluation, a PRNG key for training.
         last_only: the output head on the last position only (a decoder's prefill).
+        select (N,) int32: the output head only at these positions of the flattened
+        (B * T) sequence -> logits (N, V): a loss that falls on a few positions
+        skips the head's matmul and softmax everywhere else.
         """
         B, T = tokens.shape
         if positions is None:
@@ -180,8 +185,10 @@ class GPT(nnx.Module):
             x = x + _dropout(blk.mlp(blk.norm2(x)), rate, keys[2 * i + 2])
         if last_only:
             x = x[:, -1:]
+        if select is not None:
+            x = jnp.take(x.reshape(B * T, -1), select, axis=0)  # (N, D)
         x = self.norm(x)
-        logits = jnp.einsum("btd,vd->btv", x, emb).astype(jnp.float32)  # tied output head
+        logits = jnp.einsum("...d,vd->...v", x, emb).astype(jnp.float32)  # tied output head
         return logits, (new_cache if cache is not None else None)
 
 
@@ -224,9 +231,10 @@ def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, head: bool = True) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): the matmuls
-    (6 * matmul parameters, the tied head included) plus attention scores."""
-    n_matmul = cfg.n_layers * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.d_ff) + cfg.vocab_size * cfg.d_model
+    (6 * matmul parameters, the tied head included unless head=False) plus
+    attention scores."""
+    n_matmul = cfg.n_layers * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.d_ff) + head * cfg.vocab_size * cfg.d_model
     attn = cfg.n_layers * 2 * 2 * seq_len * cfg.d_model / 2  # causal: half of QK^T and PV
     return 6 * n_matmul + 3 * attn

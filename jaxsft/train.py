@@ -61,7 +61,9 @@ def loss_sums(params, graphdef, batch: dict, dropout_key=None, dtype=jnp.float32
 
     batch: inputs, targets (B, L) int32, loss_mask (B, L) float32; a packed batch
     (chatml.pack_batch) also has positions and segments (B, L) int32, and each
-    token then attends only to earlier tokens of its own segment.
+    token then attends only to earlier tokens of its own segment, and may have
+    answer_at (N,) int32: flat positions that hold every loss_mask > 0 (padded
+    with positions of mask 0); the output head then runs at those positions only.
     """
     if dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(dtype), params)
@@ -75,10 +77,14 @@ def loss_sums(params, graphdef, batch: dict, dropout_key=None, dtype=jnp.float32
         mask = jnp.concatenate([jnp.broadcast_to(batch["shared"][:, :, None] > 0, (mask.shape[0], L, index)),
                                 mask], axis=-1)  # (B, L, P + L)
         dropout_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
+    select = batch.get("answer_at")
     logits, _ = model.apply(graphdef, params, batch["inputs"], positions=positions, mask=mask,
-                            cache=cache, index=index, dropout_key=dropout_key)  # (B, L, V) f32
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, L)
-    m = batch["loss_mask"]
+                            cache=cache, index=index, dropout_key=dropout_key,
+                            select=select)  # (B, L, V) f32, or (N, V) with answer_at
+    targets, m = batch["targets"], batch["loss_mask"]
+    if select is not None:
+        targets, m = targets.reshape(-1)[select], m.reshape(-1)[select]  # (N,)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(nll * m), jnp.sum(m)
 
 
@@ -153,13 +159,16 @@ def evaluate(eval_step, params, examples, batch_size: int, buckets, max_seq_len:
 
 
 def packing(tc, tok: Tokenizer, system_prompt, examples, max_seq_len: int, multiple: int = 1):
-    """(prefix, min_rows) of a run's packed batches (chatml.batch_for_step): the shared
-    system prompt (train.share_prefix) and the typical row count; (None, 0) unpacked."""
+    """(prefix, min_rows, answer_slots) of a run's packed batches (chatml.batch_for_step):
+    the shared system prompt (train.share_prefix), the typical row count and the room
+    for tokens with loss (0: the output head everywhere, as with gradient accumulation
+    or several devices, whose batches are split); (None, 0, 0) unpacked."""
     if not tc.pack_len:
-        return None, 0
+        return None, 0, 0
     prefix = chatml.system_prefix(tok, system_prompt) if tc.share_prefix else None
+    slots = chatml.answer_slots(examples, tc.batch_size, tc.seed) if multiple == 1 else 0
     return prefix, chatml.typical_rows(examples, tc.batch_size, tc.seed, tc.buckets, max_seq_len,
-                                       tc.pack_len, multiple, prefix)
+                                       tc.pack_len, multiple, prefix), slots
 
 
 def focus_examples(cfg: Config, tok: Tokenizer, max_seq_len: int) -> list:
@@ -379,14 +388,15 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
     t_start = time.time()
 
     multiple = tc.grad_accum_steps * (1 if mesh is None else mesh.size)
-    prefix, min_rows = packing(tc, tok, cfg.data.system_prompt, train_ex, model_cfg.max_seq_len, multiple)
-    focus_rows = packing(tc, tok, cfg.data.system_prompt, focus_ex, model_cfg.max_seq_len, multiple)[1] \
-        if focus else 0
+    prefix, min_rows, slots = packing(tc, tok, cfg.data.system_prompt, train_ex, model_cfg.max_seq_len, multiple)
+    _, focus_rows, focus_slots = packing(tc, tok, cfg.data.system_prompt, focus_ex, model_cfg.max_seq_len,
+                                         multiple) if focus else (None, 0, 0)
 
     def batch_at(step):
-        examples, k, rows = (focus_ex, step, focus_rows) if step < focus else (train_ex, step - focus, min_rows)
+        examples, k, rows, room = (focus_ex, step, focus_rows, focus_slots) if step < focus else \
+            (train_ex, step - focus, min_rows, slots)
         b = chatml.batch_for_step(examples, k, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len,
-                                  tc.pack_len, multiple, prefix, rows)
+                                  tc.pack_len, multiple, prefix, rows, room)
         return b if mesh is None else parallel.host_batch_to_global(b, batch_sh)  # this process's rows only
 
     def save_latest(step):

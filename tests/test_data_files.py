@@ -52,6 +52,7 @@ def test_arithmetic_answers_are_right():
             continue
         x, op, y = int(m.group(1)), m.group(2), int(m.group(3))
         want = x + y if op in "+加" else x - y
+        assert a.startswith("%d%s%d：" % (x, "+" if op in "+加" else "-", y)), (q, a)  # operands restated
         assert a.endswith("得%d。" % want), (q, a)
         # each step of the working is a true one-digit fact
         for l, o, r, rest in re.findall(r"(\d+)([+-])(\d+)((?:[+-]\d+)?)=", a):
@@ -72,6 +73,7 @@ def test_judgement_verdict_matches_the_numbers():
             continue
         x, rel, y = int(m.group(1)), m.group(2), int(m.group(3))
         holds = x > y if rel == "大于" else x < y
+        assert a.startswith("%d和%d：" % (x, y)), (q, a)  # operands restated
         assert a.endswith("，对。") == holds and a.endswith("不对。") != holds, (q, a)
         truth = "大于" if x > y else ("小于" if x < y else "等于")
         assert "所以%d%s%d；问的是%s，" % (x, truth, y, rel) in a, (q, a)
@@ -80,20 +82,22 @@ def test_judgement_verdict_matches_the_numbers():
 
 
 def test_string_answers_are_right():
+    """The operand is quoted in the question; the answer restates it and gives the result."""
     n = 0
     for rows in SPLITS.values():
         for row in rows:
             if row["category"] != "字符串":
                 continue
             q, a = _qa(row)[0]
-            s = re.findall(r"[a-z]{3,}", q)[0]
-            c = (re.findall(r"(?<![a-z])[a-z](?![a-z])", q) or [""])[0]
+            s = re.search(r"“([a-z]{3,6})”", q).group(1)
+            c = (re.findall(r"(?<![a-z“])[a-z](?![a-z”])", q) or [""])[0]
             t = _template(q, G.STR_TRAIN + G.STR_HELD, s=s, c=c)
             assert t is not None, q
-            assert a == G.str_op(s, t[1], c) == {"rev": s[::-1], "len": str(len(s)),
-                                                   "cnt": str(s.count(c)), "up": s.upper()}[t[1]]
+            assert a == {"rev": "“%s”倒过来是“%s”。" % (s, s[::-1]), "len": "“%s”有%d个字母。" % (s, len(s)),
+                         "cnt": "“%s”中有%d个%s。" % (s, s.count(c), c),
+                         "up": "“%s”的大写是“%s”。" % (s, s.upper())}[t[1]], (q, a)
             n += 1
-    assert n == len([r for rows in SPLITS.values() for r in rows if r["category"] == "字符串"])
+    assert n == len([r for rows in SPLITS.values() for r in rows if r["category"] == "字符串"]) == 3780
 
 
 def test_val_and_test_templates_never_occur_in_train():
@@ -142,34 +146,3 @@ def test_generate_reproduces_the_committed_files(tmp_path):
         os.path.join("corpus", f) for f in sorted(os.listdir(os.path.join(DATA, "corpus")))]
     match, mismatch, errors = filecmp.cmpfiles(DATA, tmp_path, names, shallow=False)
     assert mismatch == [] and errors == [] and len(match) == len(names)
-
-
-def test_worked_strings_variant_answers_are_right(tmp_path):
-    """generate.py --worked-strings: quoted operands, answers that restate the operand,
-    number the letters of a reversal, and end with the true result; other rows as committed."""
-    subprocess.run([sys.executable, os.path.join(DATA, "generate.py"), "--worked-strings", "--out", str(tmp_path)],
-                   check=True, capture_output=True)
-    n = 0
-    for split in ("train", "val", "test"):
-        with open(tmp_path / (split + ".jsonl"), encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
-        assert [r["category"] for r in rows] == [r["category"] for r in SPLITS[split]]
-        for row in rows:
-            if row["category"] != "字符串":
-                continue
-            q, a = _qa(row)[0]
-            s = re.search(r"“([a-z]+)”", q).group(1)
-            c = (re.findall(r"(?<![a-z“])[a-z](?![a-z”])", q) or [""])[0]
-            op = _template(q, [(t.replace("{s}", "“{s}”"), o) for t, o in G.STR_TRAIN + G.STR_HELD], s=s, c=c)[1]
-            want = {"rev": "“%s”。" % s[::-1], "len": "%d个字母。" % len(s),
-                    "cnt": "%d个%s。" % (s.count(c), c), "up": "“%s”。" % s.upper()}[op]
-            assert a.startswith("“%s”" % s) and a.endswith(want), (q, a)
-            if op == "rev":  # the numbered letters, forwards then backwards
-                fwd, back = re.match(r"“[a-z]+”：([^，]+)，倒过来([^，]+)，", a).groups()
-                assert fwd.split() == ["%d%s" % (i + 1, x) for i, x in enumerate(s)], a
-                assert back.split() == fwd.split()[::-1], a
-            n += 1
-    assert n == 3600 + 60 + 120
-    # the variant never overwrites the committed files
-    assert subprocess.run([sys.executable, os.path.join(DATA, "generate.py"), "--worked-strings"],
-                          capture_output=True).returncode == 1

@@ -808,9 +808,14 @@ def cands_classify(words, templates):
     return [(t.format(w=w), cls, ("word", w, t)) for w, cls in words for t in templates]
 
 
+def parity(n):
+    """The number restated, its units digit, the verdict: 96的个位是6，是偶数。
+    The units digit is a copy from a fixed spot; its parity is one of 10 facts."""
+    return "%d的个位是%d，是%s。" % (n, n % 10, "偶数" if n % 2 == 0 else "奇数")
+
+
 def cands_parity(nums, templates):
-    return [(t.format(n=n), "偶数" if n % 2 == 0 else "奇数", ("parity", n, t))
-            for n in nums for t in templates]
+    return [(t.format(n=n), parity(n), ("parity", n, t)) for n in nums for t in templates]
 
 
 def take(rng, cands, n, used=None):
@@ -1040,7 +1045,7 @@ def build_corpus(rng, facts, groups, feats, pools, words):
         for w, cls in words:
             sents.append(rng.choice(["%s是%s。", "%s属于%s。"]) % (w, cls))
     for n in P["pa"]:
-        sents.append("%d是%s。" % (n, "偶数" if n % 2 == 0 else "奇数"))
+        sents.append(parity(n))
     rng.shuffle(sents)
     files["classification.txt"] = paragraphs(sents, 5, 8)
     return files

@@ -100,6 +100,19 @@ def test_string_answers_are_right():
     assert n == len([r for rows in SPLITS.values() for r in rows if r["category"] == "字符串"]) == 3780
 
 
+def test_parity_answers_are_right():
+    """A parity answer restates the number, reads its units digit, gives the verdict."""
+    n = 0
+    for q, a in _all_qa():
+        m = re.search(r"\d+", q)
+        if "奇" not in q or not m:  # not a parity question ("什么是奇数？" is knowledge)
+            continue
+        x = int(m.group())
+        assert a == "%d的个位是%d，是%s。" % (x, x % 10, "偶数" if x % 2 == 0 else "奇数"), (q, a)
+        n += 1
+    assert n > 800
+
+
 def test_val_and_test_templates_never_occur_in_train():
     train_q = {q for row in SPLITS["train"] for q, _ in _qa(row)}
     held = set(G.KNOW_HELD)

@@ -37,10 +37,15 @@ def train_args(description: str) -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_training(cfg, args: argparse.Namespace) -> None:
+def run_training(cfg, args: argparse.Namespace, score_test: bool = False) -> None:
     """train.train(cfg) for bin/train and bin/pretrain: divergence or a full disk exit 1, Ctrl-C
-    prints the command that resumes the run and exits 130; ends with a one-line summary."""
-    from . import train
+    prints the command that resumes the run and exits 130; ends with a one-line summary.
+
+    score_test (bin/train): data.test, read and checked before training, is then answered
+    with the best checkpoint and scored per category (as bin/eval does); the table is
+    printed and written to out_dir/test_report.json."""
+    from . import evaluate, train
+    test_rows = evaluate.read_scored_rows(cfg.data.test) if score_test and cfg.data.test else None
     try:
         summary = train.train(cfg, resume=args.resume, progress=not args.no_progress)
     except train.TrainingDiverged as e:
@@ -57,5 +62,13 @@ def run_training(cfg, args: argparse.Namespace) -> None:
         print(f"error: {e.filename or cfg.out_dir}: {e.strerror or e}; the last complete checkpoints in "
               f"{cfg.out_dir} are kept", file=sys.stderr)
         sys.exit(1)
-    print(f"done: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f}, "
-          f"checkpoint in {summary['run_dir']}")
+    import jax
+    if test_rows and jax.process_count() == 1:
+        from . import checkpoint
+        from .decode import Generator
+        params, model_cfg, tok = checkpoint.restore(summary["run_dir"])
+        report = evaluate.score_rows(Generator(params, model_cfg, tok, cfg.data.system_prompt), test_rows)
+        print(f"best checkpoint on {cfg.data.test}: {report['n']} rows, greedy\n{evaluate.score_table(report)}")
+        evaluate.write_json(os.path.join(summary["run_dir"], "test_report.json"), {"data": cfg.data.test, **report})
+    print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, best validation loss "
+          f"{summary['best_val_loss']:.4f}, checkpoint in {summary['run_dir']}")

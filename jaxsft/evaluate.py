@@ -146,3 +146,56 @@ def mask_table(ids: Sequence[int], loss_mask: Sequence[int], itos: Sequence[str]
         mean = sum(n for n, m in zip(nll, loss_mask) if m) / max(counted, 1)
         out.append(f"loss over counted positions: {mean:.4f} (perplexity {math.exp(min(mean, 50.0)):.2f})")
     return "\n".join(out)
+
+
+def read_scored_rows(path: str) -> list:
+    """The rows of a JSONL file to score: each needs a reference answer."""
+    from .config import UserError
+    from .data import read_jsonl
+    rows = read_jsonl(path, need_answer=False)
+    for r in rows:
+        if r.expected is None:
+            raise UserError(f"{path}:{r.line}: no reference answer ('expected', 'response' or a last "
+                            f"assistant turn) to score against")
+    return rows
+
+
+def answer_rows(gen, rows):
+    """Greedy answers in batches of similar prompt length. Returns (answers,
+    how many prompts were cut to fit, how many answers hit max_new_tokens)."""
+    prompts, truncated = [], 0
+    for r in rows:
+        ids, cut = gen.prompt_ids(r.prompt_messages)
+        prompts.append(ids)
+        truncated += cut
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # fewer prompt-length buckets
+    ids = gen.generate_ids([prompts[i] for i in order])
+    answers = [None] * len(rows)
+    unfinished = 0
+    for i, a in zip(order, ids):
+        answers[i] = gen.tok.decode(a)
+        unfinished += len(a) >= gen.max_new_tokens  # no <|endoftext|> within the budget
+    return answers, truncated, unfinished
+
+
+def score_rows(gen, rows) -> dict:
+    """Answers every row with `gen` (decode.Generator) and scores it against its
+    reference: {n, truncated_prompts, unfinished, overall, by_category, rows}, each
+    row {line, category, question, expected, answer, exact_match, char_f1, answer_len}."""
+    answers, truncated, unfinished = answer_rows(gen, rows)
+    scores = [score_row(a, r.expected) for a, r in zip(answers, rows)]
+    report = aggregate(scores, [r.category for r in rows])
+    return {"n": len(rows), "truncated_prompts": truncated, "unfinished": unfinished, **report,
+            "rows": [{"line": r.line, "category": r.category, "question": r.question, "expected": r.expected,
+                      "answer": a, **sc} for r, a, sc in zip(rows, answers, scores)]}
+
+
+def write_json(path: str, obj) -> None:
+    """Writes obj as UTF-8 JSON through a temporary file: never half-written."""
+    import json
+    import os
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)

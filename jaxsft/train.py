@@ -523,4 +523,5 @@ def train(cfg: Config, resume: bool = False, log=_info, progress: bool = True) -
                 signal.signal(sig, handler)
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
-    return {"steps": total, "best_val_loss": best_val, "params": n_params, "run_dir": run_dir}
+    return {"steps": total, "best_val_loss": best_val, "params": n_params, "run_dir": run_dir,
+            "seconds": time.time() - t_start}

@@ -101,8 +101,10 @@ def trained_run(tmp_path_factory):
     run_dir = os.path.join(tmp, "run")
     config = write_tiny_config(tmp, run_dir)
     # packed rows (about 3 rows of 64 tokens per step) and exact match on the 4 val rows at each evaluation
+    # and data.test: the 4 val rows again, scored with the best checkpoint at the end
     proc = run_script("train", "--config", config, "--set", f"train.max_steps={TINY_STEPS}", "--set",
-                      "train.pack_len=64", "--set", "train.eval_exact=4", "--no-progress", timeout=300)
+                      "train.pack_len=64", "--set", "train.eval_exact=4", "--set",
+                      f"data.test={os.path.join(tmp, 'val.jsonl')}", "--no-progress", timeout=300)
     assert proc.returncode == 0, f"bin/train failed:\n{proc.stdout}\n{proc.stderr}"
     return {"run_dir": run_dir, "config": config, "rows": os.path.join(tmp, "val.jsonl"), "proc": proc}
 

@@ -2,6 +2,7 @@
 answers and bin/chat prints them back; user mistakes exit 2 with one line."""
 import json
 import os
+import re
 
 import pytest
 
@@ -22,7 +23,7 @@ def test_train_memorises(trained_run):
     proc, run_dir = trained_run["proc"], trained_run["run_dir"]
     assert "Traceback" not in proc.stderr
     done = proc.stdout.strip().splitlines()[-1]
-    assert done.startswith(f"done: {TINY_STEPS} steps, best validation loss ")
+    assert re.match(rf"done: {TINY_STEPS} steps in \d+ s, best validation loss ", done), done
     best = float(done.split("best validation loss ")[1].split(",")[0])
     assert best < 0.1
     assert {"config.json", "tokenizer.json", "best", "latest", "metrics.jsonl"} <= set(os.listdir(run_dir))
@@ -37,6 +38,35 @@ def test_train_memorises(trained_run):
     assert all(r["val_exact"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in val)
     assert [r["elapsed_s"] for r in val] == sorted(r["elapsed_s"] for r in val)
     assert f"step {TINY_STEPS}: val_loss" in proc.stdout and "exact match 100.0% of 4 rows" in proc.stdout
+
+
+def test_train_scores_the_test_set_with_the_best_checkpoint(trained_run, tmp_path):
+    """bin/train with data.test prints the per-category table of the best checkpoint and
+    writes out_dir/test_report.json; its figures and answers are bin/eval's."""
+    proc, run_dir = trained_run["proc"], trained_run["run_dir"]
+    assert f"best checkpoint on {trained_run['rows']}: 4 rows, greedy" in proc.stdout
+    assert re.search(r"^all +4 +100\.0% +1\.000", proc.stdout, re.M), proc.stdout
+    with open(os.path.join(run_dir, "test_report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    assert report["n"] == 4 and report["overall"]["exact_match"] == 1.0
+    assert [r["answer"] for r in report["rows"]] == [r["expected"] for r in report["rows"]]
+    out = tmp_path / "eval.json"
+    ev = run_script("eval", "--checkpoint", run_dir, "--data", trained_run["rows"], "--json", out)
+    assert ev.returncode == 0, ev.stderr
+    with open(out, encoding="utf-8") as f:
+        by_eval = json.load(f)
+    assert by_eval["rows"] == report["rows"] and by_eval["by_category"] == report["by_category"]
+
+
+def test_train_checks_the_test_file_before_training(tmp_path, qa):
+    """A test row without a reference answer stops bin/train before any step, with file:line."""
+    config = write_tiny_config(tmp_path, tmp_path / "run")
+    bad = tmp_path / "test.jsonl"
+    bad.write_text(json.dumps({"instruction": qa[0][0], "response": qa[0][1]}, ensure_ascii=False) + "\n"
+                   + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", encoding="utf-8")
+    proc = run_script("train", "--config", config, "--set", f"data.test={bad}", "--no-progress")
+    _one_line_error(proc, f"{bad}:2", "no reference answer")
+    assert not (tmp_path / "run").exists()
 
 
 def test_chat_prints_the_trained_answer(trained_run, qa):

@@ -3,6 +3,7 @@
 run, and a fine-tuning run that starts from it with the base's weights and ids intact."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +135,8 @@ def pretrained(tmp_path_factory):
 def test_pretrain_run_learns_and_writes_checkpoints(pretrained):
     run_dir, proc = pretrained["run_dir"], pretrained["proc"]
     assert "Traceback" not in proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].startswith(f"done: {PRETRAIN_STEPS} steps, best validation loss ")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.match(rf"done: {PRETRAIN_STEPS} steps in \d+ s, best validation loss ", last), last
     assert {"config.json", "tokenizer.json", "best", "latest", "metrics.jsonl"} <= set(os.listdir(run_dir))
     train_r, val_r = _records(run_dir)
     assert [r["step"] for r in train_r] == list(range(1, PRETRAIN_STEPS + 1))

@@ -198,13 +198,7 @@ def answer_slots(examples: Sequence, batch_size: int, seed: int, steps: int = 20
     One fixed size is one compiled shape; a later batch holding more runs the
     output head everywhere instead."""
     counts = np.array([int(np.count_nonzero(m)) for _, _, m in examples])
-    per_epoch = -(-len(examples) // batch_size)
-    most, orders = 0, {}
-    for step in range(steps):
-        epoch, i = divmod(step, per_epoch)
-        if epoch not in orders:
-            orders[epoch] = epoch_order(len(examples), seed, epoch)
-        most = max(most, int(counts[orders[epoch][i * batch_size:(i + 1) * batch_size]].sum()))
+    most = max(int(counts[batch_indices(len(examples), step, batch_size, seed)].sum()) for step in range(steps))
     return -(-most // quantum) * quantum
 
 
@@ -228,6 +222,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """The example indices of global step `step` over n examples: epoch = step //
+    steps_per_epoch, the next batch_size of that epoch's shuffled order."""
+    epoch, i = divmod(step, -(-n // batch_size))
+    return epoch_order(n, seed, epoch)[i * batch_size:(i + 1) * batch_size]
+
+
 def batch_for_step(examples: Sequence, step: int, batch_size: int, seed: int,
                    buckets: Sequence[int], max_seq_len: int, pack_len: int = 0, multiple: int = 1,
                    prefix: Optional[np.ndarray] = None, min_rows: int = 0, answer_slots: int = 0) -> dict:
@@ -237,10 +238,7 @@ def batch_for_step(examples: Sequence, step: int, batch_size: int, seed: int,
     (`pack_batch`) into rows of max(pack_len, that bucket) tokens, their number
     a multiple of `multiple` and at least min_rows, sharing `prefix` when given,
     with answer_at when answer_slots has room for its tokens with loss."""
-    per_epoch = -(-len(examples) // batch_size)
-    epoch, i = divmod(step, per_epoch)
-    idx = epoch_order(len(examples), seed, epoch)[i * batch_size:(i + 1) * batch_size]
-    chosen = [examples[j] for j in idx]
+    chosen = [examples[j] for j in batch_indices(len(examples), step, batch_size, seed)]
     if pack_len:
         longest = max(len(strip_prefix(e, prefix)[0][0]) for e in chosen)
         length = bucket_length(longest, buckets, max_seq_len)

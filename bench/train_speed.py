@@ -9,14 +9,14 @@ against a matmul peak measured in the same run, compile time, number of
 compilations and peak RSS; the last line is one JSON object of these figures.
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
-import sys
+import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
 
 def matmul_peak(n=2048, repeats=10, dtype="float32"):
@@ -49,45 +49,34 @@ def main():
     args = p.parse_args()
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from jaxsft import chatml, model, train
+    from jaxsft import model, parallel
     from jaxsft.config import load_config
-    from jaxsft.data import read_jsonl, row_texts
-    from jaxsft.tokenizer import Tokenizer
-    import dataclasses
+    from jaxsft.setup import prepare
+    from jaxsft.trainer import Trainer
 
-    cfg = load_config(args.config, [f"data.train={args.train}", f"data.val={args.train}"] + args.set)
+    cfg = load_config(args.config, [f"data.train={args.train}", f"data.val={args.train}",
+                                    f"out_dir={tempfile.mkdtemp()}/run", "train.focus_steps=0"] + args.set)
     tc = cfg.train
-    rows = read_jsonl(cfg.data.train)
-    tok = Tokenizer.build(row_texts(rows) + [cfg.data.system_prompt, "\n"])
-    mcfg = dataclasses.replace(cfg.model, vocab_size=len(tok))
-    examples, _ = chatml.encode_rows(rows, tok, cfg.data.system_prompt, mcfg.max_seq_len)
-
     peak = matmul_peak(args.peak_size, dtype=args.peak_dtype)
-    graphdef, params = model.init(mcfg, tc.seed)
+    # the trainer's own setup, state, step and batches (prefix shared, packing geometry, answer slots)
+    mesh = parallel.setup(cfg.mesh)
+    setup = prepare(cfg, mesh, log=lambda *a, **k: None)
+    if args.full_head:
+        setup = dataclasses.replace(setup, plan=dataclasses.replace(
+            setup.plan, main=dataclasses.replace(setup.plan.main, answer_slots=0)))
+    trainer = Trainer(setup, mesh, log=lambda *a, **k: None, progress=False)
+    mcfg, plan, step_fn, key, state = setup.model_cfg, setup.plan.main, trainer.train_step, trainer.key, trainer.state
     total = args.warmup + args.steps
-    tx = train.make_optimizer(tc, total)
-    state = train.TrainState(jnp.int32(0), params, tx.init(params))
-    step_fn = train.make_train_step(graphdef, tx, tc)
-    key = jax.random.PRNGKey(tc.seed)
-
-    prefix, min_rows, slots = train.packing(tc, tok, cfg.data.system_prompt, examples, mcfg.max_seq_len,
-                                            tc.grad_accum_steps)
-    slots = 0 if args.full_head else slots
-
-    def batch_at(s):
-        return chatml.batch_for_step(examples, s, tc.batch_size, tc.seed, tc.buckets, mcfg.max_seq_len,
-                                     tc.pack_len, tc.grad_accum_steps, prefix, min_rows, slots)
-
-    batches = [batch_at(s) for s in range(args.warmup, total)]
+    host = [plan.batch(s) for s in range(args.warmup, total)]
+    batches = [parallel.host_batch_to_global(h, trainer.rows) for h in host]
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batches[0], key).compile()
     compile_s = time.perf_counter() - t0
     del compiled
     # warm-up: a few steps, then one step per distinct batch shape, so the timed loop compiles nothing
-    warm = [batch_at(s) for s in range(args.warmup)]
-    warm += list({(b["inputs"].shape, "answer_at" in b): b for b in batches}.values())
+    warm = [trainer.batch_at(s) for s in range(args.warmup)]
+    warm += list({(h.inputs.shape, h.answer_at is None): b for h, b in zip(host, batches)}.values())
     for b in warm:
         state, m = step_fn(state, b, key)
     jax.block_until_ready(state)
@@ -97,25 +86,26 @@ def main():
     flops = exec_flops = 0.0
     head = 6 * mcfg.vocab_size * mcfg.d_model  # training FLOPs of the tied head, per position
     t0 = time.perf_counter()
-    for b in batches:
-        state, m = step_fn(state, b, key)
+    for h in host:  # the host-to-device copy counts, as in a run (there it overlaps the step before)
+        state, m = step_fn(state, parallel.host_batch_to_global(h, trainer.rows), key)
     jax.block_until_ready(state)
     dt = time.perf_counter() - t0
-    for b in batches:
-        B, L = b["inputs"].shape
-        if "segments" in b:  # packed: one length per example
-            lens = [int(n) for row in b["segments"] for n in np.bincount(row)[1:] if n]
+    trainer.close()
+    for b in host:
+        B, L = b.inputs.shape
+        if b.segments is not None:  # packed: one length per example
+            lens = [int(n) for row in b.segments for n in np.bincount(row)[1:] if n]
         else:
-            lens = [int(n) for n in (b["inputs"] != 0).sum(1) if n]  # pad id 0 never occurs inside a row
+            lens = [int(n) for n in (b.inputs != 0).sum(1) if n]  # pad id 0 never occurs inside a row
         nonpad += sum(lens)
         padded += B * L
-        answer_tokens += int(b["loss_mask"].sum())
+        answer_tokens += int(b.loss_mask.sum())
         # the output head counts where it runs: every token, or the answer_at positions
         flops += sum(model.flops_per_token(mcfg, n, head=False) * n for n in lens)
-        flops += head * (int(b["loss_mask"].sum()) if "answer_at" in b else sum(lens))
+        flops += head * (int(b.loss_mask.sum()) if b.answer_at is not None else sum(lens))
         exec_flops += model.flops_per_token(mcfg, L, head=False) * B * L
-        exec_flops += head * (len(b["answer_at"]) if "answer_at" in b else B * L)
-        head_everywhere += "answer_at" not in b
+        exec_flops += head * (len(b.answer_at) if b.answer_at is not None else B * L)
+        head_everywhere += b.answer_at is None
     n_ex = len(batches) * tc.batch_size
     figures = {
         "config": os.path.basename(args.config), "params": model.count_params(state.params),
@@ -126,7 +116,7 @@ def main():
         "peak_gflops": peak / 1e9, "mfu_useful": flops / dt / peak, "mfu_executed": exec_flops / dt / peak,
         "compile_s": compile_s, "compilations": step_fn._cache_size(),
         "compilations_after_warmup": step_fn._cache_size() - compilations_warm, "pack_len": tc.pack_len,
-        "answer_slots": slots, "batches_head_everywhere": head_everywhere,
+        "answer_slots": plan.answer_slots, "batches_head_everywhere": head_everywhere,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_dtype": args.peak_dtype, "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind, "dtype": tc.dtype, "devices": jax.device_count(),

@@ -24,20 +24,14 @@ import orbax.checkpoint as ocp
 
 from . import model
 from .config import ModelConfig, UserError, model_config_from_dict, to_dict
+from .files import write_json
 from .tokenizer import Tokenizer
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
 
 
 def write_meta(run_dir: str, cfg, tok: Tokenizer) -> None:
     """config.json and tokenizer.json beside the checkpoints (process 0 only)."""
     os.makedirs(run_dir, exist_ok=True)
-    _write_json(os.path.join(run_dir, "config.json"), to_dict(cfg))
+    write_json(os.path.join(run_dir, "config.json"), to_dict(cfg), indent=2)
     tok.save(os.path.join(run_dir, "tokenizer.json"))
 
 

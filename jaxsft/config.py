@@ -70,8 +70,10 @@ class TrainConfig:
     seed: int = 42
     # validate every N steps (0: only at the end of each epoch)
     eval_every: int = 0
-    # save the full training state for --resume every N steps (0: only at evaluations)
+    # save the full training state for --resume every N steps (0: only at evaluations) ...
     save_every: int = 0
+    # ... and at least every N seconds of training, so a kill loses at most about that (0: off)
+    save_every_s: int = 60
     # split each batch into k micro-batches whose gradients are summed by token count
     grad_accum_steps: int = 1
     # activation dtype: float32 or bfloat16 (parameters and optimizer state stay float32)
@@ -295,7 +297,8 @@ def validate(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('model.dropout')}: must be in [0, 1), got {m.dropout}")
     for key, v in [("train.weight_decay", t.weight_decay), ("train.warmup_steps", t.warmup_steps),
                    ("train.max_grad_norm", t.max_grad_norm), ("train.eval_every", t.eval_every),
-                   ("train.save_every", t.save_every), ("train.sample_questions", t.sample_questions),
+                   ("train.save_every", t.save_every), ("train.save_every_s", t.save_every_s),
+                   ("train.sample_questions", t.sample_questions),
                    ("train.pack_len", t.pack_len), ("train.eval_exact", t.eval_exact),
                    ("train.focus_steps", t.focus_steps)]:
         if v < 0:

@@ -12,6 +12,7 @@ bounded number of programs) and decodes the answers.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import chatml, model
+from . import chatml, masks, model
 from .config import ModelConfig
 from .tokenizer import Tokenizer
 
@@ -52,64 +53,67 @@ def pick(logits, key, s: Sampling):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _prefill(params, prompts, prompt_lens, key, graphdef, cfg: ModelConfig, max_new_tokens: int,
-             sampling: Sampling):
+@dataclass(frozen=True)
+class Spec:
+    """What a compiled decoder is specialised on (static, hashable)."""
+    graphdef: object
+    cfg: ModelConfig
+    max_new_tokens: int
+    end_id: int
+    pad_id: int = 0
+    sampling: Sampling = Sampling()
+
+
+def _prefill(params, prompts, prompt_lens, key, spec: Spec):
     """prompts (B, P) int32, left-padded: row b's prompt is prompts[b, P - prompt_lens[b]:].
     Returns the first answer tokens (B,) int32 and the KV cache (P + max_new_tokens slots)
     holding the prompts."""
     B, P = prompts.shape
-    S = P + max_new_tokens
-    pad = P - prompt_lens  # (B,)
-    key_idx = jnp.arange(S)
-    key_valid = key_idx[None, :] >= pad[:, None]  # (B, S): pads are never attended to
+    S = P + spec.max_new_tokens
+    cfg = spec.cfg
     dtype = jax.tree.leaves(params)[0].dtype
     cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
-    positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P)
-    mask = (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]  # (B, P, S)
-    logits, cache = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=cache, index=0,
-                                last_only=True)
-    return pick(logits[:, -1], jax.random.fold_in(key, 0), sampling), cache
+    positions = jnp.maximum(jnp.arange(P)[None, :] - (P - prompt_lens)[:, None], 0)  # (B, P)
+    logits, cache = model.apply(spec.graphdef, params, prompts, positions=positions,
+                                mask=masks.prefill(prompt_lens, P, S), cache=cache, index=0, last_only=True)
+    return pick(logits[:, -1], jax.random.fold_in(key, 0), spec.sampling), cache
 
 
-def _step(params, tok, cache, done, prompt_lens, i, key, graphdef, P: int, end_id: int, pad_id: int,
-          sampling: Sampling):
-    """Token i of the answer from token i - 1: tok, done (B,), i int32 scalar, P the prompt
-    length. Returns (next tokens (B,), cache, done); finished rows get pad_id."""
+def _step(params, tok, cache, done, prompt_lens, i, key, spec: Spec):
+    """Token i of the answer from token i - 1: tok, done (B,), i int32 scalar.
+    Returns (next tokens (B,), cache, done); finished rows get pad_id."""
     S = cache[0][0].shape[2]
-    key_idx = jnp.arange(S)
-    key_valid = key_idx[None, :] >= (P - prompt_lens)[:, None]  # (B, S)
+    P = S - spec.max_new_tokens
     pos = (prompt_lens + i - 1)[:, None]  # (B, 1)
-    step_mask = ((key_idx <= P + i - 1)[None, :] & key_valid)[:, None, :]  # (B, 1, S)
-    logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos, mask=step_mask,
-                                cache=cache, index=P + i - 1)
-    nxt = jnp.where(done, pad_id, pick(logits[:, -1], jax.random.fold_in(key, i), sampling))
-    return nxt, cache, done | (nxt == end_id)
+    logits, cache = model.apply(spec.graphdef, params, tok[:, None], positions=pos,
+                                mask=masks.decode_step(prompt_lens, P, S, P + i - 1), cache=cache, index=P + i - 1)
+    nxt = jnp.where(done, spec.pad_id, pick(logits[:, -1], jax.random.fold_in(key, i), spec.sampling))
+    return nxt, cache, done | (nxt == spec.end_id)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "max_new_tokens", "end_id", "pad_id", "sampling"))
-def generate(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, max_new_tokens: int,
-             end_id: int, pad_id: int = 0, sampling: Sampling = Sampling()):
-    """Decodes up to max_new_tokens tokens after each prompt.
+@functools.partial(jax.jit, static_argnames=("spec",))
+def generate(params, prompts, prompt_lens, key, *, spec: Spec):
+    """Decodes up to spec.max_new_tokens tokens after each prompt.
 
     prompts (B, P) int32, left-padded: row b's prompt is prompts[b, P - prompt_lens[b]:].
     Returns tokens (B, max_new_tokens) int32: each row's answer, then <|endoftext|>,
     then pad_id.
     """
     B, P = prompts.shape
-    tok, cache = _prefill(params, prompts, prompt_lens, key, graphdef, cfg, max_new_tokens, sampling)
-    out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    n = spec.max_new_tokens
+    tok, cache = _prefill(params, prompts, prompt_lens, key, spec)
+    out = jnp.full((B, n), spec.pad_id, jnp.int32).at[:, 0].set(tok)
 
     def cond(state):
         i, _, _, _, done = state
-        return (i < max_new_tokens) & ~jnp.all(done)
+        return (i < n) & ~jnp.all(done)
 
     def body(state):
         i, tok, cache, out, done = state
-        nxt, cache, done = _step(params, tok, cache, done, prompt_lens, i, key, graphdef, P, end_id, pad_id,
-                                 sampling)
+        nxt, cache, done = _step(params, tok, cache, done, prompt_lens, i, key, spec)
         return i + 1, nxt, cache, jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i)), done
 
-    state = (jnp.int32(1), tok, cache, out, tok == end_id)
+    state = (jnp.int32(1), tok, cache, out, tok == spec.end_id)
     return jax.lax.while_loop(cond, body, state)[3]
 
 
@@ -154,8 +158,25 @@ class Generator:
         self.params, self.cfg, self.tok = params, cfg, tok
         self.graphdef = model.abstract(cfg)[0]
         self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        # half the context holds the answer, the rest the prompt
         self.max_new_tokens = min(max_new_tokens, cfg.max_seq_len // 2)
+        if self.max_new_tokens < max_new_tokens:
+            _note_once(f"note: answers are capped at {self.max_new_tokens} tokens (half of max_seq_len "
+                       f"{cfg.max_seq_len}; the other half holds the prompt), not {max_new_tokens}")
         self.batch_size = batch_size
+
+    @classmethod
+    def from_run(cls, run_dir: str, system_prompt: Optional[str] = None, **kw) -> "Generator":
+        """The best checkpoint of a run, answering with the system prompt it was trained
+        with (or `system_prompt`): the one way a script gets a model that answers."""
+        from . import checkpoint
+        params, model_cfg, tok = checkpoint.restore(run_dir)
+        if system_prompt is None:
+            system_prompt = checkpoint.read_meta(run_dir)[0]["data"]["system_prompt"]
+        return cls(params, model_cfg, tok, system_prompt, **kw)
+
+    def spec(self, sampling: Sampling) -> Spec:
+        return Spec(self.graphdef, self.cfg, self.max_new_tokens, self.tok.end_id, self.tok.pad_id, sampling)
 
     def prompt_ids(self, messages) -> tuple[np.ndarray, bool]:
         """ChatML prompt ids for a conversation ending with a user turn, cut to fit
@@ -192,8 +213,7 @@ class Generator:
                 lens[i] = len(p)
             arr[len(chunk):, -1] = self.tok.bos_id  # filler rows: a 1-token prompt
             out = generate(self.params, jnp.asarray(arr), jnp.asarray(lens), jax.random.PRNGKey(seed + start),
-                           graphdef=self.graphdef, cfg=self.cfg, max_new_tokens=self.max_new_tokens,
-                           end_id=self.tok.end_id, pad_id=self.tok.pad_id, sampling=sampling)
+                           spec=self.spec(sampling))
             for row in np.asarray(out)[: len(chunk)]:
                 row = list(row)
                 answers.append(row[: row.index(self.tok.end_id)] if self.tok.end_id in row else row)
@@ -212,9 +232,7 @@ class Generator:
         arr = np.full((1, P), self.tok.pad_id, np.int32)
         arr[0, P - len(prompt):] = prompt
         for tok in generate_stream(self.params, jnp.asarray(arr), jnp.asarray([len(prompt)], np.int32),
-                                   jax.random.PRNGKey(seed), graphdef=self.graphdef, cfg=self.cfg,
-                                   max_new_tokens=self.max_new_tokens, end_id=self.tok.end_id,
-                                   pad_id=self.tok.pad_id, sampling=sampling):
+                                   jax.random.PRNGKey(seed), spec=self.spec(sampling)):
             if tok[0] == self.tok.end_id:
                 return
             yield int(tok[0])
@@ -224,23 +242,28 @@ class Generator:
 # jitted one-token step (`_step`, the body of generate's loop) that updates the KV cache in
 # place (donated), so each token reaches the caller as soon as it exists.
 
-_stream_prefill = jax.jit(_prefill, static_argnames=("graphdef", "cfg", "max_new_tokens", "sampling"))
-_stream_step = jax.jit(_step, static_argnames=("graphdef", "P", "end_id", "pad_id", "sampling"), donate_argnums=(2,))
+_stream_prefill = jax.jit(_prefill, static_argnames=("spec",))
+_stream_step = jax.jit(_step, static_argnames=("spec",), donate_argnums=(2,))
 
 
-def generate_stream(params, prompts, prompt_lens, key, *, graphdef, cfg: ModelConfig, max_new_tokens: int,
-                    end_id: int, pad_id: int = 0, sampling: Sampling = Sampling()):
+def generate_stream(params, prompts, prompt_lens, key, *, spec: Spec):
     """Like `generate`, one step at a time: yields tokens (B,) numpy int32 for
     answer positions 0, 1, ... until every row has written end_id or
     max_new_tokens tokens are out. Stacked, they equal generate's output."""
-    P = prompts.shape[1]
-    tok, cache = _stream_prefill(params, prompts, prompt_lens, key, graphdef=graphdef, cfg=cfg,
-                                 max_new_tokens=max_new_tokens, sampling=sampling)
-    done = tok == end_id
+    tok, cache = _stream_prefill(params, prompts, prompt_lens, key, spec=spec)
+    done = tok == spec.end_id
     yield np.asarray(tok)
-    for i in range(1, max_new_tokens):
+    for i in range(1, spec.max_new_tokens):
         if np.asarray(done).all():
             return
-        tok, cache, done = _stream_step(params, tok, cache, done, prompt_lens, jnp.int32(i), key, graphdef=graphdef,
-                                        P=P, end_id=end_id, pad_id=pad_id, sampling=sampling)
+        tok, cache, done = _stream_step(params, tok, cache, done, prompt_lens, jnp.int32(i), key, spec=spec)
         yield np.asarray(tok)
+
+
+_noted: set = set()
+
+
+def _note_once(msg: str) -> None:
+    if msg not in _noted:
+        _noted.add(msg)
+        print(msg, file=sys.stderr)

@@ -188,14 +188,3 @@ def score_rows(gen, rows) -> dict:
     return {"n": len(rows), "truncated_prompts": truncated, "unfinished": unfinished, **report,
             "rows": [{"line": r.line, "category": r.category, "question": r.question, "expected": r.expected,
                       "answer": a, **sc} for r, a, sc in zip(rows, answers, scores)]}
-
-
-def write_json(path: str, obj) -> None:
-    """Writes obj as UTF-8 JSON through a temporary file: never half-written."""
-    import json
-    import os
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)

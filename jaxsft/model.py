@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import masks
 from .config import ModelConfig
 
 _init = nnx.initializers.normal(stddev=0.02)
@@ -170,7 +171,7 @@ class GPT(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if mask is None:
-            mask = jnp.tril(jnp.ones((1, T, T), bool))
+            mask = masks.causal(T)
         rate = self.cfg.dropout
         keys = [None] * (2 * len(self.blocks) + 1)
         if dropout_key is not None and rate > 0:

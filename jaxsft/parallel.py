@@ -15,6 +15,8 @@ it times train.grad_accum_steps when accumulating).
     state = shard_tree(state, state_shardings(state, mesh))
     batch = host_batch_to_global(batch, batch_sharding(mesh))  # numpy (B, L) -> this process's rows
 
+One device is a 1 x 1 mesh: the same code runs on it.
+
 Multi-host: `init_distributed(cfg.mesh)` before anything else touches JAX.
 Each process then runs the same program on its own devices; process p
 loads rows [p*B/n, (p+1)*B/n) of every global batch.
@@ -98,14 +100,16 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[:n])
 
 
-def setup(mesh_cfg) -> Optional[jax.sharding.Mesh]:
-    """Starts multi-host JAX if configured and builds the mesh; None when the
-    run uses one device (then nothing is sharded: the single-device path)."""
+def one_device_mesh() -> jax.sharding.Mesh:
+    """A 1 x 1 mesh on this process's first device."""
+    return jax.make_mesh((1, 1), AXES, axis_types=(AxisType.Auto,) * 2, devices=jax.local_devices()[:1])
+
+
+def setup(mesh_cfg) -> jax.sharding.Mesh:
+    """Starts multi-host JAX if configured and builds the mesh: always one, 1 x 1 on
+    a single device, so one code path serves one device or many."""
     init_distributed(mesh_cfg)
-    if jax.device_count() == 1 and not (mesh_cfg.data > 1 or mesh_cfg.fsdp > 1):
-        return None
-    mesh = make_mesh(mesh_cfg)
-    return None if mesh.size == 1 and jax.process_count() == 1 else mesh
+    return make_mesh(mesh_cfg)
 
 
 def sync(name: str) -> None:
@@ -113,6 +117,14 @@ def sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's flag on every process (a decision all must take together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def replicated(mesh) -> NamedSharding:
@@ -179,15 +191,16 @@ def check_batch(batch_size: int, grad_accum_steps: int, mesh) -> None:
         raise UserError(f"{what} = {micro} rows is not a multiple of the {n} devices of the mesh")
 
 
-def global_batch(local_batch: dict, sharding) -> dict:
+def global_batch(local_batch, sharding):
     """This process's rows of a batch (numpy, each (B/n_processes, L)) -> global
     jax arrays (B, L) split along rows as `sharding` says."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), local_batch)
 
 
-def host_batch_to_global(batch: dict, sharding) -> dict:
-    """The full global batch (numpy, identical on every process) -> global arrays,
-    each process transferring only its own rows."""
-    rows = next(iter(batch.values())).shape[0]
-    lo, hi = process_rows(rows, sharding)
-    return global_batch({k: v[lo:hi] for k, v in batch.items()}, sharding)
+def host_batch_to_global(batch, sharding):
+    """The full global batch (a `batching.Batch`, numpy, identical on every process)
+    -> global arrays, each process transferring only its own rows."""
+    if jax.process_count() == 1:  # every row is this process's (and answer_at needs no split)
+        return global_batch(batch, sharding)
+    lo, hi = process_rows(batch.inputs.shape[0], sharding)
+    return global_batch(batch.rows(lo, hi), sharding)

@@ -1,6 +1,6 @@
 """curves.png: the seed's Part 5 figure, drawn from a run's metrics.jsonl.
 
-metrics.jsonl holds one JSON object per line, so anyone can re-plot:
+metrics.jsonl (`jaxsft.metrics`) holds one JSON object per line, so anyone can re-plot:
 
     {"step": 10, "loss": 2.31, "lr": 0.001, "grad_norm": 0.8, "tokens": 412}   a training step
     {"step": 250, "val_loss": 1.92, "best": true}                             an evaluation
@@ -14,28 +14,14 @@ atomically, so a viewer never sees half a PNG.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Optional
 
 import numpy as np
 
-
-def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
-    """(training records, evaluation records) of a metrics.jsonl; a torn last line is skipped."""
-    train, val = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "loss" in r:
-                train.append(r)
-            elif "val_loss" in r:
-                val.append(r)
-    return train, val
+from .files import atomic
+from .metrics import read_metrics
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
@@ -89,9 +75,8 @@ def write_curves(run_dir: str) -> Optional[str]:
     if not train and not val:
         return None
     out = os.path.join(run_dir, "curves.png")
-    tmp = out + ".tmp"
-    draw(train, val).savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out)
+    with atomic(out, "wb") as f:
+        draw(train, val).savefig(f, format="png", dpi=100)
     return out
 
 if __name__ == "__main__":

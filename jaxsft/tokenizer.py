@@ -7,9 +7,10 @@ characters; a character outside the vocabulary becomes <unk>.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Iterable
+
+from .files import atomic
 
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"
@@ -71,11 +72,9 @@ class Tokenizer:
         return "".join(out)
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic(path) as f:
             json.dump({"type": "char", "specials": list(SPECIALS), "chars": self.itos[len(SPECIALS):]},
                       f, ensure_ascii=False, indent=0)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":

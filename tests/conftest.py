@@ -71,7 +71,7 @@ def write_jsonl(path, pairs) -> str:
 
 def run_script(name: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
     """Runs bin/<name> with this interpreter; returns the completed process (text output)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8", PYTHONPATH=REPO)  # this checkout's jaxsft
     return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

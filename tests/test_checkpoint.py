@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft import checkpoint, model, train
+from jaxsft import checkpoint, model, steps
 from jaxsft.config import Config, ModelConfig, TrainConfig, UserError
 from jaxsft.tokenizer import Tokenizer
 
@@ -66,12 +66,12 @@ def test_best_is_the_lowest_validation_loss(tmp_path, cfg, tok):
 
 def test_latest_state_round_trip(tmp_path, cfg):
     _, params = _params(cfg, 3)
-    tx = train.make_optimizer(TrainConfig(), 10)
-    state = {"state": train.TrainState(jnp.int32(7), params, tx.init(params)), "best_val_loss": jnp.float32(0.5)}
+    tx = steps.make_optimizer(TrainConfig(), 10)
+    state = {"state": steps.TrainState.create(params, tx).replace(step=jnp.int32(7)), "best_val_loss": jnp.float32(0.5)}
     ck = checkpoint.RunCheckpoints(str(tmp_path))
     ck.save_latest(7, state)
     ck.wait()
-    target = {"state": train.TrainState(jnp.int32(0), jax.tree.map(jnp.zeros_like, params), tx.init(params)),
+    target = {"state": steps.TrainState.create(jax.tree.map(jnp.zeros_like, params), tx),
               "best_val_loss": jnp.float32(0)}
     back = ck.restore_latest(target)
     ck.close()

@@ -59,8 +59,8 @@ def _left_pad(prompts, length=P):
 
 def _generate(graphdef, params, cfg, prompts, end_id, sampling=Sampling(), key=0):
     arr, lens = _left_pad(prompts)
-    out = decode.generate(params, arr, lens, jax.random.PRNGKey(key), graphdef=graphdef, cfg=cfg,
-                          max_new_tokens=N, end_id=end_id, pad_id=PAD, sampling=sampling)
+    spec = decode.Spec(graphdef, cfg, max_new_tokens=N, end_id=end_id, pad_id=PAD, sampling=sampling)
+    out = decode.generate(params, arr, lens, jax.random.PRNGKey(key), spec=spec)
     return np.asarray(out).tolist()
 
 

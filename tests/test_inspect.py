@@ -86,9 +86,10 @@ def test_bin_inspect_row_out_of_range(tmp_path):
 
 def test_bin_inspect_with_checkpoint_shows_the_training_loss(trained_run):
     """The mean of the printed per-token losses is the training loss of that row,
-    computed independently with train.loss_sums on the same example."""
+    computed independently with steps.loss_sums on the same example."""
     import jax.numpy as jnp
-    from jaxsft import checkpoint, model, train
+    from jaxsft import checkpoint, model, steps
+    from jaxsft.batching import Batch
     from jaxsft.data import read_jsonl
 
     proc = run_script("inspect", "--config", trained_run["config"], "--split", "val", "--row", 0,
@@ -103,9 +104,8 @@ def test_bin_inspect_with_checkpoint_shows_the_training_loss(trained_run):
     params, model_cfg, tok = checkpoint.restore(trained_run["run_dir"])
     row = read_jsonl(trained_run["rows"])[0]
     x, y, m = chatml.to_example(*chatml.render(row.messages, tok, "你是一个有帮助的AI助手。"), model_cfg.max_seq_len)
-    s, n = train.loss_sums(params, model.abstract(model_cfg)[0],
-                           {"inputs": jnp.asarray(x[None]), "targets": jnp.asarray(y[None]),
-                            "loss_mask": jnp.asarray(m[None], jnp.float32)})
+    s, n = steps.loss_sums(params, model.abstract(model_cfg)[0],
+                           Batch(jnp.asarray(x[None]), jnp.asarray(y[None]), jnp.asarray(m[None], jnp.float32)))
     assert int(n) == len(counted)
     mean = float(s / n)
     assert lines[-1].startswith("loss over counted positions: ")

@@ -78,7 +78,7 @@ def runs(tmp_path_factory):
 
     import jax
 
-    from jaxsft import train as T
+    from jaxsft import trainer as T
     assert jax.process_count() == 1 and jax.device_count() == 1  # this process: the one-device reference
     one = os.path.join(d, "one")
     cfg = tiny_config(d, "model.dropout=0.1", f"out_dir={one}")

@@ -61,35 +61,34 @@ def worker(d: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxsft import chatml, checkpoint, model, parallel
-    from jaxsft import train as T
+    from jaxsft import checkpoint, model, parallel, setup, steps, trainer
+    from jaxsft.batching import BatchPlan
     from jaxsft.config import MeshConfig
 
     assert jax.device_count() == 8, jax.devices()
     write_data(d)
     cfg = tiny_config(d, "model.dropout=0.1")  # sharded runs must draw the same dropout masks
-    model_cfg, _, train_ex, _, _, _ = T.prepare(cfg, log=lambda *a, **k: None)
+    prepared = setup.prepare(cfg, parallel.one_device_mesh(), log=lambda *a, **k: None)
+    model_cfg, train_ex = prepared.model_cfg, prepared.train_examples
     no_dropout = dataclasses.replace(model_cfg, dropout=0.0)  # micro-batches draw their own masks
     out = {}
 
-    def trajectory(tc, mesh_cfg=None, mcfg=model_cfg):
-        """Per-step losses and final state of STEPS optimizer steps (one device when mesh_cfg is None)."""
-        graphdef, params = T.init_params_from(mcfg, tc.seed, None)
-        tx = T.make_optimizer(tc, STEPS)
-        state = T.TrainState(jnp.int32(0), params, tx.init(params))
-        key = jax.random.PRNGKey(tc.seed)
-        shardings = None
-        if mesh_cfg is not None:
-            mesh = parallel.make_mesh(mesh_cfg)
-            shardings = (parallel.state_shardings(state, mesh), parallel.batch_sharding(mesh))
-            state = parallel.shard_tree(state, shardings[0])
-        step = T.make_train_step(graphdef, tx, tc, shardings)
+    def trajectory(tc, mesh_cfg=MeshConfig(data=1, fsdp=1), mcfg=model_cfg, examples=train_ex):
+        """Per-step losses and final state of STEPS optimizer steps (one device by default): the
+        trainer's own pieces, the batch plan of `tc` (packing and the shared prefix when set)."""
+        graphdef, params = setup.init_params_from(mcfg, tc.seed)
+        tx = steps.make_optimizer(tc, STEPS)
+        state = steps.TrainState.create(params, tx)
+        mesh = parallel.make_mesh(mesh_cfg)
+        state_sh, rows = parallel.state_shardings(state, mesh), parallel.batch_sharding(mesh)
+        state = parallel.shard_tree(state, state_sh)
+        key = parallel.shard_tree(jax.random.PRNGKey(tc.seed), parallel.replicated(mesh))
+        step = steps.make_train_step(graphdef, tx, tc, mesh, state_sh)
+        plan = setup.run_plan(dataclasses.replace(cfg, train=tc, model=mcfg), prepared.tok, examples, [],
+                              multiple=tc.grad_accum_steps * mesh.size)
         losses = []
         for s in range(STEPS):
-            batch = chatml.batch_for_step(train_ex, s, tc.batch_size, tc.seed, tc.buckets, model_cfg.max_seq_len)
-            if shardings is not None:
-                batch = parallel.host_batch_to_global(batch, shardings[1])
-            state, m = step(state, batch, key)
+            state, m = step(state, parallel.host_batch_to_global(plan.batch(s), rows), key)
             losses.append(float(m["loss"]))
         return losses, state
 
@@ -108,13 +107,25 @@ def worker(d: str) -> None:
     out["accum1_single"], _ = trajectory(tc, mcfg=no_dropout)
     out["accum4_single"], _ = trajectory(dataclasses.replace(tc, grad_accum_steps=4), mcfg=no_dropout)
     out["accum2_dp"], _ = trajectory(dataclasses.replace(tc, grad_accum_steps=2), MeshConfig(), no_dropout)
+    # packed rows with the shared system prompt (the default config's path): on one device the output
+    # head runs at answer positions only; on 8 devices the rows are padded to a multiple of 8 and
+    # the head runs everywhere. Dropout 0: masks depend on the number of packed rows.
+    packed = dataclasses.replace(tc, pack_len=48, share_prefix=True)
+    one_plan = setup.run_plan(dataclasses.replace(cfg, train=packed), prepared.tok, train_ex, [])
+    out["packed_uses_prefix_and_head"] = [one_plan.batch(s).prefix is not None and one_plan.batch(s).answer_at
+                                          is not None for s in range(STEPS)]
+    out["packed_one"], _ = trajectory(packed, mcfg=no_dropout)
+    out["packed_dp"], _ = trajectory(packed, MeshConfig(), no_dropout)
+    out["packed_fsdp"], _ = trajectory(packed, MeshConfig(fsdp=4), no_dropout)
+    out["packed_accum2_dp"], _ = trajectory(dataclasses.replace(packed, grad_accum_steps=2), MeshConfig(), no_dropout)
+    out["packed_accum4_one"], _ = trajectory(dataclasses.replace(packed, grad_accum_steps=4), mcfg=no_dropout)
     out["bf16"], bf16_state = trajectory(dataclasses.replace(tc, dtype="bfloat16"))
     out["bf16_dtypes"] = sorted({str(x.dtype) for x in jax.tree.leaves((bf16_state.params, bf16_state.opt_state))
                                  if jnp.issubdtype(x.dtype, jnp.floating)})
 
     # the whole loop with fsdp over all 8 devices: train() writes metrics and a sharded checkpoint
     run_cfg = dataclasses.replace(cfg, mesh=MeshConfig(fsdp=8))
-    T.train(run_cfg, log=lambda *a, **k: None, progress=False)
+    trainer.train(run_cfg, log=lambda *a, **k: None, progress=False)
     with open(os.path.join(d, "run", "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     out["train_fsdp"] = [r["loss"] for r in records if "loss" in r]
@@ -129,8 +140,8 @@ def worker(d: str) -> None:
     np.savez(os.path.join(d, "best8.npz"), **flat)
 
     # the full training state saved with fsdp=8 resumes onto another layout: 8-way data parallel
-    _, params0 = T.init_params_from(model_cfg, tc.seed, None)
-    fresh = T.TrainState(jnp.int32(0), params0, T.make_optimizer(tc, STEPS).init(params0))
+    _, params0 = setup.init_params_from(model_cfg, tc.seed)
+    fresh = steps.TrainState.create(params0, steps.make_optimizer(tc, STEPS))
     dp = parallel.make_mesh(MeshConfig())
     target = {"state": parallel.shard_tree(fresh, parallel.state_shardings(fresh, dp)),
               "best_val_loss": parallel.shard_tree(np.float32(0), parallel.replicated(dp))}
@@ -235,14 +246,12 @@ def test_full_state_saved_on_8_devices_resumes_on_1(measured):
     import jax
     import jax.numpy as jnp
 
-    from jaxsft import checkpoint
-    from jaxsft import train as T
+    from jaxsft import checkpoint, parallel, setup, steps
     d = measured["dir"]
     cfg = tiny_config(d)
-    model_cfg, _, _, _, _, _ = T.prepare(cfg, log=lambda *a, **k: None)
-    _, params = T.init_params_from(model_cfg, 0, None)
-    tx = T.make_optimizer(cfg.train, STEPS)
-    target = {"state": T.TrainState(jnp.int32(0), params, tx.init(params)), "best_val_loss": jnp.float32(0)}
+    prepared = setup.prepare(cfg, parallel.one_device_mesh(), log=lambda *a, **k: None)
+    _, params = prepared.init_params()
+    target = {"state": steps.TrainState.create(params, prepared.tx), "best_val_loss": jnp.float32(0)}
     ckpt = checkpoint.RunCheckpoints(os.path.join(d, "run"))
     try:
         restored = ckpt.restore_latest(target)
@@ -283,11 +292,22 @@ def test_fsdp_rule():
     assert leaf_spec((64, 32), 1) == P()  # data parallel only
 
 
-def test_single_device_run_builds_no_mesh():
-    # the benchmarked one-device path: no mesh, nothing sharded
+def test_packed_rows_with_shared_prefix_match_one_device(measured):
+    """The production path (packing, shared system prompt, answer-only head on one device)
+    on 8-way data parallel, 2x4 FSDP, and with gradient accumulation."""
+    assert all(measured["packed_uses_prefix_and_head"])
+    one = measured["packed_one"]
+    assert one[-1] < one[0]
+    for name in ("packed_dp", "packed_fsdp", "packed_accum2_dp", "packed_accum4_one"):
+        assert _maxdiff(measured[name], one) < SHARDED_TOL, name
+
+
+def test_single_device_run_is_a_one_by_one_mesh():
+    # one code path: a single device is a 1 x 1 mesh
     from jaxsft.config import MeshConfig
     from jaxsft.parallel import setup
-    assert setup(MeshConfig()) is None
+    mesh = setup(MeshConfig())
+    assert mesh.size == 1 and dict(mesh.shape) == {"data": 1, "fsdp": 1}
 
 
 def test_batch_must_split_over_devices():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import QA, TINY_YAML, run_script, write_tiny_config
-from jaxsft import checkpoint, model, train
+from jaxsft import checkpoint, model, parallel, setup
 from jaxsft.config import UserError, load_config
 from jaxsft.data import corpus_examples, read_corpus, split_corpus
 from jaxsft.tokenizer import Tokenizer
@@ -158,8 +158,9 @@ def _sft_config(tmp, pretrained):
 
 def test_init_from_keeps_the_base_weights_and_ids(pretrained, tmp_path):
     cfg = load_config(_sft_config(tmp_path, pretrained))
-    model_cfg, tok, _, _, _, init_params = train.prepare(cfg, log=lambda *a, **k: None)
-    graphdef, params = train.init_params_from(model_cfg, cfg.train.seed, init_params)
+    prepared = setup.prepare(cfg, parallel.one_device_mesh(), log=lambda *a, **k: None)
+    model_cfg, tok = prepared.model_cfg, prepared.tok
+    graphdef, params = prepared.init_params()
     base_params, base_cfg, base_tok = checkpoint.restore(pretrained["run_dir"])
     n_old = len(base_tok)
     # the vocabulary is the base's, then the new characters in sorted order
@@ -224,9 +225,10 @@ def test_prepare_corpus_is_deterministic(pretrained, tmp_path):
     """A resumed pretraining run rebuilds the same vocabulary and examples."""
     corpus = os.path.join(os.path.dirname(pretrained["run_dir"]), "corpus")
     cfg = load_config(write_pretrain_config(tmp_path, corpus, tmp_path / "run"))
-    a, b = train.prepare(cfg), train.prepare(cfg)
-    assert a[1].itos == b[1].itos and a[3] == [] and len(a[2]) > 0 and len(a[4]) > 0
-    for ex_a, ex_b in zip(a[2] + a[4], b[2] + b[4]):
+    mesh = parallel.one_device_mesh()
+    a, b = setup.prepare(cfg, mesh), setup.prepare(cfg, mesh)
+    assert a.tok.itos == b.tok.itos and a.val_rows == [] and len(a.train_examples) > 0 and len(a.val_examples) > 0
+    for ex_a, ex_b in zip(a.train_examples + a.val_examples, b.train_examples + b.val_examples):
         assert all(np.array_equal(x, y) for x, y in zip(ex_a, ex_b))
     with pytest.raises(UserError, match="data.corpus: must not be empty"):
         load_config(None, ["data.corpus=''"])

@@ -15,8 +15,7 @@ compilation cache so only the first one compiles.
 """
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
+import importlib
 import json
 import os
 import pickle
@@ -96,19 +95,9 @@ def snapshot(d) -> dict:
 # ---------------------------------------------------------------------------
 # bad inputs, in-process through the scripts' main() (the jax import is paid once)
 
-_MODULES = {}
-
-
 def script(name):
-    """bin/<name> loaded as a module (its main() is wrapped by cli.main_guard)."""
-    if name not in _MODULES:
-        path = os.path.join(REPO, "bin", name)
-        loader = importlib.machinery.SourceFileLoader(f"bin_{name}", path)
-        spec = importlib.util.spec_from_loader(loader.name, loader)
-        mod = importlib.util.module_from_spec(spec)
-        loader.exec_module(mod)
-        _MODULES[name] = mod
-    return _MODULES[name]
+    """The module behind bin/<name> (its main() is wrapped by cli.main_guard)."""
+    return importlib.import_module(f"jaxsft.cli.{name}")
 
 
 def run_main(name, args, capsys, monkeypatch):
@@ -177,8 +166,6 @@ BAD_INPUTS = [
      ["<no line>", "train.pack_len: must not be negative, got -128"]),
     ("set-focus-no-category", "train", T + ["--set", "train.focus_steps=5"], {}, None,
      ["<no line>", "train.focus_steps: 5 focus steps need train.focus_categories"]),
-    ("set-focus-unknown-category", "train", T + ["--set", "train.focus_steps=5", "--set", "train.focus_categories=[短,无]"],
-     {}, None, ["train.focus_categories: train.jsonl has no row of category '短'"]),
     ("set-data-path-missing", "train", T + ["--set", "data.val=nope.jsonl"], {}, None,
      ["nope.jsonl: file not found"]),
     ("set-init-from-missing", "train", T + ["--set", "model.init_from=nowhere"], {}, None,
@@ -251,13 +238,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
 
 def test_rows_too_long_are_dropped_with_one_warning(tmp_path, capsys, monkeypatch):
     """Rows whose answer cannot start within max_seq_len are counted in one warning."""
-    from jaxsft import config, train
+    from jaxsft import config, parallel, setup
     long_q = {"instruction": "长" * 80, "response": "答"}
     write_inputs(tmp_path, **{"train.jsonl": TRAIN + _jsonl([long_q] * 3), "val.jsonl": VAL + _jsonl([long_q])})
     monkeypatch.chdir(tmp_path)
     cfg = config.load_config("tiny.yaml")
     msgs = []
-    _, _, train_ex, _, val_ex, _ = train.prepare(cfg, log=lambda *a, **k: msgs.append(" ".join(map(str, a))))
+    prepared = setup.prepare(cfg, parallel.one_device_mesh(), log=lambda *a, **k: msgs.append(" ".join(map(str, a))))
+    train_ex, val_ex = prepared.train_examples, prepared.val_examples
     assert (len(train_ex), len(val_ex)) == (48, 8)
     warnings = [m for m in msgs if m.startswith("warning")]
     assert warnings == ["warning: dropped 3 training and 1 validation rows whose answer does not fit "
@@ -304,22 +292,23 @@ import os, signal, sys, runpy
 import numpy as np
 repo, hook, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path.insert(0, repo)
-from jaxsft import chatml, checkpoint
+from jaxsft import batching, checkpoint
 try:
     import jaxsft.plots
     jaxsft.plots.write_curves = lambda run_dir: None
 except ImportError:
     pass
 
+plan_batch = batching.RunPlan.batch  # the seam: the batch of global step s (prepared one step ahead)
 if hook == "none":
     pass
-elif hook == "slow":  # each batch takes `at` ms more to prepare: a signal lands mid-run, not after it
-    import time
-    batch_for_step = chatml.batch_for_step
-    def hooked(*a, **k):
-        time.sleep(at / 1000)
-        return batch_for_step(*a, **k)
-    chatml.batch_for_step = hooked
+elif hook in ("sigint_at", "sigterm_at", "sigkill_at"):  # a signal while step `at` runs: mid-run, never after it
+    sig = {"sigint_at": signal.SIGINT, "sigterm_at": signal.SIGTERM, "sigkill_at": signal.SIGKILL}[hook]
+    def hooked(self, step):
+        if step == at:
+            os.kill(os.getpid(), sig)
+        return plan_batch(self, step)
+    batching.RunPlan.batch = hooked
 elif hook == "kill_before_latest":  # step `at` has its best checkpoint and metrics, not its latest state
     save_latest = checkpoint.RunCheckpoints.save_latest
     def hooked(self, step, state):
@@ -337,14 +326,28 @@ elif hook == "kill_before_commit":  # latest/<at> is fully written to orbax's tm
             os.kill(os.getpid(), signal.SIGKILL)
         return await finalize(self, *a, **k)
     atomicity.AtomicRenameTemporaryPath.finalize = hooked
+elif hook == "kill_after_timed_save":  # SIGKILL right after the first save made by the clock (save_every 0)
+    import time
+    from jaxsft import trainer
+    save_due, save_latest = trainer.Trainer._save_due, trainer.Trainer.save_latest
+    def due(self, done):
+        self.timed = save_due(self, done)
+        return self.timed
+    def save(self, step):
+        save_latest(self, step)
+        if getattr(self, "timed", False):
+            self.ckpt.latest.wait_until_finished()
+            os.kill(os.getpid(), signal.SIGKILL)
+    trainer.Trainer._save_due, trainer.Trainer.save_latest = due, save
+    def slow(self, step):  # `at` ms a step, so the timer fires mid-run
+        time.sleep(at / 1000)
+        return plan_batch(self, step)
+    batching.RunPlan.batch = slow
 elif hook == "nan_at":  # the batch of step `at` (1-based) gets a NaN loss mask
-    batch_for_step = chatml.batch_for_step
-    def hooked(examples, step, *a, **k):
-        b = batch_for_step(examples, step, *a, **k)
-        if step + 1 == at:
-            b["loss_mask"] = b["loss_mask"] * np.float32("nan")
-        return b
-    chatml.batch_for_step = hooked
+    def hooked(self, step):
+        b = plan_batch(self, step)
+        return b.replace(loss_mask=b.loss_mask * np.float32("nan")) if step + 1 == at else b
+    batching.RunPlan.batch = hooked
 else:
     raise SystemExit(f"unknown hook {hook}")
 sys.argv = [os.path.join(repo, "bin", "train")] + sys.argv[4:]
@@ -352,25 +355,34 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-class Runs:
-    """Starts bin/train (optionally under a hook) on the tiny config in one directory."""
+# the path a user of configs/default.yaml runs: rows packed with the system prompt computed once
+# per batch (data.system_prompt is the default), the output head at answer positions only, exact
+# match at each evaluation, and a curriculum: steps 1-14 on the 短 rows, then 2 epochs of all 48
+# rows (evaluations at 26 and 38, the latest state every 5 steps)
+PROD = ["--set", "train.pack_len=64", "--set", "train.eval_exact=4", "--set", "train.focus_categories=[短]",
+        "--set", "train.focus_steps=14"]
+PROD_STEPS = 38
+PROD_TRAIN = _jsonl(dict(_row(i), category="短" if int(_row(i)["instruction"].split("加")[0]) < 10 else "长")
+                    for i in range(48))
 
-    def __init__(self, d, cache):
-        self.d, self.cache = str(d), cache
-        write_inputs(self.d)
+
+class Runs:
+    """Starts bin/train (optionally under a hook) on the tiny config in one directory;
+    prod: on the production path (PROD)."""
+
+    def __init__(self, d, cache, prod=False):
+        self.d, self.cache, self.args = str(d), cache, T + (PROD if prod else [])
+        write_inputs(self.d, **({"train.jsonl": PROD_TRAIN} if prod else {}))
         with open(os.path.join(self.d, "driver.py"), "w") as f:
             f.write(DRIVER)
 
     def cmd(self, *extra, hook=("none", 0)):
-        return [sys.executable, os.path.join(self.d, "driver.py"), REPO, hook[0], str(hook[1]), *T, *extra]
+        return [sys.executable, os.path.join(self.d, "driver.py"), REPO, hook[0], str(hook[1]), *self.args,
+                *extra]
 
     def run(self, *extra, hook=("none", 0), timeout=300):
         return subprocess.run(self.cmd(*extra, hook=hook), cwd=self.d, env=_env(self.cache),
                               capture_output=True, text=True, timeout=timeout)
-
-    def start(self, *extra, hook=("none", 0)):
-        return subprocess.Popen(self.cmd(*extra, hook=hook), cwd=self.d, env=_env(self.cache),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def path(self, *p):
         return os.path.join(self.d, "run", *p)
@@ -397,35 +409,37 @@ def assert_bitwise_equal(a: dict, b: dict):
         assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
 
 
-def wait_for(pred, proc, timeout=120.0):
-    """Polls pred() while proc runs; a process that ends first or a timeout fails the test."""
-    t0 = time.time()
-    while not pred():
-        if proc.poll() is not None:
-            pytest.fail(f"bin/train ended before the moment waited for:\n{proc.communicate()[1]}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            pytest.fail(f"timed out:\n{proc.communicate()[1]}")
-        time.sleep(0.01)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("jax_cache")
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
-    """The uninterrupted run; every interrupted one must end exactly here."""
-    r = Runs(tmp_path_factory.mktemp("reference"), cache)
+def _reference(d, cache, prod):
+    r = Runs(d, cache, prod)
     proc = r.run()
     assert proc.returncode == 0, proc.stderr
-    assert steps(r.path("latest")) == [TOTAL_STEPS]
+    total = PROD_STEPS if prod else TOTAL_STEPS
+    assert steps(r.path("latest"))[-1] == total
     with open(r.path("metrics.jsonl")) as f:
         metrics = f.read()
-    assert len([l for l in metrics.splitlines() if '"loss"' in l]) == TOTAL_STEPS
-    return {"runs": r, "latest": load_tree(r.path("latest"), TOTAL_STEPS), "metrics": metrics,
-            "best": {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}}
+    assert len([l for l in metrics.splitlines() if '"loss"' in l]) == total
+    return {"runs": r, "total": total, "latest": load_tree(r.path("latest"), total), "metrics": metrics,
+            "best": {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}, "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """The uninterrupted padded run; every interrupted one must end exactly here."""
+    return _reference(tmp_path_factory.mktemp("reference"), cache, prod=False)
+
+
+@pytest.fixture(scope="module")
+def prod_reference(tmp_path_factory, cache):
+    """The uninterrupted run on the production path (PROD)."""
+    ref = _reference(tmp_path_factory.mktemp("prod_reference"), cache, prod=True)
+    out = ref["stdout"]
+    assert "curriculum: steps 1-14 draw from the" in out and "exact match" in out  # the options are on
+    return ref
 
 
 def timeless(metrics: str) -> list:
@@ -434,8 +448,9 @@ def timeless(metrics: str) -> list:
 
 
 def assert_same_as_reference(r: Runs, reference):
-    assert steps(r.path("latest")) == [TOTAL_STEPS]
-    assert_bitwise_equal(load_tree(r.path("latest"), TOTAL_STEPS), reference["latest"])
+    total = reference["total"]
+    assert steps(r.path("latest"))[-1] == total
+    assert_bitwise_equal(load_tree(r.path("latest"), total), reference["latest"])
     assert {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}.keys() == reference["best"].keys()
     for s, tree in reference["best"].items():
         assert_bitwise_equal(load_tree(r.path("best"), s), tree)
@@ -448,7 +463,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     # 1. killed after step 12's best checkpoint and metrics, before its latest state
     p = r.run(hook=("kill_before_latest", 12))
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert steps(r.path("best")) == [12] and steps(r.path("latest")) == [10]
+    assert steps(r.path("best")) == [12] and steps(r.path("latest"))[-1] == 10
     load_tree(r.path("best"), 12), load_tree(r.path("latest"), 10)  # both readable
     with open(r.path("metrics.jsonl")) as f:
         assert max(json.loads(l)["step"] for l in f) == 12  # beyond the latest state: trimmed on resume
@@ -457,7 +472,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     p = r.run("--resume", hook=("kill_before_commit", 20))
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert "resumed run at step 10" in p.stdout
-    assert steps(r.path("latest")) == [15]
+    assert steps(r.path("latest"))[-1] == 15
     assert any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest"))), os.listdir(r.path("latest"))
     load_tree(r.path("latest"), 15)
 
@@ -469,56 +484,78 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest")))
 
 
-def test_sigterm_saves_a_resumable_state_like_ctrl_c(tmp_path, cache):
-    r = Runs(tmp_path, cache)
-    proc = r.start(hook=("slow", 40))
-    wait_for(lambda: steps(r.path("latest")), proc)
-    proc.send_signal(signal.SIGTERM)  # what a scheduler sends before it preempts a job
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err
-    step = int(re.search(r"interrupted at step (\d+)", err).group(1))
-    assert steps(r.path("latest")) == [step] and 5 <= step < TOTAL_STEPS
-    assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
-    assert err.strip().splitlines()[-1].startswith("resume with: ")
-
-
-def test_ctrl_c_saves_a_resumable_state_and_sigkill_anywhere_too(tmp_path, cache, reference):
-    r = Runs(tmp_path, cache)
-    # Ctrl-C once training runs: state saved at the current step, exit 130, a resume command, no traceback
-    proc = r.start(hook=("slow", 40))
-    wait_for(lambda: steps(r.path("latest")), proc)
-    proc.send_signal(signal.SIGINT)
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()  # no-op once it has ended
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err
-    m = re.search(r"interrupted at step (\d+)", err)
-    assert m, err
-    step = int(m.group(1))
-    assert steps(r.path("latest")) == [step] and 5 <= step < TOTAL_STEPS
-    assert err.strip().splitlines()[-1] == "resume with: " + " ".join(
-        [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *T, "--resume"])
-    assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
-
-    # resumed, then SIGKILL at whatever moment follows the next checkpoint
-    proc = r.start("--resume", hook=("slow", 40))
-    wait_for(lambda: any(s > step for s in steps(r.path("latest"))), proc)
-    proc.kill()
-    proc.communicate(timeout=60)
-    for d in ("latest", "best"):  # whatever the moment, the newest committed step is whole
-        if steps(r.path(d)):  # (an older one may be half deleted: see the test below)
-            load_tree(r.path(d), steps(r.path(d))[-1])
-    assert steps(r.path("latest"))[-1] < TOTAL_STEPS
-
+def test_production_path_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, prod_reference):
+    """Packing, the shared prefix, the answer-only head, exact match and a curriculum whose
+    boundary (step 14) falls after the first kill: the resumed run must take up the focus
+    batches where they stopped, then the whole set, and end bit for bit as the reference."""
+    r = Runs(tmp_path, cache, prod=True)
+    # 1. killed with latest/10 written but not committed: resumes from 5, inside the curriculum
+    p = r.run(hook=("kill_before_commit", 10))
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert steps(r.path("latest"))[-1] == 5
+    # 2. resumed, killed after step 26's best checkpoint (the first epoch's end) before its latest state
+    p = r.run("--resume", hook=("kill_before_latest", 26))
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert "resumed run at step 5" in p.stdout
+    assert steps(r.path("best")) == [26] and steps(r.path("latest"))[-1] == 25
+    # 3. resumed to the end
     p = r.run("--resume")
     assert p.returncode == 0, p.stderr
-    assert_same_as_reference(r, reference)
+    assert "resumed run at step 25" in p.stdout
+    assert_same_as_reference(r, prod_reference)
+
+
+def test_production_path_kill_after_a_timed_save_resumes_bitwise(tmp_path, cache, prod_reference):
+    """With no step-count saves, the clock saves the latest state (train.save_every_s) and a
+    kill right after such a save loses nothing: the resumed run ends as the reference."""
+    r = Runs(tmp_path, cache, prod=True)
+    timed = ["--set", "train.save_every=0", "--set", "train.save_every_s=1"]
+    p = r.run(*timed, hook=("kill_after_timed_save", 150))  # 0.15 s a step: the 1 s timer fires by step ~8
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    saved = steps(r.path("latest"))[-1]
+    assert 0 < saved < 26 and not steps(r.path("best"))  # before the first evaluation: only the clock saved
+    p = r.run(*timed, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert f"resumed run at step {saved}" in p.stdout
+    assert_same_as_reference(r, prod_reference)
+
+
+@pytest.mark.parametrize("sig", ["sigint", "sigterm"])
+def test_a_signal_saves_a_resumable_state(tmp_path, cache, sig):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM, sent while step 7 runs: the run stops after
+    that step, saves, exits 130 with the resume command and no traceback."""
+    r = Runs(tmp_path, cache)
+    p = r.run(hook=(f"{sig}_at", 7))
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr
+    m = re.search(r"interrupted at step (\d+)", p.stderr)
+    assert m, p.stderr
+    step = int(m.group(1))
+    assert step in (7, 8)  # the step in flight when the signal came, or the next
+    assert steps(r.path("latest"))[-1] == step
+    assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
+    assert p.stderr.strip().splitlines()[-1] == "resume with: " + " ".join(
+        [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *T, "--resume"])
+
+
+@pytest.mark.parametrize("prod", [False, True], ids=["padded", "production"])
+def test_ctrl_c_then_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, cache, reference, prod_reference, prod):
+    ref = prod_reference if prod else reference
+    r = Runs(tmp_path, cache, prod)
+    p = r.run(hook=("sigint_at", 7))
+    assert p.returncode == 130, p.stderr
+    step = int(re.search(r"interrupted at step (\d+)", p.stderr).group(1))
+    # resumed, then SIGKILL while step 18 runs (after the save at 15, mid-step, a save perhaps in flight)
+    p = r.run("--resume", hook=("sigkill_at", 18))
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert f"resumed run at step {step}" in p.stdout
+    for d in ("latest", "best"):  # whatever the moment, the newest committed step is whole
+        if steps(r.path(d)):
+            load_tree(r.path(d), steps(r.path(d))[-1])
+    assert step <= steps(r.path("latest"))[-1] <= 15  # the save at 15 may still be in flight
+    p = r.run("--resume")
+    assert p.returncode == 0, p.stderr
+    assert_same_as_reference(r, ref)
 
 
 def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_path, reference):

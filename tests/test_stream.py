@@ -11,7 +11,7 @@ import pytest
 from conftest import QA, REPO, run_script
 from jaxsft import model
 from jaxsft.config import ModelConfig
-from jaxsft.decode import Generator, Sampling, generate, generate_stream
+from jaxsft.decode import Generator, Sampling, Spec, generate, generate_stream
 from jaxsft.tokenizer import Tokenizer
 
 
@@ -31,13 +31,13 @@ def test_generate_stream_equals_generate(random_model):
     prompts = jnp.asarray([[0, 0, 1, 8, 9, 10], [1, 7, 8, 9, 10, 11]], jnp.int32)  # left-padded
     lens = jnp.asarray([4, 6], jnp.int32)
     key = jax.random.PRNGKey(3)
-    kw = dict(graphdef=graphdef, cfg=cfg, max_new_tokens=12, pad_id=0, sampling=sampling)
-    full = np.asarray(generate(params, prompts, lens, key, end_id=-1, **kw))  # never ends
+    spec = lambda end_id: Spec(graphdef, cfg, max_new_tokens=12, end_id=end_id, pad_id=0, sampling=sampling)  # noqa: E731
+    full = np.asarray(generate(params, prompts, lens, key, spec=spec(-1)))  # never ends
     # with an end token that row 0 writes early, rows finish at different steps and the stream stops
     # once both have (row 0 padded after its end token, as in generate)
     end_id = int(full[0, 2])
-    want = np.asarray(generate(params, prompts, lens, key, end_id=end_id, **kw))
-    got = np.stack(list(generate_stream(params, prompts, lens, key, end_id=end_id, **kw)), axis=1)
+    want = np.asarray(generate(params, prompts, lens, key, spec=spec(end_id)))
+    got = np.stack(list(generate_stream(params, prompts, lens, key, spec=spec(end_id))), axis=1)
     np.testing.assert_array_equal(got, want[:, :got.shape[1]])
     assert (want[:, got.shape[1]:] == 0).all()
     first = full[0].tolist().index(end_id)

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsft import chatml, model, train
+from jaxsft import batching, chatml, model, parallel, steps, trainer
+from jaxsft.setup import prepare
 from jaxsft.config import ModelConfig, TrainConfig
 from jaxsft.data import Row
 from jaxsft.tokenizer import Tokenizer
@@ -30,14 +31,20 @@ def setup(qa):
     assert dropped == 0 and [len(x) for x, _, _ in examples] == [26, 18, 16, 20]
     cfg = ModelConfig(vocab_size=len(tok), max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
     graphdef, params = model.init(cfg, seed=0)
-    tx = train.make_optimizer(TC, STEPS)
+    tx = steps.make_optimizer(TC, STEPS)
     return dict(tok=tok, examples=examples, graphdef=graphdef, params=params, tx=tx,
-                step=train.make_train_step(graphdef, tx, TC), eval_step=train.make_eval_step(graphdef))
+                step=steps.make_train_step(graphdef, tx, TC), eval_step=steps.make_eval_step(graphdef))
+
+
+def _on_mesh(tree):
+    """Placed as the trainer places state and key (committed, whole on the one device):
+    the train step's inputs then keep one layout from call to call."""
+    return jax.device_put(tree, parallel.replicated(parallel.one_device_mesh()))
 
 
 def _fresh_state(s):
     params = jax.tree.map(jnp.array, s["params"])  # a copy: the train step donates its state
-    return train.TrainState(jnp.int32(0), params, s["tx"].init(params))
+    return _on_mesh(steps.TrainState.create(params, s["tx"]))
 
 
 def _np(tree):
@@ -47,7 +54,7 @@ def _np(tree):
 def test_schedule_matches_seed_formula():
     tc = TrainConfig(lr=1e-3, warmup_steps=10)
     total = 110
-    sched = train.make_schedule(tc, total)
+    sched = steps.make_schedule(tc, total)
 
     def seed(step):  # the seed notebook's LambdaLR factor times lr
         if step < tc.warmup_steps:
@@ -64,7 +71,7 @@ def _clipped_gradient(tc, grads):
     """The gradient the Adam part of make_optimizer receives: after one update,
     Adam's first moment is (1 - b1) * g with b1 = 0.9."""
     params = jax.tree.map(jnp.zeros_like, grads)
-    tx = train.make_optimizer(tc, 100)
+    tx = steps.make_optimizer(tc, 100)
     _, state = jax.jit(tx.update)(grads, tx.init(params), params)
     return jax.tree.map(lambda m: m / 0.1, optax.tree_utils.tree_get(state, "mu"))
 
@@ -85,9 +92,9 @@ def test_clipping_bounds_the_gradient():
 
 
 def test_tiny_model_overfits(setup):
-    batch = chatml.make_batch(setup["examples"], 4, 32)
+    batch = batching.make_batch(setup["examples"], 4, 32)
     state = _fresh_state(setup)
-    key = jax.random.PRNGKey(0)
+    key = _on_mesh(jax.random.PRNGKey(0))
     losses = []
     for _ in range(STEPS):
         state, m = setup["step"](state, batch, key)
@@ -104,12 +111,12 @@ def test_tiny_model_overfits(setup):
 
 def test_all_masked_batch_changes_nothing_through_the_loss(setup):
     state = _fresh_state(setup)
-    batch = chatml.make_batch(setup["examples"], 4, 32)
-    key = jax.random.PRNGKey(0)
+    batch = batching.make_batch(setup["examples"], 4, 32)
+    key = _on_mesh(jax.random.PRNGKey(0))
     for _ in range(3):  # nonzero Adam moments and learning rate
         state, _ = setup["step"](state, batch, key)
     before = _np(state)
-    masked = dict(batch, loss_mask=np.zeros_like(batch["loss_mask"]))
+    masked = batch.replace(loss_mask=np.zeros_like(batch.loss_mask))
     state, m = setup["step"](state, masked, key)
     assert float(m["loss"]) == 0.0 and float(m["tokens"]) == 0.0
     assert float(m["grad_norm"]) == 0.0 and bool(m["ok"])
@@ -123,16 +130,16 @@ def test_all_masked_batch_changes_nothing_through_the_loss(setup):
     expected = zero_gradient_update(before.params, before.opt_state)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), _np(state.params), _np(expected))
     # the gradient of the all-masked loss is exactly zero and finite
-    g = jax.jit(jax.grad(lambda p: train.loss_sums(p, setup["graphdef"], masked)[0]))(before.params)
+    g = jax.jit(jax.grad(lambda p: steps.loss_sums(p, setup["graphdef"], masked)[0]))(before.params)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g))
 
 
 def test_non_finite_loss_leaves_state_unchanged(setup):
     state = _fresh_state(setup)
-    batch = chatml.make_batch(setup["examples"], 4, 32)
-    bad = dict(batch, loss_mask=batch["loss_mask"] * np.nan)
+    batch = batching.make_batch(setup["examples"], 4, 32)
+    bad = batch.replace(loss_mask=batch.loss_mask * np.nan)
     before = _np(state)
-    state, m = setup["step"](state, bad, jax.random.PRNGKey(0))
+    state, m = setup["step"](state, bad, _on_mesh(jax.random.PRNGKey(0)))
     assert not bool(m["ok"])
     assert int(state.step) == 0
     jax.tree.map(np.testing.assert_array_equal, _np(state.params), before.params)
@@ -141,8 +148,8 @@ def test_non_finite_loss_leaves_state_unchanged(setup):
 def test_batch_loss_is_token_weighted(setup):
     examples, ev = setup["examples"], setup["eval_step"]
     params = setup["params"]
-    batch = chatml.make_batch(examples, 4, 32)
-    per_row = [ev(params, chatml.make_batch([ex], 4, 32)) for ex in examples]  # each row alone
+    batch = batching.make_batch(examples, 4, 32)
+    per_row = [ev(params, batching.make_batch([ex], 4, 32)) for ex in examples]  # each row alone
     sums = np.array([float(s) for s, _ in per_row])
     counts = np.array([float(n) for _, n in per_row])
     assert counts.tolist() == [14, 12, 5, 8]  # answer characters + <|endoftext|>
@@ -152,13 +159,13 @@ def test_batch_loss_is_token_weighted(setup):
     weighted = sums.sum() / counts.sum()
     assert abs(weighted - np.mean(sums / counts)) > 1e-4  # the weighting matters for these rows
     # the train step reports the same token-weighted loss
-    _, m = setup["step"](_fresh_state(setup), batch, jax.random.PRNGKey(0))
+    _, m = setup["step"](_fresh_state(setup), batch, _on_mesh(jax.random.PRNGKey(0)))
     assert float(m["loss"]) == pytest.approx(weighted, rel=1e-5)
     assert float(m["tokens"]) == counts.sum()
     # and its gradient is the token-weighted sum of per-row gradients
-    grad = jax.jit(jax.grad(lambda p, b: train.loss_sums(p, setup["graphdef"], b)[0]))
+    grad = jax.jit(jax.grad(lambda p, b: steps.loss_sums(p, setup["graphdef"], b)[0]))
     total = grad(params, batch)
-    rows = [grad(params, chatml.make_batch([ex], 4, 32)) for ex in examples]
+    rows = [grad(params, batching.make_batch([ex], 4, 32)) for ex in examples]
     summed = jax.tree.map(lambda *g: sum(g), *rows)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), _np(total), _np(summed))
 
@@ -166,10 +173,10 @@ def test_batch_loss_is_token_weighted(setup):
 def test_train_step_compiles_once_per_bucket(setup):
     step = setup["step"]
     state = _fresh_state(setup)
-    key = jax.random.PRNGKey(0)
+    key = _on_mesh(jax.random.PRNGKey(0))
     short = [ex for ex in setup["examples"] if len(ex[0]) <= 24]
     for i in range(6):
-        batch = chatml.make_batch(setup["examples"], 4, 32) if i % 2 else chatml.make_batch(short, 4, 24)
+        batch = batching.make_batch(setup["examples"], 4, 32) if i % 2 else batching.make_batch(short, 4, 24)
         state, _ = step(state, batch, key)
     # every test in this file uses only these two shapes with this train step
     assert step._cache_size() == 2
@@ -186,24 +193,24 @@ def test_shared_system_prefix_trains_like_whole_rows(qa):
     rows.append(Row((("system", "别的"), ("user", qa[0][0]), ("assistant", qa[1][1]))))
     examples, _ = chatml.encode_rows(rows, tok, sysp, max_seq_len=64)
     pre = chatml.system_prefix(tok, sysp)
-    whole, shared = chatml.pack_batch(examples, 64), chatml.pack_batch(examples, 64, prefix=pre)
-    assert shared["inputs"].size < whole["inputs"].size and shared["shared"].any()
-    flagged = {(r, shared["segments"][r, c]) for r, c in zip(*np.nonzero(shared["shared"]))}
+    whole, shared = batching.pack_batch(examples, 64), batching.pack_batch(examples, 64, prefix=pre)
+    assert shared.inputs.size < whole.inputs.size and shared.shared.any()
+    flagged = {(r, shared.segments[r, c]) for r, c in zip(*np.nonzero(shared.shared))}
     assert len(flagged) == len(qa)  # every row but the one with its own system prompt
     cfg = ModelConfig(vocab_size=len(tok), max_seq_len=64, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
     graphdef, params = model.init(cfg, seed=0)
-    lg = jax.jit(jax.value_and_grad(lambda p, b: train.loss_sums(p, graphdef, b), has_aux=True))
+    lg = jax.jit(jax.value_and_grad(lambda p, b: steps.loss_sums(p, graphdef, b), has_aux=True))
     (s1, n1), g1 = lg(params, whole)
     (s2, n2), g2 = lg(params, shared)
     assert float(n1) == float(n2) == sum(m.sum() for _, _, m in examples)
     assert float(s2) == pytest.approx(float(s1), rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), _np(g1), _np(g2))
     # the flags matter: rows that do not see the prefix get another loss
-    blind = float(train.loss_sums(params, graphdef, dict(shared, shared=np.zeros_like(shared["shared"])))[0])
+    blind = float(steps.loss_sums(params, graphdef, shared.replace(shared=np.zeros_like(shared.shared)))[0])
     assert abs(blind - float(s1)) > 1e-2
-    tx = train.make_optimizer(TC, STEPS)
-    step = train.make_train_step(graphdef, tx, TC)
-    fresh = lambda: train.TrainState(jnp.int32(0), jax.tree.map(jnp.array, params), tx.init(params))  # noqa: E731
+    tx = steps.make_optimizer(TC, STEPS)
+    step = steps.make_train_step(graphdef, tx, TC)
+    fresh = lambda: steps.TrainState.create(jax.tree.map(jnp.array, params), tx)  # noqa: E731
     a, _ = step(fresh(), whole, jax.random.PRNGKey(0))
     b, _ = step(fresh(), shared, jax.random.PRNGKey(0))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), _np(a.params), _np(b.params))
@@ -213,22 +220,21 @@ def test_packed_batch_trains_like_the_padded_batch(setup):
     """Packing the 4 rows into 2 rows of 48 tokens (26+20, 18+16) changes neither the
     loss nor the gradient nor the update: packed rows never see each other."""
     examples, params, graphdef = setup["examples"], setup["params"], setup["graphdef"]
-    padded = chatml.make_batch(examples, 4, 32)
-    packed = chatml.pack_batch(examples, 48)
-    assert packed["inputs"].shape == (2, 48) and packed["segments"].max() == 2
-    lg = jax.jit(jax.value_and_grad(lambda p, b: train.loss_sums(p, graphdef, b), has_aux=True))
+    padded = batching.make_batch(examples, 4, 32)
+    packed = batching.pack_batch(examples, 48)
+    assert packed.inputs.shape == (2, 48) and packed.segments.max() == 2
+    lg = jax.jit(jax.value_and_grad(lambda p, b: steps.loss_sums(p, graphdef, b), has_aux=True))
     (s1, n1), g1 = lg(params, padded)
     (s2, n2), g2 = lg(params, packed)
     assert float(n1) == float(n2) == 39
     assert float(s2) == pytest.approx(float(s1), rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), _np(g1), _np(g2))
     # without the segment mask the rows would leak into each other: the loss changes
-    leaky = {k: v for k, v in packed.items() if k != "segments"}
-    leaky_loss = float(train.loss_sums(params, graphdef, dict(leaky, segments=np.ones_like(packed["segments"])))[0])
+    leaky_loss = float(steps.loss_sums(params, graphdef, packed.replace(segments=np.ones_like(packed.segments)))[0])
     assert abs(leaky_loss - float(s1)) > 1e-3
     # one optimizer step on each gives the same parameters
-    step = train.make_train_step(graphdef, setup["tx"], TC)  # its own program: the shared one keeps 2 shapes
-    key = jax.random.PRNGKey(0)
+    step = steps.make_train_step(graphdef, setup["tx"], TC)  # its own program: the shared one keeps 2 shapes
+    key = _on_mesh(jax.random.PRNGKey(0))
     a, ma = step(_fresh_state(setup), padded, key)
     b, mb = step(_fresh_state(setup), packed, key)
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
@@ -241,39 +247,39 @@ def test_output_head_at_answer_positions_only_trains_the_same(setup):
     a batch with more answer tokens than slots, or slots near the batch's size,
     keeps the head everywhere."""
     examples, params, graphdef = setup["examples"], setup["params"], setup["graphdef"]
-    full = chatml.pack_batch(examples, 48)
-    n = int(full["loss_mask"].sum())  # 39 of 96 positions
-    sel = chatml.pack_batch(examples, 48, answer_slots=64)
-    at = sel["answer_at"]
+    full = batching.pack_batch(examples, 48)
+    n = int(full.loss_mask.sum())  # 39 of 96 positions
+    sel = batching.pack_batch(examples, 48, answer_slots=64)
+    at = sel.answer_at
     assert at.shape == (64,) and at.dtype == np.int32
-    flat = full["loss_mask"].reshape(-1)
+    flat = full.loss_mask.reshape(-1)
     assert sorted(at[:n].tolist()) == np.flatnonzero(flat).tolist() and not flat[at[n:]].any()
-    assert "answer_at" not in chatml.pack_batch(examples, 48, answer_slots=n - 1)  # no room
-    assert "answer_at" not in chatml.pack_batch(examples, 48, answer_slots=72)  # 3/4 of 96: no gain
-    lg = jax.jit(jax.value_and_grad(lambda p, b: train.loss_sums(p, graphdef, b), has_aux=True))
+    assert batching.pack_batch(examples, 48, answer_slots=n - 1).answer_at is None  # no room
+    assert batching.pack_batch(examples, 48, answer_slots=72).answer_at is None  # 3/4 of 96: no gain
+    lg = jax.jit(jax.value_and_grad(lambda p, b: steps.loss_sums(p, graphdef, b), has_aux=True))
     (s1, n1), g1 = lg(params, full)
     (s2, n2), g2 = lg(params, sel)
     assert float(n1) == float(n2) == n
     assert float(s2) == pytest.approx(float(s1), rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), _np(g1), _np(g2))
     # the positions matter: shifted by one, the head predicts other tokens
-    wrong = float(train.loss_sums(params, graphdef, dict(sel, answer_at=(at + 1) % flat.size))[0])
+    wrong = float(steps.loss_sums(params, graphdef, sel.replace(answer_at=(at + 1) % flat.size))[0])
     assert abs(wrong - float(s1)) > 1e-2
-    step = train.make_train_step(graphdef, setup["tx"], TC)
-    key = jax.random.PRNGKey(0)
+    step = steps.make_train_step(graphdef, setup["tx"], TC)
+    key = _on_mesh(jax.random.PRNGKey(0))
     a, _ = step(_fresh_state(setup), full, key)
     b, _ = step(_fresh_state(setup), sel, key)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), _np(a.params), _np(b.params))
 
 
 def test_answer_slots_hold_every_early_batch():
-    """chatml.answer_slots: the most answer tokens of the first batches, rounded up."""
+    """batching.answer_slots: the most answer tokens of the first batches, rounded up."""
     rng = np.random.default_rng(0)
     examples = [(np.zeros(10, np.int32), np.zeros(10, np.int32), (rng.random(10) < 0.3).astype(np.float32))
                 for _ in range(50)]
-    counts = [sum(int(examples[j][2].sum()) for j in chatml.epoch_order(50, 3, s // 13)[(s % 13) * 4:(s % 13) * 4 + 4])
+    counts = [sum(int(examples[j][2].sum()) for j in batching.epoch_order(50, 3, s // 13)[(s % 13) * 4:(s % 13) * 4 + 4])
               for s in range(30)]
-    slots = chatml.answer_slots(examples, 4, 3, steps=30, quantum=8)
+    slots = batching.answer_slots(examples, 4, 3, steps=30, quantum=8)
     assert slots % 8 == 0 and max(counts) <= slots < max(counts) + 8
 
 
@@ -294,15 +300,15 @@ def test_focus_steps_draw_from_one_category_then_the_whole_set(tmp_path):
             "train.max_steps=7", "train.pack_len=0"]
     cfg = load_config(path, sets)
     logged = []
-    summary = train.train(cfg, log=lambda *a, **k: logged.append(" ".join(map(str, a))), progress=False)
-    assert summary["steps"] == 7  # min(3 + 8 steps of one epoch, max_steps)
+    summary = trainer.train(cfg, log=lambda *a, **k: logged.append(" ".join(map(str, a))), progress=False)
+    assert summary.steps == 7  # min(3 + 8 steps of one epoch, max_steps)
     assert "curriculum: steps 1-3 draw from the 8 rows of 短 only" in logged
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     tokens = [r["tokens"] for r in records if "tokens" in r]
-    _, _, train_ex, _, _, _ = train.prepare(cfg, log=lambda *a, **k: None)
-    whole = [int(chatml.batch_for_step(train_ex, s, 4, cfg.train.seed, cfg.train.buckets, 64)["loss_mask"].sum())
-             for s in range(4)]
+    train_ex = prepare(cfg, parallel.one_device_mesh(), log=lambda *a, **k: None).train_examples
+    plan = batching.BatchPlan(train_ex, 4, cfg.train.seed, cfg.train.buckets, 64)
+    whole = [int(plan.batch(s).loss_mask.sum()) for s in range(4)]
     assert tokens == [8, 8, 8] + whole
     assert whole != [8, 8, 8, 8]  # the whole set's batches are told apart by their answer tokens
     assert [r["step"] for r in records if "val_loss" in r] == [7]  # 3 + 8 (the epoch's end) is past the cap

@@ -1,4 +1,6 @@
-"""Shared command-line plumbing: user mistakes become one line on stderr and exit 2."""
+"""The command-line programs (bin/train, bin/pretrain, bin/chat, bin/eval, bin/inspect):
+argument parsing and output only; the work is in the library. Shared plumbing here:
+user mistakes become one line on stderr and exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +9,7 @@ import os
 import shlex
 import sys
 
-from .config import UserError
+from ..config import UserError
 
 
 def main_guard(fn):
@@ -38,17 +40,18 @@ def train_args(description: str) -> argparse.Namespace:
 
 
 def run_training(cfg, args: argparse.Namespace, score_test: bool = False) -> None:
-    """train.train(cfg) for bin/train and bin/pretrain: divergence or a full disk exit 1, Ctrl-C
+    """trainer.train(cfg) for bin/train and bin/pretrain: divergence or a full disk exit 1, Ctrl-C
     prints the command that resumes the run and exits 130; ends with a one-line summary.
 
     score_test (bin/train): data.test, read and checked before training, is then answered
     with the best checkpoint and scored per category (as bin/eval does); the table is
     printed and written to out_dir/test_report.json."""
-    from . import evaluate, train
+    from .. import evaluate, trainer
+    from ..files import write_json
     test_rows = evaluate.read_scored_rows(cfg.data.test) if score_test and cfg.data.test else None
     try:
-        summary = train.train(cfg, resume=args.resume, progress=not args.no_progress)
-    except train.TrainingDiverged as e:
+        summary = trainer.train(cfg, resume=args.resume, progress=not args.no_progress)
+    except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -64,11 +67,9 @@ def run_training(cfg, args: argparse.Namespace, score_test: bool = False) -> Non
         sys.exit(1)
     import jax
     if test_rows and jax.process_count() == 1:
-        from . import checkpoint
-        from .decode import Generator
-        params, model_cfg, tok = checkpoint.restore(summary["run_dir"])
-        report = evaluate.score_rows(Generator(params, model_cfg, tok, cfg.data.system_prompt), test_rows)
+        from ..decode import Generator
+        report = evaluate.score_rows(Generator.from_run(summary.run_dir, cfg.data.system_prompt), test_rows)
         print(f"best checkpoint on {cfg.data.test}: {report['n']} rows, greedy\n{evaluate.score_table(report)}")
-        evaluate.write_json(os.path.join(summary["run_dir"], "test_report.json"), {"data": cfg.data.test, **report})
-    print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, best validation loss "
-          f"{summary['best_val_loss']:.4f}, checkpoint in {summary['run_dir']}")
+        write_json(os.path.join(summary.run_dir, "test_report.json"), {"data": cfg.data.test, **report})
+    print(f"done: {summary.steps} steps in {summary.seconds:.0f} s, best validation loss "
+          f"{summary.best_val_loss:.4f}, checkpoint in {summary.run_dir}")

@@ -1,0 +1,43 @@
+"""Attention masks as named pure functions: which keys each query may see.
+
+A mask is bool (B|1, T, S): query t of row b sees key s where it is True.
+T queries, S keys (T, or the KV-cache size when decoding).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def causal(T: int):
+    """(1, T, T): query t sees keys 0..t."""
+    return jnp.tril(jnp.ones((1, T, T), bool))
+
+
+def segment_causal(segments):
+    """segments (B, T) int -> (B, T, T): causal, and only within the query's own
+    segment, so examples packed into one row never see each other."""
+    T = segments.shape[1]
+    return (segments[:, :, None] == segments[:, None, :]) & causal(T)
+
+
+def with_prefix(mask, shared, P: int):
+    """mask (B, T, T), shared (B, T) -> (B, T, P + T): keys [0, P) are a prefix
+    computed once (the shared system prompt); a query sees all of it where shared > 0."""
+    B, T, _ = mask.shape
+    return jnp.concatenate([jnp.broadcast_to(shared[:, :, None] > 0, (B, T, P)), mask], axis=-1)
+
+
+def prefill(prompt_lens, P: int, S: int):
+    """Left-padded prompts (B, P) into a cache of S slots -> (B, P, S): causal over the
+    prompt, never a pad (row b's prompt fills slots [P - prompt_lens[b], P))."""
+    key_idx = jnp.arange(S)
+    key_valid = key_idx[None, :] >= (P - prompt_lens)[:, None]  # (B, S)
+    return (key_idx[None, None, :] <= jnp.arange(P)[None, :, None]) & key_valid[:, None, :]
+
+
+def decode_step(prompt_lens, P: int, S: int, index):
+    """The one new token at cache slot `index` (P + i - 1) -> (B, 1, S): every filled
+    slot up to and including its own, never a pad."""
+    key_idx = jnp.arange(S)
+    key_valid = key_idx[None, :] >= (P - prompt_lens)[:, None]  # (B, S)
+    return ((key_idx <= index)[None, :] & key_valid)[:, None, :]

@@ -1,0 +1,169 @@
+"""Everything a run needs, read and validated before anything is written:
+`prepare(cfg, mesh)` -> one frozen `Setup` (model config, tokenizer, examples,
+the batch plan, the optimizer). The trainer, the benchmarks and the tests all
+start from it.
+
+The vocabulary: from scratch, every character of the training text; with
+model.init_from, the base run's vocabulary with new characters appended.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import chatml, checkpoint, model
+from .batching import BatchPlan, RunPlan
+from .config import Config, ModelConfig, UserError
+from .data import Row, corpus_examples, read_corpus, read_jsonl, row_texts, split_corpus
+from .steps import make_optimizer, make_schedule
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Setup:
+    cfg: Config  # as given, with model.vocab_size filled in
+    tok: Tokenizer
+    train_examples: list  # (inputs, targets, loss_mask) per row (or corpus window)
+    val_rows: list[Row]  # [] when pretraining
+    val_examples: list
+    plan: RunPlan  # the batch of every step
+    tx: optax.GradientTransformation
+    schedule: Callable  # step -> learning rate
+    base: Optional[tuple] = None  # model.init_from: (its parameters, its vocabulary size)
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return self.cfg.model
+
+    @property
+    def pretraining(self) -> bool:
+        return bool(self.cfg.data.corpus)
+
+    def init_params(self):
+        """(graphdef, parameters at step 0): fresh, or the base's (`init_params_from`)."""
+        return init_params_from(self.model_cfg, self.cfg.train.seed, self.base)
+
+
+def tokenizer_for(cfg: Config, texts: list[str]) -> Tokenizer:
+    """The vocabulary of a run trained on `texts` (reads no weights).
+
+    From scratch: every character of `texts`, the system prompt and "\\n". With
+    model.init_from: the base run's tokenizer with the new characters appended in sorted
+    order (old ids keep their meaning; the same texts always give the same vocabulary, so
+    a resumed run rebuilds it identically); the base's model shape must match this config's.
+    """
+    if not cfg.model.init_from:
+        return Tokenizer.build(list(texts) + [cfg.data.system_prompt, "\n"])
+    base_cfg, base_tok = checkpoint.read_meta(cfg.model.init_from)
+    for f in ("d_model", "n_heads", "n_layers", "d_ff"):
+        if base_cfg["model"].get(f) != getattr(cfg.model, f):
+            raise UserError(f"model.init_from: {cfg.model.init_from} has {f}={base_cfg['model'].get(f)}, "
+                            f"this config has {getattr(cfg.model, f)}")
+    return base_tok.extend(list(texts) + [cfg.data.system_prompt])
+
+
+def init_params_from(model_cfg: ModelConfig, seed: int, base=None):
+    """Fresh parameters, or a pretrained model's with its embedding grown to the new vocabulary:
+    every array is the base's, except that the embedding (n_old rows) gains the fresh rows
+    n_old.. for the tokens appended to the base's vocabulary. base: (params, n_old) or None."""
+    graphdef, params = model.init(model_cfg, seed)
+    if base is not None:
+        base_params, n_old = base
+
+        def from_base(fresh, old):
+            if fresh.shape == old.shape:
+                return old
+            assert fresh.shape[1:] == old.shape[1:] and old.shape[0] == n_old, (fresh.shape, old.shape)
+            return jnp.concatenate([old, fresh[n_old:]], axis=0)  # the embedding: new tokens' rows appended
+
+        params = jax.tree.map(from_base, params, base_params)  # a new tree: the arrays' shapes may change
+    return graphdef, params
+
+
+def _warn(log, msg: str) -> None:
+    log(msg, file=sys.stderr)
+
+
+def focus_rows(cfg: Config, rows: list[Row], log=print) -> list[Row]:
+    """The rows of train.focus_categories (the curriculum's first steps). Categories the
+    data does not have are left out with a note; with none left, the curriculum is off."""
+    names = cfg.train.focus_categories
+    missing = [n for n in names if not any(r.category == n for r in rows)]
+    if missing:
+        present = [n for n in names if n not in missing]
+        _warn(log, f"note: train.focus_categories: {cfg.data.train} has no row of category "
+                   f"{', '.join(map(repr, missing))}; " + (f"the curriculum uses {', '.join(present)} only"
+                                                           if present else "the curriculum is skipped"))
+    return [r for r in rows if r.category in names]
+
+
+def _examples(rows, tok, cfg: Config, what: str):
+    L = cfg.model.max_seq_len
+    examples, dropped = chatml.encode_rows(rows, tok, cfg.data.system_prompt, L)
+    if not examples:
+        raise UserError(f"{what}: no row fits max_seq_len={L} with any of its answer")
+    return examples, dropped
+
+
+def prepare(cfg: Config, mesh, log=print) -> Setup:
+    """Reads and validates the data, builds the vocabulary, the batch plan and the
+    optimizer of a run on `mesh`; raises UserError before anything is written.
+    data.corpus set: a pretraining run (next-token examples of the corpus's training
+    paragraphs; its held-out paragraphs validate; no validation rows)."""
+    tc = cfg.train
+    if cfg.data.corpus:
+        paragraphs = read_corpus(cfg.data.corpus)
+        tok, base = _vocabulary(cfg, paragraphs)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(tok)))
+        train_par, val_par = split_corpus(paragraphs)
+        L = cfg.model.max_seq_len
+        train_ex, val_rows, val_ex = corpus_examples(train_par, tok, L), [], corpus_examples(val_par, tok, L)
+        focus = []
+    else:
+        train_rows, val_rows = read_jsonl(cfg.data.train), read_jsonl(cfg.data.val)
+        tok, base = _vocabulary(cfg, row_texts(train_rows))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(tok)))
+        train_ex, dropped = _examples(train_rows, tok, cfg, cfg.data.train)
+        val_ex, vdropped = _examples(val_rows, tok, cfg, cfg.data.val)
+        if dropped or vdropped:
+            _warn(log, f"warning: dropped {dropped} training and {vdropped} validation rows whose answer does not "
+                       f"fit max_seq_len={cfg.model.max_seq_len}")
+        unk = sum(len(tok.unknown(t)) for t in row_texts(val_rows))
+        if unk:
+            _warn(log, f"note: {unk} validation characters are not in the training vocabulary (they become <unk>)")
+        focus = focus_rows(cfg, train_rows, log) if tc.focus_steps else []
+        focus = _examples(focus, tok, cfg, f"train.focus_categories: {cfg.data.train}")[0] if focus else []
+    plan = run_plan(cfg, tok, train_ex, focus, multiple=tc.grad_accum_steps * mesh.size)
+    return Setup(cfg, tok, train_ex, val_rows, val_ex, plan, make_optimizer(tc, plan.total_steps),
+                 make_schedule(tc, plan.total_steps), base)
+
+
+def run_plan(cfg: Config, tok: Tokenizer, train_ex: list, focus_ex: list, multiple: int = 1) -> RunPlan:
+    """The batches of every step: packing geometry fixed from the first batches, the
+    shared system prompt (train.share_prefix), and the curriculum first. The output head
+    runs at answer positions only when one device holds each whole batch (multiple 1)."""
+    tc = cfg.train
+    prefix = chatml.system_prefix(tok, cfg.data.system_prompt) if tc.pack_len and tc.share_prefix else None
+
+    def plan(examples):
+        return BatchPlan(examples, tc.batch_size, tc.seed, tc.buckets, cfg.model.max_seq_len, tc.pack_len,
+                         multiple, prefix).settled(head_only_at_answers=multiple == 1)
+
+    return RunPlan(plan(train_ex), tc.epochs, tc.max_steps, plan(focus_ex) if focus_ex else None,
+                   tc.focus_steps if focus_ex else 0)
+
+
+def _vocabulary(cfg: Config, texts: list[str]):
+    """(tokenizer_for(cfg, texts), base): None from scratch; with model.init_from,
+    (the base's best parameters, its vocabulary size) for init_params_from."""
+    tok = tokenizer_for(cfg, texts)  # checks the base's shape before any array is read
+    if not cfg.model.init_from:
+        return tok, None
+    base_params, _, base_tok = checkpoint.restore(cfg.model.init_from)
+    return tok, (base_params, len(base_tok))

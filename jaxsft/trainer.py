@@ -1,0 +1,373 @@
+"""The training loop. `train(cfg)` builds the mesh and the `Setup` (setup.py) and
+runs a `Trainer`, whose `train()` reads straight down: take the step's batch, step,
+log, evaluate or save. Evaluation extras (exact match, sample answers, curves)
+are small hooks; Ctrl-C and SIGTERM are handled by `GracefulStop`.
+
+A run directory (out_dir) holds config.json, tokenizer.json, best/ and latest/
+(checkpoint.py) and metrics.jsonl (metrics.py). Only process 0 writes logs and
+metadata; the others get no-op loggers.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import numpy as np
+
+from . import checkpoint, model, parallel
+from .config import Config, UserError
+from .metrics import MetricsLog, NullLog
+from .setup import Setup, prepare
+from .steps import TrainState, make_eval_step, make_train_step, validation_loss
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient norm: the run stops, keeping the last good checkpoints."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    steps: int
+    best_val_loss: float
+    params: int
+    run_dir: str
+    seconds: float
+
+
+def info(*args, file=None):
+    """print() that keeps a tqdm progress bar intact."""
+    from tqdm import tqdm
+    tqdm.write(" ".join(str(a) for a in args), file=file or sys.stdout)
+
+
+def quiet(*args, **kw):
+    """The logger of processes other than 0."""
+
+
+def train(cfg: Config, resume: bool = False, log=info, progress: bool = True) -> Summary:
+    """Runs SFT (or, with data.corpus, pretraining) as configured."""
+    mesh = parallel.setup(cfg.mesh)
+    log = log if jax.process_index() == 0 else quiet
+    parallel.check_batch(cfg.train.batch_size, cfg.train.grad_accum_steps, mesh)
+    trainer = Trainer(prepare(cfg, mesh, log), mesh, resume, log, progress)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+class Trainer:
+    """One run: its state on the mesh, checkpoints, metrics and evaluation hooks."""
+
+    def __init__(self, setup: Setup, mesh, resume: bool = False, log=info, progress: bool = True):
+        cfg, tc = setup.cfg, setup.cfg.train
+        self.setup, self.mesh, self.log, self.run_dir = setup, mesh, log, cfg.out_dir
+        self.main = jax.process_index() == 0
+        check_run_dir(setup, resume, log)
+        parallel.sync("jaxsft: run directory checked")  # before process 0 creates anything in it
+        graphdef, params = setup.init_params()
+        state = TrainState.create(params, setup.tx)
+        self.state_shardings = parallel.state_shardings(state, mesh)
+        self.state = parallel.shard_tree(state, self.state_shardings)
+        self.best_val = float("inf")
+        if not resume and self.main:  # before the checkpoint dirs: a run dir without config.json holds no run
+            checkpoint.write_meta(self.run_dir, cfg, setup.tok)
+        self.ckpt = checkpoint.RunCheckpoints(self.run_dir)
+        if resume:
+            self._restore()
+        self.start = int(self.state.step)
+        self.metrics = (MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), keep_until=self.start if resume
+                                   else None) if self.main else NullLog())
+        self.train_step = make_train_step(graphdef, setup.tx, tc, mesh, self.state_shardings)
+        self.eval_step = make_eval_step(graphdef, mesh)
+        self.key = parallel.shard_tree(jax.random.PRNGKey(tc.seed), parallel.replicated(mesh))
+        self.rows = parallel.batch_sharding(mesh)
+        self.steplog = StepLog(self.metrics, setup.schedule, self.run_dir,
+                               progress and self.main, setup.plan.total_steps, self.start)
+        self.measures, self.after_eval = eval_hooks(self)
+        self.t_start = self.last_save = time.time()
+        self._describe()
+
+    def train(self) -> Summary:
+        plan, total, tc = self.setup.plan, self.setup.plan.total_steps, self.setup.cfg.train
+        with GracefulStop(self.log) as stop, Prefetch(self.batch_at, self.start, total) as batches:
+            try:
+                for step in range(self.start, total):
+                    self.state, metrics = self.train_step(self.state, batches.get(step), self.key)
+                    done = step + 1
+                    self.steplog.add(done, metrics)
+                    if (tc.eval_every and done % tc.eval_every == 0) or plan.ends_epoch(done):
+                        self.evaluate(done)
+                    elif self._save_due(done):
+                        self.save_latest(done)
+                    if stop.requested and done < total:
+                        raise KeyboardInterrupt
+                self.steplog.flush()
+            except KeyboardInterrupt:
+                stop.saving = True
+                self.steplog.close()
+                if stop.signals > 1:  # the state may be mid-step: keep the last saved one
+                    self.log(f"stopped without saving this step; --resume continues from {self.run_dir}/latest",
+                             file=sys.stderr)
+                    raise
+                self.steplog.flush()
+                self.save_latest(int(self.state.step))
+                self.ckpt.close()
+                self.log(f"interrupted at step {int(self.state.step)}; the training state is saved in "
+                         f"{self.run_dir}/latest (continue with the same config and --resume)", file=sys.stderr)
+                raise
+            finally:
+                stop.saving = True
+                self.ckpt.close()  # every way out lets a save in flight finish: the checkpoints stay whole
+        return Summary(total, self.best_val, model.count_params(self.state.params), self.run_dir,
+                       time.time() - self.t_start)
+
+    def batch_at(self, step: int):
+        """The global batch of `step` on the mesh (each process transfers its own rows)."""
+        return parallel.host_batch_to_global(self.setup.plan.batch(step), self.rows)
+
+    def evaluate(self, step: int) -> None:
+        """Validation loss (best checkpoint when it improves), the measure hooks, one
+        metrics record and log line, the after-eval hooks, then the latest state."""
+        self.steplog.flush()
+        s, tc = self.setup, self.setup.cfg.train
+        eval_rows = tc.batch_size * -(-64 // tc.batch_size)  # >= 64 rows (no gradients kept): fewer, fuller calls
+        val_loss = validation_loss(self.eval_step, self.state.params, s.val_examples, eval_rows, tc.buckets,
+                                   s.model_cfg.max_seq_len)
+        improved = val_loss < self.best_val
+        if improved:
+            self.best_val = float(np.float32(val_loss))  # as the latest state keeps it: a resumed run compares alike
+            self.ckpt.save_best(step, self.state.params, val_loss)
+        record = {"step": step, "val_loss": val_loss, "best": improved}
+        notes = "".join(measure(self.state.params, record) for measure in self.measures)
+        record["elapsed_s"] = round(time.time() - self.t_start, 2)  # wall time of this session, evaluations included
+        self.metrics.write([record])
+        self.log(f"step {step}: val_loss {val_loss:.4f}"
+                 + (" (best, saved)" if improved else f" (best {self.best_val:.4f})") + notes)
+        for hook in self.after_eval:
+            hook(self.state.params)
+        self.save_latest(step)
+
+    def save_latest(self, step: int) -> None:
+        """The full training state for --resume (metrics up to `step` written first)."""
+        self.steplog.flush()
+        self.last_save = time.time()
+        if self.ckpt.latest.latest_step() == step:
+            return
+        best = parallel.shard_tree(np.float32(self.best_val), parallel.replicated(self.mesh))
+        self.ckpt.save_latest(step, {"state": self.state, "best_val_loss": best})
+
+    def close(self) -> None:
+        self.steplog.close()
+        self.ckpt.close()
+
+    def _save_due(self, done: int) -> bool:
+        tc = self.setup.cfg.train
+        if tc.save_every and done % tc.save_every == 0:
+            return True
+        if not tc.save_every_s:
+            return False
+        if jax.process_count() == 1:
+            return time.time() - self.last_save >= tc.save_every_s
+        # every process must agree to save: process 0's clock decides, asked every 10 steps
+        return done % 10 == 0 and parallel.agree(time.time() - self.last_save >= tc.save_every_s)
+
+    def _restore(self) -> None:
+        best = parallel.shard_tree(np.float32(0), parallel.replicated(self.mesh))
+        restored = self.ckpt.restore_latest({"state": self.state, "best_val_loss": best})
+        if restored is None:  # stopped before its first save: nothing to continue, start again
+            self.log(f"{self.run_dir} holds no training state yet; starting from step 0")
+            return
+        self.state, self.best_val = restored["state"], float(restored["best_val_loss"])
+        self.log(f"resumed {self.run_dir} at step {int(self.state.step)} "
+                 f"(best validation loss {self.best_val:.4f})")
+
+    def _describe(self) -> None:
+        s, tc, plan = self.setup, self.setup.cfg.train, self.setup.plan
+        what = "windows" if s.pretraining else "rows"
+        self.log(f"model: {model.count_params(self.state.params) / 1e6:.2f}M parameters, vocab {len(s.tok)} | "
+                 f"train {len(s.train_examples)} {what}, val {len(s.val_examples)} | {plan.total_steps} steps "
+                 f"({plan.main.steps_per_epoch}/epoch), batch {tc.batch_size}")
+        if plan.focus_steps:
+            self.log(f"curriculum: steps 1-{plan.focus_steps} draw from the {len(plan.focus.examples)} rows of "
+                     f"{', '.join(tc.focus_categories)} only")
+        if self.mesh.size > 1 or jax.process_count() > 1:
+            self.log(f"mesh: data {self.mesh.shape['data']} x fsdp {self.mesh.shape['fsdp']} over {self.mesh.size} "
+                     f"{self.mesh.devices.flat[0].platform} devices, {jax.process_count()} process(es)")
+
+
+# the run directory and what --resume may change
+
+# train keys whose change makes a resumed run differ from an uninterrupted one
+TRAJECTORY_KEYS = ("batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
+                   "seed", "grad_accum_steps", "dtype", "pack_len", "share_prefix", "focus_categories",
+                   "focus_steps", "buckets", "eval_every")
+
+
+def check_run_dir(setup: Setup, resume: bool, log) -> None:
+    """A new run needs an empty out_dir; --resume needs a run with this model and
+    vocabulary, and warns of each changed setting that changes the trajectory."""
+    run_dir, cfg = setup.cfg.out_dir, setup.cfg
+    has_run = os.path.isdir(os.path.join(run_dir, "latest")) or os.path.isdir(os.path.join(run_dir, "best"))
+    if resume and not has_run:
+        raise UserError(f"{run_dir}: nothing to resume (no checkpoint there)")
+    if not resume and has_run:
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another out_dir")
+    if not resume:
+        return
+    old_cfg, old_tok = checkpoint.read_meta(run_dir)
+    if old_cfg["model"] != checkpoint.to_dict(setup.model_cfg) or old_tok.itos != setup.tok.itos:
+        raise UserError(f"{run_dir}: was trained with another model config or vocabulary; cannot resume")
+    new = checkpoint.to_dict(cfg.train)
+    for k in TRAJECTORY_KEYS:
+        old = old_cfg.get("train", {}).get(k)
+        if k in old_cfg.get("train", {}) and old != new[k]:
+            log(f"warning: train.{k} was {old} in {run_dir}, is {new[k]} now: the resumed run will not "
+                f"match an uninterrupted one", file=sys.stderr)
+
+
+# the pieces the loop calls
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM (a scheduler's preemption) asks the loop to stop after the
+    current step and save; a second Ctrl-C quits at once, except while saving."""
+
+    def __init__(self, log):
+        self.log, self.signals, self.saving, self._old = log, 0, False, {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signals > 0
+
+    def _handle(self, signum, frame):
+        self.signals += 1
+        if self.saving:
+            self.log("saving the training state, a moment", file=sys.stderr)
+        elif self.signals > 1:
+            raise KeyboardInterrupt  # a second Ctrl-C: quit now, without saving this step
+        else:
+            self.log("stopping after this step to save the training state (Ctrl-C again to quit at once)",
+                     file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Prefetch:
+    """Prepares step s + 1's batch in a thread while step s runs."""
+
+    def __init__(self, batch_at: Callable, start: int, total: int):
+        self.batch_at, self.total = batch_at, total
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.next = self.pool.submit(batch_at, start) if start < total else None
+
+    def get(self, step: int):
+        batch = self.next.result()
+        if step + 1 < self.total:
+            self.next = self.pool.submit(self.batch_at, step + 1)
+        return batch
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class StepLog:
+    """Per-step metrics, fetched from the device every 10 steps (a fetch waits for the
+    step): metrics.jsonl records, the progress bar, and the divergence check."""
+
+    def __init__(self, metrics, schedule, run_dir: str, progress: bool, total: int, start: int):
+        from tqdm import tqdm
+        self.metrics, self.schedule, self.run_dir = metrics, schedule, run_dir
+        self.pending, self.t_last, self.tokens = [], time.time(), 0.0
+        self.bar = tqdm(total=total, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+        self.bar.update(1)
+        if len(self.pending) >= 10:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        records = []
+        for s, m in jax.device_get(self.pending):
+            if not m["ok"]:
+                self.metrics.write(records)  # the good steps before it
+                raise TrainingDiverged(f"non-finite loss or gradient norm at step {s}; stopped, the last good "
+                                       f"checkpoints in {self.run_dir} are kept")
+            records.append({"step": s, "loss": float(m["loss"]), "lr": float(self.schedule(s - 1)),
+                            "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"])})
+        self.tokens += sum(r["tokens"] for r in records)
+        now = time.time()
+        # answer_tok_s: tokens with loss (the answers) per second, not every token the model reads
+        self.bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}",
+                             answer_tok_s=f"{self.tokens / max(now - self.t_last, 1e-9):.0f}")
+        self.t_last, self.tokens = now, 0.0
+        self.metrics.write(records)
+        self.pending = []
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# evaluation hooks
+
+
+def eval_hooks(trainer: Trainer) -> tuple[list, list]:
+    """(measures, after_eval) of a run. A measure adds fields to the evaluation's
+    record and returns a note for its log line: val_exact, the exact match of train.eval_exact validation answers. After
+    each evaluation: greedy answers to train.sample_questions questions are printed,
+    and curves.png is redrawn. Answers need every process to decode in step, so a
+    multi-process run has neither."""
+    s, tc = trainer.setup, trainer.setup.cfg.train
+    measures, after = [], []
+    samples = [r.prompt_messages for r in s.val_rows[: tc.sample_questions]]
+    scored = [r for r in s.val_rows if r.expected is not None][: tc.eval_exact]
+    if jax.process_count() > 1:
+        samples = scored = []
+    if samples or scored:
+        from .decode import Generator
+        gen = Generator(None, s.model_cfg, s.tok, s.cfg.data.system_prompt,
+                        max_new_tokens=min(64, s.model_cfg.max_seq_len // 2))
+    if scored:
+        from .evaluate import exact_match
+
+        def measure_exact(params, record):
+            gen.params = params
+            answers = gen.answer([r.prompt_messages for r in scored])
+            record["val_exact"] = float(np.mean([exact_match(a, r.expected) for a, r in zip(answers, scored)]))
+            return f", exact match {100 * record['val_exact']:.1f}% of {len(scored)} rows"
+        measures.append(measure_exact)
+    if samples:
+        def print_samples(params):
+            gen.params = params
+            for q, a in zip(samples, gen.answer(samples)):
+                trainer.log(f"  {q[-1][1]} -> {a}")
+        after.append(print_samples)
+    if trainer.main:
+        def draw_curves(params):
+            try:
+                from .plots import write_curves
+            except ImportError:  # matplotlib is optional
+                return
+            write_curves(trainer.run_dir)
+        after.append(draw_curves)
+    return measures, after

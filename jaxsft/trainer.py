@@ -10,6 +10,7 @@ metadata; the others get no-op loggers.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import sys
@@ -225,7 +226,7 @@ def check_run_dir(setup: Setup, resume: bool, log) -> None:
     old_cfg, old_tok = checkpoint.read_meta(run_dir)
     if old_cfg["model"] != checkpoint.to_dict(setup.model_cfg) or old_tok.itos != setup.tok.itos:
         raise UserError(f"{run_dir}: was trained with another model config or vocabulary; cannot resume")
-    new = checkpoint.to_dict(cfg.train)
+    new = json.loads(json.dumps(checkpoint.to_dict(cfg.train)))  # as config.json holds it: lists, not tuples
     for k in TRAJECTORY_KEYS:
         old = old_cfg.get("train", {}).get(k)
         if k in old_cfg.get("train", {}) and old != new[k]:

@@ -202,6 +202,8 @@ BAD_INPUTS = [
     ("data-nothing-fits", "train", T + ["--set", "model.max_seq_len=16"], {}, None,
      ["train.jsonl: no row fits max_seq_len=16"]),
     ("resume-nothing", "train", T + ["--resume"], {}, None, ["run: nothing to resume"]),
+    ("train-corpus-config", "train", T + ["--set", "data.corpus=corpus"], {}, None,
+     ["tiny.yaml: data.corpus is set, which makes this a pretraining config; run it with bin/pretrain"]),
     ("run-exists", "train", T, {}, lambda d: os.makedirs(os.path.join(d, "run", "latest")),
      ["run: already holds a run; pass --resume"]),
     ("chat-no-run", "chat", ["--checkpoint", "nowhere", "你好"], {}, None, ["nowhere: no such run directory"]),
@@ -234,6 +236,35 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
         else:
             assert s in lines[0], lines[0]
     assert snapshot(tmp_path) == before  # nothing written, not even the run directory
+
+
+def run_ok(name, args, capsys, monkeypatch):
+    """(stdout, stderr) of bin/<name> args run in this process, which must succeed."""
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    capsys.readouterr()
+    script(name).main()
+    return capsys.readouterr()
+
+
+def test_a_curriculum_of_absent_categories_is_skipped_and_resume_warns_of_changes(tmp_path, capsys, monkeypatch):
+    """configs/default.yaml's curriculum names categories of data/; on a user's rows without
+    them the run trains after a one-line note. --resume with another lr or max_steps says
+    that the run will differ from an uninterrupted one."""
+    write_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    focus = ["--set", "train.focus_categories=[字符串,算术]", "--set", "train.focus_steps=5"]
+    out, err = run_ok("train", T + focus + ["--set", "train.max_steps=3"], capsys, monkeypatch)
+    assert [l for l in err.splitlines() if "focus" in l] == [
+        "note: train.focus_categories: train.jsonl has no row of category '字符串', '算术'; the curriculum is skipped"]
+    assert "curriculum" not in out and "done: 3 steps" in out
+    with open("run/metrics.jsonl") as f:
+        assert [json.loads(l)["step"] for l in f if '"loss"' in l] == [1, 2, 3]
+    out, err = run_ok("train", T + focus + ["--set", "train.max_steps=4", "--set", "train.lr=2e-3", "--resume"],
+                      capsys, monkeypatch)
+    assert [l for l in err.splitlines() if l.startswith("warning")] == [
+        "warning: train.max_steps was 3 in run, is 4 now: the resumed run will not match an uninterrupted one",
+        "warning: train.lr was 0.001 in run, is 0.002 now: the resumed run will not match an uninterrupted one"]
+    assert "resumed run at step 3" in out and "done: 4 steps" in out
 
 
 def test_rows_too_long_are_dropped_with_one_warning(tmp_path, capsys, monkeypatch):
@@ -665,6 +696,19 @@ def test_chat_unknown_characters_empty_questions_and_long_conversations(referenc
     assert "😀" in proc.stderr
     assert "oldest turns are left out" in proc.stderr
     assert proc.stdout.count("你> ") == 5  # every line read, to /quit
+
+
+def test_chat_commands_are_listed_and_never_sent_to_the_model(reference):
+    """/help lists the commands; an unknown /command says so and lists them; neither is a question."""
+    lines = ["/help", "/frobnicate now", "/quit"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bin", "chat"), "--checkpoint",
+                           reference["runs"].path(), "--max-new-tokens", "8"], input="\n".join(lines) + "\n",
+                          env=_env(None), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.splitlines()
+    listing = "/clear forgets the conversation, /system TEXT sets the system prompt, /help lists these, /quit leaves."
+    assert f"({listing})" in err and f"(unknown command /frobnicate; {listing})" in err
+    assert proc.stdout == "你> " * 3  # three prompts, no answer printed
 
 
 def test_prompt_is_cut_to_the_context_never_crashing():

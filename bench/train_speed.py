@@ -90,6 +90,14 @@ def main():
         state, m = step_fn(state, parallel.host_batch_to_global(h, trainer.rows), key)
     jax.block_until_ready(state)
     dt = time.perf_counter() - t0
+    # what a time-based save of the latest state (train.save_every_s) costs the loop: the call
+    # returns once the arrays are copied to the host; orbax writes the files in the background
+    trainer.state = state
+    t0 = time.perf_counter()
+    trainer.save_latest(total)
+    save_call_s = time.perf_counter() - t0
+    trainer.ckpt.wait()
+    save_total_s = time.perf_counter() - t0
     trainer.close()
     for b in host:
         B, L = b.inputs.shape
@@ -117,6 +125,7 @@ def main():
         "compile_s": compile_s, "compilations": step_fn._cache_size(),
         "compilations_after_warmup": step_fn._cache_size() - compilations_warm, "pack_len": tc.pack_len,
         "answer_slots": plan.answer_slots, "batches_head_everywhere": head_everywhere,
+        "latest_save_call_s": save_call_s, "latest_save_total_s": save_total_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_dtype": args.peak_dtype, "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind, "dtype": tc.dtype, "devices": jax.device_count(),

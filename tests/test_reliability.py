@@ -58,6 +58,13 @@ train:
 out_dir: run
 """
 TOTAL_STEPS = 24  # 48 rows / batch 4 = 12 steps per epoch, 2 epochs
+SAVES = (5, 10, 12, 15, 20, 24)  # the training state is saved every 5 steps and at each evaluation
+
+
+def kept_latest(newest: int, start: int = 0) -> list[int]:
+    """latest/'s steps once a run that began at `start` (0, or the step it resumed at) has saved
+    step `newest`: the newest two (the older is what a damaged newest one falls back to)."""
+    return (([start] if start else []) + [s for s in SAVES if start < s < newest] + [newest])[-2:]
 
 
 def _row(i: int) -> dict:
@@ -420,7 +427,7 @@ def reference(tmp_path_factory, cache):
     r = Runs(tmp_path_factory.mktemp("reference"), cache)
     proc = r.run()
     assert proc.returncode == 0, proc.stderr
-    assert steps(r.path("latest")) == [TOTAL_STEPS]
+    assert steps(r.path("latest")) == kept_latest(TOTAL_STEPS) == [20, TOTAL_STEPS]
     with open(r.path("metrics.jsonl")) as f:
         metrics = f.read()
     assert len([l for l in metrics.splitlines() if '"loss"' in l]) == TOTAL_STEPS
@@ -433,8 +440,8 @@ def timeless(metrics: str) -> list:
     return [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"} for l in metrics.splitlines()]
 
 
-def assert_same_as_reference(r: Runs, reference):
-    assert steps(r.path("latest")) == [TOTAL_STEPS]
+def assert_same_as_reference(r: Runs, reference, resumed_at: int):
+    assert steps(r.path("latest")) == kept_latest(TOTAL_STEPS, resumed_at)
     assert_bitwise_equal(load_tree(r.path("latest"), TOTAL_STEPS), reference["latest"])
     assert {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}.keys() == reference["best"].keys()
     for s, tree in reference["best"].items():
@@ -448,7 +455,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     # 1. killed after step 12's best checkpoint and metrics, before its latest state
     p = r.run(hook=("kill_before_latest", 12))
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert steps(r.path("best")) == [12] and steps(r.path("latest")) == [10]
+    assert steps(r.path("best")) == [12] and steps(r.path("latest")) == [5, 10]
     load_tree(r.path("best"), 12), load_tree(r.path("latest"), 10)  # both readable
     with open(r.path("metrics.jsonl")) as f:
         assert max(json.loads(l)["step"] for l in f) == 12  # beyond the latest state: trimmed on resume
@@ -457,7 +464,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     p = r.run("--resume", hook=("kill_before_commit", 20))
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert "resumed run at step 10" in p.stdout
-    assert steps(r.path("latest")) == [15]
+    assert steps(r.path("latest")) == [12, 15]
     assert any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest"))), os.listdir(r.path("latest"))
     load_tree(r.path("latest"), 15)
 
@@ -465,7 +472,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     p = r.run("--resume")
     assert p.returncode == 0, p.stderr
     assert "resumed run at step 15" in p.stdout
-    assert_same_as_reference(r, reference)
+    assert_same_as_reference(r, reference, 15)
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest")))
 
 
@@ -481,7 +488,7 @@ def test_sigterm_saves_a_resumable_state_like_ctrl_c(tmp_path, cache):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     step = int(re.search(r"interrupted at step (\d+)", err).group(1))
-    assert steps(r.path("latest")) == [step] and 5 <= step < TOTAL_STEPS
+    assert steps(r.path("latest")) == kept_latest(step) and 5 <= step < TOTAL_STEPS
     assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
     assert err.strip().splitlines()[-1].startswith("resume with: ")
 
@@ -501,7 +508,7 @@ def test_ctrl_c_saves_a_resumable_state_and_sigkill_anywhere_too(tmp_path, cache
     m = re.search(r"interrupted at step (\d+)", err)
     assert m, err
     step = int(m.group(1))
-    assert steps(r.path("latest")) == [step] and 5 <= step < TOTAL_STEPS
+    assert steps(r.path("latest")) == kept_latest(step) and 5 <= step < TOTAL_STEPS
     assert err.strip().splitlines()[-1] == "resume with: " + " ".join(
         [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *T, "--resume"])
     assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
@@ -516,9 +523,11 @@ def test_ctrl_c_saves_a_resumable_state_and_sigkill_anywhere_too(tmp_path, cache
             load_tree(r.path(d), steps(r.path(d))[-1])
     assert steps(r.path("latest"))[-1] < TOTAL_STEPS
 
+    resumed_at = steps(r.path("latest"))[-1]
     p = r.run("--resume")
     assert p.returncode == 0, p.stderr
-    assert_same_as_reference(r, reference)
+    assert f"resumed run at step {resumed_at} " in p.stdout
+    assert_same_as_reference(r, reference, resumed_at)
 
 
 def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_path, reference):
@@ -542,7 +551,7 @@ def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_p
     assert arrays(jax.tree.leaves(params)) == arrays(reference["best"][TOTAL_STEPS].values())
     ck = checkpoint.RunCheckpoints(str(run))  # what a resume starts with
     ck.close()
-    assert steps(run / "best") == [TOTAL_STEPS] and steps(run / "latest") == [TOTAL_STEPS]
+    assert steps(run / "best") == [TOTAL_STEPS] and steps(run / "latest") == [20, TOTAL_STEPS]
     assert sorted(os.listdir(run / "best")) == [str(TOTAL_STEPS)]
 
 
@@ -552,7 +561,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_pa
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: non-finite loss or gradient norm at step 14;")
-    assert steps(r.path("latest")) == [12] and steps(r.path("best")) == [12]
+    assert steps(r.path("latest")) == [10, 12] and steps(r.path("best")) == [12]
     latest = load_tree(r.path("latest"), 12)
     assert int(latest["['state']['step']"]) == 12
     assert all(np.isfinite(v).all() for v in latest.values())

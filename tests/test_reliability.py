@@ -57,6 +57,13 @@ train:
 out_dir: run
 """
 TOTAL_STEPS = 24  # 48 rows / batch 4 = 12 steps per epoch, 2 epochs
+SAVES = (5, 10, 12, 15, 20, 24)  # the training state is saved every 5 steps and at each evaluation
+
+
+def kept_latest(newest: int, start: int = 0, saves=SAVES) -> list[int]:
+    """latest/'s steps once a run that began at `start` (0, or the step it resumed at) has saved
+    step `newest`: the newest two (the older is what a damaged newest one falls back to)."""
+    return (([start] if start else []) + [s for s in saves if start < s < newest] + [newest])[-2:]
 
 
 def _row(i: int) -> dict:
@@ -393,6 +400,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 PROD = ["--set", "train.pack_len=64", "--set", "train.eval_exact=4", "--set", "train.focus_categories=[短]",
         "--set", "train.focus_steps=14"]
 PROD_STEPS = 38
+PROD_SAVES = (5, 10, 15, 20, 25, 26, 30, 35, 38)  # every 5 steps and at each evaluation
 PROD_TRAIN = _jsonl(dict(_row(i), category="短" if int(_row(i)["instruction"].split("加")[0]) < 10 else "长")
                     for i in range(48))
 
@@ -449,12 +457,12 @@ def _reference(d, cache, prod):
     r = Runs(d, cache, prod)
     proc = r.run()
     assert proc.returncode == 0, proc.stderr
-    total = PROD_STEPS if prod else TOTAL_STEPS
-    assert steps(r.path("latest"))[-1] == total
+    total, saves = (PROD_STEPS, PROD_SAVES) if prod else (TOTAL_STEPS, SAVES)
+    assert steps(r.path("latest")) == kept_latest(total, saves=saves)
     with open(r.path("metrics.jsonl")) as f:
         metrics = f.read()
     assert len([l for l in metrics.splitlines() if '"loss"' in l]) == total
-    return {"runs": r, "total": total, "latest": load_tree(r.path("latest"), total), "metrics": metrics,
+    return {"runs": r, "total": total, "saves": saves, "latest": load_tree(r.path("latest"), total), "metrics": metrics,
             "best": {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}, "stdout": proc.stdout}
 
 
@@ -478,9 +486,13 @@ def timeless(metrics: str) -> list:
     return [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"} for l in metrics.splitlines()]
 
 
-def assert_same_as_reference(r: Runs, reference):
+def assert_same_as_reference(r: Runs, reference, resumed_at=None):
+    """resumed_at: the step the last run resumed from, which fixes the two latest states kept
+    (None: only the newest is checked, for a run whose saves depend on the clock)."""
     total = reference["total"]
     assert steps(r.path("latest"))[-1] == total
+    if resumed_at is not None:
+        assert steps(r.path("latest")) == kept_latest(total, resumed_at, reference["saves"])
     assert_bitwise_equal(load_tree(r.path("latest"), total), reference["latest"])
     assert {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}.keys() == reference["best"].keys()
     for s, tree in reference["best"].items():
@@ -494,7 +506,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     # 1. killed after step 12's best checkpoint and metrics, before its latest state
     p = r.run(hook=("kill_before_latest", 12))
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert steps(r.path("best")) == [12] and steps(r.path("latest"))[-1] == 10
+    assert steps(r.path("best")) == [12] and steps(r.path("latest")) == [5, 10]
     load_tree(r.path("best"), 12), load_tree(r.path("latest"), 10)  # both readable
     with open(r.path("metrics.jsonl")) as f:
         assert max(json.loads(l)["step"] for l in f) == 12  # beyond the latest state: trimmed on resume
@@ -503,7 +515,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     p = r.run("--resume", hook=("kill_before_commit", 20))
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert "resumed run at step 10" in p.stdout
-    assert steps(r.path("latest"))[-1] == 15
+    assert steps(r.path("latest")) == [12, 15]
     assert any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest"))), os.listdir(r.path("latest"))
     load_tree(r.path("latest"), 15)
 
@@ -511,7 +523,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     p = r.run("--resume")
     assert p.returncode == 0, p.stderr
     assert "resumed run at step 15" in p.stdout
-    assert_same_as_reference(r, reference)
+    assert_same_as_reference(r, reference, 15)
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest")))
 
 
@@ -523,17 +535,17 @@ def test_production_path_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, p
     # 1. killed with latest/10 written but not committed: resumes from 5, inside the curriculum
     p = r.run(hook=("kill_before_commit", 10))
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert steps(r.path("latest"))[-1] == 5
+    assert steps(r.path("latest")) == [5]
     # 2. resumed, killed after step 26's best checkpoint (the first epoch's end) before its latest state
     p = r.run("--resume", hook=("kill_before_latest", 26))
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert "resumed run at step 5" in p.stdout
-    assert steps(r.path("best")) == [26] and steps(r.path("latest"))[-1] == 25
+    assert steps(r.path("best")) == [26] and steps(r.path("latest")) == [20, 25]
     # 3. resumed to the end
     p = r.run("--resume")
     assert p.returncode == 0, p.stderr
     assert "resumed run at step 25" in p.stdout
-    assert_same_as_reference(r, prod_reference)
+    assert_same_as_reference(r, prod_reference, 25)
 
 
 def test_production_path_kill_after_a_timed_save_resumes_bitwise(tmp_path, cache, prod_reference):
@@ -563,7 +575,7 @@ def test_a_signal_saves_a_resumable_state(tmp_path, cache, sig):
     assert m, p.stderr
     step = int(m.group(1))
     assert step in (7, 8)  # the step in flight when the signal came, or the next
-    assert steps(r.path("latest"))[-1] == step
+    assert steps(r.path("latest")) == kept_latest(step)
     assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
     assert p.stderr.strip().splitlines()[-1] == "resume with: " + " ".join(
         [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *T, "--resume"])
@@ -584,9 +596,11 @@ def test_ctrl_c_then_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, cac
         if steps(r.path(d)):
             load_tree(r.path(d), steps(r.path(d))[-1])
     assert step <= steps(r.path("latest"))[-1] <= 15  # the save at 15 may still be in flight
+    resumed_at = steps(r.path("latest"))[-1]
     p = r.run("--resume")
     assert p.returncode == 0, p.stderr
-    assert_same_as_reference(r, ref)
+    assert f"resumed run at step {resumed_at} " in p.stdout
+    assert_same_as_reference(r, ref, resumed_at)
 
 
 def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_path, reference):
@@ -610,7 +624,7 @@ def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_p
     assert arrays(jax.tree.leaves(params)) == arrays(reference["best"][TOTAL_STEPS].values())
     ck = checkpoint.RunCheckpoints(str(run))  # what a resume starts with
     ck.close()
-    assert steps(run / "best") == [TOTAL_STEPS] and steps(run / "latest") == [TOTAL_STEPS]
+    assert steps(run / "best") == [TOTAL_STEPS] and steps(run / "latest") == [20, TOTAL_STEPS]
     assert sorted(os.listdir(run / "best")) == [str(TOTAL_STEPS)]
 
 
@@ -620,7 +634,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_pa
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: non-finite loss or gradient norm at step 14;")
-    assert steps(r.path("latest")) == [12] and steps(r.path("best")) == [12]
+    assert steps(r.path("latest")) == [10, 12] and steps(r.path("best")) == [12]
     latest = load_tree(r.path("latest"), 12)
     assert int(latest["['state']['step']"]) == 12
     assert all(np.isfinite(v).all() for v in latest.values())

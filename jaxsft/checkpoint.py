@@ -65,14 +65,21 @@ class RunCheckpoints:
     def __init__(self, run_dir: str):
         run_dir = os.path.abspath(run_dir)
         # a save is written to "<step>.orbax-checkpoint-tmp-*" and renamed when complete, so a killed
-        # process leaves the previous checkpoint readable; cleanup_tmp_directories removes the debris
+        # process leaves the previous checkpoint readable; cleanup_tmp_directories removes the debris.
+        # Each manager gets its own barrier names. With several processes orbax ends every save in
+        # a background thread with barriers whose names the two managers would share
+        # ("ThreadSaveMultiHostValueHolder:set_value_start", "async_write_complete.<step>" when
+        # both save a step): a process that reaches one of them for latest while it still waits
+        # there for best (another process being slower) gets "Barrier ... is already ongoing",
+        # which orbax reports as "Timed out while waiting for async_write_complete barrier", and
+        # the other processes hang at that barrier (20 minutes, orbax's default).
+        def options(name, **kw):
+            return ocp.CheckpointManagerOptions(
+                max_to_keep=1, cleanup_tmp_directories=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name), **kw)
         self.best = ocp.CheckpointManager(
-            os.path.join(run_dir, "best"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"], best_mode="min",
-                                                 cleanup_tmp_directories=True))
-        self.latest = ocp.CheckpointManager(
-            os.path.join(run_dir, "latest"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, cleanup_tmp_directories=True))
+            os.path.join(run_dir, "best"), options=options("best", best_fn=lambda m: m["val_loss"], best_mode="min"))
+        self.latest = ocp.CheckpointManager(os.path.join(run_dir, "latest"), options=options("latest"))
         # an older step is deleted only after the newer one is committed, so the newest is always
         # whole; older ones are what a kill during that deletion left half-removed
         for mngr in (self.best, self.latest):

@@ -296,8 +296,17 @@ class RunCheckpoints:
             tmp = [n for n in os.listdir(directory) if n.startswith(f"{step}{_TMP}")]
             write_checksums(os.path.join(directory, max(tmp) if tmp else str(step)))
 
-        opts = ocp.CheckpointManagerOptions(cleanup_tmp_directories=True, **options,
-                                            async_options=ocp.AsyncOptions(post_finalization_callback=before_commit))
+        # each manager gets its own barrier names. With several processes orbax ends every save in a
+        # background thread with barriers whose names the two managers would share
+        # ("ThreadSaveMultiHostValueHolder:set_value_start", "async_write_complete.<step>" when both
+        # save a step): a process that reaches one of them for latest while it still waits there for
+        # best (another process being slower) gets "Barrier ... is already ongoing", which orbax
+        # reports as "Timed out while waiting for async_write_complete barrier", and the other
+        # processes hang at that barrier (20 minutes, orbax's default)
+        opts = ocp.CheckpointManagerOptions(
+            cleanup_tmp_directories=True, **options,
+            async_options=ocp.AsyncOptions(post_finalization_callback=before_commit),
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
         try:
             with _quiet():
                 return ocp.CheckpointManager(directory, options=opts)

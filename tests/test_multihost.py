@@ -9,11 +9,14 @@ one-device run by at most 7.2e-7, the validation loss by 4.6e-7.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -21,12 +24,122 @@ from test_parallel import STEPS, tiny_config, write_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5  # float32 losses, 2 processes x 2 devices vs 1 device (measured <= 7.2e-7)
+# the two processes together: 13-15 s on a quiet 2-core machine, 33-98 s heavily loaded (load 5-15). Below
+# the timeouts of the libraries (orbax: 1200 s for its async-save barriers; jax.distributed: 300 s
+# to connect, 100 s without heartbeats), so a hung run ends here, with both logs. Orbax reports any
+# error at its barrier as "Timed out while waiting for async_write_complete barrier": the error it
+# wraps says what happened (e.g. "Barrier ... is already ongoing", see checkpoint.RunCheckpoints).
+DEADLINE = 600
+LAUNCHES = 3  # tries, each on a new port, when process 0's coordinator could not bind its port
+BIND_FAILED = "Failed to add port to server"  # gRPC's words then (and process 0 crashes)
+
+pytestmark = pytest.mark.slow
+
+# process 0: bin/train, but reaching orbax's end-of-save barriers 2 s late, as a loaded machine
+# makes one process at random. Process 1 then reaches the barriers that end its latest save while
+# it still waits at those of its best save (the same step): checkpoint.RunCheckpoints names them
+# apart; without that, both processes hang (FAILED_PRECONDITION: Barrier ... is already ongoing).
+LATE_AT_BARRIERS = """\
+import runpy, sys, time
+from orbax.checkpoint._src.multihost import multihost
+
+def late(get):
+    def get_late(**kw):
+        wait = get(**kw)
+        def wait_late(*, key, timeout_ms):
+            if "async_write_complete" in key:
+                print(f"late at barrier {key}", file=sys.stderr, flush=True)
+                time.sleep(2)
+            wait(key=key, timeout_ms=timeout_ms)
+        return wait_late
+    return get_late
+
+multihost.get_barrier_sync_fn = late(multihost.get_barrier_sync_fn)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def reserved_port():
+    """A free port for the coordinator, held for as long as the block runs.
+
+    Picking a free port and closing it before the child binds it races with every other
+    process on the machine (other test runs among them). On Linux the socket stays bound
+    with SO_REUSEPORT instead: the kernel then hands the port to no one else (bind to
+    port 0, the local port of an outgoing connection), while process 0's coordinator, a
+    gRPC server and so SO_REUSEPORT too, may still bind it. The socket never listens, so
+    every connection reaches the coordinator. Elsewhere the port is released at once and
+    a launch that finds it taken is retried (LAUNCHES)."""
     with socket.socket() as s:
+        keep = sys.platform == "linux"
+        if keep:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+        if not keep:
+            s.close()
+        yield port
+
+
+class Result(NamedTuple):
+    returncode: int
+    out: str
+    err: str
+    killed: str  # why the harness killed it ("" when it ended by itself)
+
+
+def run_together(cmds: list, envs: list, log_dir: str, timeout: float) -> list:
+    """Runs each command with its environment, all at once, each writing stdout and stderr to files
+    in log_dir (a pipe that is not being read fills up and blocks its writer, and the
+    other processes then wait for it at their next barrier). Polls all of them together
+    until every one has ended, or one has failed (the others would wait for it until some
+    timeout), or `timeout` seconds have passed; kills whatever still runs then.
+    Returns a Result per process."""
+    os.makedirs(log_dir, exist_ok=True)
+    logs = [(os.path.join(log_dir, f"process{i}.out"), os.path.join(log_dir, f"process{i}.err"))
+            for i in range(len(envs))]
+    procs, why = [], ""
+    t0 = time.monotonic()
+    try:
+        for cmd, env, (out, err) in zip(cmds, envs, logs):
+            with open(out, "wb") as fo, open(err, "wb") as fe:
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                              stdout=fo, stderr=fe))
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                why = f"killed: process {failed[0]} had failed"
+                break
+            if None not in codes:
+                break
+            if time.monotonic() - t0 > timeout:
+                why = f"killed: still running after {timeout:.0f} s"
+                break
+            time.sleep(0.1)
+    finally:
+        running = [p for p in procs if p.poll() is None]
+        for p in running:
+            p.kill()
+        for p in running:
+            p.wait()
+    print(f"{len(procs)} processes together: {time.monotonic() - t0:.1f} s")
+
+    def read(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    return [Result(p.returncode, read(out), read(err), why if p in running else "")
+            for p, (out, err) in zip(procs, logs)]
+
+
+def report(results: list) -> str:
+    """Every process's exit status and the ends of its stdout and stderr."""
+    parts = []
+    for i, r in enumerate(results):
+        parts.append(f"--- process {i}: exit status {r.returncode}{' (' + r.killed + ')' if r.killed else ''}\n"
+                     f"stdout (end):\n{r.out[-2000:]}\nstderr (end):\n{r.err[-4000:]}")
+    return "\n".join(parts)
 
 
 def write_yaml(d: str, out_dir: str) -> str:
@@ -56,25 +169,18 @@ def runs(tmp_path_factory):
     write_data(d)
     two = os.path.join(d, "two")
     config = write_yaml(d, two)
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", PYTHONIOENCODING="utf-8",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "bin", "train"), "--config", config,
-                                       "--no-progress"], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=240))
-    finally:
-        for p in procs:  # one that failed leaves the other waiting for it
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, f"process exited {p.returncode}:\n{out[-2000:]}\n{err[-3000:]}"
+    train = [os.path.join(ROOT, "bin", "train"), "--config", config, "--no-progress"]
+    cmds = [[sys.executable, "-c", LATE_AT_BARRIERS, *train], [sys.executable, *train]]
+    for attempt in range(LAUNCHES):
+        with reserved_port() as port:
+            envs = [dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", PYTHONIOENCODING="utf-8",
+                         PYTHONUNBUFFERED="1",  # a killed process's last words reach its log too
+                         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                         JAX_PROCESS_ID=str(pid)) for pid in range(2)]
+            results = run_together(cmds, envs, os.path.join(d, f"launch{attempt}"), DEADLINE)
+        if not any(BIND_FAILED in r.err for r in results):
+            break  # else the port was taken after all: again on another one
+    assert all(r.returncode == 0 for r in results), "the two-process run failed:\n" + report(results)
 
     import jax
 
@@ -83,7 +189,7 @@ def runs(tmp_path_factory):
     one = os.path.join(d, "one")
     cfg = tiny_config(d, "model.dropout=0.1", f"out_dir={one}")
     T.train(cfg, log=lambda *a, **k: None, progress=False)
-    return {"two": two, "one": one, "outs": outs}
+    return {"two": two, "one": one, "outs": [(r.out, r.err) for r in results]}
 
 
 def test_two_processes_give_the_losses_of_one(runs):
@@ -101,6 +207,14 @@ def test_only_process_0_logs(runs):
     assert "mesh: data 2 x fsdp 2 over 4 cpu devices, 2 process(es)" in out0
     assert "model:" in out0 and f"step {STEPS}: val_loss" in out0
     assert "model:" not in out1 and "val_loss" not in out1
+
+
+def test_saves_of_one_step_with_a_late_process(runs):
+    """Process 0 reached each save's barrier late (LATE_AT_BARRIERS), and the run above passed
+    all the same; best and latest both saved step STEPS."""
+    (_, err0), _ = runs["outs"]
+    assert f"late at barrier best_async_write_complete.{STEPS}" in err0
+    assert f"late at barrier latest_async_write_complete.{STEPS}" in err0
 
 
 def test_checkpoint_of_two_processes_restores_in_one(runs):

@@ -86,6 +86,7 @@ def runs(tmp_path_factory):
     return {"two": two, "one": one, "outs": outs}
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_losses_of_one(runs):
     loss2, val2 = read_metrics(runs["two"])
     loss1, val1 = read_metrics(runs["one"])
@@ -96,6 +97,7 @@ def test_two_processes_give_the_losses_of_one(runs):
     assert len(val2) == len(val1) == 1 and abs(val2[0] - val1[0]) < TOL
 
 
+@pytest.mark.slow
 def test_only_process_0_logs(runs):
     (out0, _), (out1, _) = runs["outs"]
     assert "mesh: data 2 x fsdp 2 over 4 cpu devices, 2 process(es)" in out0
@@ -103,6 +105,7 @@ def test_only_process_0_logs(runs):
     assert "model:" not in out1 and "val_loss" not in out1
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_restores_in_one(runs):
     import jax
 

@@ -1,12 +1,15 @@
 """bin/train and bin/chat end to end, in subprocesses: a tiny model memorises a few
 answers and bin/chat prints them back; user mistakes exit 2 with one line."""
 import json
+import math
 import os
 import re
 
 import pytest
 
 from conftest import TINY_STEPS, run_script, write_tiny_config
+
+pytestmark = pytest.mark.slow  # every test here starts bin/train or bin/chat
 
 
 def _one_line_error(proc, *fragments):
@@ -38,6 +41,26 @@ def test_train_memorises(trained_run):
     assert all(r["val_exact"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in val)
     assert [r["elapsed_s"] for r in val] == sorted(r["elapsed_s"] for r in val)
     assert f"step {TINY_STEPS}: val_loss" in proc.stdout and "exact match 100.0% of 4 rows" in proc.stdout
+
+
+def test_logged_learning_rate_is_the_schedule_of_each_update(trained_run):
+    """metrics.jsonl's lr at step s is the rate update s used, lr(s - 1) (optax counts updates
+    from 0), over the run's real length: make_schedule, and independently the closed form of
+    warmup to lr over w updates, then a cosine to 0 at the last."""
+    from jaxsft.config import load_config
+    from jaxsft.steps import make_schedule
+    tc = load_config(trained_run["config"], [f"train.max_steps={TINY_STEPS}"]).train
+    total, w = TINY_STEPS, tc.warmup_steps
+    with open(os.path.join(trained_run["run_dir"], "metrics.jsonl"), encoding="utf-8") as f:
+        logged = {r["step"]: r["lr"] for r in map(json.loads, f) if "lr" in r}
+    assert sorted(logged) == list(range(1, total + 1))
+    schedule = make_schedule(tc, total)
+    for step, lr in logged.items():
+        s = step - 1
+        closed = tc.lr * s / w if s < w else tc.lr * 0.5 * (1 + math.cos(math.pi * (s - w) / (total - w)))
+        assert lr == float(schedule(s)), step
+        assert lr == pytest.approx(closed, rel=1e-5, abs=tc.lr * 1e-7), step
+    assert logged[1] == 0.0 and logged[w + 1] == pytest.approx(tc.lr)  # warmup from 0, the peak at step w + 1
 
 
 def test_train_scores_the_test_set_with_the_best_checkpoint(trained_run, tmp_path):

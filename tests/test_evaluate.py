@@ -89,6 +89,7 @@ EM = [1.0, 0.0, 1.0, 0.0]
 F1 = [1.0, 6 / 14, 1.0, 6 / 10]  # 你好！: overlap 3, P 3/11, R 1; 蓝色。: overlap 3, P 3/7, R 1
 
 
+@pytest.mark.slow
 def test_bin_eval_end_to_end(trained_run, tmp_path):
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in EVAL_ROWS), encoding="utf-8")
@@ -122,6 +123,7 @@ def test_bin_eval_end_to_end(trained_run, tmp_path):
     assert "instruction: 1+1等于几？" not in lines  # --show 2: only the first two rows
 
 
+@pytest.mark.slow
 def test_bin_eval_rejects_a_row_without_reference(tmp_path):
     data = tmp_path / "eval.jsonl"
     data.write_text('{"instruction": "你好", "expected": "你好"}\n{"instruction": "天空是什么颜色？"}\n',

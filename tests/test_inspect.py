@@ -57,6 +57,7 @@ def test_show_token_escapes_invisible_characters():
     assert [show_token(t) for t in ["\n", "\t", " ", "你", "<|user|>"]] == ["\\n", "\\t", "␠", "你", "<|user|>"]
 
 
+@pytest.mark.slow
 def test_bin_inspect_prints_the_table_of_a_row(tmp_path):
     config = write_tiny_config(str(tmp_path), tmp_path / "run")
     proc = run_script("inspect", "--config", config, "--row", 1)
@@ -77,6 +78,7 @@ def test_bin_inspect_prints_the_table_of_a_row(tmp_path):
     assert lines[-1] == "positions: 34, counted in the loss: 12 (35.3%)"
 
 
+@pytest.mark.slow
 def test_bin_inspect_row_out_of_range(tmp_path):
     config = write_tiny_config(str(tmp_path), tmp_path / "run")
     proc = run_script("inspect", "--config", config, "--split", "val", "--row", 4)
@@ -84,6 +86,7 @@ def test_bin_inspect_row_out_of_range(tmp_path):
     assert proc.stderr.strip() == f"error: --row 4: {tmp_path / 'val.jsonl'} has rows 0 to 3"
 
 
+@pytest.mark.slow
 def test_bin_inspect_with_checkpoint_shows_the_training_loss(trained_run):
     """The mean of the printed per-token losses is the training loss of that row,
     computed independently with steps.loss_sums on the same example."""

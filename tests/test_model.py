@@ -165,6 +165,23 @@ def test_dropout_eval_deterministic_train_random(built, fwd):
     assert float(jnp.abs(t1 - run(params, tokens, k2)).max()) > 1e-3
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_keeps_1_minus_rate_scaled_by_its_inverse(rate):
+    """model._dropout keeps an element when 16 random bits fall below round((1 - rate) * 65536):
+    the kept fraction is 1 - rate (to 1/65536) and kept values are scaled by 65536 / threshold,
+    which is 1 / (1 - rate) up to that rounding, so the expected activation is unchanged."""
+    n = 1 << 20
+    x = jnp.linspace(1.0, 2.0, n, dtype=jnp.float32)  # never 0: a zero output means dropped
+    y = np.asarray(jax.jit(model._dropout, static_argnums=1)(x, rate, jax.random.PRNGKey(0)))
+    kept = y != 0
+    se = np.sqrt(rate * (1 - rate) / n)  # standard error of the kept fraction
+    assert abs(kept.mean() - (1 - rate)) < 4 * se, (kept.mean(), se)
+    threshold = round((1 - rate) * 65536)
+    rounding = abs(65536 / threshold * (1 - rate) - 1)  # at most 0.5 / threshold
+    assert rounding <= 0.5 / threshold
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / (1 - rate), rtol=rounding + 1e-6, atol=0)
+
+
 def test_swiglu_gradient_equals_autodiff():
     """The hand-written SwiGLU backward (model.swiglu) against autodiff of its formula."""
     ks = jax.random.split(jax.random.PRNGKey(3), 5)

@@ -180,21 +180,25 @@ def _maxdiff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
+@pytest.mark.slow
 def test_losses_move(measured):
     # the comparisons below mean something only if training changes the loss
     one = measured["one"]
     assert all(np.isfinite(one)) and one[-1] < one[0] - 0.05, one
 
 
+@pytest.mark.slow
 def test_data_parallel_matches_one_device(measured):
     assert _maxdiff(measured["dp"], measured["one"]) < SHARDED_TOL
 
 
+@pytest.mark.slow
 def test_fsdp_matches_one_device(measured):
     assert _maxdiff(measured["fsdp"], measured["one"]) < SHARDED_TOL
     assert measured["fsdp_param_diff"] < 1e-5
 
 
+@pytest.mark.slow
 def test_fsdp_splits_parameters_and_optimizer_state(measured):
     # w1 (d_model=32, d_ff=64): its largest axis, 64, split over fsdp=4 -> (32, 16) per device
     assert measured["fsdp_w1_spec"] == ["None", "fsdp"]
@@ -203,17 +207,20 @@ def test_fsdp_splits_parameters_and_optimizer_state(measured):
     assert measured["fsdp_opt_sharded"] == 16
 
 
+@pytest.mark.slow
 def test_accumulation_equals_large_batch(measured):
     assert _maxdiff(measured["accum4_single"], measured["accum1_single"]) < ACCUM_TOL
     assert _maxdiff(measured["accum2_dp"], measured["accum1_single"]) < ACCUM_TOL
 
 
+@pytest.mark.slow
 def test_bfloat16_close_to_float32_with_float32_state(measured):
     diff = _maxdiff(measured["bf16"], measured["one"])
     assert 0 < diff < BF16_TOL  # > 0: the activations really are computed in bfloat16
     assert measured["bf16_dtypes"] == ["float32"]
 
 
+@pytest.mark.slow
 def test_train_loop_on_fsdp_mesh_matches_one_device(measured):
     assert _maxdiff(measured["train_fsdp"], measured["one"]) < SHARDED_TOL
     # XLA warns when a layout forces it to copy a whole array to every device (seen before
@@ -221,6 +228,7 @@ def test_train_loop_on_fsdp_mesh_matches_one_device(measured):
     assert "Involuntary full rematerialization" not in measured["stderr"]
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_on_8_devices_restores_on_8_and_on_1(measured):
     import jax
 
@@ -237,11 +245,13 @@ def test_checkpoint_saved_on_8_devices_restores_on_8_and_on_1(measured):
         np.testing.assert_array_equal(np.asarray(x), saved[k])
 
 
+@pytest.mark.slow
 def test_full_state_saved_with_fsdp_resumes_data_parallel(measured):
     assert measured["latest_on_dp_step"] == STEPS
     assert measured["latest_on_dp_replicated"] and measured["latest_on_dp_equal"]
 
 
+@pytest.mark.slow
 def test_full_state_saved_on_8_devices_resumes_on_1(measured):
     import jax
     import jax.numpy as jnp
@@ -292,6 +302,7 @@ def test_fsdp_rule():
     assert leaf_spec((64, 32), 1) == P()  # data parallel only
 
 
+@pytest.mark.slow
 def test_packed_rows_with_shared_prefix_match_one_device(measured):
     """The production path (packing, shared system prompt, answer-only head on one device)
     on 8-way data parallel, 2x4 FSDP, and with gradient accumulation."""

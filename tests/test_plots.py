@@ -68,6 +68,7 @@ def test_write_curves_writes_a_png_atomically(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["curves.png", "metrics.jsonl"]  # no .tmp left behind
 
 
+@pytest.mark.slow
 def test_training_writes_curves_and_every_point(trained_run):
     run_dir = trained_run["run_dir"]
     train, val = read_metrics(os.path.join(run_dir, "metrics.jsonl"))

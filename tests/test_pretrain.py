@@ -4,13 +4,15 @@ run, and a fine-tuning run that starts from it with the base's weights and ids i
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import QA, TINY_YAML, run_script, write_tiny_config
+from conftest import QA, REPO, TINY_YAML, run_script, write_tiny_config
 from jaxsft import checkpoint, model, parallel, setup
 from jaxsft.config import UserError, load_config
 from jaxsft.data import corpus_examples, read_corpus, split_corpus
@@ -100,6 +102,7 @@ def _bad_corpus(tmp_path, case):
     return d, [f"{d / 'b.txt'}:3: not valid UTF-8 (byte 0xff)"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "no-txt", "blank", "bad-utf8"])
 def test_bad_corpus_is_one_line_error(tmp_path, case):
     corpus, fragments = _bad_corpus(tmp_path, case)
@@ -108,6 +111,7 @@ def test_bad_corpus_is_one_line_error(tmp_path, case):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_pretrain_needs_a_corpus(tmp_path):
     config = write_tiny_config(tmp_path, tmp_path / "run")  # an SFT config
     _one_line_error(run_script("pretrain", "--config", config), str(config), "data.corpus is not set")
@@ -132,6 +136,7 @@ def pretrained(tmp_path_factory):
     return {"run_dir": str(run_dir), "proc": proc}
 
 
+@pytest.mark.slow
 def test_pretrain_run_learns_and_writes_checkpoints(pretrained):
     run_dir, proc = pretrained["run_dir"], pretrained["proc"]
     assert "Traceback" not in proc.stderr
@@ -156,6 +161,7 @@ def _sft_config(tmp, pretrained):
     return config
 
 
+@pytest.mark.slow
 def test_init_from_keeps_the_base_weights_and_ids(pretrained, tmp_path):
     cfg = load_config(_sft_config(tmp_path, pretrained))
     prepared = setup.prepare(cfg, parallel.one_device_mesh(), log=lambda *a, **k: None)
@@ -194,6 +200,7 @@ def _non_embedding(params) -> dict:
             if "embed" not in jax.tree_util.keystr(k)}
 
 
+@pytest.mark.slow
 def test_sft_from_pretrained_trains_resumes_and_restores(pretrained, tmp_path):
     config = _sft_config(tmp_path, pretrained)
     run_dir = os.path.join(tmp_path, "sft")
@@ -214,6 +221,7 @@ def test_sft_from_pretrained_trains_resumes_and_restores(pretrained, tmp_path):
     assert model_cfg.init_from == pretrained["run_dir"] and params["embed"]["embedding"][...].shape[0] == len(tok)
 
 
+@pytest.mark.slow
 def test_init_from_with_another_model_shape_is_refused(pretrained, tmp_path):
     config = _sft_config(tmp_path, pretrained)
     proc = run_script("train", "--config", config, "--set", "model.d_model=32")
@@ -221,14 +229,35 @@ def test_init_from_with_another_model_shape_is_refused(pretrained, tmp_path):
     assert not os.path.exists(tmp_path / "sft")
 
 
-def test_prepare_corpus_is_deterministic(pretrained, tmp_path):
-    """A resumed pretraining run rebuilds the same vocabulary and examples."""
-    corpus = os.path.join(os.path.dirname(pretrained["run_dir"]), "corpus")
-    cfg = load_config(write_pretrain_config(tmp_path, corpus, tmp_path / "run"))
-    mesh = parallel.one_device_mesh()
-    a, b = setup.prepare(cfg, mesh), setup.prepare(cfg, mesh)
-    assert a.tok.itos == b.tok.itos and a.val_rows == [] and len(a.train_examples) > 0 and len(a.val_examples) > 0
-    for ex_a, ex_b in zip(a.train_examples + a.val_examples, b.train_examples + b.val_examples):
-        assert all(np.array_equal(x, y) for x, y in zip(ex_a, ex_b))
-    with pytest.raises(UserError, match="data.corpus: must not be empty"):
-        load_config(None, ["data.corpus=''"])
+# run in a fresh process: the vocabulary and every example, hashed
+PREPARE_DIGEST = """
+import hashlib, json, sys
+from jaxsft import parallel, setup
+from jaxsft.config import load_config
+s = setup.prepare(load_config(sys.argv[1]), parallel.one_device_mesh(), log=lambda *a, **k: None)
+h = hashlib.sha256(json.dumps(s.tok.itos).encode())
+for example in s.train_examples + s.val_examples:
+    for a in example:
+        h.update(a.tobytes())
+print(len(s.train_examples), len(s.val_examples), len(s.val_rows), h.hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_prepare_corpus_is_the_same_in_every_process(tmp_path):
+    """A resumed pretraining run rebuilds the same vocabulary and examples in a new process,
+    whose str hash salt (PYTHONHASHSEED) differs: the corpus's characters are a set, iterated
+    in hash order."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "text.txt").write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    config = write_pretrain_config(tmp_path, tmp_path / "corpus", tmp_path / "run")
+    out = []
+    for seed in ("1", "2"):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED=seed, PYTHONPATH=REPO)
+        proc = subprocess.run([sys.executable, "-c", PREPARE_DIGEST, config], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out.append(proc.stdout.split())
+    assert out[0] == out[1]
+    n_train, n_val, n_val_rows = map(int, out[0][:3])
+    assert n_train > 0 and n_val > 0 and n_val_rows == 0  # pretraining validates on held-out windows, not rows

@@ -6,12 +6,14 @@
   step; with a checkpoint fully written but not yet committed; at a random
   moment) and Ctrl-C leave readable checkpoints, and `--resume` ends with
   bitwise the parameters, optimizer state and metrics of an uninterrupted run;
+- two runs under other str hash salts (PYTHONHASHSEED) are bitwise alike;
 - a non-finite loss stops the run naming the step, keeping the last good
   checkpoints; chat input never crashes; nothing a user loads is a pickle.
 
 Every training run is the same tiny config (24 steps, evaluations at the ends of
 epochs 12 and 24, latest state every 5 steps); the runs share a persistent JAX
-compilation cache so only the first one compiles.
+compilation cache so only the first one compiles. The tests that start processes
+are marked slow (pytest -m "not slow" runs the in-process ones only).
 """
 from __future__ import annotations
 
@@ -299,6 +301,7 @@ def test_config_accepts_bom_blank_lines_and_exponents(tmp_path):
     assert config.load_config(str(p), ["train.lr=2e-4"]).train.lr == 2e-4
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process(tmp_path):
     """The same failure end to end: exit status 2, one line, no traceback."""
     write_inputs(tmp_path, **{"train.jsonl": TRAIN + "{oops\n"})
@@ -419,8 +422,8 @@ class Runs:
         return [sys.executable, os.path.join(self.d, "driver.py"), REPO, hook[0], str(hook[1]), *self.args,
                 *extra]
 
-    def run(self, *extra, hook=("none", 0), timeout=300):
-        return subprocess.run(self.cmd(*extra, hook=hook), cwd=self.d, env=_env(self.cache),
+    def run(self, *extra, hook=("none", 0), timeout=300, env=None):
+        return subprocess.run(self.cmd(*extra, hook=hook), cwd=self.d, env={**_env(self.cache), **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
 
     def path(self, *p):
@@ -501,6 +504,7 @@ def assert_same_as_reference(r: Runs, reference, resumed_at=None):
         assert timeless(f.read()) == timeless(reference["metrics"])  # same losses, step for step
 
 
+@pytest.mark.slow
 def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cache, reference):
     r = Runs(tmp_path, cache)
     # 1. killed after step 12's best checkpoint and metrics, before its latest state
@@ -527,6 +531,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest")))
 
 
+@pytest.mark.slow
 def test_production_path_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, prod_reference):
     """Packing, the shared prefix, the answer-only head, exact match and a curriculum whose
     boundary (step 14) falls after the first kill: the resumed run must take up the focus
@@ -548,6 +553,7 @@ def test_production_path_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, p
     assert_same_as_reference(r, prod_reference, 25)
 
 
+@pytest.mark.slow
 def test_production_path_kill_after_a_timed_save_resumes_bitwise(tmp_path, cache, prod_reference):
     """With no step-count saves, the clock saves the latest state (train.save_every_s) and a
     kill right after such a save loses nothing: the resumed run ends as the reference."""
@@ -563,6 +569,29 @@ def test_production_path_kill_after_a_timed_save_resumes_bitwise(tmp_path, cache
     assert_same_as_reference(r, prod_reference)
 
 
+@pytest.mark.slow
+def test_runs_under_other_hash_seeds_are_bitwise_alike(tmp_path, cache):
+    """Python salts str hashes per process (PYTHONHASHSEED), so a set of characters or of
+    categories iterates in another order in each: nothing a run computes may depend on it.
+    Two runs on the production path under seeds 1 and 2 log the same metrics and write
+    bitwise the same best checkpoints and final training state."""
+    runs = []
+    for seed in ("1", "2"):
+        os.makedirs(tmp_path / seed)
+        r = Runs(tmp_path / seed, cache, prod=True)
+        p = r.run(env={"PYTHONHASHSEED": seed})
+        assert p.returncode == 0, p.stderr
+        runs.append(r)
+    a, b = runs
+    with open(a.path("metrics.jsonl")) as fa, open(b.path("metrics.jsonl")) as fb:
+        assert timeless(fa.read()) == timeless(fb.read())  # losses, learning rates, gradient norms, tokens
+    assert steps(a.path("best")) == steps(b.path("best")) != []
+    for s in steps(a.path("best")):
+        assert_bitwise_equal(load_tree(a.path("best"), s), load_tree(b.path("best"), s))
+    assert_bitwise_equal(load_tree(a.path("latest"), PROD_STEPS), load_tree(b.path("latest"), PROD_STEPS))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["sigint", "sigterm"])
 def test_a_signal_saves_a_resumable_state(tmp_path, cache, sig):
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM, sent while step 7 runs: the run stops after
@@ -581,6 +610,7 @@ def test_a_signal_saves_a_resumable_state(tmp_path, cache, sig):
         [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *T, "--resume"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prod", [False, True], ids=["padded", "production"])
 def test_ctrl_c_then_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, cache, reference, prod_reference, prod):
     ref = prod_reference if prod else reference
@@ -603,6 +633,7 @@ def test_ctrl_c_then_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, cac
     assert_same_as_reference(r, ref, resumed_at)
 
 
+@pytest.mark.slow
 def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_path, reference):
     """orbax deletes the older step only after the newer one is committed, with a plain
     recursive delete: a kill then leaves it half removed. The run directory's managers
@@ -628,6 +659,7 @@ def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_p
     assert sorted(os.listdir(run / "best")) == [str(TOTAL_STEPS)]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, cache, reference):
     r = Runs(tmp_path, cache)
     p = r.run(hook=("nan_at", 14))
@@ -648,6 +680,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_pa
         assert timeless(f.read()) == ref12
 
 
+@pytest.mark.slow
 def test_resume_or_chat_with_another_model_config_is_refused(tmp_path, reference, capsys, monkeypatch):
     src = reference["runs"].d
     for n in ("tiny.yaml", "train.jsonl", "val.jsonl"):
@@ -672,6 +705,7 @@ def test_resume_or_chat_with_another_model_config_is_refused(tmp_path, reference
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_nothing_a_user_loads_is_a_pickle(reference, monkeypatch):
     run = reference["runs"].path()
     for root, _, files in os.walk(run):
@@ -695,6 +729,7 @@ def test_nothing_a_user_loads_is_a_pickle(reference, monkeypatch):
     assert load_tree(os.path.join(run, "latest"), TOTAL_STEPS).keys() == reference["latest"].keys()
 
 
+@pytest.mark.slow
 def test_chat_unknown_characters_empty_questions_and_long_conversations(reference):
     """Interactive chat: an empty line is refused politely, characters outside the
     vocabulary are reported once, a conversation beyond the context is cut from

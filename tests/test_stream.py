@@ -78,6 +78,7 @@ def chat(*args, stdin="", encoding="ascii"):
     return proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
 
 
+@pytest.mark.slow
 def test_chat_interactive_streams_answers_and_knows_commands(trained_run):
     stdin = f"{QA[0][0]}\n/clear\n{QA[2][0]}\n/system 你是一个有帮助的AI助手。\n{QA[1][0]}\n/quit\n{QA[3][0]}\n"
     rc, out, err = chat("--checkpoint", trained_run["run_dir"], stdin=stdin)
@@ -87,6 +88,7 @@ def test_chat_interactive_streams_answers_and_knows_commands(trained_run):
     assert "(conversation cleared)" in err and "system prompt set to '你是一个有帮助的AI助手。'" in err
 
 
+@pytest.mark.slow
 def test_chat_compare_base_and_sft(trained_run):
     """The base model gets <bos> + the raw text (no template); the SFT model answers in ChatML."""
     from jaxsft import checkpoint
@@ -104,6 +106,7 @@ def test_chat_compare_base_and_sft(trained_run):
     ]
 
 
+@pytest.mark.slow
 def test_chat_compare_needs_a_question(tmp_path):
     proc = run_script("chat", "--checkpoint", tmp_path, "--compare", tmp_path)
     assert proc.returncode == 2 and "--compare needs a question" in proc.stderr

@@ -91,6 +91,23 @@ def test_clipping_bounds_the_gradient():
     np.testing.assert_allclose(off["a"], grads["a"], rtol=1e-5)
 
 
+def test_weight_decay_is_decoupled_at_the_scheduled_rate():
+    """AdamW with a zero gradient: Adam's term is 0 / (sqrt(0) + eps) = 0, so update s only
+    decays, p <- p - lr(s) * wd * p. With warmup_steps 2, lr(0) = 0 and lr(1) = lr / 2."""
+    lr, wd = 0.1, 0.5
+    tx = steps.make_optimizer(dataclasses.replace(TC, lr=lr, weight_decay=wd, warmup_steps=2), 10)
+    w0 = np.array([[1.0, -2.0], [0.5, 4.0]], np.float32)
+    p = {"w": jnp.asarray(w0)}
+    state = tx.init(p)
+    after = []
+    for _ in range(2):
+        updates, state = tx.update({"w": jnp.zeros_like(p["w"])}, state, p)
+        p = optax.apply_updates(p, updates)
+        after.append(np.asarray(p["w"]))
+    np.testing.assert_array_equal(after[0], w0)  # lr(0) = 0: nothing moves
+    np.testing.assert_allclose(after[1], w0 * (1 - lr / 2 * wd), rtol=1e-6)  # 0.975 * w0
+
+
 def test_tiny_model_overfits(setup):
     batch = batching.make_batch(setup["examples"], 4, 32)
     state = _fresh_state(setup)
@@ -135,14 +152,20 @@ def test_all_masked_batch_changes_nothing_through_the_loss(setup):
 
 
 def test_non_finite_loss_leaves_state_unchanged(setup):
+    """The whole state is kept exactly: step, parameters and the optimizer state (Adam's
+    moments and counts, nonzero after two good steps), not only the parameters."""
     state = _fresh_state(setup)
     batch = batching.make_batch(setup["examples"], 4, 32)
+    key = _on_mesh(jax.random.PRNGKey(0))
+    for _ in range(2):
+        state, _ = setup["step"](state, batch, key)
     bad = batch.replace(loss_mask=batch.loss_mask * np.nan)
     before = _np(state)
-    state, m = setup["step"](state, bad, _on_mesh(jax.random.PRNGKey(0)))
+    assert any(np.any(x != 0) for x in jax.tree.leaves(before.opt_state))
+    state, m = setup["step"](state, bad, key)
     assert not bool(m["ok"])
-    assert int(state.step) == 0
-    jax.tree.map(np.testing.assert_array_equal, _np(state.params), before.params)
+    assert int(state.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, _np(state), before)  # every leaf, opt_state included
 
 
 def test_batch_loss_is_token_weighted(setup):

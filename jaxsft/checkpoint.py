@@ -9,6 +9,7 @@ A run directory holds:
     best/<step>/     parameters with the lowest validation loss so far
     latest/<step>/   parameters, optimizer state, step, best validation loss
                      (the two newest states: a damaged newest one falls back to the other)
+    lora_base.json   a LoRA run only (lora.py): its base; best/ and latest/ hold the adapters
 
 Each step directory holds checksums.json (the size and sha256 of each of its
 files, written just before orbax commits the step), checked before every
@@ -451,7 +452,8 @@ def restore_params(path: str, target, what: str):
 
 
 def restore(run_dir: str, shardings=None):
-    """(params, model_cfg, tokenizer): the best parameters of a run.
+    """(params, model_cfg, tokenizer): the best parameters of a run (of a LoRA run: its base
+    with the best adapters merged in, lora.restore).
 
     shardings: a pytree of jax Shardings shaped like the parameters (e.g.
     parallel.param_shardings(params, mesh)) to restore onto a mesh; by default
@@ -462,6 +464,9 @@ def restore(run_dir: str, shardings=None):
     model_cfg = model_config_from_dict(cfg_dict["model"])
     if model_cfg.vocab_size != len(tok):
         raise UserError(f"{run_dir}: config vocab_size {model_cfg.vocab_size} != tokenizer size {len(tok)}")
+    if (cfg_dict.get("lora") or {}).get("rank", 0) > 0:  # adapters on a base model (lora.py)
+        from . import lora
+        return lora.restore(run_dir, cfg_dict, model_cfg, shardings), model_cfg, tok
     _, abstract = model.abstract(model_cfg)
     if shardings is None:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -7,6 +7,8 @@ A config file has four parts (see configs/default.yaml):
     data:    train, val, test, system_prompt, corpus
     train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
     out_dir: where the run writes checkpoints, metrics.jsonl and curves.png
+
+and optionally `mesh` (devices) and `lora` (adapters on a frozen model.init_from).
 """
 from __future__ import annotations
 
@@ -111,15 +113,31 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    # adapter rank r; 0: off (every parameter trains). > 0: the model.init_from base is frozen and
+    # only the adapters A (in, r), B (r, out) of the targeted projections train (jaxsft/lora.py)
+    rank: int = 0
+    # the adapter's output is scaled by alpha / rank
+    alpha: float = 16.0
+    # dropout on an adapter's input: only 0 is supported (adapters are added outside the model
+    # code, which gets no dropout key); model.dropout still applies to the whole network
+    dropout: float = 0.0
+    # the projections that get adapters: attention wq wk wv wo, SwiGLU w1 w3 w2 (or transformers'
+    # names q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     out_dir: str = "runs/default"
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig, "lora": LoraConfig}
 
 
 def read_text(path: str) -> str:
@@ -249,7 +267,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             out_dir = _coerce(body, out_dir, where("out_dir"), "str")
             continue
         if sec not in SECTIONS:
-            raise UserError(f"{where(sec)}: unknown section (expected one of model, data, train, mesh, out_dir)")
+            raise UserError(f"{where(sec)}: unknown section (expected one of model, data, train, mesh, lora, out_dir)")
         if body is None:
             continue
         if not isinstance(body, dict):
@@ -269,7 +287,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             continue
         sec, _, k = key.partition(".")
         if sec not in SECTIONS or not k:
-            raise UserError(f"--set {key}: no such key (sections: model, data, train, mesh, out_dir)")
+            raise UserError(f"--set {key}: no such key (sections: model, data, train, mesh, lora, out_dir)")
         fields = _field_types(SECTIONS[sec])
         if k not in fields or k == "vocab_size":
             raise UserError(f"--set {key}: no such key in section {sec}")
@@ -319,11 +337,42 @@ def validate(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('data.corpus')}: must not be empty (leave it out for fine-tuning)")
     if not cfg.out_dir:
         raise UserError(f"{where('out_dir')}: must not be empty")
+    validate_lora(cfg, where)
+
+
+def validate_lora(cfg: Config, where=lambda k: k) -> None:
+    lc = cfg.lora
+    if lc.rank < 0:
+        raise UserError(f"{where('lora.rank')}: must not be negative, got {lc.rank}")
+    if lc.rank == 0:
+        return
+    if lc.alpha <= 0:
+        raise UserError(f"{where('lora.alpha')}: must be positive, got {lc.alpha}")
+    if lc.dropout != 0.0:
+        raise UserError(f"{where('lora.dropout')}: only 0 is supported (adapter dropout is not implemented; "
+                        f"model.dropout={cfg.model.dropout} still applies during LoRA training)")
+    if not lc.targets:
+        raise UserError(f"{where('lora.targets')}: must name at least one projection")
+    from .lora import target_names
+    try:
+        target_names(lc.targets)
+    except ValueError as e:
+        raise UserError(f"{where('lora.targets')}: {e}") from None
+    if not cfg.model.init_from:
+        raise UserError(f"{where('lora.rank')}: LoRA trains adapters on a frozen pretrained model; "
+                        f"set model.init_from (a jaxsft run)")
 
 
 def to_dict(cfg) -> dict:
     """Plain-JSON form (tuples become lists)."""
     return dataclasses.asdict(cfg)
+
+
+def lora_config_from_dict(d: dict) -> LoraConfig:
+    """A run's lora section as config.json holds it (none in runs before LoRA: off)."""
+    names = {f.name for f in dataclasses.fields(LoraConfig)}
+    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (d or {}).items() if k in names}
+    return LoraConfig(**d)
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

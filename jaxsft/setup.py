@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import chatml, checkpoint, model
+from . import chatml, checkpoint, lora, model
 from .batching import BatchPlan, RunPlan
 from .config import Config, ModelConfig, UserError
 from .data import Row, corpus_examples, read_corpus, read_jsonl, row_texts, split_corpus
@@ -48,6 +48,15 @@ class Setup:
     def init_params(self):
         """(graphdef, parameters at step 0): fresh, or the base's (`init_params_from`)."""
         return init_params_from(self.model_cfg, self.cfg.train.seed, self.base)
+
+    def init_model(self):
+        """(graphdef, trained parameters at step 0, frozen parameters): the model's parameters and
+        None; with lora.rank > 0, the adapted model's graphdef, fresh adapters and the base."""
+        graphdef, params = self.init_params()
+        if not lora.enabled(self.cfg):
+            return graphdef, params, None
+        graphdef, base, adapters = lora.init(self.model_cfg, self.cfg.lora, self.cfg.train.seed, params)
+        return graphdef, adapters, base
 
 
 def tokenizer_for(cfg: Config, texts: list[str]) -> Tokenizer:

@@ -18,7 +18,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import masks, model, parallel
+from . import lora, masks, model, parallel
 from .batching import Batch, bucket_length, make_batch
 
 
@@ -85,11 +85,15 @@ def loss_sums(params, graphdef, batch: Batch, dropout_key=None, dtype=jnp.float3
     return jnp.sum(nll * m), jnp.sum(m)
 
 
-def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None) -> Callable:
+def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=None) -> Callable:
     """(state, batch, key) -> (state, metrics), jitted on `mesh` with the state donated.
 
     mesh: default one device. state_shardings (parallel.state_shardings): default
     every array whole on every device.
+
+    frozen: LoRA's base parameters (on the mesh), passed to every step and never donated;
+    state.params are then the adapters (lora.py), the model runs on both, and the
+    gradient and the optimizer see the adapters alone.
 
     The dropout key of step s is fold_in(key, s): a run resumed at step s draws
     the same masks as an uninterrupted one. A non-finite loss or gradient norm
@@ -99,23 +103,28 @@ def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None) -> Callab
     k = tc.grad_accum_steps
     mesh = parallel.one_device_mesh() if mesh is None else mesh
     rows, whole = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
-    if mesh.shape["fsdp"] > 1:  # weights are gathered where used, their gradients reduce-scattered back
-        grad_fn = jax.value_and_grad(
-            lambda p, *a: loss_sums(jax.lax.with_sharding_constraint(p, whole), *a), has_aux=True)
+    gather = mesh.shape["fsdp"] > 1  # weights are gathered where used, their gradients reduce-scattered back
+
+    def model_params(p, fz):  # the adapters p on the frozen base fz (LoRA), or p itself
+        if fz is not None:
+            p = lora.combine(fz, p)
+        return jax.lax.with_sharding_constraint(p, whole) if gather else p
+
+    # the gradient with respect to p alone: the base is a constant, its weight gradients never computed
+    grad_fn = jax.value_and_grad(lambda p, fz, *a: loss_sums(model_params(p, fz), *a), has_aux=True)
     micro_rows = NamedSharding(mesh, PartitionSpec(None, *rows.spec))  # each micro-batch split over all devices
 
-    def step(state: TrainState, batch: Batch, key):
+    def step(state: TrainState, batch: Batch, key, frozen=None):
         key = jax.random.fold_in(key, state.step)
         if k == 1:
-            (s, n), g = grad_fn(state.params, graphdef, batch, key, dtype)
+            (s, n), g = grad_fn(state.params, frozen, graphdef, batch, key, dtype)
         else:
             micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
             micro = jax.lax.with_sharding_constraint(micro, micro_rows)
 
             def accumulate(carry, xs):
                 i, mb = xs
-                (s, n), g = grad_fn(state.params, graphdef, mb, jax.random.fold_in(key, i), dtype)
+                (s, n), g = grad_fn(state.params, frozen, graphdef, mb, jax.random.fold_in(key, i), dtype)
                 return jax.tree.map(jnp.add, carry, (s, n, g)), None
 
             zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
@@ -132,8 +141,13 @@ def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None) -> Callab
         return new, {"loss": loss, "tokens": n, "grad_norm": gnorm, "ok": ok}
 
     state_shardings = whole if state_shardings is None else state_shardings
-    return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, rows, whole),
-                   out_shardings=(state_shardings, whole))
+    if frozen is None:
+        return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, rows, whole),
+                       out_shardings=(state_shardings, whole))
+    frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
+    jitted = jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, rows, whole, frozen_shardings),
+                     out_shardings=(state_shardings, whole))
+    return lambda state, batch, key: jitted(state, batch, key, frozen)
 
 
 def make_eval_step(graphdef, mesh=None) -> Callable:

@@ -10,6 +10,7 @@ metadata; the others get no-op loggers.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import signal
@@ -22,8 +23,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from . import checkpoint, model, parallel
-from .config import Config, UserError
+from . import checkpoint, lora, model, parallel
+from .config import Config, UserError, lora_config_from_dict
 from .metrics import MetricsLog, NullLog
 from .setup import Setup, prepare
 from .steps import TrainState, make_eval_step, make_train_step, validation_loss
@@ -73,20 +74,29 @@ class Trainer:
         self.main = jax.process_index() == 0
         check_run_dir(setup, resume, log)
         parallel.sync("jaxsft: run directory checked")  # before process 0 creates anything in it
-        graphdef, params = setup.init_params()
+        graphdef, params, frozen = setup.init_model()  # frozen: LoRA's base (None: every parameter trains)
         state = TrainState.create(params, setup.tx)
         self.state_shardings = parallel.state_shardings(state, mesh)
         self.state = parallel.shard_tree(state, self.state_shardings)
+        self.frozen = None if frozen is None else parallel.shard_tree(frozen, parallel.param_shardings(frozen, mesh))
         self.best_val = float("inf")
+        if resume and self.frozen is not None:
+            lora.check_base(self.run_dir, setup.base[0])
         if not resume and self.main:  # before the checkpoint dirs: a run dir without config.json holds no run
             checkpoint.write_meta(self.run_dir, cfg, setup.tok)
+            if self.frozen is not None:
+                lora.write_base_ref(self.run_dir, cfg, setup.base)
         self.ckpt = checkpoint.RunCheckpoints(self.run_dir)
         if resume:
             self._restore()
         self.start = int(self.state.step)
         self.metrics = (MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), keep_until=self.start if resume
                                    else None) if self.main else NullLog())
-        self.train_step = make_train_step(graphdef, setup.tx, tc, mesh, self.state_shardings)
+        self.train_step = make_train_step(graphdef, setup.tx, tc, mesh, self.state_shardings, self.frozen)
+        if self.frozen is not None:  # evaluation sees the plain model, the adapters folded in
+            graphdef = model.abstract(setup.model_cfg)[0]
+            self._merge = jax.jit(functools.partial(lora.merge, lc=cfg.lora),
+                                  out_shardings=jax.tree.map(lambda a: a.sharding, self.frozen))
         self.eval_step = make_eval_step(graphdef, mesh)
         self.key = parallel.shard_tree(jax.random.PRNGKey(tc.seed), parallel.replicated(mesh))
         self.rows = parallel.batch_sharding(mesh)
@@ -140,21 +150,27 @@ class Trainer:
         self.steplog.flush()
         s, tc = self.setup, self.setup.cfg.train
         eval_rows = tc.batch_size * -(-64 // tc.batch_size)  # >= 64 rows (no gradients kept): fewer, fuller calls
-        val_loss = validation_loss(self.eval_step, self.state.params, s.val_examples, eval_rows, tc.buckets,
+        params = self.model_params()
+        val_loss = validation_loss(self.eval_step, params, s.val_examples, eval_rows, tc.buckets,
                                    s.model_cfg.max_seq_len)
         improved = val_loss < self.best_val
         if improved:
             self.best_val = float(np.float32(val_loss))  # as the latest state keeps it: a resumed run compares alike
             self.ckpt.save_best(step, self.state.params, val_loss)
         record = {"step": step, "val_loss": val_loss, "best": improved}
-        notes = "".join(measure(self.state.params, record) for measure in self.measures)
+        notes = "".join(measure(params, record) for measure in self.measures)
         record["elapsed_s"] = round(time.time() - self.t_start, 2)  # wall time of this session, evaluations included
         self.metrics.write([record])
         self.log(f"step {step}: val_loss {val_loss:.4f}"
                  + (" (best, saved)" if improved else f" (best {self.best_val:.4f})") + notes)
         for hook in self.after_eval:
-            hook(self.state.params)
+            hook(params)
+        del params
         self.save_latest(step)
+
+    def model_params(self):
+        """The parameters of the model trained: state.params, or LoRA's adapters folded into the base."""
+        return self.state.params if self.frozen is None else self._merge(self.frozen, self.state.params)
 
     def save_latest(self, step: int) -> None:
         """The full training state for --resume (metrics up to `step` written first)."""
@@ -193,9 +209,13 @@ class Trainer:
     def _describe(self) -> None:
         s, tc, plan = self.setup, self.setup.cfg.train, self.setup.plan
         what = "windows" if s.pretraining else "rows"
-        self.log(f"model: {model.count_params(self.state.params) / 1e6:.2f}M parameters, vocab {len(s.tok)} | "
+        n = model.count_params(self.state.params if self.frozen is None else self.frozen)
+        self.log(f"model: {n / 1e6:.2f}M parameters, vocab {len(s.tok)} | "
                  f"train {len(s.train_examples)} {what}, val {len(s.val_examples)} | {plan.total_steps} steps "
                  f"({plan.main.steps_per_epoch}/epoch), batch {tc.batch_size}")
+        if self.frozen is not None:
+            self.log(lora.describe(s.cfg.lora, model.count_params(self.state.params), n)
+                     + f"; the base ({s.cfg.model.init_from}) stays frozen")
         if plan.focus_steps:
             self.log(f"curriculum: steps 1-{plan.focus_steps} draw from the {len(plan.focus.examples)} rows of "
                      f"{', '.join(tc.focus_categories)} only")
@@ -226,6 +246,11 @@ def check_run_dir(setup: Setup, resume: bool, log) -> None:
     old_cfg, old_tok = checkpoint.read_meta(run_dir)
     if old_cfg["model"] != checkpoint.to_dict(setup.model_cfg) or old_tok.itos != setup.tok.itos:
         raise UserError(f"{run_dir}: was trained with another model config or vocabulary; cannot resume")
+    old_lora = lora_config_from_dict(old_cfg.get("lora"))
+    if (old_lora.rank, lora.target_names(old_lora.targets) if old_lora.rank else ()) != \
+            (cfg.lora.rank, lora.target_names(cfg.lora.targets) if cfg.lora.rank else ()) or \
+            (cfg.lora.rank and old_lora.alpha != cfg.lora.alpha):
+        raise UserError(f"{run_dir}: was trained with another lora section (rank {old_lora.rank}); cannot resume")
     new = json.loads(json.dumps(checkpoint.to_dict(cfg.train)))  # as config.json holds it: lists, not tuples
     for k in TRAJECTORY_KEYS:
         old = old_cfg.get("train", {}).get(k)

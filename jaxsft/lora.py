@@ -1,0 +1,285 @@
+"""LoRA: low-rank adapters on a frozen base (config section `lora`; rank 0 is off).
+
+Each targeted projection (attention wq wk wv wo, SwiGLU w1 w3 w2) computes
+
+    y = x @ W + (alpha / r) * (x @ A) @ B        W (in, out) frozen, A (in, r), B (r, out) trained
+
+A starts as PEFT's kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in)); B starts at 0, so a fresh
+adapter computes exactly the base's function. The model code is not changed: `attach`
+swaps each targeted nnx.Linear for a `LoraLinear` holding the same kernel (the parameter
+path stays blocks.N.attn.wq.kernel) and, when an MLP projection is targeted, the
+SwiGLU module for `LoraSwiGLU`, which adds the adapter term outside model.swiglu's
+custom_vjp (that function reads its kernels directly, so nothing can see inside it).
+Splitting that model gives (graphdef, base, adapters); `combine` joins them for
+model.apply, and the gradient is taken with respect to the adapters only, so the
+backward pass computes no weight gradient for the base (x^T dy, a third of full
+fine-tuning's matmul work) and the optimizer holds state for the adapters alone.
+
+`merge` folds the adapters into the kernels (W + (alpha/r) A B): evaluation, bin/chat,
+bin/eval and any exporter see a plain model. A LoRA run's best/ and latest/ hold the
+adapters (and their optimizer state) only; lora_base.json names the base and holds a
+fingerprint of its arrays, checked whenever the adapters are put back on it.
+
+`peft_state_dict` and `adapter_config` give the adapters as PEFT saves them
+(adapter_model.safetensors, adapter_config.json) for transformers' Llama names.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import model
+from .config import Config, LoraConfig, ModelConfig, UserError
+
+# our projection names, in layer order, and transformers' Llama module names for them
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
+HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+            "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MODULE = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn", "w1": "mlp", "w3": "mlp", "w2": "mlp"}
+_HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
+BASE_REF = "lora_base.json"
+
+
+def target_names(names) -> tuple[str, ...]:
+    """lora.targets (ours or transformers' names) -> our names in TARGETS order; ValueError naming
+    the first unknown one."""
+    alias = {v: k for k, v in HF_NAMES.items()}
+    chosen = set()
+    for n in names:
+        if n not in TARGETS and n not in alias:
+            raise ValueError(f"unknown projection {n!r} (known: {', '.join(TARGETS)}, or transformers' "
+                             f"{', '.join(HF_NAMES.values())})")
+        chosen.add(alias.get(n, n))
+    return tuple(t for t in TARGETS if t in chosen)
+
+
+def enabled(cfg: Config) -> bool:
+    return cfg.lora.rank > 0
+
+
+def scale(lc: LoraConfig) -> float:
+    return lc.alpha / lc.rank
+
+
+# the adapted modules
+
+
+class LoraLinear(nnx.Module):
+    """x @ kernel + scale * (x @ lora_a) @ lora_b; the kernel is the base's, unchanged."""
+
+    def __init__(self, kernel: nnx.Param, rank: int, scale: float):
+        d_in, d_out = kernel.shape
+        self.kernel = kernel
+        self.lora_a = nnx.LoRAParam(jnp.zeros((d_in, rank), jnp.float32))  # set by init_adapters
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
+        self.scale = scale
+
+    def __call__(self, x):  # (..., in) -> (..., out)
+        dims = (((x.ndim - 1,), (0,)), ((), ()))  # nnx.Linear's product, so B = 0 gives its bits exactly
+        y = jax.lax.dot_general(x, self.kernel[...].astype(x.dtype), dims)
+        a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+        return y + (x @ a) @ b * jnp.asarray(self.scale, x.dtype)
+
+
+class LoraSwiGLU(nnx.Module):
+    """model.SwiGLU with adapters: the same function, written out, so that the adapter terms
+    of w1, w3, w2 sit beside the base products (model.swiglu's custom_vjp would hide them).
+    Its backward pass needs no weight gradient for the frozen kernels."""
+
+    def __init__(self, mlp: model.SwiGLU):
+        self.w1, self.w3, self.w2 = mlp.w1, mlp.w3, mlp.w2
+
+    def __call__(self, x):  # (B, T, D) -> (B, T, D)
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x)).reshape(B, T, D)
+
+
+def attach(gpt: model.GPT, lc: LoraConfig) -> model.GPT:
+    """Swaps the targeted projections of `gpt` for LoraLinear modules (in place); returns it."""
+    targets = target_names(lc.targets)
+    for blk in gpt.blocks:
+        if any(_MODULE[t] == "mlp" for t in targets):
+            blk.mlp = LoraSwiGLU(blk.mlp)
+        for t in targets:
+            parent = getattr(blk, _MODULE[t])
+            setattr(parent, t, LoraLinear(getattr(parent, t).kernel, lc.rank, scale(lc)))
+    return gpt
+
+
+def graph(mc: ModelConfig, lc: LoraConfig):
+    """(graphdef, base, adapters) of the adapted model as ShapeDtypeStructs (allocates nothing)."""
+    gpt = nnx.eval_shape(lambda: attach(model.GPT(mc, nnx.Rngs(0)), lc))
+    graphdef, adapters, base = nnx.split(gpt, nnx.LoRAParam, nnx.Param)
+    return graphdef, base, adapters
+
+
+def init_adapters(abstract_adapters, seed: int):
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a = sqrt(5)), B = 0; adapter
+    i of the flattened tree draws from fold_in(key(seed), i)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x10A)
+    flat = nnx.to_flat_state(abstract_adapters)
+    out = []
+    for i, (path, var) in enumerate(flat):
+        shape = var.get_value().shape
+        if path[-1] == "lora_a":
+            bound = 1.0 / np.sqrt(shape[0])
+            value = jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound)
+        else:
+            value = jnp.zeros(shape, jnp.float32)
+        out.append((path, var.replace(value)))
+    return nnx.from_flat_state(out)
+
+
+def init(mc: ModelConfig, lc: LoraConfig, seed: int, base):
+    """(graphdef of the adapted model, base, fresh adapters). base: the full model's parameters
+    (setup.init_params_from's, an nnx.State); it becomes the frozen half as it is."""
+    graphdef, abstract_base, abstract_adapters = graph(mc, lc)
+    if jax.tree.structure(abstract_base) != jax.tree.structure(base):
+        raise AssertionError("the base's parameter tree does not fit the model")
+    return graphdef, base, init_adapters(abstract_adapters, seed)
+
+
+def combine(base, adapters):
+    """The adapted model's parameters (for model.apply with `init`'s graphdef)."""
+    return nnx.merge_state(base, adapters)
+
+
+def merge(base, adapters, lc: LoraConfig):
+    """The plain model's parameters: each targeted kernel W + (alpha/r) * A @ B in W's dtype,
+    every other array the base's own. Works on concrete arrays or inside jit."""
+    s = scale(lc)
+    ad = {path: var for path, var in nnx.to_flat_state(adapters)}
+    out = []
+    for path, var in nnx.to_flat_state(base):
+        if path[-1] == "kernel" and path[:-1] + ("lora_a",) in ad:
+            a, b = ad[path[:-1] + ("lora_a",)].get_value(), ad[path[:-1] + ("lora_b",)].get_value()
+            w = var.get_value()
+            delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * s
+            var = var.replace((w.astype(jnp.float32) + delta).astype(w.dtype))
+        out.append((path, var))
+    return nnx.from_flat_state(out)
+
+
+def count(adapters) -> int:
+    return sum(x.size for x in jax.tree.leaves(adapters))
+
+
+# the base a run's adapters belong to
+
+
+def fingerprint(params) -> str:
+    """sha256 over every array of a parameter tree (path, dtype, shape and bytes)."""
+    h = hashlib.sha256()
+    for path, a in jax.tree_util.tree_leaves_with_path(params):
+        a = np.asarray(a)
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def write_base_ref(run_dir: str, cfg: Config, base) -> None:
+    """lora_base.json: model.init_from (as given and absolute), the base's vocabulary size and
+    the fingerprint of its arrays. base: (its parameters, its vocabulary size), as Setup.base."""
+    from .files import write_json
+    params, n_old = base
+    write_json(os.path.join(run_dir, BASE_REF), {
+        "init_from": cfg.model.init_from, "path": os.path.abspath(cfg.model.init_from), "vocab_size": n_old,
+        "sha256": fingerprint(params)}, indent=2)
+
+
+def read_base_ref(run_dir: str) -> dict:
+    import json
+    path = os.path.join(run_dir, BASE_REF)
+    try:
+        with open(path, encoding="utf-8") as f:
+            ref = json.load(f)
+        return {k: ref[k] for k in ("init_from", "path", "vocab_size", "sha256")}
+    except FileNotFoundError:
+        raise UserError(f"{run_dir}: a LoRA run without {BASE_REF} (the reference to its base)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+
+
+def check_base(run_dir: str, base_params, ref: dict | None = None) -> None:
+    """UserError when the base loaded now is not the one the run's adapters were trained on."""
+    ref = read_base_ref(run_dir) if ref is None else ref
+    if fingerprint(base_params) != ref["sha256"]:
+        raise UserError(f"{run_dir}: its base {ref['init_from']} has changed since the adapters were trained "
+                        f"(its arrays' sha256 differs from {BASE_REF}); train the adapters again on it")
+
+
+def base_source(run_dir: str, ref: dict) -> str:
+    """Where the base is now: the absolute path recorded, else model.init_from as given."""
+    for p in (ref["path"], ref["init_from"]):
+        if p and os.path.exists(p):
+            return p
+    raise UserError(f"{run_dir}: its base model {ref['path']} (model.init_from) is missing; a LoRA run holds "
+                    f"its adapters only")
+
+
+def load_base(src: str):
+    """(parameters, vocabulary size) of a base model: a jaxsft run's best checkpoint."""
+    from . import checkpoint
+    params, _, tok = checkpoint.restore(src)
+    return params, len(tok)
+
+
+def restore(run_dir: str, cfg_dict: dict, model_cfg: ModelConfig, shardings=None):
+    """The plain parameters (base + adapters merged) of a LoRA run's best checkpoint: the base
+    rebuilt as training began (its arrays, the embedding grown to the run's vocabulary),
+    checked against lora_base.json, and the best adapters folded in."""
+    from . import checkpoint, setup
+    from .config import lora_config_from_dict
+    lc = lora_config_from_dict(cfg_dict.get("lora", {}))
+    ref = read_base_ref(run_dir)
+    base_params, n_old = load_base(base_source(run_dir, ref))
+    check_base(run_dir, base_params, ref)
+    seed = cfg_dict.get("train", {}).get("seed", 0)
+    _, base = setup.init_params_from(model_cfg, seed, (base_params, n_old))
+    _, _, abstract = graph(model_cfg, lc)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
+    adapters = checkpoint.restore_params(os.path.join(run_dir, "best"), abstract, "the best checkpoint")
+    params = jax.jit(merge, static_argnums=2)(base, adapters, lc)
+    if shardings is not None:
+        params = jax.device_put(params, shardings)
+    return params
+
+
+# PEFT's format
+
+
+def peft_name(path: tuple, prefix: str = "base_model.model.model") -> str:
+    """('blocks', 3, 'attn', 'wq', 'lora_a') -> base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"""
+    _, layer, module, proj, which = path
+    return f"{prefix}.layers.{layer}.{_HF_MODULE[module]}.{HF_NAMES[proj]}.lora_{which[-1].upper()}.weight"
+
+
+def peft_state_dict(adapters) -> dict:
+    """{PEFT tensor name: float32 array in torch's layout}: lora_A.weight (r, in) = A.T,
+    lora_B.weight (out, r) = B.T."""
+    return {peft_name(path): np.ascontiguousarray(np.asarray(var.get_value(), np.float32).T)
+            for path, var in nnx.to_flat_state(adapters)}
+
+
+def adapter_config(lc: LoraConfig, base_model: str = "") -> dict:
+    """adapter_config.json for PEFT's LoraConfig (a LORA adapter on a causal LM)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": lc.rank, "lora_alpha": lc.alpha, "lora_dropout": lc.dropout, "bias": "none",
+            "target_modules": sorted(HF_NAMES[t] for t in target_names(lc.targets)),
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
+            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def describe(lc: LoraConfig, n_adapter: int, n_base: int) -> str:
+    return (f"LoRA rank {lc.rank}, alpha {lc.alpha:g} on {', '.join(target_names(lc.targets))}: "
+            f"{n_adapter / 1e6:.3f}M trainable parameters, {n_adapter / max(n_base, 1):.2%} of the frozen base's "
+            f"{n_base / 1e6:.2f}M")
+

@@ -1,0 +1,194 @@
+"""LoRA (jaxsft/lora.py): adapters on a frozen base.
+
+In process, on a tiny model: a fresh adapter (B = 0) gives the base's logits bit for bit;
+merged (W + (alpha/r) A B) and unmerged adapters give the same logits; training changes
+the adapters only (the base bitwise unchanged) and the optimizer state holds adapter
+leaves only; the PEFT tensor names and layouts. End to end (slow): bin/train with
+lora.rank on a base run, SIGKILL and --resume bitwise exact, best/ and latest/ holding
+the adapters only, bin/chat and bin/eval on the LoRA run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxsft import config, lora, model, steps
+from jaxsft.batching import make_batch
+from jaxsft.config import LoraConfig, ModelConfig, TrainConfig, UserError
+
+MC = ModelConfig(vocab_size=40, max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
+ALL = LoraConfig(rank=4, alpha=8.0)
+
+
+def _base(seed=0):
+    return model.init(MC, seed)
+
+
+def _tokens(seed=1, shape=(3, 16)):
+    return jax.random.randint(jax.random.PRNGKey(seed), shape, 1, MC.vocab_size)
+
+
+def _random_b(adapters, seed=2):
+    """Adapters whose B is not 0 (as after training)."""
+    flat = nnx.to_flat_state(adapters)
+    out = []
+    for i, (path, var) in enumerate(flat):
+        if path[-1] == "lora_b":
+            var = var.replace(0.05 * jax.random.normal(jax.random.PRNGKey(seed + i), var.get_value().shape))
+        out.append((path, var))
+    return nnx.from_flat_state(out)
+
+
+@pytest.mark.parametrize("targets", [lora.TARGETS, ("wq", "wv"), ("w1", "w2"), ("up_proj",)],
+                         ids=["all", "attention", "mlp", "hf-name"])
+def test_fresh_adapters_give_the_base_logits_exactly(targets):
+    _, base = _base()
+    lc = dataclasses.replace(ALL, targets=targets)
+    graphdef, frozen, adapters = lora.init(MC, lc, seed=0, base=base)
+    b_leaves = [v for p, v in nnx.to_flat_state(adapters) if p[-1] == "lora_b"]
+    assert b_leaves and all(not np.any(np.asarray(v.get_value())) for v in b_leaves)  # B = 0
+    tokens = _tokens()
+    want, _ = model.apply(model.init(MC, 0)[0], base, tokens)
+    got, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+def test_adapter_shapes_init_and_count():
+    _, base = _base()
+    _, _, adapters = lora.init(MC, ALL, seed=0, base=base)
+    flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(adapters)}
+    D, F, r = MC.d_model, MC.d_ff, ALL.rank
+    shapes = {"wq": (D, D), "wk": (D, D), "wv": (D, D), "wo": (D, D), "w1": (D, F), "w3": (D, F), "w2": (F, D)}
+    assert len(flat) == 2 * 7 * MC.n_layers
+    for (_, layer, module, proj, which), a in flat.items():
+        d_in, d_out = shapes[proj]
+        assert module == ("attn" if proj.startswith("w") and proj in ("wq", "wk", "wv", "wo") else "mlp")
+        if which == "lora_a":
+            assert a.shape == (d_in, r) and 0 < np.abs(a).max() <= 1 / np.sqrt(d_in)
+        else:
+            assert a.shape == (r, d_out) and not a.any()
+    assert lora.count(adapters) == MC.n_layers * r * sum(i + o for i, o in shapes.values())
+
+
+def test_merged_and_unmerged_give_the_same_logits():
+    _, base = _base()
+    graphdef, frozen, adapters = lora.init(MC, ALL, seed=0, base=base)
+    adapters = _random_b(adapters)
+    tokens = _tokens()
+    unmerged, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
+    merged, _ = model.apply(model.init(MC, 0)[0], lora.merge(frozen, adapters, ALL), tokens)
+    base_logits, _ = model.apply(model.init(MC, 0)[0], base, tokens)
+    assert np.abs(np.asarray(unmerged) - np.asarray(base_logits)).max() > 1e-3  # the adapters do something
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5, rtol=0)
+    # merge touches the targeted kernels only, by exactly (alpha/r) A B
+    flat_m = dict(nnx.to_flat_state(lora.merge(frozen, adapters, ALL)))
+    flat_b = dict(nnx.to_flat_state(frozen))
+    flat_a = dict(nnx.to_flat_state(adapters))
+    for path, var in flat_b.items():
+        if path[-1] == "kernel" and path[0] == "blocks":
+            a, b = flat_a[path[:-1] + ("lora_a",)].get_value(), flat_a[path[:-1] + ("lora_b",)].get_value()
+            np.testing.assert_allclose(flat_m[path].get_value(), var.get_value() + 2.0 * np.asarray(a) @ np.asarray(b), atol=1e-6)
+        else:
+            assert np.asarray(flat_m[path].get_value()).tobytes() == np.asarray(var.get_value()).tobytes(), path
+
+
+def _batch(n=4, length=16):
+    rng = np.random.default_rng(0)
+    examples = []
+    for _ in range(n):
+        x = rng.integers(1, MC.vocab_size, length).astype(np.int32)
+        m = np.zeros(length, np.float32)
+        m[length // 2:] = 1
+        examples.append((x, np.roll(x, -1), m))
+    return make_batch(examples, n, length)
+
+
+def test_training_moves_the_adapters_only_and_the_optimizer_holds_adapter_leaves_only():
+    tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0, weight_decay=0.01)
+    _, base = _base()
+    graphdef, frozen, adapters = lora.init(MC, ALL, seed=0, base=base)
+    before = jax.tree.map(lambda a: np.array(a), frozen)
+    tx = steps.make_optimizer(tc, 10)
+    state = steps.TrainState.create(adapters, tx)
+
+    # the optimizer state: adamw's mu and nu for each adapter array, and step counters; nothing base-sized
+    n_adapter_leaves = len(jax.tree.leaves(adapters))
+    assert n_adapter_leaves == 2 * 7 * MC.n_layers
+    arrays = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+    assert len(arrays) == 2 * n_adapter_leaves
+    assert sorted(x.shape for x in arrays) == sorted(2 * [x.shape for x in jax.tree.leaves(adapters)])
+    assert sum(x.size for x in arrays) == 2 * lora.count(adapters)
+    assert all(np.ndim(x) == 0 for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0)
+
+    step = steps.make_train_step(graphdef, tx, tc, frozen=frozen)
+    batch = _batch()
+    losses = []
+    for _ in range(5):
+        state, m = step(state, batch, jax.random.PRNGKey(0))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(before)):  # the base: bitwise unchanged
+        assert np.asarray(a).tobytes() == b.tobytes()
+    b_after = [np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state.params) if p[-1] == "lora_b"]
+    assert all(b.any() for b in b_after)  # every adapter trained
+
+
+def test_peft_names_and_layouts():
+    _, base = _base()
+    _, _, adapters = lora.init(MC, ALL, seed=0, base=base)
+    sd = lora.peft_state_dict(_random_b(adapters))
+    assert len(sd) == 2 * 7 * MC.n_layers
+    D, F, r = MC.d_model, MC.d_ff, ALL.rank
+    pre = "base_model.model.model.layers.1"
+    assert sd[f"{pre}.self_attn.q_proj.lora_A.weight"].shape == (r, D)
+    assert sd[f"{pre}.self_attn.q_proj.lora_B.weight"].shape == (D, r)
+    assert sd[f"{pre}.mlp.gate_proj.lora_A.weight"].shape == (r, D)
+    assert sd[f"{pre}.mlp.gate_proj.lora_B.weight"].shape == (F, r)
+    assert sd[f"{pre}.mlp.down_proj.lora_A.weight"].shape == (r, F)
+    flat = dict(nnx.to_flat_state(adapters))
+    np.testing.assert_array_equal(sd[f"{pre}.mlp.up_proj.lora_A.weight"], np.asarray(flat[("blocks", 1, "mlp", "w3",
+                                                                                             "lora_a")].get_value()).T)
+    cfg = lora.adapter_config(dataclasses.replace(ALL, targets=("wq", "gate_proj")), "base")
+    assert cfg["target_modules"] == ["gate_proj", "q_proj"] and cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+
+
+def _load(path, overrides=()):
+    return config.load_config(path, list(overrides))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.targets=[wq, qq]", "--set lora.targets: unknown projection 'qq' (known: wq, wk, wv, wo, w1, w3, w2, "
+                              "or transformers' q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
+    ("lora.targets=[]", "--set lora.targets: must name at least one projection"),
+    ("lora.dropout=0.1", "--set lora.dropout: only 0 is supported"),
+    ("lora.alpha=0", "--set lora.alpha: must be positive, got 0.0"),
+    ("lora.rank=-1", "--set lora.rank: must not be negative, got -1"),
+    ("lora.rnak=8", "--set lora.rnak: no such key in section lora"),
+])
+def test_config_errors(tmp_path, override, message):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  init_from: base\nlora:\n  rank: 8\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        _load(str(p), [override])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_config_defaults_and_rank_needs_a_base(tmp_path):
+    assert config.Config().lora.rank == 0  # off by default
+    p = tmp_path / "c.yaml"
+    p.write_text("lora:\n  rank: 8\n  targets: [q_proj, wv]\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"c.yaml:2: lora.rank: LoRA trains adapters on a frozen pretrained model; "
+                                        r"set model.init_from"):
+        _load(str(p))
+    cfg = _load(str(p), ["model.init_from=runs/base"])
+    assert lora.target_names(cfg.lora.targets) == ("wq", "wv") and lora.enabled(cfg)
+    assert config.lora_config_from_dict(json.loads(json.dumps(config.to_dict(cfg)))["lora"]) == cfg.lora
+    assert config.lora_config_from_dict(None) == LoraConfig()  # a run from before LoRA

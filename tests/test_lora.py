@@ -192,3 +192,128 @@ def test_config_defaults_and_rank_needs_a_base(tmp_path):
     assert lora.target_names(cfg.lora.targets) == ("wq", "wv") and lora.enabled(cfg)
     assert config.lora_config_from_dict(json.loads(json.dumps(config.to_dict(cfg)))["lora"]) == cfg.lora
     assert config.lora_config_from_dict(None) == LoraConfig()  # a run from before LoRA
+
+
+def test_a_changed_base_is_refused(tmp_path):
+    _, base = _base()
+    cfg = config.Config(model=dataclasses.replace(MC, init_from=str(tmp_path / "base")), lora=ALL)
+    lora.write_base_ref(str(tmp_path), cfg, (base, MC.vocab_size))
+    lora.check_base(str(tmp_path), base)  # the same arrays: fine
+    changed = jax.tree.map(lambda a: a.at[(0,) * a.ndim].add(1e-7), base)
+    with pytest.raises(UserError, match="has changed since the adapters were trained"):
+        lora.check_base(str(tmp_path), changed)
+
+
+# ---------------------------------------------------------------------------
+# end to end: bin/train with lora.rank on a base run (tests/test_reliability.py's tiny config and driver)
+
+from test_reliability import (Runs, assert_same_as_reference, kept_latest, load_tree, steps,  # noqa: E402
+                              timeless)
+
+
+class LoraRuns(Runs):
+    """Runs of the tiny config as LoRA (rank 4, every projection) on the base run `base`."""
+
+    def __init__(self, d, cache, base):
+        super().__init__(d, cache)
+        self.args = self.args + ["--set", f"model.init_from={base}", "--set", "lora.rank=4", "--set",
+                                 "lora.alpha=8", "--set", "train.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory, cache):
+    """A base run (12 steps of the tiny config), then the uninterrupted LoRA run on it."""
+    base = Runs(tmp_path_factory.mktemp("base"), cache)
+    p = base.run("--set", "train.max_steps=12")
+    assert p.returncode == 0, p.stderr
+    base_best = {s: load_tree(base.path("best"), s) for s in steps(base.path("best"))}
+    r = LoraRuns(tmp_path_factory.mktemp("lora_reference"), cache, base.path())
+    p = r.run()
+    assert p.returncode == 0, p.stderr
+    assert "LoRA rank 4, alpha 8 on wq, wk, wv, wo, w1, w3, w2" in p.stdout
+    with open(r.path("metrics.jsonl")) as f:
+        metrics = f.read()
+    return {"runs": r, "base": base, "base_best": base_best, "total": 24, "saves": (5, 10, 12, 15, 20, 24),
+            "latest": load_tree(r.path("latest"), 24), "metrics": metrics, "stdout": p.stdout,
+            "best": {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}}
+
+
+@pytest.mark.slow
+def test_lora_run_checkpoints_hold_the_adapters_only(lora_reference):
+    ref, r = lora_reference, lora_reference["runs"]
+    n_layers, rank, D, F = 1, 4, 32, 64  # the tiny config
+    n_adapter = n_layers * rank * (4 * (D + D) + 2 * (D + F) + (F + D))
+    for s, tree in ref["best"].items():
+        assert all(k.endswith(("['lora_a']['value']", "['lora_b']['value']")) for k in tree), list(tree)
+        assert len(tree) == 2 * 7 * n_layers and sum(a.size for a in tree.values()) == n_adapter
+    latest = ref["latest"]
+    params = {k: a for k, a in latest.items() if k.startswith("['state']['params']")}
+    opt = {k: a for k, a in latest.items() if k.startswith("['state']['opt_state']") and a.ndim > 0}
+    assert len(params) == 2 * 7 * n_layers and len(opt) == 2 * len(params)  # adam's mu and nu, per adapter
+    assert sum(a.size for a in opt.values()) == 2 * n_adapter
+    # the base run is untouched, its best checkpoint bitwise as it was
+    for s, tree in ref["base_best"].items():
+        assert load_tree(ref["base"].path("best"), s).keys() == tree.keys()
+        for k, a in load_tree(ref["base"].path("best"), s).items():
+            assert a.tobytes() == tree[k].tobytes(), k
+    with open(r.path("lora_base.json")) as f:
+        base_ref = json.load(f)
+    assert base_ref["path"] == os.path.abspath(ref["base"].path()) and len(base_ref["sha256"]) == 64
+    n_base = sum(a.size for a in next(iter(ref["base_best"].values())).values())
+    assert n_adapter < n_base / 5  # (on disk, orbax's own files outweigh arrays this small: bench/lora_memory.py)
+    # the losses fell: the adapters learn
+    losses = [json.loads(l)["loss"] for l in ref["metrics"].splitlines() if '"loss"' in l]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+
+
+@pytest.mark.slow
+def test_lora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_reference):
+    r = LoraRuns(tmp_path, cache, lora_reference["base"].path())
+    p = r.run(hook=("kill_before_latest", 12))  # best/12 committed, latest/12 not
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert steps(r.path("best")) == [12] and steps(r.path("latest")) == [5, 10]
+    p = r.run("--resume", hook=("sigkill_at", 18))  # mid-step, a save perhaps in flight
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert "resumed run at step 10" in p.stdout
+    resumed_at = steps(r.path("latest"))[-1]
+    assert 12 <= resumed_at <= 15
+    p = r.run("--resume")
+    assert p.returncode == 0, p.stderr
+    assert f"resumed run at step {resumed_at} " in p.stdout
+    assert_same_as_reference(r, lora_reference, resumed_at)
+
+
+@pytest.mark.slow
+def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
+    """bin/chat and bin/eval on a LoRA run answer with the base + best adapters, merged: the same
+    answers as the merged parameters give through the library; a moved base is reported."""
+    from conftest import run_script
+    from jaxsft import checkpoint
+    from jaxsft.decode import Generator
+    run = lora_reference["runs"].path()
+    params, mc, tok = checkpoint.restore(run)
+    best = steps(os.path.join(run, "best"))[-1]
+    assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(model.abstract(mc)[1]))  # the plain model
+    gen = Generator.from_run(run, max_new_tokens=12)
+    want = gen.answer([[("user", "3加5等于多少？")]])[0]
+    p = run_script("chat", "--checkpoint", run, "--max-new-tokens", "12", "3加5等于多少？")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == want
+    rows = os.path.join(lora_reference["runs"].d, "val.jsonl")
+    p = run_script("eval", "--checkpoint", run, "--data", rows, "--max-new-tokens", "12")
+    assert p.returncode == 0 and "exact" in p.stdout.lower(), p.stderr
+    # adapters restored by hand and merged equal what restore gives
+    lc = LoraConfig(rank=4, alpha=8.0)
+    _, base = __import__("jaxsft.setup", fromlist=["x"]).init_params_from(mc, 3, lora.load_base(
+        lora_reference["base"].path()))
+    _, _, abstract = lora.graph(mc, lc)
+    adapters = checkpoint.restore_params(os.path.join(run, "best"), abstract, "best")
+    assert steps(os.path.join(run, "best"))[-1] == best
+    merged = lora.merge(base, adapters, lc)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

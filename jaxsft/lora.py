@@ -25,6 +25,7 @@ fingerprint of its arrays, checked whenever the adapters are put back on it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -87,17 +88,64 @@ class LoraLinear(nnx.Module):
 
 
 class LoraSwiGLU(nnx.Module):
-    """model.SwiGLU with adapters: the same function, written out, so that the adapter terms
-    of w1, w3, w2 sit beside the base products (model.swiglu's custom_vjp would hide them).
-    Its backward pass needs no weight gradient for the frozen kernels."""
+    """model.SwiGLU with adapters on w1, w3, w2 (each LoraLinear or plain nnx.Linear): the same
+    function, with the adapter terms beside the base products (`swiglu_lora`)."""
 
     def __init__(self, mlp: model.SwiGLU):
         self.w1, self.w3, self.w2 = mlp.w1, mlp.w3, mlp.w2
 
     def __call__(self, x):  # (B, T, D) -> (B, T, D)
         B, T, D = x.shape
-        x = x.reshape(B * T, D)
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x)).reshape(B, T, D)
+        ws, ads, s = [], [], 1.0
+        for w in (self.w1, self.w3, self.w2):
+            k = w.kernel[...].astype(x.dtype)
+            ws.append(k)
+            if isinstance(w, LoraLinear):
+                ads += [w.lora_a[...].astype(x.dtype), w.lora_b[...].astype(x.dtype)]
+                s = w.scale
+            else:  # no adapter: rank 0
+                ads += [jnp.zeros((k.shape[0], 0), x.dtype), jnp.zeros((0, k.shape[1]), x.dtype)]
+        return swiglu_lora(s, x.reshape(B * T, D), *ws, *ads).reshape(B, T, D)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def swiglu_lora(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
+    """s: the adapters' scale (a float); x (N, D) -> (silu(x w1') * (x w3')) w2', (N, D), where w' = w + s a b (never formed).
+
+    Like model.swiglu, its gradient is written out: every product that sums over the N rows
+    (the adapters' and the kernels' gradients) takes a materialised transpose, which XLA on
+    CPU otherwise fuses into a strided write (left to autodiff, this layer made a LoRA step
+    slower than a full fine-tuning one). The kernels' gradients are computed only if asked
+    for: under LoRA they are not, and XLA drops them."""
+    return _swiglu_lora_fwd(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2)[0]
+
+
+def _swiglu_lora_fwd(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
+    xa1, xa3 = x @ a1, x @ a3  # (N, r)
+    a, b = x @ w1 + (xa1 @ b1) * s, x @ w3 + (xa3 @ b3) * s  # (N, F)
+    h = jax.nn.silu(a) * b
+    ha2 = h @ a2
+    out = h @ w2 + (ha2 @ b2) * s
+    return out, (x, a, b, xa1, xa3, ha2, w1, w3, w2, a1, b1, a3, b3, a2, b2)
+
+
+def _swiglu_lora_bwd(s, res, g):
+    x, a, b, xa1, xa3, ha2, w1, w3, w2, a1, b1, a3, b3, a2, b2 = res
+    sig = jax.nn.sigmoid(a)
+    silu = a * sig
+    h = silu * b
+    gb2 = (g @ b2.T) * s  # (N, r)
+    dh = g @ w2.T + gb2 @ a2.T  # (N, F)
+    da = dh * b * (sig + silu * (1 - sig))  # silu'(a) = sig + silu * (1 - sig)
+    db = dh * silu
+    da1, db3 = (da @ b1.T) * s, (db @ b3.T) * s  # (N, r)
+    dx = da @ w1.T + db @ w3.T + da1 @ a1.T + db3 @ a3.T
+    xT, hT, xa1T, xa3T, ha2T = jax.lax.optimization_barrier((x.T, h.T, xa1.T, xa3.T, ha2.T))
+    return (dx, xT @ da, xT @ db, hT @ g, xT @ da1, (xa1T @ da) * s, xT @ db3, (xa3T @ db) * s,
+            hT @ gb2, (ha2T @ g) * s)
+
+
+swiglu_lora.defvjp(_swiglu_lora_fwd, _swiglu_lora_bwd)
 
 
 def attach(gpt: model.GPT, lc: LoraConfig) -> model.GPT:

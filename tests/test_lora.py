@@ -207,8 +207,8 @@ def test_a_changed_base_is_refused(tmp_path):
 # ---------------------------------------------------------------------------
 # end to end: bin/train with lora.rank on a base run (tests/test_reliability.py's tiny config and driver)
 
-from test_reliability import (Runs, assert_same_as_reference, kept_latest, load_tree, steps,  # noqa: E402
-                              timeless)
+from test_reliability import Runs, assert_same_as_reference, load_tree  # noqa: E402
+from test_reliability import steps as saved_steps  # noqa: E402
 
 
 class LoraRuns(Runs):
@@ -231,7 +231,7 @@ def lora_reference(tmp_path_factory, cache):
     base = Runs(tmp_path_factory.mktemp("base"), cache)
     p = base.run("--set", "train.max_steps=12")
     assert p.returncode == 0, p.stderr
-    base_best = {s: load_tree(base.path("best"), s) for s in steps(base.path("best"))}
+    base_best = {s: load_tree(base.path("best"), s) for s in saved_steps(base.path("best"))}
     r = LoraRuns(tmp_path_factory.mktemp("lora_reference"), cache, base.path())
     p = r.run()
     assert p.returncode == 0, p.stderr
@@ -240,7 +240,7 @@ def lora_reference(tmp_path_factory, cache):
         metrics = f.read()
     return {"runs": r, "base": base, "base_best": base_best, "total": 24, "saves": (5, 10, 12, 15, 20, 24),
             "latest": load_tree(r.path("latest"), 24), "metrics": metrics, "stdout": p.stdout,
-            "best": {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}}
+            "best": {s: load_tree(r.path("best"), s) for s in saved_steps(r.path("best"))}}
 
 
 @pytest.mark.slow
@@ -276,11 +276,11 @@ def test_lora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_referen
     r = LoraRuns(tmp_path, cache, lora_reference["base"].path())
     p = r.run(hook=("kill_before_latest", 12))  # best/12 committed, latest/12 not
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert steps(r.path("best")) == [12] and steps(r.path("latest")) == [5, 10]
+    assert saved_steps(r.path("best")) == [12] and saved_steps(r.path("latest")) == [5, 10]
     p = r.run("--resume", hook=("sigkill_at", 18))  # mid-step, a save perhaps in flight
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert "resumed run at step 10" in p.stdout
-    resumed_at = steps(r.path("latest"))[-1]
+    resumed_at = saved_steps(r.path("latest"))[-1]
     assert 12 <= resumed_at <= 15
     p = r.run("--resume")
     assert p.returncode == 0, p.stderr
@@ -297,7 +297,7 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
     from jaxsft.decode import Generator
     run = lora_reference["runs"].path()
     params, mc, tok = checkpoint.restore(run)
-    best = steps(os.path.join(run, "best"))[-1]
+    best = saved_steps(os.path.join(run, "best"))[-1]
     assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(model.abstract(mc)[1]))  # the plain model
     gen = Generator.from_run(run, max_new_tokens=12)
     want = gen.answer([[("user", "3加5等于多少？")]])[0]
@@ -313,7 +313,26 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
         lora_reference["base"].path()))
     _, _, abstract = lora.graph(mc, lc)
     adapters = checkpoint.restore_params(os.path.join(run, "best"), abstract, "best")
-    assert steps(os.path.join(run, "best"))[-1] == best
+    assert saved_steps(os.path.join(run, "best"))[-1] == best
     merged = lora.merge(base, adapters, lc)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_swiglu_lora_gradient_is_autodiffs():
+    """lora.swiglu_lora's hand-written backward pass against autodiff of the same function."""
+    N, D, F, r, s = 6, 8, 12, 3, 1.5
+    ks = jax.random.split(jax.random.PRNGKey(0), 11)
+    shapes = [(N, D), (D, F), (D, F), (F, D), (D, r), (r, F), (D, 0), (0, F), (F, r), (r, D)]  # w3: no adapter
+    args = [jax.random.normal(k, sh) for k, sh in zip(ks, shapes)]
+
+    def plain(x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
+        h = jax.nn.silu(x @ w1 + s * (x @ a1) @ b1) * (x @ w3 + s * (x @ a3) @ b3)
+        return h @ w2 + s * (h @ a2) @ b2
+
+    g = jax.random.normal(ks[10], (N, D))
+    want = jax.vjp(plain, *args)[1](g)
+    got = jax.vjp(lambda *a: lora.swiglu_lora(s, *a), *args)[1](g)
+    np.testing.assert_allclose(lora.swiglu_lora(s, *args), plain(*args), rtol=1e-5, atol=1e-5)
+    for w, h in zip(want, got):
+        np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)

@@ -466,7 +466,7 @@ def restore(run_dir: str, shardings=None):
         raise UserError(f"{run_dir}: config vocab_size {model_cfg.vocab_size} != tokenizer size {len(tok)}")
     if (cfg_dict.get("lora") or {}).get("rank", 0) > 0:  # adapters on a base model (lora.py)
         from . import lora
-        return lora.restore(run_dir, cfg_dict, model_cfg, shardings), model_cfg, tok
+        return lora.restore(run_dir, shardings), model_cfg, tok
     _, abstract = model.abstract(model_cfg)
     if shardings is None:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

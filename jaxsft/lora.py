@@ -278,22 +278,11 @@ def load_base(src: str):
     return params, len(tok)
 
 
-def restore(run_dir: str, cfg_dict: dict, model_cfg: ModelConfig, shardings=None):
+def restore(run_dir: str, shardings=None):
     """The plain parameters (base + adapters merged) of a LoRA run's best checkpoint: the base
     rebuilt as training began (its arrays, the embedding grown to the run's vocabulary),
     checked against lora_base.json, and the best adapters folded in."""
-    from . import checkpoint, setup
-    from .config import lora_config_from_dict
-    lc = lora_config_from_dict(cfg_dict.get("lora", {}))
-    ref = read_base_ref(run_dir)
-    base_params, n_old = load_base(base_source(run_dir, ref))
-    check_base(run_dir, base_params, ref)
-    seed = cfg_dict.get("train", {}).get("seed", 0)
-    _, base = setup.init_params_from(model_cfg, seed, (base_params, n_old))
-    _, _, abstract = graph(model_cfg, lc)
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
-    adapters = checkpoint.restore_params(os.path.join(run_dir, "best"), abstract, "the best checkpoint")
+    base, adapters, _, _, lc = restore_parts(run_dir)
     params = jax.jit(merge, static_argnums=2)(base, adapters, lc)
     if shardings is not None:
         params = jax.device_put(params, shardings)
@@ -324,6 +313,41 @@ def adapter_config(lc: LoraConfig, base_model: str = "") -> dict:
             "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
             "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def save_peft(out_dir: str, adapters, lc: LoraConfig, base_model: str = "") -> list[str]:
+    """Writes adapter_config.json and adapter_model.safetensors (PEFT's files) into out_dir
+    (created; it must not hold an adapter already); returns the file names."""
+    from safetensors.numpy import save_file
+    from .files import write_json
+    if os.path.exists(os.path.join(out_dir, "adapter_config.json")):
+        raise UserError(f"{out_dir}: already holds an adapter")
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(peft_state_dict(adapters), os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    write_json(os.path.join(out_dir, "adapter_config.json"), adapter_config(lc, base_model), indent=2)
+    return ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def restore_parts(run_dir: str):
+    """(base, adapters, model_cfg, tokenizer, lora config) of a LoRA run's best checkpoint, unmerged:
+    what an exporter writes as a base model plus a PEFT adapter."""
+    from . import checkpoint, setup
+    from .config import lora_config_from_dict, model_config_from_dict
+    cfg_dict, tok = checkpoint.read_meta(run_dir)
+    lc = lora_config_from_dict(cfg_dict.get("lora"))
+    if lc.rank <= 0:
+        raise UserError(f"{run_dir}: not a LoRA run (its config has no lora.rank)")
+    mc = model_config_from_dict(cfg_dict["model"])
+    ref = read_base_ref(run_dir)
+    base_params, n_old = load_base(base_source(run_dir, ref))
+    check_base(run_dir, base_params, ref)
+    _, base = setup.init_params_from(mc, cfg_dict.get("train", {}).get("seed", 0), (base_params, n_old))
+    _, _, abstract = graph(mc, lc)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
+    adapters = checkpoint.restore_params(os.path.join(run_dir, "best"), abstract, "the best checkpoint")
+    return base, adapters, mc, tok, lc
 
 
 def describe(lc: LoraConfig, n_adapter: int, n_base: int) -> str:

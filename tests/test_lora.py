@@ -336,3 +336,55 @@ def test_swiglu_lora_gradient_is_autodiffs():
     np.testing.assert_allclose(lora.swiglu_lora(s, *args), plain(*args), rtol=1e-5, atol=1e-5)
     for w, h in zip(want, got):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
+
+
+def _transformers_llama(params, mc: ModelConfig):
+    """transformers' LlamaForCausalLM holding our parameters (torch's (out, in) layout = kernel.T).
+    (Until the Llama-format exporter lands, the conversion is spelled out here.)"""
+    import torch
+    import transformers
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=mc.vocab_size, hidden_size=mc.d_model, intermediate_size=mc.d_ff,
+        num_hidden_layers=mc.n_layers, num_attention_heads=mc.n_heads, num_key_value_heads=mc.n_heads,
+        max_position_embeddings=mc.max_seq_len, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        hidden_act="silu", attention_bias=False, mlp_bias=False)
+    hf_cfg._attn_implementation = "eager"
+    flat = {p: np.asarray(v.get_value(), np.float32) for p, v in nnx.to_flat_state(params)}
+    sd = {"model.embed_tokens.weight": flat[("embed", "embedding")], "model.norm.weight": flat[("norm", "scale")]}
+    for i in range(mc.n_layers):
+        pre = f"model.layers.{i}"
+        sd[f"{pre}.input_layernorm.weight"] = flat[("blocks", i, "norm1", "scale")]
+        sd[f"{pre}.post_attention_layernorm.weight"] = flat[("blocks", i, "norm2", "scale")]
+        for ours, theirs in lora.HF_NAMES.items():
+            module = "self_attn" if ours in ("wq", "wk", "wv", "wo") else "mlp"
+            sub = "attn" if module == "self_attn" else "mlp"
+            sd[f"{pre}.{module}.{theirs}.weight"] = flat[("blocks", i, sub, ours, "kernel")].T
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    m = transformers.LlamaForCausalLM(hf_cfg)
+    m.load_state_dict({k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in sd.items()}, strict=True)
+    return m.eval()
+
+
+@pytest.mark.parametrize("targets", [lora.TARGETS, ("wq", "wv", "w2")], ids=["all", "some"])
+def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets):
+    """A real client: peft.PeftModel.from_pretrained on transformers' Llama holding our base and
+    the adapter directory lora.save_peft writes computes our (unmerged) logits within 1e-4."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    mc = dataclasses.replace(MC, n_layers=2)
+    lc = dataclasses.replace(ALL, targets=targets)
+    _, base = _base()
+    graphdef, frozen, adapters = lora.init(mc, lc, seed=0, base=base)
+    adapters = _random_b(adapters)
+    tokens = _tokens()
+    ours, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
+    files = lora.save_peft(str(tmp_path / "adapter"), adapters, lc)
+    assert sorted(os.listdir(tmp_path / "adapter")) == sorted(files)
+    hf = _transformers_llama(base, mc)
+    with torch.no_grad():
+        plain = hf(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+        np.testing.assert_allclose(plain, model.apply(model.init(mc, 0)[0], base, tokens)[0], atol=1e-4, rtol=0)
+        adapted = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+        theirs = adapted(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+    assert np.abs(np.asarray(ours) - plain).max() > 1e-3  # the adapter changes the logits ...
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)  # ... as PEFT applies it too

@@ -15,6 +15,7 @@ half. Variants:
                  each projection, the base a constant of the step (jaxsft/lora.py)
     lora-merged  the same adapters folded into the kernels inside the step (W + s A B, then the
                  plain model): what the design sketch proposed; kept to show why it lost
+    lora-bf16    lora with the base's projection kernels in bfloat16 (lora.base_dtype, QLoRA-style)
     lora-attn    lora on wq wk wv wo only, and qwix-attn: qwix's LoraProvider (what tunix
                  uses) on the same model; qwix finds no MLP kernel (model.swiglu reads its
                  kernels inside a custom_vjp), so attention is what both can adapt
@@ -61,7 +62,7 @@ def one(shape: str, variant: str, steps: int) -> dict:
                      n_layers=s["n_layers"], d_ff=s["d_ff"], dropout=0.0)
     tc = TrainConfig(batch_size=s["batch"], lr=1e-4, warmup_steps=0)
     targets = ("wq", "wk", "wv", "wo") if variant.endswith("attn") else LoraConfig().targets
-    lc = LoraConfig(rank=8, alpha=16.0, targets=targets)
+    lc = LoraConfig(rank=8, alpha=16.0, targets=targets, base_dtype="bfloat16" if variant == "lora-bf16" else "float32")
     mesh = parallel.one_device_mesh()
     tx = make_optimizer(tc, 1000)
     graphdef, params = model.init(mc, 0)

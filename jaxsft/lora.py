@@ -190,7 +190,17 @@ def init(mc: ModelConfig, lc: LoraConfig, seed: int, base):
     graphdef, abstract_base, abstract_adapters = graph(mc, lc)
     if jax.tree.structure(abstract_base) != jax.tree.structure(base):
         raise AssertionError("the base's parameter tree does not fit the model")
-    return graphdef, base, init_adapters(abstract_adapters, seed)
+    return graphdef, frozen_base(base, lc), init_adapters(abstract_adapters, seed)
+
+
+def frozen_base(base, lc: LoraConfig):
+    """The base as training holds it: with lora.base_dtype bfloat16, the blocks' projection
+    kernels rounded to bfloat16 (the embedding and the norms stay float32)."""
+    if lc.base_dtype == "float32":
+        return base
+    out = [(path, var.replace(var.get_value().astype(jnp.bfloat16)) if path[0] == "blocks" and path[-1] == "kernel"
+            else var) for path, var in nnx.to_flat_state(base)]
+    return nnx.from_flat_state(out)
 
 
 def combine(base, adapters):
@@ -199,8 +209,8 @@ def combine(base, adapters):
 
 
 def merge(base, adapters, lc: LoraConfig):
-    """The plain model's parameters: each targeted kernel W + (alpha/r) * A @ B in W's dtype,
-    every other array the base's own. Works on concrete arrays or inside jit."""
+    """The plain model's parameters, float32: each targeted kernel W + (alpha/r) * A @ B, every
+    other array the base's own (widened from a bfloat16 base). Works on arrays or inside jit."""
     s = scale(lc)
     ad = {path: var for path, var in nnx.to_flat_state(adapters)}
     out = []
@@ -209,7 +219,9 @@ def merge(base, adapters, lc: LoraConfig):
             a, b = ad[path[:-1] + ("lora_a",)].get_value(), ad[path[:-1] + ("lora_b",)].get_value()
             w = var.get_value()
             delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * s
-            var = var.replace((w.astype(jnp.float32) + delta).astype(w.dtype))
+            var = var.replace(w.astype(jnp.float32) + delta)
+        elif var.get_value().dtype != jnp.float32:
+            var = var.replace(var.get_value().astype(jnp.float32))
         out.append((path, var))
     return nnx.from_flat_state(out)
 
@@ -343,6 +355,7 @@ def restore_parts(run_dir: str):
     base_params, n_old = load_base(base_source(run_dir, ref))
     check_base(run_dir, base_params, ref)
     _, base = setup.init_params_from(mc, cfg_dict.get("train", {}).get("seed", 0), (base_params, n_old))
+    base = frozen_base(base, lc)
     _, _, abstract = graph(mc, lc)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)

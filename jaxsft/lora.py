@@ -203,6 +203,16 @@ def frozen_base(base, lc: LoraConfig):
     return nnx.from_flat_state(out)
 
 
+def place(base, shardings):
+    """The frozen base on the mesh. It is never donated, so one process moves its arrays
+    where they are not already (no copy of a base that is: it is the largest thing a LoRA
+    run holds); several processes each fill their own devices (parallel.shard_tree)."""
+    from . import parallel
+    if jax.process_count() == 1:
+        return jax.device_put(base, shardings)
+    return parallel.shard_tree(base, shardings)
+
+
 def combine(base, adapters):
     """The adapted model's parameters (for model.apply with `init`'s graphdef)."""
     return nnx.merge_state(base, adapters)

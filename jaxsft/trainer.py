@@ -78,7 +78,7 @@ class Trainer:
         state = TrainState.create(params, setup.tx)
         self.state_shardings = parallel.state_shardings(state, mesh)
         self.state = parallel.shard_tree(state, self.state_shardings)
-        self.frozen = None if frozen is None else parallel.shard_tree(frozen, parallel.param_shardings(frozen, mesh))
+        self.frozen = None if frozen is None else lora.place(frozen, parallel.param_shardings(frozen, mesh))
         self.best_val = float("inf")
         if resume and self.frozen is not None:
             lora.check_base(self.run_dir, setup.base[0])

@@ -184,13 +184,53 @@ def init_adapters(abstract_adapters, seed: int):
     return nnx.from_flat_state(out)
 
 
-def init(mc: ModelConfig, lc: LoraConfig, seed: int, base):
+def init(mc: ModelConfig, lc: LoraConfig, seed: int, base, n_old: int | None = None):
     """(graphdef of the adapted model, base, fresh adapters). base: the full model's parameters
-    (setup.init_params_from's, an nnx.State); it becomes the frozen half as it is."""
+    (setup.init_params_from's, an nnx.State); it becomes the frozen half as it is. n_old: the
+    base's own vocabulary size; the embedding rows n_old.. (characters the base lacks, appended
+    to its vocabulary, freshly initialised) are no part of the base: they train with the
+    adapters, as the adapters' entry embed.new_rows."""
     graphdef, abstract_base, abstract_adapters = graph(mc, lc)
     if jax.tree.structure(abstract_base) != jax.tree.structure(base):
         raise AssertionError("the base's parameter tree does not fit the model")
-    return graphdef, frozen_base(base, lc), init_adapters(abstract_adapters, seed)
+    adapters = init_adapters(abstract_adapters, seed)
+    if n_old is not None and n_old < mc.vocab_size:
+        emb = dict(nnx.to_flat_state(base))[NEW_ROWS[:1] + ("embedding",)].get_value()
+        adapters = _with(adapters, {NEW_ROWS: nnx.LoRAParam(jnp.asarray(emb[n_old:], jnp.float32))})
+    return graphdef, frozen_base(base, lc), adapters
+
+
+def abstract_adapters(mc: ModelConfig, lc: LoraConfig, n_old: int | None = None):
+    """The adapters' tree as ShapeDtypeStructs (a restore target), new embedding rows included."""
+    adapters = graph(mc, lc)[2]
+    if n_old is not None and n_old < mc.vocab_size:
+        adapters = _with(adapters, {NEW_ROWS: nnx.LoRAParam(
+            jax.ShapeDtypeStruct((mc.vocab_size - n_old, mc.d_model), jnp.float32))})
+    return adapters
+
+
+NEW_ROWS = ("embed", "new_rows")
+
+
+def _with(state, entries: dict):
+    """state with the flat entries {path: Variable} added (or replaced)."""
+    flat = dict(nnx.to_flat_state(state))
+    flat.update(entries)
+    return nnx.from_flat_state(sorted(flat.items(), key=lambda kv: tuple(map(str, kv[0]))))
+
+
+def _split_rows(base, adapters):
+    """(base with its embedding's last rows replaced by the adapters' new rows, the adapters
+    without them): the new rows are trained, every other embedding row the base's."""
+    flat = dict(nnx.to_flat_state(adapters))
+    rows = flat.pop(NEW_ROWS, None)
+    if rows is None:
+        return base, adapters
+    path = NEW_ROWS[:1] + ("embedding",)
+    emb = dict(nnx.to_flat_state(base))[path]
+    new = rows.get_value()
+    value = jnp.concatenate([emb.get_value()[: emb.get_value().shape[0] - new.shape[0]], new.astype(emb.get_value().dtype)])
+    return _with(base, {path: emb.replace(value)}), nnx.from_flat_state(list(flat.items()))
 
 
 def frozen_base(base, lc: LoraConfig):
@@ -215,6 +255,7 @@ def place(base, shardings):
 
 def combine(base, adapters):
     """The adapted model's parameters (for model.apply with `init`'s graphdef)."""
+    base, adapters = _split_rows(base, adapters)
     return nnx.merge_state(base, adapters)
 
 
@@ -222,6 +263,7 @@ def merge(base, adapters, lc: LoraConfig):
     """The plain model's parameters, float32: each targeted kernel W + (alpha/r) * A @ B, every
     other array the base's own (widened from a bfloat16 base). Works on arrays or inside jit."""
     s = scale(lc)
+    base, adapters = _split_rows(base, adapters)
     ad = {path: var for path, var in nnx.to_flat_state(adapters)}
     out = []
     for path, var in nnx.to_flat_state(base):
@@ -320,16 +362,33 @@ def peft_name(path: tuple, prefix: str = "base_model.model.model") -> str:
     return f"{prefix}.layers.{layer}.{_HF_MODULE[module]}.{HF_NAMES[proj]}.lora_{which[-1].upper()}.weight"
 
 
+PEFT_NEW_ROWS = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+
 def peft_state_dict(adapters) -> dict:
     """{PEFT tensor name: float32 array in torch's layout}: lora_A.weight (r, in) = A.T,
-    lora_B.weight (out, r) = B.T."""
-    return {peft_name(path): np.ascontiguousarray(np.asarray(var.get_value(), np.float32).T)
-            for path, var in nnx.to_flat_state(adapters)}
+    lora_B.weight (out, r) = B.T; the new embedding rows as PEFT's trainable tokens (their
+    values, (n_new, D); PEFT ties them to the output head as our model does)."""
+    out = {}
+    for path, var in nnx.to_flat_state(adapters):
+        a = np.asarray(var.get_value(), np.float32)
+        if path == NEW_ROWS:
+            out[PEFT_NEW_ROWS] = np.ascontiguousarray(a)
+        else:
+            out[peft_name(path)] = np.ascontiguousarray(a.T)
+    return out
 
 
-def adapter_config(lc: LoraConfig, base_model: str = "") -> dict:
-    """adapter_config.json for PEFT's LoraConfig (a LORA adapter on a causal LM)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+def new_token_ids(adapters, vocab_size: int) -> list[int]:
+    """The ids whose embedding rows train with the adapters (the last ones of the vocabulary)."""
+    rows = dict(nnx.to_flat_state(adapters)).get(NEW_ROWS)
+    return [] if rows is None else list(range(vocab_size - rows.get_value().shape[0], vocab_size))
+
+
+def adapter_config(lc: LoraConfig, base_model: str = "", new_tokens: list[int] = ()) -> dict:
+    """adapter_config.json for PEFT's LoraConfig (a LORA adapter on a causal LM; new_tokens:
+    the ids of trained embedding rows, PEFT's trainable_token_indices)."""
+    return {"trainable_token_indices": list(new_tokens) or None, "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": lc.rank, "lora_alpha": lc.alpha, "lora_dropout": lc.dropout, "bias": "none",
             "target_modules": sorted(HF_NAMES[t] for t in target_names(lc.targets)),
             "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
@@ -337,9 +396,10 @@ def adapter_config(lc: LoraConfig, base_model: str = "") -> dict:
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
-def save_peft(out_dir: str, adapters, lc: LoraConfig, base_model: str = "") -> list[str]:
+def save_peft(out_dir: str, adapters, lc: LoraConfig, vocab_size: int, base_model: str = "") -> list[str]:
     """Writes adapter_config.json and adapter_model.safetensors (PEFT's files) into out_dir
-    (created; it must not hold an adapter already); returns the file names."""
+    (created; it must not hold an adapter already); returns the file names. vocab_size: the
+    model's (the new embedding rows are its last ones)."""
     from safetensors.numpy import save_file
     from .files import write_json
     if os.path.exists(os.path.join(out_dir, "adapter_config.json")):
@@ -347,7 +407,8 @@ def save_peft(out_dir: str, adapters, lc: LoraConfig, base_model: str = "") -> l
     os.makedirs(out_dir, exist_ok=True)
     save_file(peft_state_dict(adapters), os.path.join(out_dir, "adapter_model.safetensors"),
               metadata={"format": "pt"})
-    write_json(os.path.join(out_dir, "adapter_config.json"), adapter_config(lc, base_model), indent=2)
+    write_json(os.path.join(out_dir, "adapter_config.json"),
+               adapter_config(lc, base_model, new_token_ids(adapters, vocab_size)), indent=2)
     return ["adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -366,15 +427,17 @@ def restore_parts(run_dir: str):
     check_base(run_dir, base_params, ref)
     _, base = setup.init_params_from(mc, cfg_dict.get("train", {}).get("seed", 0), (base_params, n_old))
     base = frozen_base(base, lc)
-    _, _, abstract = graph(mc, lc)
+    abstract = abstract_adapters(mc, lc, n_old)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
     adapters = checkpoint.restore_params(os.path.join(run_dir, "best"), abstract, "the best checkpoint")
     return base, adapters, mc, tok, lc
 
 
-def describe(lc: LoraConfig, n_adapter: int, n_base: int) -> str:
-    return (f"LoRA rank {lc.rank}, alpha {lc.alpha:g} on {', '.join(target_names(lc.targets))}: "
+def describe(lc: LoraConfig, adapters, n_base: int) -> str:
+    n_adapter, rows = count(adapters), dict(nnx.to_flat_state(adapters)).get(NEW_ROWS)
+    new = f" (with the {rows.get_value().shape[0]} new characters' embedding rows)" if rows is not None else ""
+    return (f"LoRA rank {lc.rank}, alpha {lc.alpha:g} on {', '.join(target_names(lc.targets))}{new}: "
             f"{n_adapter / 1e6:.3f}M trainable parameters, {n_adapter / max(n_base, 1):.2%} of the frozen base's "
             f"{n_base / 1e6:.2f}M")
 

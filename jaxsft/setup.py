@@ -51,11 +51,13 @@ class Setup:
 
     def init_model(self):
         """(graphdef, trained parameters at step 0, frozen parameters): the model's parameters and
-        None; with lora.rank > 0, the adapted model's graphdef, fresh adapters and the base."""
+        None; with lora.rank > 0, the adapted model's graphdef, fresh adapters (and the embedding
+        rows of characters the base lacks) and the base."""
         graphdef, params = self.init_params()
         if not lora.enabled(self.cfg):
             return graphdef, params, None
-        graphdef, base, adapters = lora.init(self.model_cfg, self.cfg.lora, self.cfg.train.seed, params)
+        graphdef, base, adapters = lora.init(self.model_cfg, self.cfg.lora, self.cfg.train.seed, params,
+                                             self.base[1])
         return graphdef, adapters, base
 
 

@@ -214,7 +214,7 @@ class Trainer:
                  f"train {len(s.train_examples)} {what}, val {len(s.val_examples)} | {plan.total_steps} steps "
                  f"({plan.main.steps_per_epoch}/epoch), batch {tc.batch_size}")
         if self.frozen is not None:
-            self.log(lora.describe(s.cfg.lora, model.count_params(self.state.params), n)
+            self.log(lora.describe(s.cfg.lora, self.state.params, n)
                      + f"; the base ({s.cfg.model.init_from}) stays frozen")
         if plan.focus_steps:
             self.log(f"curriculum: steps 1-{plan.focus_steps} draw from the {len(plan.focus.examples)} rows of "

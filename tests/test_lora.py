@@ -141,6 +141,34 @@ def test_training_moves_the_adapters_only_and_the_optimizer_holds_adapter_leaves
     assert all(b.any() for b in b_after)  # every adapter trained
 
 
+def test_new_vocabulary_rows_train_with_the_adapters():
+    """Rows appended to the base's vocabulary (characters it lacks) are no part of the base: they
+    are an adapters' entry, train, and are the merged model's rows; the base's rows stay."""
+    n_old = MC.vocab_size - 4
+    _, base = _base()
+    graphdef, frozen, adapters = lora.init(MC, ALL, seed=0, base=base, n_old=n_old)
+    rows = dict(nnx.to_flat_state(adapters))[lora.NEW_ROWS].get_value()
+    emb = np.asarray(dict(nnx.to_flat_state(base))[("embed", "embedding")].get_value())
+    assert rows.shape == (4, MC.d_model) and np.asarray(rows).tobytes() == emb[n_old:].tobytes()
+    assert lora.new_token_ids(adapters, MC.vocab_size) == list(range(n_old, MC.vocab_size))
+    tokens = _tokens()
+    want, _ = model.apply(model.init(MC, 0)[0], base, tokens)
+    got, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()  # still the base at step 0
+    tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0)
+    tx = steps.make_optimizer(tc, 10)
+    state = steps.TrainState.create(adapters, tx)
+    step = steps.make_train_step(graphdef, tx, tc, frozen=frozen)
+    batch = _batch()
+    batch = batch.replace(inputs=np.where(np.arange(batch.inputs.shape[1]) % 2 == 0, MC.vocab_size - 1, batch.inputs))
+    for _ in range(2):
+        state, _ = step(state, batch, jax.random.PRNGKey(0))
+    new = np.asarray(dict(nnx.to_flat_state(state.params))[lora.NEW_ROWS].get_value())
+    assert np.abs(new[-1] - emb[-1]).max() > 0  # the row of the token seen trained
+    merged = np.asarray(dict(nnx.to_flat_state(lora.merge(frozen, state.params, ALL)))[("embed", "embedding")].get_value())
+    assert merged[:n_old].tobytes() == emb[:n_old].tobytes() and merged[n_old:].tobytes() == new.tobytes()
+
+
 def test_a_bfloat16_base_trains_and_merges_to_float32():
     """lora.base_dtype bfloat16: the blocks' kernels are held in bfloat16 (the embedding and norms
     stay float32), the adapters train, and merging gives a float32 model whose logits are the
@@ -389,20 +417,27 @@ def _transformers_llama(params, mc: ModelConfig):
     return m.eval()
 
 
-@pytest.mark.parametrize("targets", [lora.TARGETS, ("wq", "wv", "w2")], ids=["all", "some"])
-def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets):
+@pytest.mark.parametrize("targets, n_new", [(lora.TARGETS, 5), (("wq", "wv", "w2"), 0)], ids=["all+rows", "some"])
+def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets, n_new):
     """A real client: peft.PeftModel.from_pretrained on transformers' Llama holding our base and
-    the adapter directory lora.save_peft writes computes our (unmerged) logits within 1e-4."""
+    the adapter directory lora.save_peft writes computes our (unmerged) logits within 1e-4
+    (with n_new trained embedding rows: PEFT's trainable tokens, tied to the head)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     mc = dataclasses.replace(MC, n_layers=2)
     lc = dataclasses.replace(ALL, targets=targets)
     _, base = _base()
-    graphdef, frozen, adapters = lora.init(mc, lc, seed=0, base=base)
+    graphdef, frozen, adapters = lora.init(mc, lc, seed=0, base=base, n_old=mc.vocab_size - n_new or None)
     adapters = _random_b(adapters)
-    tokens = _tokens()
+    if n_new:  # trained new rows: not the base's
+        adapters = lora._with(adapters, {lora.NEW_ROWS: nnx.LoRAParam(jax.random.normal(
+            jax.random.PRNGKey(5), (n_new, mc.d_model)))})
+    tokens = _tokens().at[:, ::3].set(mc.vocab_size - 1)  # a new token now and then
     ours, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
-    files = lora.save_peft(str(tmp_path / "adapter"), adapters, lc)
+    files = lora.save_peft(str(tmp_path / "adapter"), adapters, lc, mc.vocab_size)
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["trainable_token_indices"] == (list(range(mc.vocab_size - n_new, mc.vocab_size))
+                                                            if n_new else None)
     assert sorted(os.listdir(tmp_path / "adapter")) == sorted(files)
     hf = _transformers_llama(base, mc)
     with torch.no_grad():

@@ -125,9 +125,6 @@ class LoraConfig:
     # the projections that get adapters: attention wq wk wv wo, SwiGLU w1 w3 w2 (or transformers'
     # names q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
     targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
-    # the frozen base's projection kernels kept as float32, or as bfloat16 (QLoRA-style: half
-    # their memory; each is widened to float32 where it is used, the adapters stay float32)
-    base_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -354,8 +351,6 @@ def validate_lora(cfg: Config, where=lambda k: k) -> None:
     if lc.dropout != 0.0:
         raise UserError(f"{where('lora.dropout')}: only 0 is supported (adapter dropout is not implemented; "
                         f"model.dropout={cfg.model.dropout} still applies during LoRA training)")
-    if lc.base_dtype not in ("float32", "bfloat16"):
-        raise UserError(f"{where('lora.base_dtype')}: expected float32 or bfloat16, got {lc.base_dtype!r}")
     if not lc.targets:
         raise UserError(f"{where('lora.targets')}: must name at least one projection")
     from .lora import target_names

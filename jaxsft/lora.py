@@ -197,7 +197,7 @@ def init(mc: ModelConfig, lc: LoraConfig, seed: int, base, n_old: int | None = N
     if n_old is not None and n_old < mc.vocab_size:
         emb = dict(nnx.to_flat_state(base))[NEW_ROWS[:1] + ("embedding",)].get_value()
         adapters = _with(adapters, {NEW_ROWS: nnx.LoRAParam(jnp.asarray(emb[n_old:], jnp.float32))})
-    return graphdef, frozen_base(base, lc), adapters
+    return graphdef, base, adapters
 
 
 def abstract_adapters(mc: ModelConfig, lc: LoraConfig, n_old: int | None = None):
@@ -233,16 +233,6 @@ def _split_rows(base, adapters):
     return _with(base, {path: emb.replace(value)}), nnx.from_flat_state(list(flat.items()))
 
 
-def frozen_base(base, lc: LoraConfig):
-    """The base as training holds it: with lora.base_dtype bfloat16, the blocks' projection
-    kernels rounded to bfloat16 (the embedding and the norms stay float32)."""
-    if lc.base_dtype == "float32":
-        return base
-    out = [(path, var.replace(var.get_value().astype(jnp.bfloat16)) if path[0] == "blocks" and path[-1] == "kernel"
-            else var) for path, var in nnx.to_flat_state(base)]
-    return nnx.from_flat_state(out)
-
-
 def place(base, shardings):
     """The frozen base on the mesh. It is never donated, so one process moves its arrays
     where they are not already (no copy of a base that is: it is the largest thing a LoRA
@@ -261,7 +251,8 @@ def combine(base, adapters):
 
 def merge(base, adapters, lc: LoraConfig):
     """The plain model's parameters, float32: each targeted kernel W + (alpha/r) * A @ B, every
-    other array the base's own (widened from a bfloat16 base). Works on arrays or inside jit."""
+    other array the base's own (widened, were it held in a lower precision). Works on arrays
+    or inside jit."""
     s = scale(lc)
     base, adapters = _split_rows(base, adapters)
     ad = {path: var for path, var in nnx.to_flat_state(adapters)}
@@ -426,7 +417,6 @@ def restore_parts(run_dir: str):
     base_params, n_old = load_base(base_source(run_dir, ref))
     check_base(run_dir, base_params, ref)
     _, base = setup.init_params_from(mc, cfg_dict.get("train", {}).get("seed", 0), (base_params, n_old))
-    base = frozen_base(base, lc)
     abstract = abstract_adapters(mc, lc, n_old)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)

@@ -169,30 +169,6 @@ def test_new_vocabulary_rows_train_with_the_adapters():
     assert merged[:n_old].tobytes() == emb[:n_old].tobytes() and merged[n_old:].tobytes() == new.tobytes()
 
 
-def test_a_bfloat16_base_trains_and_merges_to_float32():
-    """lora.base_dtype bfloat16: the blocks' kernels are held in bfloat16 (the embedding and norms
-    stay float32), the adapters train, and merging gives a float32 model whose logits are the
-    adapted model's."""
-    lc = dataclasses.replace(ALL, base_dtype="bfloat16")
-    _, base = _base()
-    graphdef, frozen, adapters = lora.init(MC, lc, seed=0, base=base)
-    dtypes = {p: v.get_value().dtype for p, v in nnx.to_flat_state(frozen)}
-    assert {d for p, d in dtypes.items() if p[-1] == "kernel"} == {jnp.dtype(jnp.bfloat16)}
-    assert dtypes[("embed", "embedding")] == jnp.float32 and dtypes[("norm", "scale")] == jnp.float32
-    tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0)
-    tx = steps.make_optimizer(tc, 10)
-    state = steps.TrainState.create(adapters, tx)
-    step = steps.make_train_step(graphdef, tx, tc, frozen=frozen)
-    for _ in range(3):
-        state, m = step(state, _batch(), jax.random.PRNGKey(0))
-    assert np.isfinite(float(m["loss"]))
-    merged = lora.merge(frozen, state.params, lc)
-    assert {v.dtype for v in jax.tree.leaves(merged)} == {jnp.dtype(jnp.float32)}
-    tokens = _tokens()
-    unmerged, _ = model.apply(graphdef, lora.combine(frozen, state.params), tokens)
-    np.testing.assert_allclose(model.apply(model.init(MC, 0)[0], merged, tokens)[0], unmerged, atol=1e-5, rtol=0)
-
-
 def test_peft_names_and_layouts():
     _, base = _base()
     _, _, adapters = lora.init(MC, ALL, seed=0, base=base)

@@ -423,3 +423,24 @@ def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets, n_new):
         theirs = adapted(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
     assert np.abs(np.asarray(ours) - plain).max() > 1e-3  # the adapter changes the logits ...
     np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)  # ... as PEFT applies it too
+
+
+@pytest.mark.slow
+def test_a_lora_run_exports_a_peft_adapter_that_peft_applies(lora_reference, tmp_path):
+    """lora.export_peft on the LoRA run; PEFT on transformers' Llama holding the run's base gives
+    the logits of the run's merged model (what bin/chat answers with) within 1e-4."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from jaxsft import checkpoint
+    run = lora_reference["runs"].path()
+    files = lora.export_peft(run, str(tmp_path / "adapter"), base_model="../base")
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    base, _, mc, tok, _ = lora.restore_parts(run)
+    merged, _, _ = checkpoint.restore(run)
+    tokens = jnp.asarray([tok.encode("3加5等于多少？") + tok.encode("8")], jnp.int32)
+    ours, _ = model.apply(model.abstract(mc)[0], merged, tokens)
+    hf = _transformers_llama(base, mc)
+    with torch.no_grad():
+        adapted = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+        theirs = adapted(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)

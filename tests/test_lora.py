@@ -345,6 +345,17 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
     merged = lora.merge(base, adapters, lc)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # a copy of the run whose base is gone: one line, exit 2
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    with open(moved / "lora_base.json") as f:
+        ref = json.load(f)
+    with open(moved / "lora_base.json", "w") as f:
+        json.dump(dict(ref, path=str(tmp_path / "gone"), init_from=str(tmp_path / "gone")), f)
+    p = run_script("chat", "--checkpoint", moved, "3加5等于多少？")
+    assert p.returncode == 2 and p.stderr.strip() == (f"error: {moved}: its base model {tmp_path / 'gone'} "
+                                                      f"(model.init_from) is missing; a LoRA run holds its adapters only")
 
 
 def test_swiglu_lora_gradient_is_autodiffs():

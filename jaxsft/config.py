@@ -60,7 +60,9 @@ class DataConfig:
 class TrainConfig:
     # rows per optimizer step (the seed's meaning of batch size)
     batch_size: int = 8
-    epochs: int = 5
+    # passes over the training rows; null: as many as max_steps takes (a step budget, whatever
+    # the data set's size)
+    epochs: Optional[int] = 5
     # optional cap on optimizer steps; the schedule is laid out over the capped length
     max_steps: Optional[int] = None
     lr: float = 5e-5
@@ -285,7 +287,7 @@ def validate(cfg: Config, where=lambda k: k) -> None:
     m, t = cfg.model, cfg.train
     positive = [("model.d_model", m.d_model), ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
                 ("model.d_ff", m.d_ff), ("model.max_seq_len", m.max_seq_len), ("train.batch_size", t.batch_size),
-                ("train.epochs", t.epochs), ("train.lr", t.lr), ("train.grad_accum_steps", t.grad_accum_steps)]
+                ("train.epochs", 1 if t.epochs is None else t.epochs), ("train.lr", t.lr), ("train.grad_accum_steps", t.grad_accum_steps)]
     for key, v in positive:
         if v <= 0:
             raise UserError(f"{where(key)}: must be positive, got {v}")
@@ -305,6 +307,8 @@ def validate(cfg: Config, where=lambda k: k) -> None:
             raise UserError(f"{where(key)}: must not be negative, got {v}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise UserError(f"{where('train.max_steps')}: must be positive, got {t.max_steps}")
+    if t.epochs is None and t.max_steps is None:
+        raise UserError(f"{where('train.epochs')}: null (train for max_steps) needs train.max_steps")
     if t.batch_size % t.grad_accum_steps:
         raise UserError(f"{where('train.grad_accum_steps')}: {t.grad_accum_steps} does not divide batch_size={t.batch_size}")
     if t.focus_steps and not t.focus_categories:

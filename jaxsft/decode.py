@@ -72,7 +72,7 @@ def _prefill(params, prompts, prompt_lens, key, spec: Spec):
     S = P + spec.max_new_tokens
     cfg = spec.cfg
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
+    cache = [(jnp.zeros((B, cfg.kv_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
     positions = jnp.maximum(jnp.arange(P)[None, :] - (P - prompt_lens)[:, None], 0)  # (B, P)
     logits, cache = model.apply(spec.graphdef, params, prompts, positions=positions,
                                 mask=masks.prefill(prompt_lens, P, S), cache=cache, index=0, last_only=True)

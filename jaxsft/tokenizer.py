@@ -107,7 +107,7 @@ class HFTokenizer:
     tokenizes a chat template's output. `size` >= the tokenizer's ids: the model's
     vocabulary rows (a Llama config's vocab_size may pad the tokenizer's)."""
 
-    ROLES = ("bos", "pad", "system", "user", "assistant", "end")
+    ROLES = ("bos", "system", "user", "assistant", "end", "pad")
 
     def __init__(self, backend, markers: dict, size: int = 0):
         self.backend, self.markers = backend, dict(markers)

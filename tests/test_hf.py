@@ -1,0 +1,217 @@
+"""Llama-format interop (hf.py) against a real client, transformers:
+
+- export: a run trained on data/ rows, exported with bin/export and loaded by
+  AutoModelForCausalLM / AutoTokenizer, gives jaxsft's logits (f32, within 1e-4), the chat
+  template gives jaxsft's prompt ids, and model.generate(do_sample=False) gives bin/chat's
+  answers on 50 rows of data/test.jsonl;
+- import: a tiny Llama built by transformers (grouped-query attention, untied head,
+  rope_theta 500000, its own byte-level BPE tokenizer trained here on data/ text) gives
+  transformers' logits in jaxsft; bin/train fine-tunes it, resumes it bit for bit, bin/eval
+  scores it and bin/chat answers as transformers does after bin/export;
+- round trip: a native run exported and imported back has bitwise-identical parameters;
+- bad input: one-line errors naming the file and key, exit 2, nothing written.
+
+Nothing is downloaded: every model and tokenizer is built here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, run_script
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxsft import chatml, checkpoint, hf, model, setup  # noqa: E402
+from jaxsft.data import read_jsonl, row_texts  # noqa: E402
+from jaxsft.config import Config, DataConfig, ModelConfig, UserError  # noqa: E402
+from jaxsft.tokenizer import HFTokenizer, Tokenizer, load, stream_text  # noqa: E402
+
+DATA = os.path.join(REPO, "data")
+TOL = 1e-4
+
+
+def raw_rows(name, n):
+    """The first n JSON lines of data/<name>, as they are."""
+    with open(os.path.join(DATA, name), encoding="utf-8") as f:
+        return [f.readline() for _ in range(n)]
+
+
+def read_rows(name, n):
+    """The first n rows of data/<name> (jaxsft Rows: messages, question, expected)."""
+    return read_jsonl(os.path.join(DATA, name))[:n]
+
+
+def write_rows(path, name, n):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(raw_rows(name, n))
+    return str(path)
+
+
+def torch_logits(hf_model, ids):
+    with torch.no_grad():
+        return hf_model(torch.tensor(np.asarray(ids, np.int64)[None])).logits[0].numpy()
+
+
+_apply = jax.jit(lambda graphdef, params, tokens: model.apply(graphdef, params, tokens)[0][0], static_argnums=0)
+
+
+def jax_logits(graphdef, params, ids, length=128):
+    """Logits (T, V) of a causal model on ids, right-padded to `length` (which the model
+    cannot see) so that every prompt runs one compiled program."""
+    tokens = np.zeros((1, max(length, len(ids))), np.int32)
+    tokens[0, :len(ids)] = ids
+    return np.asarray(_apply(graphdef, params, jnp.asarray(tokens)))[:len(ids)]
+
+
+def load_export(path):
+    m, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+    return m.eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def template_ids(hf_tok, messages):
+    out = hf_tok.apply_chat_template(messages, add_generation_prompt=True)
+    return list(out["input_ids"] if not isinstance(out, list) else out)
+
+
+def hf_greedy(hf_model, hf_tok, prompt_ids, max_new_tokens):
+    """transformers' greedy answer to a prompt, decoded as a client would."""
+    out = hf_model.generate(torch.tensor(np.asarray(prompt_ids, np.int64)[None]), do_sample=False,
+                            max_new_tokens=max_new_tokens, attention_mask=torch.ones(1, len(prompt_ids)))
+    return hf_tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- a tiny Llama built by transformers
+
+
+def bpe_backend(vocab_size=400):
+    """A byte-level BPE tokenizer trained on data/ text, with the model's own <s> and </s>
+    (none of our ChatML markers). Small, so many Chinese characters stay split into bytes."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(row_texts(read_rows("train.jsonl", 3000)), trainer)
+    return backend
+
+
+def build_llama(path, tie=False, theta=500000.0, seed=0, **over):
+    """transformers' LlamaForCausalLM with random weights and the BPE tokenizer, saved to `path`
+    the way a downloaded model directory looks."""
+    backend = bpe_backend()
+    backend.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}, f)
+    kw = dict(vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+              rope_parameters={"rope_type": "default", "rope_theta": theta}, tie_word_embeddings=tie,
+              bos_token_id=0, eos_token_id=1, initializer_range=0.1)
+    kw.update(over)
+    torch.manual_seed(seed)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    m.save_pretrained(path)
+    return m.eval(), backend
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama"))
+    m, backend = build_llama(path)
+    return {"path": path, "model": m, "backend": backend}
+
+
+def base_cfg(src, **model_kw):
+    return Config(model=ModelConfig(init_from=src, max_seq_len=128, dropout=0.0, **model_kw), data=DataConfig())
+
+
+def imported(src):
+    """What a run with model.init_from: src starts from: (model config, tokenizer, params)."""
+    cfg = setup.with_base_architecture(base_cfg(src))
+    tok, base = setup._vocabulary(cfg, [], log=lambda *a, **k: None)
+    mc = cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": len(tok)})
+    graphdef, params = setup.init_params_from(mc, 0, base)
+    return mc, tok, graphdef, params, base
+
+
+def test_import_parity_gqa_untied_rope_theta_bpe(llama_dir):
+    """transformers' own tiny Llama (4 query / 2 key-value heads, untied head, rope_theta
+    500000, rms eps 1e-6, byte-level BPE) gives the same logits in jaxsft on 24 prompts."""
+    mc, tok, graphdef, params, (base_params, rows) = imported(llama_dir["path"])
+    assert (mc.n_heads, mc.kv_heads, mc.tie_embeddings, mc.rope_theta, mc.norm_eps) == (4, 2, False, 500000.0, 1e-6)
+    assert isinstance(tok, HFTokenizer) and rows == llama_dir["backend"].get_vocab_size()
+    # our four markers were absent: appended, the embedding and head grew, the old rows kept bitwise
+    assert len(tok) == rows + 4 and (tok.bos_id, tok.pad_id) == (0, tok.end_id)
+    assert [tok.system_id, tok.user_id, tok.assistant_id, tok.end_id] == list(range(rows, rows + 4))
+    sd = {k: v.numpy() for k, v in llama_dir["model"].state_dict().items()}
+    emb = np.asarray(params["embed"]["embedding"][...])
+    np.testing.assert_array_equal(emb[:rows], sd["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"][...])[:, :rows], sd["lm_head.weight"].T)
+    worst = 0.0
+    for r in read_rows("test.jsonl", 24):
+        ids = [tok.bos_id] + tok.encode(r.question + "\n" + r.expected)
+        assert tok.encode(r.question) == llama_dir["backend"].encode(r.question).ids
+        expected = torch_logits(llama_dir["model"], ids)
+        got = jax_logits(graphdef, params, ids)[:, :rows]
+        assert np.abs(expected).max() > 1.0  # large enough weights that a wrong convention shows
+        worst = max(worst, float(np.abs(got - expected).max()))
+    print(f"import parity: max |logit difference| {worst:.2e} over 24 prompts")
+    assert worst < TOL
+
+
+def test_import_parity_is_not_trivial(llama_dir):
+    """The comparison above sees the conventions: another rope_theta moves the logits far beyond TOL."""
+    mc, tok, graphdef, params, _ = imported(llama_dir["path"])
+    wrong = model.abstract(mc.__class__(**{**mc.__dict__, "rope_theta": 10000.0}))[0]
+    ids = [tok.bos_id] + tok.encode(read_rows("test.jsonl", 1)[0].question)
+    assert np.abs(jax_logits(wrong, params, ids)[:, :-4] - torch_logits(llama_dir["model"], ids)).max() > 100 * TOL
+
+
+def test_import_tied_bf16_sharded(tmp_path):
+    """A tied model stored as bf16 in two shards with an index reads as transformers reads it."""
+    m, backend = build_llama(str(tmp_path), tie=True, theta=10000.0, num_key_value_heads=4, seed=1)
+    os.remove(tmp_path / "model.safetensors")
+    m.to(torch.bfloat16).save_pretrained(str(tmp_path), max_shard_size="100KB")
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    mc, tok, graphdef, params, _ = imported(str(tmp_path))
+    assert mc.tie_embeddings and mc.kv_heads == 4 and "lm_head" not in params
+    ids = [tok.bos_id] + tok.encode("什么是过拟合？")
+    # the bf16 weights computed in f32, as transformers loads them (.to() would round rope's buffer too)
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    expected = torch_logits(m, ids)
+    assert np.abs(jax_logits(graphdef, params, ids)[:, :-4] - expected).max() < TOL
+
+
+def test_byte_level_streaming_never_splits_a_character(llama_dir):
+    tok = HFTokenizer.wrap(bpe_backend())
+    text = "K近邻是按最近邻居的多数类别做预测的方法。鳄梨🥑"
+    ids = tok.encode(text)
+    assert any(tok.decode(ids[:i]).endswith("\ufffd") for i in range(1, len(ids)))  # tokens do split characters
+    pieces = list(stream_text(tok, ids))
+    assert "".join(pieces) == text == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    # the character vocabulary streams one character per token
+    ctok = Tokenizer.build([text])
+    assert list(stream_text(ctok, ctok.encode(text))) == list(text)
+
+
+def test_hf_tokenizer_saves_and_loads_with_its_kind(tmp_path):
+    tok = HFTokenizer.wrap(bpe_backend(), bos="<s>", size=500)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    back = load(str(tmp_path / "tokenizer.json"))
+    assert isinstance(back, HFTokenizer) and len(back) == 500 and back.itos == tok.itos
+    assert (back.bos_id, back.end_id, back.user_id) == (tok.bos_id, tok.end_id, tok.user_id)
+    text = "请回答：用一句话解释K近邻。"
+    assert back.encode(text) == tok.encode(text) and back.decode(tok.encode(text)) == text
+    c = Tokenizer.build(["abc"])
+    c.save(str(tmp_path / "char.json"))
+    assert isinstance(load(str(tmp_path / "char.json")), Tokenizer)

@@ -82,11 +82,15 @@ def template_ids(hf_tok, messages):
     return list(out["input_ids"] if not isinstance(out, list) else out)
 
 
-def hf_greedy(hf_model, hf_tok, prompt_ids, max_new_tokens):
-    """transformers' greedy answer to a prompt, decoded as a client would."""
-    out = hf_model.generate(torch.tensor(np.asarray(prompt_ids, np.int64)[None]), do_sample=False,
-                            max_new_tokens=max_new_tokens, attention_mask=torch.ones(1, len(prompt_ids)))
-    return hf_tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+def hf_greedy(hf_model, hf_tok, conversations, max_new_tokens):
+    """transformers' greedy answers, as a client gets them: the chat template's ids, left-padded
+    into one batch, model.generate(do_sample=False), the new tokens decoded."""
+    prompts = [template_ids(hf_tok, [{"role": r, "content": c} for r, c in conv]) for conv in conversations]
+    P = max(map(len, prompts))
+    ids = torch.tensor([[hf_tok.pad_token_id] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    out = hf_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens)
+    return [hf_tok.decode(row[P:], skip_special_tokens=True) for row in out]
 
 
 # ---------------------------------------------------------------- a tiny Llama built by transformers
@@ -130,8 +134,8 @@ def llama_dir(tmp_path_factory):
     return {"path": path, "model": m, "backend": backend}
 
 
-def base_cfg(src, **model_kw):
-    return Config(model=ModelConfig(init_from=src, max_seq_len=128, dropout=0.0, **model_kw), data=DataConfig())
+def base_cfg(src, max_seq_len=128):
+    return Config(model=ModelConfig(init_from=src, max_seq_len=max_seq_len, dropout=0.0), data=DataConfig())
 
 
 def imported(src):
@@ -215,3 +219,154 @@ def test_hf_tokenizer_saves_and_loads_with_its_kind(tmp_path):
     c = Tokenizer.build(["abc"])
     c.save(str(tmp_path / "char.json"))
     assert isinstance(load(str(tmp_path / "char.json")), Tokenizer)
+
+
+# ---------------------------------------------------------------- export of a run trained on data/ rows
+
+RUN_YAML = """\
+model:
+  max_seq_len: 192
+  d_model: 64
+  n_heads: 4
+  n_layers: 2
+  d_ff: 128
+  dropout: 0.0
+{model_extra}data:
+  train: {train}
+  val: {val}
+  test: null
+train:
+  batch_size: 8
+  lr: 3.0e-3
+  warmup_steps: 5
+  max_steps: {steps}
+  eval_every: {eval_every}
+  save_every: {save_every}
+  seed: 0
+  sample_questions: 0
+  pack_len: 192
+  buckets: [64, 128, 192]
+out_dir: {out}
+"""
+
+
+def write_config(d, out, steps, model_extra="", n_train=400, eval_every=0, save_every=0):
+    train = write_rows(os.path.join(d, "train.jsonl"), "train.jsonl", n_train)
+    val = write_rows(os.path.join(d, "val.jsonl"), "val.jsonl", 16)
+    path = os.path.join(d, "run.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(RUN_YAML.format(train=json.dumps(train), val=json.dumps(val), out=json.dumps(str(out)), steps=steps,
+                                model_extra=model_extra, eval_every=eval_every, save_every=save_every))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A native run (character vocabulary, tied head) trained briefly on data/ rows with
+    bin/train, and its bin/export directory."""
+    d = tmp_path_factory.mktemp("native")
+    run, out = d / "run", d / "exported"
+    proc = run_script("train", "--config", write_config(str(d), run, steps=30), "--no-progress", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_script("export", "--checkpoint", run, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return {"run": str(run), "out": str(out), "dir": d}
+
+
+@pytest.mark.slow
+def test_export_files_config_and_tensor_names(exported):
+    from safetensors import safe_open
+    out = exported["out"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
+                                       "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    with open(os.path.join(out, "config.json")) as f:
+        written = json.load(f)
+    # every key we write is one the installed transformers' LlamaConfig has, with our value
+    known = transformers.LlamaConfig().to_dict()
+    assert set(written) <= set(known), set(written) - set(known)
+    cfg = transformers.AutoConfig.from_pretrained(out)
+    assert type(cfg).__name__ == "LlamaConfig" and cfg.rope_parameters["rope_theta"] == 10000.0
+    for k, v in written.items():
+        assert cfg.to_dict()[k] == v, k
+    params, mc, tok = checkpoint.restore(exported["run"])
+    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{n}.{w}.weight" for n in range(mc.n_layers) for w in (
+            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    with safe_open(os.path.join(out, "model.safetensors"), framework="np") as f:
+        assert f.metadata() == {"format": "pt"} and set(f.keys()) == expected  # tied: no lm_head.weight
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").shape == (mc.d_model, mc.d_model)
+        np.testing.assert_array_equal(f.get_tensor("model.layers.1.mlp.down_proj.weight"),
+                                      np.asarray(params["blocks"][1]["mlp"]["w2"]["kernel"][...]).T)
+    gen_cfg = transformers.GenerationConfig.from_pretrained(out)
+    assert gen_cfg.eos_token_id == tok.end_id == tok.itos.index("<|endoftext|>")
+    # a second export into the same directory is refused, and writes nothing
+    proc = run_script("export", "--checkpoint", exported["run"], "--out", out)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {out}: already exists and is not an empty directory"]
+
+
+@pytest.mark.slow
+def test_export_logits_and_chat_template_parity(exported):
+    """transformers' logits on 24 prompts with their answers equal jaxsft's (f32, < 1e-4), and
+    apply_chat_template(messages, add_generation_prompt=True) gives jaxsft's prompt ids for 50
+    test rows and for multi-turn, system-prompt and no-system-prompt conversations."""
+    from jaxsft.decode import Generator
+    hf_model, hf_tok = load_export(exported["out"])
+    gen = Generator.from_run(exported["run"])
+    system = gen.system_prompt
+    worst = 0.0
+    rows = read_rows("test.jsonl", 50)
+    for r in rows[:24]:
+        ids, _ = chatml.render(list(r.prompt_messages) + [("assistant", r.expected)], gen.tok, system)
+        worst = max(worst, float(np.abs(jax_logits(gen.graphdef, gen.params, ids, 192) - torch_logits(hf_model, ids)).max()))
+    print(f"export parity: max |logit difference| {worst:.2e} over 24 prompts")
+    assert worst < TOL
+    convs = [r.prompt_messages for r in rows] + [
+        (("system", "你是数学老师。"), ("user", "1+1等于几？")),
+        (("system", ""), ("user", "你好")),
+        (("user", "你好"), ("assistant", "你好！"), ("user", "什么是过拟合？")),
+    ]
+    for conv in convs:
+        ids, truncated = gen.prompt_ids(conv)
+        assert not truncated
+        assert template_ids(hf_tok, [{"role": r, "content": c} for r, c in conv]) == list(ids), conv
+
+
+@pytest.mark.slow
+def test_export_generate_gives_bin_chat_answers(exported):
+    """model.generate(do_sample=False) on the chat template's ids answers 50 rows of
+    data/test.jsonl exactly as bin/chat --file does."""
+    d = exported["dir"]
+    rows_path = write_rows(os.path.join(d, "test50.jsonl"), "test.jsonl", 50)
+    proc = run_script("chat", "--checkpoint", exported["run"], "--file", rows_path, "--out", d / "answers.jsonl",
+                      "--max-new-tokens", 48)
+    assert proc.returncode == 0, proc.stderr
+    with open(d / "answers.jsonl", encoding="utf-8") as f:
+        ours = [json.loads(line)["answer"] for line in f]
+    hf_model, hf_tok = load_export(exported["out"])
+    theirs = hf_greedy(hf_model, hf_tok, [r.prompt_messages for r in read_rows("test.jsonl", 50)], 48)
+    assert len(ours) == 50 and sum(len(a) >= 5 for a in ours) >= 25  # answers, not empty strings
+    assert theirs == ours
+
+
+@pytest.mark.slow
+def test_round_trip_is_bitwise(exported):
+    """An exported native run imported back: the same parameters bit for bit, and a
+    tokenizer that encodes as the character vocabulary did."""
+    params, mc, tok = checkpoint.restore(exported["run"])
+    back_cfg = setup.with_base_architecture(base_cfg(exported["out"], max_seq_len=mc.max_seq_len))
+    back_tok = setup.tokenizer_for(back_cfg, [])
+    assert len(back_tok) == len(tok) and back_tok.itos == tok.itos
+    for attr in ("bos_id", "pad_id", "system_id", "user_id", "assistant_id", "end_id"):
+        assert getattr(back_tok, attr) == getattr(tok, attr), attr
+    text = read_rows("test.jsonl", 1)[0].question + "\n"
+    assert back_tok.encode(text) == tok.encode(text)
+    fields = {k: getattr(back_cfg.model, k) for k in setup.ARCHITECTURE}
+    assert fields == {k: getattr(mc, k) for k in setup.ARCHITECTURE}
+    back = hf.read_params(exported["out"], mc)
+    a, b = jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(back)
+    assert [p for p, _ in a] == [p for p, _ in b]
+    for (path, x), (_, y) in zip(a, b):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype == np.float32 and x.tobytes() == y.tobytes(), path

@@ -370,3 +370,181 @@ def test_round_trip_is_bitwise(exported):
     for (path, x), (_, y) in zip(a, b):
         x, y = np.asarray(x), np.asarray(y)
         assert x.dtype == y.dtype == np.float32 and x.tobytes() == y.tobytes(), path
+
+
+# ---------------------------------------------------------------- bad Llama-format input
+
+
+def _broken(src, dst, edit_config=None, drop=None, reshape=None, remove=None):
+    """A copy of the Llama directory `src` with one thing wrong."""
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    shutil.copytree(src, dst)
+    if edit_config:
+        with open(os.path.join(dst, "config.json")) as f:
+            c = json.load(f)
+        edit_config(c)
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(c, f)
+    if drop or reshape:
+        path = os.path.join(dst, "model.safetensors")
+        t = load_file(path)
+        t.pop(drop, None)
+        if reshape:
+            t[reshape[0]] = np.zeros(reshape[1], np.float32)
+        save_file(t, path, metadata={"format": "pt"})
+    if remove:
+        os.remove(os.path.join(dst, remove))
+    return str(dst)
+
+
+BAD = {
+    "no-config": (dict(remove="config.json"),
+                  "model.init_from: {d}/config.json: not found (expected a jaxsft run or a Llama-format directory: "
+                  "config.json, model.safetensors, tokenizer.json)"),
+    "missing-tensor": (dict(drop="model.layers.1.mlp.up_proj.weight"),
+                       "{d}/model.safetensors: missing tensor model.layers.1.mlp.up_proj.weight"),
+    "wrong-shape": (dict(reshape=("model.layers.0.self_attn.k_proj.weight", (64, 64))),
+                    "{d}/model.safetensors: model.layers.0.self_attn.k_proj.weight has shape [64, 64], "
+                    "config.json needs [32, 64]"),
+    "model-type": (dict(edit_config=lambda c: c.update(model_type="gpt2")),
+                   "{d}/config.json: model_type 'gpt2' is not supported (only 'llama')"),
+    "rope-scaling": (dict(edit_config=lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                          "rope_theta": 10000.0})),
+                     '{d}/config.json: rope_parameters.rope_type="linear" is not supported (rope scaling; only '
+                     "'default')"),
+    "rope-scaling-legacy": (dict(edit_config=lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0})),
+                            '{d}/config.json: rope_scaling={"type": "dynamic", "factor": 2.0} is not supported '
+                            "(rope scaling)"),
+    "attention-bias": (dict(edit_config=lambda c: c.update(attention_bias=True)),
+                       "{d}/config.json: attention_bias=true is not supported (attention biases)"),
+    "no-tokenizer": (dict(remove="tokenizer.json"),
+                     "{d}/tokenizer.json: not found (jaxsft reads a Llama-format model's tokenizer from "
+                     "tokenizer.json)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_llama_directory_is_one_line_exit_2_nothing_written(case, llama_dir, tmp_path, capsys, monkeypatch):
+    import importlib
+    change, message = BAD[case]
+    d = _broken(llama_dir["path"], tmp_path / "bad", **change)
+    out = tmp_path / "run"
+    cfg = write_config(str(tmp_path), out, steps=2, model_extra=f"  init_from: {json.dumps(d)}\n", n_train=16)
+    monkeypatch.setattr(sys, "argv", ["train", "--config", cfg, "--no-progress"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module("jaxsft.cli.train").main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.strip().splitlines()[-1] == "error: " + message.replace("{d}", d)
+    assert not [line for line in err.splitlines() if line.startswith(("error", "Traceback"))][:-1]
+    assert not os.path.exists(out)
+
+
+# ---------------------------------------------------------------- SFT of an imported Llama
+
+
+DRIVER = r'''
+import os, runpy, signal, sys
+repo, at = sys.argv[1], int(sys.argv[2])
+sys.path.insert(0, repo)
+from jaxsft import batching
+plan_batch = batching.RunPlan.batch
+def hooked(self, step):  # Ctrl-C while step `at` runs
+    if step == at:
+        os.kill(os.getpid(), signal.SIGINT)
+    return plan_batch(self, step)
+if at:
+    batching.RunPlan.batch = hooked
+sys.argv = [os.path.join(repo, "bin", "train")] + sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def train(d, config, *args, interrupt_at=0):
+    import subprocess
+    driver = os.path.join(d, "driver.py")
+    with open(driver, "w") as f:
+        f.write(DRIVER)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8", PYTHONPATH=REPO,
+               JAX_COMPILATION_CACHE_DIR=os.path.join(d, "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return subprocess.run([sys.executable, driver, REPO, str(interrupt_at), "--config", config, "--no-progress", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def load_tree(d, step) -> dict:
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as c:
+        tree = c.restore(os.path.join(d, str(step), "default"))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+SFT_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def sft(llama_dir, tmp_path_factory):
+    """bin/train fine-tuning the transformers-built tiny Llama on data/ rows."""
+    d = tmp_path_factory.mktemp("sft")
+    run = d / "run"
+    config = write_config(str(d), run, steps=SFT_STEPS, model_extra=f"  init_from: {json.dumps(llama_dir['path'])}\n",
+                          n_train=200, eval_every=4, save_every=2)
+    proc = train(str(d), config)
+    assert proc.returncode == 0, proc.stderr
+    return {"dir": d, "run": str(run), "config": config, "proc": proc}
+
+
+@pytest.mark.slow
+def test_sft_of_an_imported_llama_keeps_its_architecture_and_tokenizer(sft, llama_dir):
+    assert "Llama-format model" in sft["proc"].stderr and "+ 4 for ChatML markers" in sft["proc"].stderr
+    params, mc, tok = checkpoint.restore(sft["run"])
+    assert (mc.kv_heads, mc.tie_embeddings, mc.rope_theta, mc.d_ff) == (2, False, 500000.0, 96)
+    assert isinstance(tok, HFTokenizer) and len(tok) == llama_dir["backend"].get_vocab_size() + 4
+    assert params["lm_head"]["kernel"][...].shape == (64, len(tok))
+    with open(os.path.join(sft["run"], "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    assert len(losses) == SFT_STEPS and losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_sft_of_an_imported_llama_resumes_bitwise(sft):
+    """Ctrl-C at step 5, then --resume: the same final training state as the uninterrupted run."""
+    d = sft["dir"]
+    other = ["--set", f"out_dir={d / 'interrupted'}"]
+    proc = train(str(d), sft["config"], *other, interrupt_at=5)
+    assert proc.returncode == 130, proc.stderr
+    proc = train(str(d), sft["config"], *other, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed run at step" in proc.stdout
+    a, b = load_tree(os.path.join(sft["run"], "latest"), SFT_STEPS), load_tree(str(d / "interrupted" / "latest"), SFT_STEPS)
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+@pytest.mark.slow
+def test_sft_of_an_imported_llama_chat_eval_inspect_export(sft):
+    """bin/chat (batch and streamed), bin/eval and bin/inspect work on the fine-tuned import, and
+    after bin/export transformers gives bin/chat's greedy answers."""
+    d = sft["dir"]
+    rows = write_rows(os.path.join(d, "test20.jsonl"), "test.jsonl", 20)
+    proc = run_script("chat", "--checkpoint", sft["run"], "--file", rows, "--out", d / "answers.jsonl",
+                      "--max-new-tokens", 24)
+    assert proc.returncode == 0, proc.stderr
+    with open(d / "answers.jsonl", encoding="utf-8") as f:
+        ours = [json.loads(line)["answer"] for line in f]
+    question = read_rows("test.jsonl", 1)[0].question
+    proc = run_script("chat", "--checkpoint", sft["run"], question, "--max-new-tokens", 24)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ours[0] + "\n" and "\ufffd" not in proc.stdout  # streamed in whole characters
+    proc = run_script("eval", "--checkpoint", sft["run"], "--data", rows, "--max-new-tokens", 24)
+    assert proc.returncode == 0 and "20 rows" in proc.stdout, proc.stderr
+    proc = run_script("inspect", "--config", sft["config"], "--checkpoint", sft["run"])
+    assert proc.returncode == 0 and "<|assistant|>" in proc.stdout, proc.stderr
+    proc = run_script("export", "--checkpoint", sft["run"], "--out", d / "exported")
+    assert proc.returncode == 0, proc.stderr
+    hf_model, hf_tok = load_export(str(d / "exported"))
+    assert hf_model.config.num_key_value_heads == 2 and not hf_model.config.tie_word_embeddings
+    assert hf_tok.convert_ids_to_tokens(hf_tok.bos_token_id) == "<s>"
+    convs = [r.prompt_messages for r in read_rows("test.jsonl", 20)]
+    assert hf_greedy(hf_model, hf_tok, convs, 24) == ours

@@ -226,7 +226,7 @@ def check_run_dir(setup: Setup, resume: bool, log) -> None:
     # (compared as ModelConfigs: a run written before a key existed has that key's default)
     if checkpoint.model_config_from_dict(old_cfg["model"]) != setup.model_cfg or old_tok.itos != setup.tok.itos:
         raise UserError(f"{run_dir}: was trained with another model config or vocabulary; cannot resume")
-    new = checkpoint.to_dict(cfg.train)
+    new = {k: list(v) if isinstance(v, tuple) else v for k, v in checkpoint.to_dict(cfg.train).items()}  # as JSON has them
     for k in TRAJECTORY_KEYS:
         old = old_cfg.get("train", {}).get(k)
         if k in old_cfg.get("train", {}) and old != new[k]:

@@ -210,7 +210,7 @@ def _read_json(path: str, required: bool = True):
 
 # config.json keys whose other values ask for computations jaxsft does not do: (key, fine values, what)
 UNSUPPORTED = [("attention_bias", (None, False), "attention biases"), ("mlp_bias", (None, False), "MLP biases"),
-               ("rope_scaling", (None,), "rope scaling"), ("sliding_window", (None,), "sliding-window attention"),
+               ("sliding_window", (None,), "sliding-window attention"),
                ("use_sliding_window", (None, False), "sliding-window attention"),
                ("hidden_act", (None, "silu"), "jaxsft's MLP is SwiGLU with silu")]
 
@@ -222,13 +222,12 @@ def model_fields(src: str) -> dict:
     path = os.path.join(src, "config.json")
     c = _read_json(path)
 
-    def get(key, kind, default=None):
-        v = c.get(key, default)
-        if v is None and default is None:
-            raise UserError(f"{path}: {key} is missing")
+    def get(key, kind, default):
+        v = default if c.get(key) is None else c[key]
         ok = isinstance(v, bool) if kind is bool else isinstance(v, kind) and not isinstance(v, bool)
         if not ok:
-            raise UserError(f"{path}: {key} is {v!r}, expected {'true or false' if kind is bool else 'a number'}")
+            want = {bool: "true or false", int: "an integer"}.get(kind, "a number")
+            raise UserError(f"{path}: {key} is {json.dumps(v)}, expected {want}")
         return v
 
     if c.get("model_type") != "llama":
@@ -236,32 +235,34 @@ def model_fields(src: str) -> dict:
     for key, fine, what in UNSUPPORTED:
         if c.get(key) not in fine:
             raise UserError(f"{path}: {key}={json.dumps(c[key])} is not supported ({what})")
-    rope = c.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        raise UserError(f"{path}: rope_parameters is {rope!r}, expected an object")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"{path}: rope_parameters.rope_type={json.dumps(rope.get('rope_type', rope.get('type')))} "
-                        f"is not supported (rope scaling; only 'default')")
-    extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
-    if extra:
-        raise UserError(f"{path}: rope_parameters.{extra[0]} is not supported (only rope_type and rope_theta)")
-    theta = rope["rope_theta"] if "rope_theta" in rope else get("rope_theta", (int, float), 10000.0)
-    d, h = get("hidden_size", int, 4096), get("num_attention_heads", int, 32)
-    kv = c.get("num_key_value_heads") or h
-    hd = c.get("head_dim") or d // h
-    rows = get("vocab_size", int, 32000)
-    fields = dict(vocab_size=rows, d_model=d, n_heads=h, n_layers=get("num_hidden_layers", int, 32),
-                  d_ff=get("intermediate_size", int, 11008), n_kv_heads=0 if kv == h else kv,
+    theta = get("rope_theta", (int, float), 10000.0)  # transformers 4's key; 5 writes rope_parameters
+    for key in ("rope_scaling", "rope_parameters"):  # 4's scaling, 5's rotary settings
+        rope = c.get(key) or {}
+        if not isinstance(rope, dict):
+            raise UserError(f"{path}: {key}={json.dumps(rope)} is not supported (expected an object)")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise UserError(f"{path}: {key}={json.dumps(rope)} is not supported (rope scaling)" if key == "rope_scaling"
+                            else f"{path}: {key}.rope_type={json.dumps(kind)} is not supported (rope scaling; only "
+                                 f"'default')")
+        extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
+        if extra:
+            raise UserError(f"{path}: {key}.{extra[0]} is not supported (only rope_type and rope_theta)")
+        theta = rope.get("rope_theta", theta)
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise UserError(f"{path}: rope_theta is {theta!r}, expected a positive number")
+    rows, d, h = get("vocab_size", int, 32000), get("hidden_size", int, 4096), get("num_attention_heads", int, 32)
+    layers, ff = get("num_hidden_layers", int, 32), get("intermediate_size", int, 11008)
+    if min(rows, d, h, layers, ff) <= 0:
+        raise UserError(f"{path}: vocab_size, hidden_size, num_attention_heads, num_hidden_layers and "
+                        f"intermediate_size must be positive")
+    kv, hd = get("num_key_value_heads", int, h), get("head_dim", int, d // h)
+    fields = dict(vocab_size=rows, d_model=d, n_heads=h, n_layers=layers, d_ff=ff, n_kv_heads=0 if kv == h else kv,
                   head_size=0 if hd * h == d else hd, rope_theta=float(theta),
                   norm_eps=float(get("rms_norm_eps", (int, float), 1e-6)),
                   tie_embeddings=get("tie_word_embeddings", bool, False))
-    if not all(isinstance(fields[k], int) and fields[k] >= 0 for k in ("n_kv_heads", "head_size")):
-        raise UserError(f"{path}: num_key_value_heads and head_dim must be integers")
-    if min(rows, d, h, fields["n_layers"], fields["d_ff"]) <= 0:
-        raise UserError(f"{path}: vocab_size, hidden_size, num_attention_heads, num_hidden_layers and "
-                        f"intermediate_size must be positive")
-    if h % kv or hd % 2:
-        key = "num_key_value_heads" if h % kv else "head_dim"
+    if kv <= 0 or h % kv or hd <= 0 or hd % 2:
+        key = "num_key_value_heads" if kv <= 0 or h % kv else "head_dim"
         raise UserError(f"{path}: {key}={c.get(key)} is not supported (key/value heads must divide "
                         f"num_attention_heads; the head size must be even)")
     return fields

@@ -61,8 +61,8 @@ def main():
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.dir, "config.json")):
         build(args.dir)
-    cmd = [sys.executable, os.path.join(REPO, "bin", "train"), "--config", os.path.join(REPO, "configs", "default.yaml"),
-           "--no-progress", "--set", f"model.init_from={args.dir}", "--set", f"train.max_steps={args.steps}",
+    cmd = [sys.executable, os.path.join(REPO, "bin", "train"), "--no-progress",
+           "--config", os.path.join(REPO, "configs", "default.yaml"), "--set", f"model.init_from={args.dir}", "--set", f"train.max_steps={args.steps}",
            "--set", f"train.batch_size={args.batch_size}", "--set", "data.test=null", "--set", "train.eval_exact=0",
            "--set", "train.focus_steps=0", "--set", "train.focus_categories=[]", "--set", "train.warmup_steps=5",
            "--set", "train.lr=1e-4", "--set", f"out_dir={args.out}"]

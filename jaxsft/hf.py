@@ -30,7 +30,6 @@ K^-0.5; key/value head g serves query heads g*H/G .. (g+1)*H/G - 1 (repeat_kv).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil

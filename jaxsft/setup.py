@@ -97,7 +97,8 @@ def tokenizer_for(cfg: Config, texts: list[str]) -> AnyTokenizer:
     base = model_config_from_dict(base_cfg["model"])
     for f in ARCHITECTURE:
         if getattr(base, f) != getattr(cfg.model, f):
-            raise UserError(f"model.init_from: {src} has {f}={getattr(base, f)}, this config has {getattr(cfg.model, f)}")
+            raise UserError(f"model.init_from: {src} has {f}={getattr(base, f)}, "
+                            f"this config has {getattr(cfg.model, f)}")
     return base_tok.extend(list(texts) + [cfg.data.system_prompt])
 
 
@@ -206,7 +207,8 @@ def _vocabulary(cfg: Config, texts: list[str], log=print):
         rows = hf.model_fields(src)["vocab_size"]
         m = cfg.model
         _warn(log, f"model.init_from: Llama-format model {src}: d_model {m.d_model}, {m.n_layers} layers, "
-                   f"{m.n_heads} heads ({m.kv_heads} key/value), d_ff {m.d_ff}, {'tied' if m.tie_embeddings else 'untied'} head, "
+                   f"{m.n_heads} heads ({m.kv_heads} key/value), d_ff {m.d_ff}, "
+                   f"{'tied' if m.tie_embeddings else 'untied'} head, "
                    f"vocabulary {rows} rows" + (f" + {len(tok) - rows} for ChatML markers" if len(tok) > rows else ""))
         return tok, (hf.read_params(src, dataclasses.replace(m, vocab_size=rows)), rows)
     base_params, _, base_tok = checkpoint.restore(src)

@@ -167,7 +167,8 @@ class HFTokenizer:
         return self.backend.decode([i for i in ids if 0 <= i < self.n_ids], skip_special_tokens=skip_special)
 
     def to_dict(self) -> dict:
-        return {"type": "hf", "markers": self.markers, "size": self.size, "tokenizer": json.loads(self.backend.to_str())}
+        return {"type": "hf", "markers": self.markers, "size": self.size,
+                "tokenizer": json.loads(self.backend.to_str())}
 
     def save(self, path: str) -> None:
         with atomic(path) as f:

@@ -15,6 +15,7 @@ Nothing is downloaded: every model and tokenizer is built here.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ transformers = pytest.importorskip("transformers")
 
 from jaxsft import chatml, checkpoint, hf, model, setup  # noqa: E402
 from jaxsft.data import read_jsonl, row_texts  # noqa: E402
-from jaxsft.config import Config, DataConfig, ModelConfig, UserError  # noqa: E402
+from jaxsft.config import Config, DataConfig, ModelConfig  # noqa: E402
 from jaxsft.tokenizer import HFTokenizer, Tokenizer, load, stream_text  # noqa: E402
 
 DATA = os.path.join(REPO, "data")
@@ -142,7 +143,7 @@ def imported(src):
     """What a run with model.init_from: src starts from: (model config, tokenizer, params)."""
     cfg = setup.with_base_architecture(base_cfg(src))
     tok, base = setup._vocabulary(cfg, [], log=lambda *a, **k: None)
-    mc = cfg.model.__class__(**{**cfg.model.__dict__, "vocab_size": len(tok)})
+    mc = dataclasses.replace(cfg.model, vocab_size=len(tok))
     graphdef, params = setup.init_params_from(mc, 0, base)
     return mc, tok, graphdef, params, base
 
@@ -175,7 +176,7 @@ def test_import_parity_gqa_untied_rope_theta_bpe(llama_dir):
 def test_import_parity_is_not_trivial(llama_dir):
     """The comparison above sees the conventions: another rope_theta moves the logits far beyond TOL."""
     mc, tok, graphdef, params, _ = imported(llama_dir["path"])
-    wrong = model.abstract(mc.__class__(**{**mc.__dict__, "rope_theta": 10000.0}))[0]
+    wrong = model.abstract(dataclasses.replace(mc, rope_theta=10000.0))[0]
     ids = [tok.bos_id] + tok.encode(read_rows("test.jsonl", 1)[0].question)
     assert np.abs(jax_logits(wrong, params, ids)[:, :-4] - torch_logits(llama_dir["model"], ids)).max() > 100 * TOL
 
@@ -319,7 +320,8 @@ def test_export_logits_and_chat_template_parity(exported):
     rows = read_rows("test.jsonl", 50)
     for r in rows[:24]:
         ids, _ = chatml.render(list(r.prompt_messages) + [("assistant", r.expected)], gen.tok, system)
-        worst = max(worst, float(np.abs(jax_logits(gen.graphdef, gen.params, ids, 192) - torch_logits(hf_model, ids)).max()))
+        diff = jax_logits(gen.graphdef, gen.params, ids, 192) - torch_logits(hf_model, ids)
+        worst = max(worst, float(np.abs(diff).max()))
     print(f"export parity: max |logit difference| {worst:.2e} over 24 prompts")
     assert worst < TOL
     convs = [r.prompt_messages for r in rows] + [
@@ -520,7 +522,8 @@ def test_sft_of_an_imported_llama_resumes_bitwise(sft):
     import re
     resumed = re.search(r"interrupted at step (\d+)", proc.stdout)
     assert resumed and 0 < int(resumed.group(1)) < SFT_STEPS and "will not match" not in proc.stderr
-    a, b = load_tree(os.path.join(sft["run"], "latest"), SFT_STEPS), load_tree(str(d / "interrupted" / "latest"), SFT_STEPS)
+    a = load_tree(os.path.join(sft["run"], "latest"), SFT_STEPS)
+    b = load_tree(str(d / "interrupted" / "latest"), SFT_STEPS)
     assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 

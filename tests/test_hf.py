@@ -554,3 +554,16 @@ def test_sft_of_an_imported_llama_chat_eval_inspect_export(sft):
     assert hf_tok.convert_ids_to_tokens(hf_tok.bos_token_id) == "<s>"
     convs = [r.prompt_messages for r in read_rows("test.jsonl", 20)]
     assert hf_greedy(hf_model, hf_tok, convs, 24) == ours
+
+
+def test_llama_options_are_validated_config_keys():
+    from jaxsft.config import UserError, load_config
+    cfg = load_config(None, ["model.n_kv_heads=2", "model.head_size=32", "model.tie_embeddings=false"])
+    assert (cfg.model.kv_heads, cfg.model.head_dim, cfg.model.tie_embeddings) == (2, 32, False)
+    assert load_config(None).model.kv_heads == 6 and load_config(None).model.head_dim == 64
+    for sets, message in [(["model.n_kv_heads=4"], "--set model.n_kv_heads: n_kv_heads=4 does not divide n_heads=6"),
+                          (["model.head_size=33"], "--set model.head_size: head_size=33 must be even"),
+                          (["model.rope_theta=0"], "--set model.rope_theta: must be positive, got 0.0")]:
+        with pytest.raises(UserError) as e:
+            load_config(None, sets)
+        assert str(e.value).startswith(message), str(e.value)

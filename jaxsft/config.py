@@ -4,6 +4,7 @@
 A config file has four parts (see configs/default.yaml):
 
     model:   d_model, n_heads, n_layers, d_ff, max_seq_len, dropout, init_from
+             (and n_kv_heads, head_size, rope_theta, norm_eps, tie_embeddings: Llama's options)
     data:    train, val, test, system_prompt, corpus
     train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
     out_dir: where the run writes checkpoints, metrics.jsonl and curves.png
@@ -37,12 +38,27 @@ class ModelConfig:
     # SwiGLU hidden width
     d_ff: int = 1536
     dropout: float = 0.1
-    # start from a pretrained run directory (its best parameters and tokenizer)
+    # start from a pretrained model: a jaxsft run directory (its best parameters and tokenizer) or a
+    # Llama-format directory (config.json, model.safetensors, tokenizer.json), whose config.json then
+    # sets every architecture key below
     init_from: Optional[str] = None
+    # key/value heads (grouped-query attention; 0: n_heads, plain multi-head attention)
+    n_kv_heads: int = 0
+    # size of one attention head (0: d_model / n_heads)
+    head_size: int = 0
+    # rotary embedding base, RMSNorm epsilon
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # the output head is the token embedding (true), or a matrix of its own
+    tie_embeddings: bool = True
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
 
 @dataclass(frozen=True)
@@ -291,10 +307,20 @@ def validate(cfg: Config, where=lambda k: k) -> None:
     for key, v in positive:
         if v <= 0:
             raise UserError(f"{where(key)}: must be positive, got {v}")
-    if m.d_model % m.n_heads:
+    if m.head_size < 0 or m.n_kv_heads < 0:
+        key = "model.head_size" if m.head_size < 0 else "model.n_kv_heads"
+        raise UserError(f"{where(key)}: must not be negative, got {min(m.head_size, m.n_kv_heads)}")
+    if not m.head_size and m.d_model % m.n_heads:
         raise UserError(f"{where('model.n_heads')}: n_heads={m.n_heads} does not divide d_model={m.d_model}")
     if m.head_dim % 2:
-        raise UserError(f"{where('model.n_heads')}: head size d_model/n_heads={m.head_dim} must be even for rotary embedding")
+        what = "head_size" if m.head_size else "head size d_model/n_heads"
+        raise UserError(f"{where('model.head_size' if m.head_size else 'model.n_heads')}: {what}={m.head_dim} "
+                        f"must be even for rotary embedding")
+    if m.n_heads % m.kv_heads:
+        raise UserError(f"{where('model.n_kv_heads')}: n_kv_heads={m.kv_heads} does not divide n_heads={m.n_heads}")
+    for key, v in [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps)]:
+        if v <= 0:
+            raise UserError(f"{where(key)}: must be positive, got {v}")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"{where('model.dropout')}: must be in [0, 1), got {m.dropout}")
     for key, v in [("train.weight_decay", t.weight_decay), ("train.warmup_steps", t.warmup_steps),

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import chatml, masks, model
 from .config import ModelConfig
-from .tokenizer import Tokenizer
+from .tokenizer import AnyTokenizer
 
 PROMPT_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 512, 1024)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -72,7 +72,7 @@ def _prefill(params, prompts, prompt_lens, key, spec: Spec):
     S = P + spec.max_new_tokens
     cfg = spec.cfg
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
+    cache = [(jnp.zeros((B, cfg.kv_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
     positions = jnp.maximum(jnp.arange(P)[None, :] - (P - prompt_lens)[:, None], 0)  # (B, P)
     logits, cache = model.apply(spec.graphdef, params, prompts, positions=positions,
                                 mask=masks.prefill(prompt_lens, P, S), cache=cache, index=0, last_only=True)
@@ -152,7 +152,7 @@ class Generator:
     ['机器学习是让模型从数据中学习规律并做预测。']
     """
 
-    def __init__(self, params, cfg: ModelConfig, tok: Tokenizer, system_prompt: Optional[str] = None,
+    def __init__(self, params, cfg: ModelConfig, tok: AnyTokenizer, system_prompt: Optional[str] = None,
                  max_new_tokens: int = 100, batch_size: int = 64):
         from .config import DEFAULT_SYSTEM_PROMPT
         self.params, self.cfg, self.tok = params, cfg, tok

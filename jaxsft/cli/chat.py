@@ -41,12 +41,11 @@ def utf8_stdio():
 
 
 def stream_answer(gen, ids, sampling, seed):
-    """Prints the answer to prompt `ids` as it is decoded; returns it. A token is one
-    whole character (char-level vocabulary), so printing token by token never
-    splits a UTF-8 sequence."""
+    """Prints the answer to prompt `ids` as it is decoded; returns it. Text goes out in
+    whole characters (a byte-level token may hold part of one: tokenizer.stream_text)."""
+    from ..tokenizer import stream_text
     chars = []
-    for t in gen.stream_ids(ids, sampling, seed):
-        c = gen.tok.decode([t])
+    for c in stream_text(gen.tok, gen.stream_ids(ids, sampling, seed)):
         chars.append(c)
         sys.stdout.write(c)
         sys.stdout.flush()

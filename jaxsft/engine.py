@@ -41,8 +41,8 @@ import numpy as np
 from . import masks, model
 from .config import ModelConfig
 
-PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-PREFILL_ROWS = (1, 4, 16)  # prompts per prefill call
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
+PREFILL_ROWS = (1, 8)  # prompts per prefill call
 
 
 def _bucket(n: int, sizes: Sequence[int]) -> int:
@@ -294,9 +294,13 @@ class Engine:
 
     def _allocate(self):
         cfg = self.cfg
-        dtype = jax.tree.leaves(self.params)[0].dtype
+        leaf = jax.tree.leaves(self.params)[0]
         shape = (self.slots, cfg.n_heads, self.S, cfg.head_dim)
-        self.cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
+        # placed (committed) on the parameters' device, as the programs' outputs are: an uncommitted
+        # cache would make the first call compile a program that no later call can use
+        device = next(iter(leaf.devices()))
+        self.cache = [tuple(jax.device_put(jnp.zeros(shape, leaf.dtype), device) for _ in "kv")
+                      for _ in range(cfg.n_layers)]
 
     def admit(self) -> int:
         """Prefills waiting requests into free slots: prompts of one length bucket together,

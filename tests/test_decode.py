@@ -132,7 +132,7 @@ def test_generator_matches_naive_and_buckets_compile(models, cfg, tok):
     size = engine.compiled_programs()
     gen.generate_ids(_prompts(cfg.vocab_size, (4, 9), seed=2))
     assert engine.compiled_programs() == size
-    # a longer prompt goes to the next bucket (48): exactly one new prefill program
+    # a longer prompt goes to the next bucket (64): exactly one new prefill program
     gen.generate_ids(_prompts(cfg.vocab_size, (40, 3), seed=3))
     assert engine.compiled_programs() == size + 1
 

@@ -103,15 +103,21 @@ def test_text_stream_releases_whole_characters_and_never_a_stop_string():
 
 # -- a live bin/serve on the tiny trained model
 
-def free_server(run_dir, log_path, *args, deadline=300):
+# bin/serve with every engine step 30 ms slower, so that answers are still running when a test acts
+SLOW_SERVE = ("import time; from jaxsft import engine; step = engine.Engine.step; "
+              "engine.Engine.step = lambda self: time.sleep(0.03) or step(self); "
+              "from jaxsft.cli.serve import main; main()")
+
+
+def free_server(run_dir, log_path, *args, deadline=300, slow=False):
     """Starts bin/serve on a free port (--port 0), its output to `log_path`; returns
     (process, base url) once /health answers 200."""
-    env = dict(os.environ, JAXSFT_TEST="1", PYTHONPATH=REPO, PYTHONIOENCODING="utf-8")
+    env = dict(os.environ, PYTHONPATH=REPO, PYTHONIOENCODING="utf-8")
     env.setdefault("JAX_PLATFORMS", "cpu")
     log = open(log_path, "w", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bin", "serve"), "--checkpoint", run_dir,
-                             "--port", "0", *map(str, args)], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    cmd = ["-c", SLOW_SERVE] if slow else [os.path.join(REPO, "bin", "serve")]
+    proc = subprocess.Popen([sys.executable, *cmd, "--checkpoint", run_dir, "--port", "0", *map(str, args)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     end, url = time.time() + deadline, None
     while time.time() < end:
@@ -265,11 +271,17 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
         browser.get(server["url"] + "/")
         wait = WebDriverWait(browser, 60)
         box = browser.find_element(By.ID, "input")
-        for turn, (q, a) in enumerate(QA[:2]):
+        history = []
+        for turn, (q, _) in enumerate(QA[:2]):
             box.send_keys(q, Keys.ENTER)
             wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant:not(.pending)")) > turn)
             answers = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".assistant")]
-            assert answers[turn] == a
+            # the page sends the whole conversation: the API's greedy answer to it
+            history += user(q)
+            want = ask(openai_client(server["url"]), history)[0]
+            assert answers[turn] == want
+            history.append({"role": "assistant", "content": want})
+        assert answers[0] == QA[0][1]
         assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".user")] == [q for q, _ in QA[:2]]
         browser.save_screenshot(str(tmp_path / "chat-page.png"))
         # a refused request says why
@@ -286,29 +298,39 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_streams_in_flight_and_exits_0(server):
-    """Last in this file: it stops the module's server."""
-    url = server["url"] + "/v1/chat/completions"
-    first = threading.Event()
+def test_sigterm_finishes_the_streams_in_flight_and_exits_0(trained_run, tmp_path):
+    log = str(tmp_path / "serve.log")
+    proc, url = free_server(trained_run["run_dir"], log, "--slots", 4, slow=True)
+    try:
+        started = threading.Semaphore(0)
 
-    def stream(q):
-        lines = []
-        with httpx.stream("POST", url, json={"messages": user(q), "temperature": 0, "stream": True},
-                          timeout=60) as r:
-            for line in r.iter_lines():
-                first.set()
-                lines.append(line)
-        return lines
+        def stream(q):
+            lines = []
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                              json={"messages": user(q), "temperature": 0, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if len(lines) == 2:  # the role chunk, then the first token's: the answer is running
+                        started.release()
+                    lines.append(line)
+            return lines
 
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(stream, QA[i % 4][0]) for i in range(8)]
-        assert first.wait(60)
-        server["proc"].send_signal(signal.SIGTERM)
-        results = [f.result() for f in futures]
-    for lines in results:
-        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
-    assert server["proc"].wait(timeout=60) == 0
-    assert "stopped" in open(server["log"], encoding="utf-8").read()
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(stream, QA[i][0]) for i in range(4)]
+            for _ in range(4):
+                assert started.acquire(timeout=60)
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]
+        for (q, a), lines in zip(QA, results):  # every answer finished, whole
+            events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+            assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == a
+            assert events[-1]["choices"][0]["finish_reason"] == "stop" and "data: [DONE]" in lines
+        assert proc.wait(timeout=60) == 0
+        text = open(log, encoding="utf-8").read()
+        assert "stopped" in text and "Traceback" not in text
+        assert len(re.findall(r'"POST /v1/chat/completions" 200 .* stop stream', text)) == 4
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 # -- in-process: an engine slowed down so that requests overlap for sure

@@ -5,13 +5,14 @@
   bin/serve --checkpoint runs/default --host 0.0.0.0  reachable from other machines
 
 /health answers 503 while the model loads and compiles, then 200. One log line
-per request on stderr (status, tokens, milliseconds). SIGTERM or Ctrl-C stops
+per request on stderr (status, tokens, milliseconds). SIGTERM (or Ctrl-C) stops
 taking requests, lets the answers in flight finish (for at most --grace
-seconds, then cancels them) and exits 0.
+seconds, then cancels them) and exits 0 (130 after Ctrl-C).
 """
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -39,7 +40,12 @@ def main():
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         raise UserError(f"{args.checkpoint} is not a run directory (no config.json); train one with bin/train")
 
-    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, stream=sys.stderr)
+    log = logging.getLogger("jaxsft.serve")  # its own handler: a library may have configured the root logger
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     import uvicorn
 
     from ..server import create_app, Model
@@ -70,7 +76,10 @@ def main():
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=args.grace, lifespan="on"))
     host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
-    logging.getLogger("jaxsft.serve").info("listening on http://%s:%d (loading %s)", host, port, args.checkpoint)
+    log.info("listening on http://%s:%d (loading %s)", host, port, args.checkpoint)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler that was there
+    # before: a no-op, so a requested stop exits 0 (Ctrl-C still exits 130, as every command does)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run(sockets=[sock])
     if failed:
         sys.exit(1)

@@ -209,8 +209,9 @@ class Generator:
         from .engine import Engine
         slots = min(_bucket(max(n, 1), BATCH_BUCKETS), self.batch_size)
         eng = self._engines.get(slots)
-        if eng is None:
-            eng = self._engines[slots] = Engine(self.params, self.cfg, self.tok.end_id, slots, self.tok.pad_id)
+        if eng is None:  # shapes compiled as needed; freed slots refilled 8 prompts at a time
+            eng = self._engines[slots] = Engine(self.params, self.cfg, self.tok.end_id, slots, self.tok.pad_id,
+                                                admit_at=8)
         eng.params = self.params
         return eng
 

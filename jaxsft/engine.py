@@ -41,6 +41,7 @@ import numpy as np
 from . import masks, model
 from .config import ModelConfig
 
+# few shapes: a server compiles them all at start-up, and each costs seconds to compile
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 PREFILL_ROWS = (1, 8)  # prompts per prefill call
 
@@ -49,10 +50,10 @@ def _bucket(n: int, sizes: Sequence[int]) -> int:
     return next((s for s in sizes if s >= n), sizes[-1])
 
 
-def prompt_buckets(max_seq_len: int) -> tuple[int, ...]:
-    """The padded prompt lengths an engine compiles for: PROMPT_BUCKETS below the
-    context, then the context itself."""
-    return tuple(b for b in PROMPT_BUCKETS if b < max_seq_len) + (max_seq_len,)
+def prompt_buckets(max_seq_len: int, sizes: Sequence[int] = PROMPT_BUCKETS) -> tuple[int, ...]:
+    """The padded prompt lengths an engine compiles for: `sizes` below the context,
+    then the context itself."""
+    return tuple(b for b in sizes if b < max_seq_len) + (max_seq_len,)
 
 
 # sampling, row by row: each row has its own temperature, top-k, top-p and key
@@ -158,12 +159,17 @@ class Engine:
     """
 
     def __init__(self, params, cfg: ModelConfig, end_id: int, slots: int = 32, pad_id: int = 0,
-                 prefill_rows: Sequence[int] = PREFILL_ROWS, buckets: Optional[Sequence[int]] = None):
+                 prefill_rows: Sequence[int] = PREFILL_ROWS, buckets: Sequence[int] = PROMPT_BUCKETS,
+                 admit_at: int = 1):
+        """admit_at: waiting prompts are admitted once that many slots are free (or as many
+        as are waiting, or when nothing is decoding): 1 for the lowest latency (a server),
+        more to prefill several prompts per call (batch answering)."""
         self.params, self.cfg, self.end_id, self.pad_id = params, cfg, end_id, pad_id
         self.graphdef = model.abstract(cfg)[0]
         self.slots, self.S = slots, cfg.max_seq_len
         self.prefill_rows = tuple(sorted(r for r in prefill_rows if r <= slots)) or (1,)
-        self.buckets = tuple(buckets) if buckets else prompt_buckets(cfg.max_seq_len)
+        self.buckets = prompt_buckets(cfg.max_seq_len, buckets)
+        self.admit_at = max(1, min(admit_at, slots))
         self.cache = None  # allocated on first use, in the parameters' dtype
         N = slots
         self.req: list[Optional[Request]] = [None] * N
@@ -219,13 +225,14 @@ class Engine:
     def step(self) -> int:
         """One step boundary: admit waiting requests into free slots, then decode one
         token for every occupied slot. Returns how many tokens came out."""
-        for s, r in enumerate(self.req):
-            if r is not None and r.cancelled:
-                self._finish(s, "cancelled")
-        out = self.admit()
+        return self.admit() + self.decode()
+
+    def decode(self) -> int:
+        """One decode step over every slot (nothing when all are free); returns the tokens out."""
+        self._reap()
         live = [s for s, r in enumerate(self.req) if r is not None]
         if not live:
-            return out
+            return 0
         nxt, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
                                   self.temperature, self.top_k, self.top_p, graphdef=self.graphdef)
         nxt = np.asarray(nxt)
@@ -234,7 +241,7 @@ class Engine:
         for s in live:
             self.pos[s] += 1
             self._emit(s, int(nxt[s]))
-        return out + len(live)
+        return len(live)
 
     def run(self, reqs: Sequence[Request]) -> list[Request]:
         """Answers `reqs` (submitted in order) and returns them when all are done."""
@@ -307,7 +314,10 @@ class Engine:
         at most max(prefill_rows) per call. Returns how many first tokens came out."""
         if self.cache is None:
             self._allocate()
+        self._reap()
         free = self.free_slots()
+        if len(free) < min(self.admit_at, len(self.waiting)) and len(free) < self.slots:
+            return 0  # let a few more rows end first, then prefill them together
         taken = []
         while free and self.waiting:
             r = self.waiting.popleft()
@@ -351,6 +361,12 @@ class Engine:
         self.stats["prefill_pad_rows"] += R - n
         for j, (s, r) in enumerate(group):
             self._emit(s, int(first[j]))
+
+    def _reap(self):
+        """Frees the slots of cancelled requests."""
+        for s, r in enumerate(self.req):
+            if r is not None and r.cancelled:
+                self._finish(s, "cancelled")
 
     def _emit(self, s: int, t: int):
         r = self.req[s]

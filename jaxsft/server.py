@@ -233,16 +233,30 @@ class Busy(Exception):
 
 
 class Worker:
-    """Steps the engine in its own thread while it has work; sleeps otherwise."""
+    """Steps the engine in its own thread while it has work; sleeps otherwise.
 
-    def __init__(self, engine: Engine, max_waiting: int):
-        self.engine, self.max_waiting = engine, max_waiting
+    What a step produces for the HTTP side (tokens, ends) is posted to an outbox and
+    handed to the event loop once per step boundary: one wake-up of the loop per
+    step, not one per token."""
+
+    def __init__(self, engine: Engine, max_waiting: int, loop: asyncio.AbstractEventLoop):
+        self.engine, self.max_waiting, self.loop = engine, max_waiting, loop
         self.cond = threading.Condition()
         self.stopping = False
+        self.outbox: list = []
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self):
         self.thread.start()
+
+    def post(self, queue: asyncio.Queue, item):
+        """From the engine's callbacks: `item` goes to `queue` at the end of this step."""
+        self.outbox.append((queue, item))
+
+    def _flush(self):
+        if self.outbox:
+            box, self.outbox = self.outbox, []
+            self.loop.call_soon_threadsafe(_deliver, box)
 
     def submit(self, req: Request):
         with self.cond:
@@ -277,13 +291,21 @@ class Worker:
                 if self.stopping and not eng.busy:
                     return
             try:
-                eng.step()
+                eng.admit()
+                self._flush()  # first tokens out before the decode step
+                eng.decode()
             except Exception:  # a bug must not hang every client: fail what is in flight, keep serving
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 for s, r in enumerate(eng.req):
                     if r is not None:
                         eng.cancel(r)
                         eng._finish(s, "error")
+            self._flush()
+
+
+def _deliver(box):
+    for queue, item in box:
+        queue.put_nowait(item)
 
 
 # -- the app
@@ -357,7 +379,7 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
             state.status = "compiling"
             if warm_up:
                 model.engine.warm_up()
-            state.worker = Worker(model.engine, max_waiting)
+            state.worker = Worker(model.engine, max_waiting, loop)
             state.worker.start()
             state.compiled = _compiled()
             state.status = "ready"
@@ -369,8 +391,12 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
             if on_fatal:
                 on_fatal()
 
+    loop = None
+
     @asynccontextmanager
     async def lifespan(app):
+        nonlocal loop
+        loop = asyncio.get_running_loop()
         threading.Thread(target=start, name="load", daemon=True).start()
         yield
         if state.worker:
@@ -437,20 +463,18 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
         return await complete(request, m, p)
 
     async def complete(request, m: Model, p: ChatParams):
-        loop = asyncio.get_running_loop()
+        worker = state.worker
         events: asyncio.Queue = asyncio.Queue()
         req = Request(p.prompt, p.max_tokens, p.temperature, 0, p.top_p, p.seed,
-                      on_token=lambda r, t: loop.call_soon_threadsafe(events.put_nowait, t),
-                      on_finish=lambda r: loop.call_soon_threadsafe(events.put_nowait, None))
+                      on_token=lambda r, t: worker.post(events, t), on_finish=lambda r: worker.post(events, None))
         try:
-            state.worker.submit(req)
+            worker.submit(req)
         except Busy as e:
             raise ApiError(503, f"the server is busy: {e}; retry shortly", None, "server_busy", "server_error",
                            {"Retry-After": "1"})
         cid = f"chatcmpl-{secrets.token_hex(12)}"
         created = int(time.time())
         text = TextStream(m.tok, p.stop)
-        worker = state.worker
 
         def usage():
             return {"prompt_tokens": len(p.prompt), "completion_tokens": len(req.tokens),
@@ -466,21 +490,25 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
                 f"{' stream' if p.stream else ''}{ttft}")
 
         async def pieces():
-            """The answer's new text, piece by piece, until the row ends or a stop string."""
+            """The answer's new text until the row ends or a stop string: a piece per token,
+            or per few tokens when the client side falls behind the engine."""
             while True:
-                t = await events.get()
-                if t is None:
-                    if req.finish_reason == "error":
-                        raise ApiError(500, "decoding failed; see the server log", None, None, "server_error")
-                    tail = text.flush()
-                    if tail:
-                        yield tail
-                    return
-                if text.stopped:
-                    continue
-                new = text.feed(t)
-                if text.stopped:
-                    worker.cancel(req)  # free the slot now
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                new = ""
+                for t in batch:
+                    if t is None:
+                        if req.finish_reason == "error":
+                            raise ApiError(500, "decoding failed; see the server log", None, None, "server_error")
+                        new += text.flush()
+                        if new:
+                            yield new
+                        return
+                    if not text.stopped:
+                        new += text.feed(t)
+                        if text.stopped:
+                            worker.cancel(req)  # free the slot now
                 if new:
                     yield new
 
@@ -511,12 +539,15 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+        # a text chunk is this template around the JSON string of its text (one json.dumps of a str per chunk)
+        head, tail = chunk({"content": "\0"}).split('"\\u0000"')
+
         async def sse():
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 try:
                     async for new in pieces():
-                        yield chunk({"content": new})
+                        yield head + json.dumps(new, ensure_ascii=False) + tail
                 except ApiError as e:  # the headers are out: the error goes as an event
                     yield f"data: {json.dumps(e.body())}\n\n"
                 else:

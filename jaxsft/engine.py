@@ -303,10 +303,13 @@ class Engine:
         cfg = self.cfg
         leaf = jax.tree.leaves(self.params)[0]
         shape = (self.slots, cfg.n_heads, self.S, cfg.head_dim)
-        # placed (committed) on the parameters' device, as the programs' outputs are: an uncommitted
-        # cache would make the first call compile a program that no later call can use
-        device = next(iter(leaf.devices()))
-        self.cache = [tuple(jax.device_put(jnp.zeros(shape, leaf.dtype), device) for _ in "kv")
+        # placed (committed) where the parameters are, as the programs' outputs are: an uncommitted
+        # cache would make the first call compile a program that no later call can use. Parameters
+        # on a mesh (the trainer's evaluation hook) get a cache replicated over that mesh.
+        mesh = getattr(leaf.sharding, "mesh", None)
+        where = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None and
+                 mesh.size > 1 else next(iter(leaf.devices())))
+        self.cache = [tuple(jax.device_put(jnp.zeros(shape, leaf.dtype), where) for _ in "kv")
                       for _ in range(cfg.n_layers)]
 
     def admit(self) -> int:

@@ -183,6 +183,11 @@ def test_openai_client_gets_bin_chats_greedy_answer(server, tmp_path):
     assert r.model == os.path.basename(run["run_dir"]) and r.object == "chat.completion"
     models = client.models.list().data
     assert [m.id for m in models] == [os.path.basename(run["run_dir"])]
+    # sampling: the same seed, the same answer
+    sampled = [client.chat.completions.create(model="tiny", messages=user(QA[0][0]), temperature=1.5, top_p=0.9,
+                                              seed=11, max_tokens=12).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    assert server["url"].startswith("http://127.0.0.1:")  # bound to this machine only by default
 
 
 @pytest.mark.slow

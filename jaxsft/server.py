@@ -35,12 +35,11 @@ from typing import Callable, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from . import chatml
-from .engine import Engine, Request
+from .engine import Engine, Request, compiled_programs
 
 log = logging.getLogger("jaxsft.serve")
 
@@ -372,7 +371,7 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
     then the engine's compiles); until both are done /health and the chat route answer 503."""
     state = State()
 
-    def start():
+    def start(loop):
         try:
             model = load()
             state.model = model
@@ -381,7 +380,7 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
                 model.engine.warm_up()
             state.worker = Worker(model.engine, max_waiting, loop)
             state.worker.start()
-            state.compiled = _compiled()
+            state.compiled = compiled_programs()
             state.status = "ready"
             log.info("ready: %s, %d slots, context %d, %d programs compiled in %.1f s", model.name,
                      model.engine.slots, model.engine.S, state.compiled, time.time() - state.started)
@@ -391,13 +390,9 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
             if on_fatal:
                 on_fatal()
 
-    loop = None
-
     @asynccontextmanager
     async def lifespan(app):
-        nonlocal loop
-        loop = asyncio.get_running_loop()
-        threading.Thread(target=start, name="load", daemon=True).start()
+        threading.Thread(target=start, args=(asyncio.get_running_loop(),), name="load", daemon=True).start()
         yield
         if state.worker:
             state.worker.stop()
@@ -415,10 +410,6 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         msg = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         return error_response(ApiError(e.status_code, msg.get(e.status_code, str(e.detail)), None, code))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, e):
-        return error_response(ApiError(400, str(e.errors()[:1]), None, "invalid_request"))
 
     @app.exception_handler(Exception)
     async def server_error(request, e):
@@ -438,7 +429,7 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
             return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
         eng = state.model.engine
         return {**body, "model": state.model.name, "slots": eng.slots, "active": eng.active,
-                "waiting": len(eng.waiting), "context": eng.S, "compiled_programs": _compiled(),
+                "waiting": len(eng.waiting), "context": eng.S, "compiled_programs": compiled_programs(),
                 "compiled_at_ready": state.compiled}
 
     @app.get("/v1/models")
@@ -567,7 +558,3 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
 
     return AccessLog(app)
 
-
-def _compiled() -> int:
-    from .engine import compiled_programs
-    return compiled_programs()

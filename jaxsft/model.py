@@ -87,6 +87,15 @@ def attend(q, k, v, mask):
     return jnp.einsum("bhts,bhsk->bhtk", probs, v)
 
 
+def _write(cache, x, index):
+    """x (B, H, T, K) into cache (B, H, S, K) at [index, index + T): index a scalar, or
+    (B,) int32, one start per row (continuous batching: each slot at its own length)."""
+    x = x.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, x, (0, 0, index, 0))
+    return jax.vmap(lambda c, y, i: jax.lax.dynamic_update_slice(c, y, (0, i, 0)))(cache, x, index)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -95,7 +104,7 @@ class Attention(nnx.Module):
         self.wo = _linear(H * K, d, rngs)
 
     def __call__(self, x, positions, mask, cache=None, index=None):
-        """x (B, T, D); cache (k, v) each (B, G, S, K) written at [index, index+T)."""
+        """x (B, T, D); cache (k, v) each (B, G, S, K) written at [index, index+T) (index: scalar or (B,))."""
         B, T, D = x.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
         heads = lambda y, n: y.reshape(B, T, n, K).transpose(0, 2, 1, 3)  # noqa: E731  (B, n, T, K)
@@ -103,8 +112,7 @@ class Attention(nnx.Module):
         k = heads(rope(self.wk(x).reshape(B, T, G, K), positions, self.rope_theta), G)
         v = heads(self.wv(x), G)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, index, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, index, 0))
+            k, v = _write(cache[0], k, index), _write(cache[1], v, index)
             cache = (k, v)
         out = attend(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, H * K)
         return self.wo(out), cache
@@ -177,7 +185,8 @@ class GPT(nnx.Module):
 
         positions (B, T): defaults to 0..T-1. mask (B|1, T, S) bool: which keys
         each query sees; defaults to causal. cache: per-layer (k, v), each
-        (B, H, S, K), written at positions [index, index + T) of the cache.
+        (B, H, S, K), written at positions [index, index + T) of the cache
+        (index an int32 scalar, or (B,): each row's own start).
         dropout_key: None for evaluation, a PRNG key for training.
         last_only: the output head on the last position only (a decoder's prefill).
         select (N,) int32: the output head only at these positions of the flattened

@@ -135,7 +135,7 @@ def main():
     p.add_argument("--out", help="with --file: write each row with its 'answer' here (default stdout)")
     p.add_argument("--system", help="system prompt (default: the one the run was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together with --file")
+    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together (engine slots) with --file")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -6,8 +6,14 @@
 With --checkpoint, answers come from that trained model (they stop at <|endoftext|>);
 without it, a randomly initialised model at the seed's config decodes --max-new-tokens
 tokens for every prompt (the seed's own chat() always ran 100 steps).
-Prints seconds per answer one prompt at a time (after compile), seconds for all
-test rows in batches, compile times; the last line is one JSON object.
+Prints:
+  - seconds per answer, one prompt at a time (after compile);
+  - `bin/chat --file` on every test row, end to end (process start to exit, compile
+    included), as a user runs it (with --checkpoint);
+  - the engine on every test row, each decoded (identical prompts too, which
+    Generator decodes once): seconds, generated tokens/s, slot occupancy, prefill calls;
+  - Generator.answer on every row (identical greedy prompts decoded once).
+The last line is one JSON object.
 """
 import argparse
 import json
@@ -24,7 +30,7 @@ def main():
     p.add_argument("--checkpoint", help="trained run directory (default: random seed-config model)")
     p.add_argument("--test", default=os.path.join(ROOT, "../shared/seed-data/custom_sft_test.jsonl"))
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64, help="engine slots (bin/chat --batch-size)")
     args = p.parse_args()
 
     import dataclasses
@@ -32,7 +38,7 @@ def main():
     from jaxsft import checkpoint, model
     from jaxsft.config import ModelConfig
     from jaxsft.data import read_jsonl, row_texts
-    from jaxsft.decode import Generator
+    from jaxsft.decode import Generator, Sampling
     from jaxsft.tokenizer import Tokenizer
 
     rows = read_jsonl(args.test, need_answer=False)
@@ -58,22 +64,47 @@ def main():
         times.append(time.perf_counter() - t)
         lengths.append(len(ids))
 
+    # the engine on every row (no deduplication), after compiling the shapes it needs
+    from jaxsft.engine import Engine
+    prompts = [gen.prompt_ids(c)[0] for c in convs]
+    eng = Engine(params, mcfg, tok.end_id, args.batch_size, tok.pad_id, admit_at=8)
     t = time.perf_counter()
-    gen.answer(convs[: args.batch_size])
-    compile_batch = time.perf_counter() - t
+    eng.warm_up([len(p) for p in prompts])
+    compile_engine = time.perf_counter() - t
+    reqs = gen.requests(prompts, Sampling(), 0)
+    t = time.perf_counter()
+    eng.run(reqs)
+    engine_s = time.perf_counter() - t
+
     t = time.perf_counter()
     answers = gen.answer(convs)
     all_s = time.perf_counter() - t
+    chat_file_s = None
+    if args.checkpoint:  # what a user waits for: bin/chat --file, process start to exit
+        import subprocess
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            subprocess.run([sys.executable, os.path.join(ROOT, "bin", "chat"), "--checkpoint", args.checkpoint,
+                            "--file", args.test, "--out", os.path.join(tmp, "answers.jsonl"),
+                            "--batch-size", str(args.batch_size)], check=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            chat_file_s = time.perf_counter() - t
     exact = None
     if args.checkpoint:
         exact = float(np.mean([a == r.expected for a, r in zip(answers, rows)]))
+        assert [tok.decode(r.tokens) for r in reqs] == answers  # every row decoded = each distinct prompt once
+    st = eng.stats
     figures = {
         "checkpoint": args.checkpoint, "params": model.count_params(params), "unique_questions": len(unique),
         "s_per_answer_median": float(np.median(times)), "s_per_answer_mean": float(np.mean(times)),
         "s_per_answer_max": float(np.max(times)), "mean_answer_tokens": float(np.mean(lengths)),
         "ms_per_token_single": 1000 * float(np.sum(times) / max(np.sum(lengths), 1)),
-        "rows": len(convs), "s_all_rows_batched": all_s, "rows_per_s": len(convs) / all_s,
-        "batch_size": args.batch_size, "compile_s_single": compile_single, "compile_s_batch": compile_batch,
+        "rows": len(convs), "chat_file_s": chat_file_s,
+        "engine_s_all_rows": engine_s, "engine_rows_per_s": len(convs) / engine_s,
+        "engine_tokens_per_s": st["tokens"] / engine_s, "engine_slot_occupancy": eng.occupancy(),
+        "engine_decode_steps": st["decode_steps"], "engine_prefills": st["prefills"],
+        "engine_prefill_pad_rows": st["prefill_pad_rows"], "engine_compile_s": compile_engine,
+        "s_all_rows_answer": all_s, "slots": args.batch_size, "compile_s_single": compile_single,
         "exact_match": exact,
     }
     for k, v in figures.items():

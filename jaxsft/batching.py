@@ -231,16 +231,18 @@ class RunPlan:
 
     Step s < focus_steps is focus's batch s; step s >= focus_steps is main's batch
     s - focus_steps. total_steps = focus_steps + epochs x main's steps per epoch,
-    capped by max_steps.
+    capped by max_steps; epochs None: max_steps (the data order goes on epoch after epoch).
     """
     main: BatchPlan
-    epochs: int
+    epochs: Optional[int]
     max_steps: Optional[int] = None
     focus: Optional[BatchPlan] = None
     focus_steps: int = 0
 
     @property
     def total_steps(self) -> int:
+        if self.epochs is None:
+            return self.max_steps
         total = self.focus_steps + self.main.steps_per_epoch * self.epochs
         return total if self.max_steps is None else min(total, self.max_steps)
 

@@ -32,10 +32,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from .tokenizer import AnyTokenizer
 
 
-def render(messages: Sequence, tok: Tokenizer, system_prompt: Optional[str],
+def render(messages: Sequence, tok: AnyTokenizer, system_prompt: Optional[str],
            add_generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(role, content) pairs -> ids (T,) int32 and answer mask (T,) int32.
 
@@ -75,7 +75,7 @@ def to_example(ids: np.ndarray, mask: np.ndarray, max_seq_len: int):
     return ids[:-1], ids[1:], loss_mask
 
 
-def encode_rows(rows, tok: Tokenizer, system_prompt: Optional[str], max_seq_len: int):
+def encode_rows(rows, tok: AnyTokenizer, system_prompt: Optional[str], max_seq_len: int):
     """Rows -> list of examples, and the number of rows dropped as too long."""
     examples, dropped = [], 0
     for row in rows:
@@ -87,7 +87,7 @@ def encode_rows(rows, tok: Tokenizer, system_prompt: Optional[str], max_seq_len:
     return examples, dropped
 
 
-def system_prefix(tok: Tokenizer, system_prompt: Optional[str]) -> Optional[np.ndarray]:
+def system_prefix(tok: AnyTokenizer, system_prompt: Optional[str]) -> Optional[np.ndarray]:
     """The tokens every row rendered with `system_prompt` starts with:
     <bos><|system|>SYSTEM<|endoftext|>\n, (P,) int32; None for no system prompt."""
     if not system_prompt:

@@ -5,7 +5,7 @@ the best never evicts the latest.
 A run directory holds:
 
     config.json      the full config (model section with vocab_size)
-    tokenizer.json   the vocabulary
+    tokenizer.json   the vocabulary (characters, or an imported model's own tokenizer)
     best/<step>/     parameters with the lowest validation loss so far
     latest/<step>/   parameters, optimizer state, step, best validation loss
                      (the two newest states: a damaged newest one falls back to the other)
@@ -41,17 +41,17 @@ import orbax.checkpoint as ocp
 from . import model
 from .config import ModelConfig, UserError, model_config_from_dict, to_dict
 from .files import write_json
-from .tokenizer import Tokenizer
+from .tokenizer import AnyTokenizer, load as load_tokenizer
 
 
-def write_meta(run_dir: str, cfg, tok: Tokenizer) -> None:
+def write_meta(run_dir: str, cfg, tok: AnyTokenizer) -> None:
     """config.json and tokenizer.json beside the checkpoints (process 0 only)."""
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, "config.json"), to_dict(cfg), indent=2)
     tok.save(os.path.join(run_dir, "tokenizer.json"))
 
 
-def read_meta(run_dir: str) -> tuple[dict, Tokenizer]:
+def read_meta(run_dir: str) -> tuple[dict, AnyTokenizer]:
     cfg_path = os.path.join(run_dir, "config.json")
     tok_path = os.path.join(run_dir, "tokenizer.json")
     if not os.path.isdir(run_dir):
@@ -61,7 +61,7 @@ def read_meta(run_dir: str) -> tuple[dict, Tokenizer]:
     try:
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
-        tok = Tokenizer.load(tok_path)
+        tok = load_tokenizer(tok_path)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{run_dir}: unreadable run metadata ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):

@@ -4,6 +4,7 @@
 A config file has four parts (see configs/default.yaml):
 
     model:   d_model, n_heads, n_layers, d_ff, max_seq_len, dropout, init_from
+             (and n_kv_heads, head_size, rope_theta, norm_eps, tie_embeddings: Llama's options)
     data:    train, val, test, system_prompt, corpus
     train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
     out_dir: where the run writes checkpoints, metrics.jsonl and curves.png
@@ -39,12 +40,27 @@ class ModelConfig:
     # SwiGLU hidden width
     d_ff: int = 1536
     dropout: float = 0.1
-    # start from a pretrained run directory (its best parameters and tokenizer)
+    # start from a pretrained model: a jaxsft run directory (its best parameters and tokenizer) or a
+    # Llama-format directory (config.json, model.safetensors, tokenizer.json), whose config.json then
+    # sets every architecture key below
     init_from: Optional[str] = None
+    # key/value heads (grouped-query attention; 0: n_heads, plain multi-head attention)
+    n_kv_heads: int = 0
+    # size of one attention head (0: d_model / n_heads)
+    head_size: int = 0
+    # rotary embedding base, RMSNorm epsilon
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # the output head is the token embedding (true), or a matrix of its own
+    tie_embeddings: bool = True
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,9 @@ class DataConfig:
 class TrainConfig:
     # rows per optimizer step (the seed's meaning of batch size)
     batch_size: int = 8
-    epochs: int = 5
+    # passes over the training rows; null: as many as max_steps takes (a step budget, whatever
+    # the data set's size)
+    epochs: Optional[int] = 5
     # optional cap on optimizer steps; the schedule is laid out over the capped length
     max_steps: Optional[int] = None
     lr: float = 5e-5
@@ -303,14 +321,24 @@ def validate(cfg: Config, where=lambda k: k) -> None:
     m, t = cfg.model, cfg.train
     positive = [("model.d_model", m.d_model), ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
                 ("model.d_ff", m.d_ff), ("model.max_seq_len", m.max_seq_len), ("train.batch_size", t.batch_size),
-                ("train.epochs", t.epochs), ("train.lr", t.lr), ("train.grad_accum_steps", t.grad_accum_steps)]
+                ("train.epochs", 1 if t.epochs is None else t.epochs), ("train.lr", t.lr), ("train.grad_accum_steps", t.grad_accum_steps)]
     for key, v in positive:
         if v <= 0:
             raise UserError(f"{where(key)}: must be positive, got {v}")
-    if m.d_model % m.n_heads:
+    if m.head_size < 0 or m.n_kv_heads < 0:
+        key = "model.head_size" if m.head_size < 0 else "model.n_kv_heads"
+        raise UserError(f"{where(key)}: must not be negative, got {min(m.head_size, m.n_kv_heads)}")
+    if not m.head_size and m.d_model % m.n_heads:
         raise UserError(f"{where('model.n_heads')}: n_heads={m.n_heads} does not divide d_model={m.d_model}")
     if m.head_dim % 2:
-        raise UserError(f"{where('model.n_heads')}: head size d_model/n_heads={m.head_dim} must be even for rotary embedding")
+        what = "head_size" if m.head_size else "head size d_model/n_heads"
+        raise UserError(f"{where('model.head_size' if m.head_size else 'model.n_heads')}: {what}={m.head_dim} "
+                        f"must be even for rotary embedding")
+    if m.n_heads % m.kv_heads:
+        raise UserError(f"{where('model.n_kv_heads')}: n_kv_heads={m.kv_heads} does not divide n_heads={m.n_heads}")
+    for key, v in [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps)]:
+        if v <= 0:
+            raise UserError(f"{where(key)}: must be positive, got {v}")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"{where('model.dropout')}: must be in [0, 1), got {m.dropout}")
     for key, v in [("train.weight_decay", t.weight_decay), ("train.warmup_steps", t.warmup_steps),
@@ -323,6 +351,8 @@ def validate(cfg: Config, where=lambda k: k) -> None:
             raise UserError(f"{where(key)}: must not be negative, got {v}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise UserError(f"{where('train.max_steps')}: must be positive, got {t.max_steps}")
+    if t.epochs is None and t.max_steps is None:
+        raise UserError(f"{where('train.epochs')}: null (train for max_steps) needs train.max_steps")
     if t.batch_size % t.grad_accum_steps:
         raise UserError(f"{where('train.grad_accum_steps')}: {t.grad_accum_steps} does not divide batch_size={t.batch_size}")
     if t.focus_steps and not t.focus_categories:
@@ -360,7 +390,7 @@ def validate_lora(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('lora.targets')}: {e}") from None
     if not cfg.model.init_from:
         raise UserError(f"{where('lora.rank')}: LoRA trains adapters on a frozen pretrained model; "
-                        f"set model.init_from (a jaxsft run)")
+                        f"set model.init_from (a jaxsft run or a Llama-format directory)")
 
 
 def to_dict(cfg) -> dict:

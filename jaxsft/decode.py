@@ -5,9 +5,11 @@ then a `lax.while_loop` of one-token steps that ends when every row has
 written <|endoftext|> or max_new_tokens is reached. Greedy by default;
 temperature / top-k / top-p sampling with an explicit key.
 
-`Generator` wraps it for scripts: it renders conversations in ChatML, pads
-prompt lengths and batch sizes to a few buckets (so a chat session compiles a
-bounded number of programs) and decodes the answers.
+`Generator` is what scripts use (bin/chat, bin/eval, evaluate.score_rows, the
+trainer's exact-match hook): it renders conversations in ChatML and answers them
+with the continuous-batching engine (`engine.Engine`), which compiles a bounded
+set of programs and never makes a batch wait for its longest row. `generate`
+stays as the one-program reference the engine is tested against.
 """
 from __future__ import annotations
 
@@ -22,9 +24,8 @@ import numpy as np
 
 from . import chatml, masks, model
 from .config import ModelConfig
-from .tokenizer import Tokenizer
+from .tokenizer import AnyTokenizer
 
-PROMPT_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 512, 1024)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -72,7 +73,7 @@ def _prefill(params, prompts, prompt_lens, key, spec: Spec):
     S = P + spec.max_new_tokens
     cfg = spec.cfg
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = [(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
+    cache = [(jnp.zeros((B, cfg.kv_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
     positions = jnp.maximum(jnp.arange(P)[None, :] - (P - prompt_lens)[:, None], 0)  # (B, P)
     logits, cache = model.apply(spec.graphdef, params, prompts, positions=positions,
                                 mask=masks.prefill(prompt_lens, P, S), cache=cache, index=0, last_only=True)
@@ -152,7 +153,7 @@ class Generator:
     ['机器学习是让模型从数据中学习规律并做预测。']
     """
 
-    def __init__(self, params, cfg: ModelConfig, tok: Tokenizer, system_prompt: Optional[str] = None,
+    def __init__(self, params, cfg: ModelConfig, tok: AnyTokenizer, system_prompt: Optional[str] = None,
                  max_new_tokens: int = 100, batch_size: int = 64):
         from .config import DEFAULT_SYSTEM_PROMPT
         self.params, self.cfg, self.tok = params, cfg, tok
@@ -164,6 +165,7 @@ class Generator:
             _note_once(f"note: answers are capped at {self.max_new_tokens} tokens (half of max_seq_len "
                        f"{cfg.max_seq_len}; the other half holds the prompt), not {max_new_tokens}")
         self.batch_size = batch_size
+        self._engines: dict = {}
 
     @classmethod
     def from_run(cls, run_dir: str, system_prompt: Optional[str] = None, **kw) -> "Generator":
@@ -199,25 +201,50 @@ class Generator:
                 if len(text) <= 1:
                     return ids[-budget:], True
 
+    def engine(self, n: int):
+        """The continuous-batching engine answering `n` prompts: batch_size slots, or fewer
+        (a power of two) for fewer prompts, so one question does not decode 64 rows a
+        step. One engine per slot count, kept with its KV cache; params may change between
+        calls (the trainer's evaluation hook swaps them in)."""
+        from .engine import Engine
+        slots = min(_bucket(max(n, 1), BATCH_BUCKETS), self.batch_size)
+        eng = self._engines.get(slots)
+        if eng is None:  # shapes compiled as needed; freed slots refilled 8 prompts at a time
+            eng = self._engines[slots] = Engine(self.params, self.cfg, self.tok.end_id, slots, self.tok.pad_id,
+                                                admit_at=8)
+        eng.params = self.params
+        return eng
+
+    def requests(self, prompts, sampling: Sampling, seed: int):
+        """Engine requests for `prompts`: row i samples with seed + i; an answer is at most
+        max_new_tokens and never runs past the context."""
+        from .engine import Request
+        out = []
+        for i, p in enumerate(prompts):
+            p = np.asarray(p, np.int32)
+            if len(p) >= self.cfg.max_seq_len:
+                raise ValueError(f"a prompt of {len(p)} tokens leaves no room to answer in the context of "
+                                 f"{self.cfg.max_seq_len}")
+            out.append(Request(p, min(self.max_new_tokens, self.cfg.max_seq_len - len(p)), sampling.temperature,
+                               sampling.top_k, sampling.top_p, seed + i))
+        return out
+
     def generate_ids(self, prompts: list[np.ndarray], sampling: Sampling = Sampling(), seed: int = 0) -> list[list[int]]:
-        """Token ids of each answer (without <|endoftext|>), in batches."""
-        answers = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start:start + self.batch_size]
-            B = _bucket(len(chunk), BATCH_BUCKETS)
-            P = _bucket(max(len(p) for p in chunk), PROMPT_BUCKETS)
-            arr = np.full((B, P), self.tok.pad_id, np.int32)
-            lens = np.ones((B,), np.int32)
-            for i, p in enumerate(chunk):
-                arr[i, P - len(p):] = p
-                lens[i] = len(p)
-            arr[len(chunk):, -1] = self.tok.bos_id  # filler rows: a 1-token prompt
-            out = generate(self.params, jnp.asarray(arr), jnp.asarray(lens), jax.random.PRNGKey(seed + start),
-                           spec=self.spec(sampling))
-            for row in np.asarray(out)[: len(chunk)]:
-                row = list(row)
-                answers.append(row[: row.index(self.tok.end_id)] if self.tok.end_id in row else row)
-        return answers
+        """Token ids of each answer (without <|endoftext|>). All prompts go through one
+        continuous-batching engine (batch_size slots): a slot freed by a short answer takes
+        the next prompt, so no row waits for the longest. Greedy answers to identical
+        prompts are identical, so each distinct prompt is decoded once."""
+        if len(prompts) == 0:
+            return []
+        reqs = self.requests(prompts, sampling, seed)
+        if sampling.temperature > 0:
+            self.engine(len(reqs)).run(reqs)
+            return [r.tokens for r in reqs]
+        unique: dict = {}
+        for r in reqs:
+            unique.setdefault(r.prompt.tobytes(), r)
+        self.engine(len(unique)).run(list(unique.values()))
+        return [list(unique[r.prompt.tobytes()].tokens) for r in reqs]
 
     def answer(self, conversations: Sequence, sampling: Sampling = Sampling(), seed: int = 0) -> list[str]:
         """Conversations (each a list of (role, content) ending with a user turn) -> answers."""
@@ -227,15 +254,8 @@ class Generator:
     def stream_ids(self, prompt: np.ndarray, sampling: Sampling = Sampling(), seed: int = 0):
         """Yields the answer's token ids one at a time as they are decoded (until
         <|endoftext|>, which is not yielded). Same tokens as generate_ids([prompt],
-        sampling, seed)[0]: same prompt bucket, key and per-step key schedule."""
-        P = _bucket(len(prompt), PROMPT_BUCKETS)
-        arr = np.full((1, P), self.tok.pad_id, np.int32)
-        arr[0, P - len(prompt):] = prompt
-        for tok in generate_stream(self.params, jnp.asarray(arr), jnp.asarray([len(prompt)], np.int32),
-                                   jax.random.PRNGKey(seed), spec=self.spec(sampling)):
-            if tok[0] == self.tok.end_id:
-                return
-            yield int(tok[0])
+        sampling, seed)[0]: the same engine and key schedule."""
+        yield from self.engine(1).stream(self.requests([prompt], sampling, seed)[0])
 
 
 # Streaming: the same decoding as `generate`, but the loop runs on the host over a

@@ -161,14 +161,15 @@ def read_scored_rows(path: str) -> list:
 
 
 def answer_rows(gen, rows):
-    """Greedy answers in batches of similar prompt length. Returns (answers,
-    how many prompts were cut to fit, how many answers hit max_new_tokens)."""
+    """Greedy answers (the engine, fed shortest prompts first so that prompts of one length
+    bucket are prefilled together). Returns (answers, how many prompts were cut to fit,
+    how many answers hit max_new_tokens)."""
     prompts, truncated = [], 0
     for r in rows:
         ids, cut = gen.prompt_ids(r.prompt_messages)
         prompts.append(ids)
         truncated += cut
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # fewer prompt-length buckets
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     ids = gen.generate_ids([prompts[i] for i in order])
     answers = [None] * len(rows)
     unfinished = 0

@@ -326,13 +326,6 @@ def base_source(run_dir: str, ref: dict) -> str:
                     f"its adapters only")
 
 
-def load_base(src: str):
-    """(parameters, vocabulary size) of a base model: a jaxsft run's best checkpoint."""
-    from . import checkpoint
-    params, _, tok = checkpoint.restore(src)
-    return params, len(tok)
-
-
 def restore(run_dir: str, shardings=None):
     """The plain parameters (base + adapters merged) of a LoRA run's best checkpoint: the base
     rebuilt as training began (its arrays, the embedding grown to the run's vocabulary),
@@ -421,7 +414,7 @@ def restore_parts(run_dir: str):
         raise UserError(f"{run_dir}: not a LoRA run (its config has no lora.rank)")
     mc = model_config_from_dict(cfg_dict["model"])
     ref = read_base_ref(run_dir)
-    base_params, n_old = load_base(base_source(run_dir, ref))
+    base_params, n_old = setup.load_base(base_source(run_dir, ref), mc)
     check_base(run_dir, base_params, ref)
     _, base = setup.init_params_from(mc, cfg_dict.get("train", {}).get("seed", 0), (base_params, n_old))
     abstract = abstract_adapters(mc, lc, n_old)

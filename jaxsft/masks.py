@@ -41,3 +41,10 @@ def decode_step(prompt_lens, P: int, S: int, index):
     key_idx = jnp.arange(S)
     key_valid = key_idx[None, :] >= (P - prompt_lens)[:, None]  # (B, S)
     return ((key_idx <= index)[None, :] & key_valid)[:, None, :]
+
+
+def slot_step(positions, S: int):
+    """Continuous batching: each slot's one new token at its own cache position
+    positions (B,) -> (B, 1, S): keys 0..positions[b] of its own row. Keys past it
+    (an earlier occupant's, or the pad of a prefill) are never seen."""
+    return (jnp.arange(S)[None, :] <= positions[:, None])[:, None, :]

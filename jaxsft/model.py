@@ -1,13 +1,17 @@
-"""The seed's GPT in Flax NNX: tied token embedding / output head, pre-norm
-RMSNorm (eps 1e-5), rotary position embedding, SwiGLU feed-forward, no biases,
-dropout, N(0, 0.02) init.
+"""The seed's GPT in Flax NNX, which is the Llama architecture: tied token
+embedding / output head, pre-norm RMSNorm (eps 1e-5), rotary position embedding,
+SwiGLU feed-forward, no biases, dropout, N(0, 0.02) init. Llama's options (an
+untied head, grouped-query attention, rope_theta, norm eps, head size) are
+ModelConfig keys; transformers' LlamaForCausalLM computes the same function
+(tests/test_hf.py compares logits), and hf.py converts the weights.
 
 Modules are built once and split (`init`) into a static graphdef and a pytree of
 parameters; `apply` merges them inside a jitted function, so training and
 decoding are pure functions of (params, inputs). Dropout takes an explicit key.
 
 Shapes: B batch, T query length, S key length (T, or the KV-cache size),
-H heads, K head size, D d_model, F d_ff, V vocabulary.
+H heads, G key/value heads (H with plain multi-head attention), K head size,
+D d_model, F d_ff, V vocabulary.
 """
 from __future__ import annotations
 
@@ -64,34 +68,53 @@ def rope(x, positions, base: float = 10000.0):
 
 
 def attend(q, k, v, mask):
-    """q (B, H, T, K), k v (B, H, S, K), mask (B|1, T, S) bool -> (B, H, T, K).
+    """q (B, H, T, K), k v (B, G, S, K), mask (B|1, T, S) bool -> (B, H, T, K).
     Heads lead so the score and value products are batched matmuls over
-    contiguous (T, K) / (S, K) blocks: no transposes of the KV cache."""
-    scores = jnp.einsum("bhtk,bhsk->bhts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    contiguous (T, K) / (S, K) blocks: no transposes of the KV cache. With G < H
+    (grouped-query attention) query heads g*H/G .. (g+1)*H/G - 1 share key/value
+    head g, as transformers' repeat_kv has it, without copying the cache."""
+    B, H, T, K = q.shape
+    G = k.shape[1]
+    if G != H:
+        q = q.reshape(B, G, H // G, T, K)
+        scores = jnp.einsum("bgrtk,bgsk->bgrts", q, k).astype(jnp.float32) / math.sqrt(K)
+        scores = jnp.where(mask[:, None, None], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bgrts,bgsk->bgrtk", probs, v).reshape(B, H, T, K)
+    scores = jnp.einsum("bhtk,bhsk->bhts", q, k).astype(jnp.float32) / math.sqrt(K)
     scores = jnp.where(mask[:, None], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhts,bhsk->bhtk", probs, v)
 
 
+def _write(cache, x, index):
+    """x (B, H, T, K) into cache (B, H, S, K) at [index, index + T): index a scalar, or
+    (B,) int32, one start per row (continuous batching: each slot at its own length)."""
+    x = x.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, x, (0, 0, index, 0))
+    return jax.vmap(lambda c, y, i: jax.lax.dynamic_update_slice(c, y, (0, i, 0)))(cache, x, index)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d = cfg.d_model
-        self.n_heads = cfg.n_heads
-        self.wq, self.wk, self.wv, self.wo = (_linear(d, d, rngs) for _ in range(4))
+        d, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = H, G, K, cfg.rope_theta
+        self.wq, self.wk, self.wv = _linear(d, H * K, rngs), _linear(d, G * K, rngs), _linear(d, G * K, rngs)
+        self.wo = _linear(H * K, d, rngs)
 
     def __call__(self, x, positions, mask, cache=None, index=None):
-        """x (B, T, D); cache (k, v) each (B, H, S, K) written at [index, index+T)."""
+        """x (B, T, D); cache (k, v) each (B, G, S, K) written at [index, index+T) (index: scalar or (B,))."""
         B, T, D = x.shape
-        H = self.n_heads
-        heads = lambda y: y.reshape(B, T, H, D // H).transpose(0, 2, 1, 3)  # noqa: E731  (B, H, T, K)
-        q = heads(rope(self.wq(x).reshape(B, T, H, D // H), positions))
-        k = heads(rope(self.wk(x).reshape(B, T, H, D // H), positions))
-        v = heads(self.wv(x))
+        H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
+        heads = lambda y, n: y.reshape(B, T, n, K).transpose(0, 2, 1, 3)  # noqa: E731  (B, n, T, K)
+        q = heads(rope(self.wq(x).reshape(B, T, H, K), positions, self.rope_theta), H)
+        k = heads(rope(self.wk(x).reshape(B, T, G, K), positions, self.rope_theta), G)
+        v = heads(self.wv(x), G)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, index, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, index, 0))
+            k, v = _write(cache[0], k, index), _write(cache[1], v, index)
             cache = (k, v)
-        out = attend(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, D)
+        out = attend(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, H * K)
         return self.wo(out), cache
 
 
@@ -139,9 +162,9 @@ class SwiGLU(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.norm1 = RMSNorm(cfg.d_model)
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, rngs)
-        self.norm2 = RMSNorm(cfg.d_model)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs)
 
 
@@ -150,7 +173,9 @@ class GPT(nnx.Module):
         self.cfg = cfg
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_init, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.norm = RMSNorm(cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:  # a tied model's parameter tree has no such entry
+            self.lm_head = _linear(cfg.d_model, cfg.vocab_size, rngs)
 
     def __call__(self, tokens, positions=None, mask=None, cache=None, index=None,
                  dropout_key: Optional[jax.Array] = None, last_only: bool = False,
@@ -160,7 +185,8 @@ class GPT(nnx.Module):
 
         positions (B, T): defaults to 0..T-1. mask (B|1, T, S) bool: which keys
         each query sees; defaults to causal. cache: per-layer (k, v), each
-        (B, H, S, K), written at positions [index, index + T) of the cache.
+        (B, H, S, K), written at positions [index, index + T) of the cache
+        (index an int32 scalar, or (B,): each row's own start).
         dropout_key: None for evaluation, a PRNG key for training.
         last_only: the output head on the last position only (a decoder's prefill).
         select (N,) int32: the output head only at these positions of the flattened
@@ -189,7 +215,10 @@ class GPT(nnx.Module):
         if select is not None:
             x = jnp.take(x.reshape(B * T, -1), select, axis=0)  # (N, D)
         x = self.norm(x)
-        logits = jnp.einsum("...d,vd->...v", x, emb).astype(jnp.float32)  # tied output head
+        if self.cfg.tie_embeddings:
+            logits = jnp.einsum("...d,vd->...v", x, emb).astype(jnp.float32)
+        else:
+            logits = jnp.einsum("...d,dv->...v", x, self.lm_head.kernel[...]).astype(jnp.float32)
         return logits, (new_cache if cache is not None else None)
 
 
@@ -213,13 +242,12 @@ def apply(graphdef, params, tokens, **kw):
 
 def prefix_cache(graphdef, params, prefix, batch: int, length: int, dropout_key=None):
     """Runs a prefix shared by every row once: prefix (1, P) -> (per-layer (k, v),
-    each (batch, H, P + length, K) with the prefix's keys/values at [0, P) of every
+    each (batch, G, P + length, K) with the prefix's keys/values at [0, P) of every
     row, and P). Rows then run with index=P as a decoder's next step would, each
     query choosing by its mask whether it sees the prefix; gradients flow back into
     the prefix's computation, so the loss is that of every row carrying its own copy."""
     m = nnx.merge(graphdef, params)
-    P, H = prefix.shape[1], m.cfg.n_heads
-    K = m.cfg.d_model // H
+    P, H, K = prefix.shape[1], m.cfg.kv_heads, m.cfg.head_dim
     dtype = m.embed.embedding[...].dtype
     empty = [(jnp.zeros((1, H, P, K), dtype),) * 2 for _ in m.blocks]
     _, kv = m(prefix, cache=empty, index=0, dropout_key=dropout_key)
@@ -234,8 +262,9 @@ def count_params(params) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, head: bool = True) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): the matmuls
-    (6 * matmul parameters, the tied head included unless head=False) plus
+    (6 * matmul parameters, the output head included unless head=False) plus
     attention scores."""
-    n_matmul = cfg.n_layers * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.d_ff) + head * cfg.vocab_size * cfg.d_model
-    attn = cfg.n_layers * 2 * 2 * seq_len * cfg.d_model / 2  # causal: half of QK^T and PV
+    D, HK, GK = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    n_matmul = cfg.n_layers * (2 * D * HK + 2 * D * GK + 3 * D * cfg.d_ff) + head * cfg.vocab_size * D
+    attn = cfg.n_layers * 2 * 2 * seq_len * HK / 2  # causal: half of QK^T and PV
     return 6 * n_matmul + 3 * attn

@@ -4,11 +4,14 @@ the batch plan, the optimizer). The trainer, the benchmarks and the tests all
 start from it.
 
 The vocabulary: from scratch, every character of the training text; with
-model.init_from, the base run's vocabulary with new characters appended.
+model.init_from, the base run's vocabulary with new characters appended, or a
+Llama-format model's own tokenizer with the ChatML markers it lacks (hf.py), whose
+config.json then also sets the model's architecture.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -17,18 +20,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import chatml, checkpoint, lora, model
+from . import chatml, checkpoint, hf, lora, model
 from .batching import BatchPlan, RunPlan
-from .config import Config, ModelConfig, UserError
+from .config import Config, ModelConfig, UserError, model_config_from_dict
 from .data import Row, corpus_examples, read_corpus, read_jsonl, row_texts, split_corpus
 from .steps import make_optimizer, make_schedule
-from .tokenizer import Tokenizer
+from .tokenizer import AnyTokenizer, Tokenizer
 
 
 @dataclass(frozen=True)
 class Setup:
     cfg: Config  # as given, with model.vocab_size filled in
-    tok: Tokenizer
+    tok: AnyTokenizer
     train_examples: list  # (inputs, targets, loss_mask) per row (or corpus window)
     val_rows: list[Row]  # [] when pretraining
     val_examples: list
@@ -61,20 +64,51 @@ class Setup:
         return graphdef, adapters, base
 
 
-def tokenizer_for(cfg: Config, texts: list[str]) -> Tokenizer:
+# the model keys a base run and the config fine-tuning it must agree on
+ARCHITECTURE = ("d_model", "n_heads", "n_layers", "d_ff", "n_kv_heads", "head_size", "rope_theta", "norm_eps",
+                "tie_embeddings")
+
+
+def _llama_base(cfg: Config) -> bool:
+    """Whether model.init_from is a Llama-format directory (else a jaxsft run, or nothing)."""
+    src = cfg.model.init_from
+    if not src:
+        return False
+    if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "config.json")):
+        raise UserError(f"model.init_from: {os.path.join(src, 'config.json')}: not found (expected a jaxsft run "
+                        f"or a Llama-format directory: config.json, model.safetensors, tokenizer.json)")
+    return hf.is_llama_dir(src)
+
+
+def with_base_architecture(cfg: Config) -> Config:
+    """cfg whose model architecture is that of a Llama-format model.init_from (its
+    config.json's keys replace the config's; max_seq_len and dropout stay the config's)."""
+    if not _llama_base(cfg):
+        return cfg
+    fields = hf.model_fields(cfg.model.init_from)
+    fields.pop("vocab_size")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields))
+
+
+def tokenizer_for(cfg: Config, texts: list[str]) -> AnyTokenizer:
     """The vocabulary of a run trained on `texts` (reads no weights).
 
     From scratch: every character of `texts`, the system prompt and "\\n". With
-    model.init_from: the base run's tokenizer with the new characters appended in sorted
+    model.init_from a jaxsft run: its tokenizer with the new characters appended in sorted
     order (old ids keep their meaning; the same texts always give the same vocabulary, so
     a resumed run rebuilds it identically); the base's model shape must match this config's.
+    With a Llama-format directory: its tokenizer.json with the ChatML markers it lacks.
     """
-    if not cfg.model.init_from:
+    src = cfg.model.init_from
+    if not src:
         return Tokenizer.build(list(texts) + [cfg.data.system_prompt, "\n"])
-    base_cfg, base_tok = checkpoint.read_meta(cfg.model.init_from)
-    for f in ("d_model", "n_heads", "n_layers", "d_ff"):
-        if base_cfg["model"].get(f) != getattr(cfg.model, f):
-            raise UserError(f"model.init_from: {cfg.model.init_from} has {f}={base_cfg['model'].get(f)}, "
+    if _llama_base(cfg):
+        return hf.read_tokenizer(src, hf.model_fields(src)["vocab_size"])
+    base_cfg, base_tok = checkpoint.read_meta(src)
+    base = model_config_from_dict(base_cfg["model"])
+    for f in ARCHITECTURE:
+        if getattr(base, f) != getattr(cfg.model, f):
+            raise UserError(f"model.init_from: {src} has {f}={getattr(base, f)}, "
                             f"this config has {getattr(cfg.model, f)}")
     return base_tok.extend(list(texts) + [cfg.data.system_prompt])
 
@@ -82,7 +116,8 @@ def tokenizer_for(cfg: Config, texts: list[str]) -> Tokenizer:
 def init_params_from(model_cfg: ModelConfig, seed: int, base=None):
     """Fresh parameters, or a pretrained model's with its embedding grown to the new vocabulary:
     every array is the base's, except that the embedding (n_old rows) gains the fresh rows
-    n_old.. for the tokens appended to the base's vocabulary. base: (params, n_old) or None."""
+    n_old.. for the tokens appended to the base's vocabulary (and an untied output head
+    (D, n_old) the fresh columns). base: (params, n_old) or None."""
     graphdef, params = model.init(model_cfg, seed)
     if base is not None:
         base_params, n_old = base
@@ -90,8 +125,9 @@ def init_params_from(model_cfg: ModelConfig, seed: int, base=None):
         def from_base(fresh, old):
             if fresh.shape == old.shape:
                 return old
-            assert fresh.shape[1:] == old.shape[1:] and old.shape[0] == n_old, (fresh.shape, old.shape)
-            return jnp.concatenate([old, fresh[n_old:]], axis=0)  # the embedding: new tokens' rows appended
+            axis = 0 if fresh.shape[1:] == old.shape[1:] else 1  # the embedding's rows, the head's columns
+            assert old.shape[axis] == n_old and fresh.ndim == 2, (fresh.shape, old.shape)
+            return jnp.concatenate([old, jax.lax.slice_in_dim(fresh, n_old, None, axis=axis)], axis=axis)
 
         params = jax.tree.map(from_base, params, base_params)  # a new tree: the arrays' shapes may change
     return graphdef, params
@@ -128,9 +164,10 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
     data.corpus set: a pretraining run (next-token examples of the corpus's training
     paragraphs; its held-out paragraphs validate; no validation rows)."""
     tc = cfg.train
+    cfg = with_base_architecture(cfg)
     if cfg.data.corpus:
         paragraphs = read_corpus(cfg.data.corpus)
-        tok, base = _vocabulary(cfg, paragraphs)
+        tok, base = _vocabulary(cfg, paragraphs, log)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(tok)))
         train_par, val_par = split_corpus(paragraphs)
         L = cfg.model.max_seq_len
@@ -138,7 +175,7 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
         focus = []
     else:
         train_rows, val_rows = read_jsonl(cfg.data.train), read_jsonl(cfg.data.val)
-        tok, base = _vocabulary(cfg, row_texts(train_rows))
+        tok, base = _vocabulary(cfg, row_texts(train_rows), log)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(tok)))
         train_ex, dropped = _examples(train_rows, tok, cfg, cfg.data.train)
         val_ex, vdropped = _examples(val_rows, tok, cfg, cfg.data.val)
@@ -155,7 +192,7 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
                  make_schedule(tc, plan.total_steps), base)
 
 
-def run_plan(cfg: Config, tok: Tokenizer, train_ex: list, focus_ex: list, multiple: int = 1) -> RunPlan:
+def run_plan(cfg: Config, tok: AnyTokenizer, train_ex: list, focus_ex: list, multiple: int = 1) -> RunPlan:
     """The batches of every step: packing geometry fixed from the first batches, the
     shared system prompt (train.share_prefix), and the curriculum first. The output head
     runs at answer positions only when one device holds each whole batch (multiple 1)."""
@@ -170,11 +207,28 @@ def run_plan(cfg: Config, tok: Tokenizer, train_ex: list, focus_ex: list, multip
                    tc.focus_steps if focus_ex else 0)
 
 
-def _vocabulary(cfg: Config, texts: list[str]):
+def _vocabulary(cfg: Config, texts: list[str], log=print):
     """(tokenizer_for(cfg, texts), base): None from scratch; with model.init_from,
     (the base's best parameters, its vocabulary size) for init_params_from."""
     tok = tokenizer_for(cfg, texts)  # checks the base's shape before any array is read
-    if not cfg.model.init_from:
+    src = cfg.model.init_from
+    if not src:
         return tok, None
-    base_params, _, base_tok = checkpoint.restore(cfg.model.init_from)
-    return tok, (base_params, len(base_tok))
+    if _llama_base(cfg):
+        rows = hf.model_fields(src)["vocab_size"]
+        m = cfg.model
+        _warn(log, f"model.init_from: Llama-format model {src}: d_model {m.d_model}, {m.n_layers} layers, "
+                   f"{m.n_heads} heads ({m.kv_heads} key/value), d_ff {m.d_ff}, "
+                   f"{'tied' if m.tie_embeddings else 'untied'} head, "
+                   f"vocabulary {rows} rows" + (f" + {len(tok) - rows} for ChatML markers" if len(tok) > rows else ""))
+    return tok, load_base(src, cfg.model)
+
+
+def load_base(src: str, mc: ModelConfig):
+    """(parameters, vocabulary size) of model.init_from `src`: a jaxsft run's best parameters,
+    or a Llama-format directory's weights (mc: the architecture, as with_base_architecture gives)."""
+    if hf.is_llama_dir(src):
+        rows = hf.model_fields(src)["vocab_size"]
+        return hf.read_params(src, dataclasses.replace(mc, vocab_size=rows)), rows
+    base_params, _, base_tok = checkpoint.restore(src)
+    return base_params, len(base_tok)

@@ -1,14 +1,24 @@
-"""Character-level tokenizer with atomic special tokens, saved as JSON.
+"""Tokenizers, saved as JSON: two kinds with one interface.
 
-ids 0..6 are the special tokens below; the rest are single characters seen in
-the training rows, in sorted order. A ChatML marker is one id, never split into
-characters; a character outside the vocabulary becomes <unk>.
+`Tokenizer`, the character vocabulary of from-scratch runs: ids 0..6 are the
+special tokens below; the rest are single characters seen in the training rows,
+in sorted order. A ChatML marker is one id, never split into characters; a
+character outside the vocabulary becomes <unk>.
+
+`HFTokenizer`, an imported model's own tokenizer (BPE, byte-level BPE, ...) run
+by the `tokenizers` library, with our ChatML markers added as single tokens where
+its vocabulary lacks them.
+
+What the rest of jaxsft uses of either: encode, decode, the ids bos_id, pad_id,
+system_id, user_id, assistant_id, end_id, unknown(text), len(tok), itos (token
+strings by id), extend(texts), save(path); `load(path)` reads either kind back
+and `stream_text` turns ids arriving one by one into whole characters.
 """
 from __future__ import annotations
 
 import json
 import re
-from typing import Iterable
+from typing import Iterable, Iterator, Optional, Union
 
 from .files import atomic
 
@@ -79,7 +89,120 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
         with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+            return cls.from_dict(json.load(f), path)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str = "tokenizer") -> "Tokenizer":
         if d.get("specials") != list(SPECIALS):
             raise ValueError(f"{path}: tokenizer special tokens differ from this version's")
         return cls(d["chars"])
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` with our markers: bos, pad, system, user, assistant
+    and end (role -> token string in `markers`), each registered as one special token.
+
+    encode never adds a bos or eos of its own (chatml.render places every marker), and
+    any added token's text in `text` becomes that token, as transformers does when it
+    tokenizes a chat template's output. `size` >= the tokenizer's ids: the model's
+    vocabulary rows (a Llama config's vocab_size may pad the tokenizer's)."""
+
+    ROLES = ("bos", "system", "user", "assistant", "end", "pad")
+
+    def __init__(self, backend, markers: dict, size: int = 0):
+        self.backend, self.markers = backend, dict(markers)
+        ids = {role: backend.token_to_id(markers[role]) for role in self.ROLES}
+        missing = [markers[r] for r in self.ROLES if ids[r] is None]
+        if missing:
+            raise ValueError(f"tokenizer has no token {missing[0]!r}")
+        self.bos_id, self.pad_id, self.system_id = ids["bos"], ids["pad"], ids["system"]
+        self.user_id, self.assistant_id, self.end_id = ids["user"], ids["assistant"], ids["end"]
+        unk = getattr(backend.model, "unk_token", None)
+        self.unk_id = backend.token_to_id(unk) if unk else None
+        self.n_ids = backend.get_vocab_size(with_added_tokens=True)
+        self.size = max(self.n_ids, size)
+        self._itos = None
+
+    @classmethod
+    def wrap(cls, backend, bos: Optional[str] = None, pad: Optional[str] = None, size: int = 0) -> "HFTokenizer":
+        """`backend` (changed in place) with our markers added as special tokens where absent;
+        bos: the model's own beginning-of-text token (default <bos>, added); pad: its padding
+        token (default the end marker). New tokens get the next free ids, in ROLES order."""
+        from tokenizers import AddedToken
+        markers = {"bos": bos or BOS, "pad": pad or END, "system": SYSTEM, "user": USER, "assistant": ASSISTANT,
+                   "end": END}
+        registered = {t.content for t in backend.get_added_tokens_decoder().values()}
+        for role in cls.ROLES:
+            tok = markers[role]
+            if tok not in registered:  # present as an ordinary token: keeps its id; absent: a new id
+                backend.add_special_tokens([AddedToken(tok, special=True, normalized=False)])
+                registered.add(tok)
+        return cls(backend, markers, size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def itos(self) -> list[str]:
+        """Token strings by id ("" for a model row no token uses)."""
+        if self._itos is None:
+            self._itos = [self.backend.id_to_token(i) or "" for i in range(self.size)]
+        return self._itos
+
+    def extend(self, texts: Iterable[str]) -> "HFTokenizer":
+        """The same tokenizer: a subword vocabulary already writes every text."""
+        return self
+
+    def encode(self, text: str, specials: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def unknown(self, text: str) -> list[str]:
+        """Characters of `text` that encode as the unknown token (none for byte-level BPE)."""
+        if self.unk_id is None or self.unk_id not in self.encode(text):
+            return []
+        return [c for c in text if self.unk_id in self.encode(c)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        return self.backend.decode([i for i in ids if 0 <= i < self.n_ids], skip_special_tokens=skip_special)
+
+    def to_dict(self) -> dict:
+        return {"type": "hf", "markers": self.markers, "size": self.size,
+                "tokenizer": json.loads(self.backend.to_str())}
+
+    def save(self, path: str) -> None:
+        with atomic(path) as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HFTokenizer":
+        from tokenizers import Tokenizer as Backend
+        return cls(Backend.from_str(json.dumps(d["tokenizer"])), d["markers"], d.get("size", 0))
+
+
+AnyTokenizer = Union[Tokenizer, HFTokenizer]
+
+
+def load(path: str) -> AnyTokenizer:
+    """A run's tokenizer.json, of either kind ("type": "char" or "hf")."""
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    return HFTokenizer.from_dict(d) if d.get("type") == "hf" else Tokenizer.from_dict(d, path)
+
+
+def stream_text(tok: AnyTokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """The text of `ids` piece by piece as they arrive, never half a character: a byte-level
+    token may hold part of a character's UTF-8 bytes, so text is let out only once the ids so
+    far decode without a trailing replacement character (anything left at the end is flushed).
+    The pieces joined are tok.decode(ids) (for a decoder whose output only grows)."""
+    seen, done = [], ""
+    for i in ids:
+        seen.append(i)
+        text = tok.decode(seen)
+        if text.endswith("\ufffd") or not text.startswith(done) or text == done:
+            continue
+        yield text[len(done):]
+        done = text
+    text = tok.decode(seen)
+    if text != done and text.startswith(done):
+        yield text[len(done):]

@@ -244,7 +244,8 @@ def check_run_dir(setup: Setup, resume: bool, log) -> None:
     if not resume:
         return
     old_cfg, old_tok = checkpoint.read_meta(run_dir)
-    if old_cfg["model"] != checkpoint.to_dict(setup.model_cfg) or old_tok.itos != setup.tok.itos:
+    # (compared as ModelConfigs: a run written before a key existed has that key's default)
+    if checkpoint.model_config_from_dict(old_cfg["model"]) != setup.model_cfg or old_tok.itos != setup.tok.itos:
         raise UserError(f"{run_dir}: was trained with another model config or vocabulary; cannot resume")
     old_lora = lora_config_from_dict(old_cfg.get("lora"))
     if (old_lora.rank, lora.target_names(old_lora.targets) if old_lora.rank else ()) != \

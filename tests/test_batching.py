@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 
 from jaxsft import batching
-from jaxsft.batching import BatchPlan
+from jaxsft.batching import BatchPlan, RunPlan
 
 
 def batch_for_step(examples, step, **kw):
@@ -147,3 +147,15 @@ def test_batch_for_step_packed_has_the_same_rows():
         assert packed.loss_mask.sum() == padded.loss_mask.sum()
     # pack_len below the longest row's bucket: rows take that bucket's length
     assert batch_for_step(examples, 0, **kw, pack_len=4).inputs.shape[1] in (8, 16)
+
+
+def test_a_step_budget_goes_on_epoch_after_epoch():
+    """epochs None (configs/default.yaml): max_steps steps whatever the data set's size; the
+    order still reshuffles at each epoch, and each epoch's end is known (evaluations)."""
+    examples = [_example(3, v) for v in range(1, 11)]  # 10 rows: 3 steps an epoch at batch 4
+    plan = BatchPlan(examples, batch_size=4, seed=0, buckets=(8,), max_seq_len=8)
+    budget = RunPlan(plan, epochs=None, max_steps=10)
+    assert budget.total_steps == 10 and RunPlan(plan, epochs=2, max_steps=10).total_steps == 6
+    assert [s for s in range(1, 11) if budget.ends_epoch(s)] == [3, 6, 9, 10]
+    seen = [v for s in range(9) for v in _rows_of(budget.batch(s))]
+    assert sorted(seen) == sorted(list(range(1, 11)) * 3)  # three whole epochs in steps 0..8

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft import decode, model
+from jaxsft import decode, engine, model
 from jaxsft.config import ModelConfig
 from jaxsft.decode import Generator, Sampling
 from jaxsft.tokenizer import Tokenizer
@@ -128,13 +128,13 @@ def test_generator_matches_naive_and_buckets_compile(models, cfg, tok):
     for p, ids in zip(prompts, got):
         naive = decode.naive_greedy(graphdef, params, p, N, tok.end_id)
         assert ids == [t for t in naive if t != tok.end_id]
-    # another prompt length and batch size in the same buckets (32, batch 2) compiles nothing new
-    size = decode.generate._cache_size()
-    gen.generate_ids(_prompts(cfg.vocab_size, (4, 20), seed=2))
-    assert decode.generate._cache_size() == size
-    # a longer prompt goes to the next bucket: exactly one new program
+    # other prompt lengths in the same bucket (16) and as many rows compile nothing new
+    size = engine.compiled_programs()
+    gen.generate_ids(_prompts(cfg.vocab_size, (4, 9), seed=2))
+    assert engine.compiled_programs() == size
+    # a longer prompt goes to the next bucket (64): exactly one new prefill program
     gen.generate_ids(_prompts(cfg.vocab_size, (40, 3), seed=3))
-    assert decode.generate._cache_size() == size + 1
+    assert engine.compiled_programs() == size + 1
 
 
 def test_generator_answer_renders_chatml(models, cfg, tok):

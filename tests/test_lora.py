@@ -337,8 +337,8 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
     assert p.returncode == 0 and "exact" in p.stdout.lower(), p.stderr
     # adapters restored by hand and merged equal what restore gives
     lc = LoraConfig(rank=4, alpha=8.0)
-    _, base = __import__("jaxsft.setup", fromlist=["x"]).init_params_from(mc, 3, lora.load_base(
-        lora_reference["base"].path()))
+    from jaxsft import setup
+    _, base = setup.init_params_from(mc, 3, setup.load_base(lora_reference["base"].path(), mc))
     _, _, abstract = lora.graph(mc, lc)
     adapters = checkpoint.restore_params(os.path.join(run, "best"), abstract, "best")
     assert saved_steps(os.path.join(run, "best"))[-1] == best

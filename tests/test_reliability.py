@@ -175,6 +175,8 @@ BAD_INPUTS = [
      ["<no line>", "train.pack_len: must not be negative, got -128"]),
     ("set-focus-no-category", "train", T + ["--set", "train.focus_steps=5"], {}, None,
      ["<no line>", "train.focus_steps: 5 focus steps need train.focus_categories"]),
+    ("set-epochs-null-no-budget", "train", T + ["--set", "train.epochs=null"], {}, None,
+     ["<no line>", "train.epochs: null (train for max_steps) needs train.max_steps"]),
     ("set-data-path-missing", "train", T + ["--set", "data.val=nope.jsonl"], {}, None,
      ["nope.jsonl: file not found"]),
     ("set-init-from-missing", "train", T + ["--set", "model.init_from=nowhere"], {}, None,

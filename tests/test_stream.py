@@ -55,15 +55,15 @@ def test_stream_ids_equals_generate_ids(random_model, seed):
 
 
 def test_stream_ids_yields_each_token_before_decoding_the_next(random_model, monkeypatch):
-    from jaxsft import decode
+    from jaxsft import engine
     tok, cfg, graphdef, params = random_model
     gen = Generator(params, cfg, tok, "", max_new_tokens=20)
     ids, _ = gen.prompt_ids([("user", "abc")])
     want = gen.generate_ids([ids], Sampling(temperature=1.0), 0)[0]
     assert len(want) >= 2
     steps = []
-    real_step = decode._stream_step
-    monkeypatch.setattr(decode, "_stream_step", lambda *a, **kw: steps.append(1) or real_step(*a, **kw))
+    real_step = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda *a, **kw: steps.append(1) or real_step(*a, **kw))
     stream = gen.stream_ids(ids, Sampling(temperature=1.0), 0)
     assert next(stream) == want[0] and len(steps) == 0  # the first token comes from the prefill alone
     assert next(stream) == want[1] and len(steps) == 1

@@ -41,12 +41,11 @@ def utf8_stdio():
 
 
 def stream_answer(gen, ids, sampling, seed):
-    """Prints the answer to prompt `ids` as it is decoded; returns it. A token is one
-    whole character (char-level vocabulary), so printing token by token never
-    splits a UTF-8 sequence."""
+    """Prints the answer to prompt `ids` as it is decoded; returns it. Text goes out in
+    whole characters (a byte-level token may hold part of one: tokenizer.stream_text)."""
+    from ..tokenizer import stream_text
     chars = []
-    for t in gen.stream_ids(ids, sampling, seed):
-        c = gen.tok.decode([t])
+    for c in stream_text(gen.tok, gen.stream_ids(ids, sampling, seed)):
         chars.append(c)
         sys.stdout.write(c)
         sys.stdout.flush()
@@ -136,7 +135,7 @@ def main():
     p.add_argument("--out", help="with --file: write each row with its 'answer' here (default stdout)")
     p.add_argument("--system", help="system prompt (default: the one the run was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together with --file")
+    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together (engine slots) with --file")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

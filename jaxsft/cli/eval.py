@@ -23,7 +23,7 @@ def main():
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N rows as instruction / expected / answer")
     p.add_argument("--system", help="system prompt (default: the one the run was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together")
+    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together (engine slots)")
     args = p.parse_args()
     if args.max_new_tokens <= 0 or args.batch_size <= 0:
         raise UserError("--max-new-tokens and --batch-size must be positive")

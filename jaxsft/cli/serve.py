@@ -1,0 +1,85 @@
+"""Serve a trained model over HTTP: the OpenAI chat-completions API and a chat page.
+
+  bin/serve --checkpoint runs/default                 http://127.0.0.1:8000/ (the page), /v1/chat/completions
+  bin/serve --checkpoint runs/default --port 0        any free port (the line "listening on ..." names it)
+  bin/serve --checkpoint runs/default --host 0.0.0.0  reachable from other machines
+
+/health answers 503 while the model loads and compiles, then 200. One log line
+per request on stderr (status, tokens, milliseconds). SIGTERM (or Ctrl-C) stops
+taking requests, lets the answers in flight finish (for at most --grace
+seconds, then cancels them) and exits 0 (130 after Ctrl-C).
+"""
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+
+from ..config import UserError
+from . import main_guard
+
+
+@main_guard
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/default", help="run directory (default runs/default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--slots", type=int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--queue", type=int, default=64,
+                   help="requests that may wait for a slot; beyond it, 503 with Retry-After (default 64)")
+    p.add_argument("--system", help="default system prompt (default: the one the run was trained with)")
+    p.add_argument("--name", help="model name in /v1/models and responses (default: the run directory's name)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds a stop waits for answers in flight before cancelling them (default 10)")
+    args = p.parse_args()
+    if args.slots <= 0 or args.queue < 0 or args.max_body <= 0 or not 0 <= args.port < 65536:
+        raise UserError("--slots and --max-body must be positive, --queue >= 0, --port in 0..65535")
+    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        raise UserError(f"{args.checkpoint} is not a run directory (no config.json); train one with bin/train")
+
+    log = logging.getLogger("jaxsft.serve")  # its own handler: a library may have configured the root logger
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    import uvicorn
+
+    from ..server import create_app, Model
+
+    def load():
+        from ..decode import Generator
+        from ..engine import Engine
+        gen = Generator.from_run(args.checkpoint, args.system)
+        engine = Engine(gen.params, gen.cfg, gen.tok.end_id, args.slots, gen.tok.pad_id)
+        name = args.name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
+        return Model(engine, gen.tok, gen.system_prompt, name)
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    port = sock.getsockname()[1]
+    failed = []
+
+    def fatal():
+        failed.append(1)
+        server.should_exit = True
+
+    app = create_app(load, max_waiting=args.queue, max_body=args.max_body, on_fatal=fatal)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=args.grace, lifespan="on"))
+    host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+    log.info("listening on http://%s:%d (loading %s)", host, port, args.checkpoint)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler that was there
+    # before: a no-op, so a requested stop exits 0 (Ctrl-C still exits 130, as every command does)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run(sockets=[sock])
+    if failed:
+        sys.exit(1)

@@ -1,0 +1,409 @@
+"""Continuous batching: a fixed number of slots over one preallocated KV cache.
+
+Each slot holds one request (a prompt and its answer so far) at its own length.
+`Engine.step` is one boundary of the running batch:
+
+  1. slots whose request ended or was cancelled are already free;
+  2. waiting requests are prefilled into free slots (their first answer token
+     comes out of the prefill), a few prompts per call, padded to a bounded set
+     of shapes (PROMPT_BUCKETS x prefill_rows);
+  3. one decode step writes every slot's next token (one compiled program for
+     all slots, whatever is in them); a slot is freed the moment its row writes
+     <|endoftext|> or reaches max_tokens.
+
+So a batch never waits for its longest row: a finished row's slot takes the next
+waiting prompt at the next step. Every computation is row-wise (a row's keys,
+mask, position and sampling key are its own) and every program has a fixed
+shape, so a row's tokens do not depend on what the other slots hold: greedy
+answers are identical alone or among others (tests/test_engine.py).
+
+Shapes: N slots, S = max_seq_len cache positions, R prompts per prefill,
+P padded prompt length, H heads, K head size, V vocabulary.
+
+    eng = Engine(params, cfg, end_id=tok.end_id, slots=32)
+    reqs = [Request(ids, max_tokens=100) for ids in prompts]
+    eng.run(reqs)                    # or submit() + step() from a serving loop
+    [r.tokens for r in reqs]         # answers without <|endoftext|>
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import masks, model
+from .config import ModelConfig
+
+# few shapes: a server compiles them all at start-up, and each costs seconds to compile
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
+PREFILL_ROWS = (1, 8)  # prompts per prefill call
+
+
+def _bucket(n: int, sizes: Sequence[int]) -> int:
+    return next((s for s in sizes if s >= n), sizes[-1])
+
+
+def prompt_buckets(max_seq_len: int, sizes: Sequence[int] = PROMPT_BUCKETS) -> tuple[int, ...]:
+    """The padded prompt lengths an engine compiles for: `sizes` below the context,
+    then the context itself."""
+    return tuple(b for b in sizes if b < max_seq_len) + (max_seq_len,)
+
+
+# sampling, row by row: each row has its own temperature, top-k, top-p and key
+
+def pick_rows(logits, keys, temperature, top_k, top_p):
+    """logits (B, V) f32, keys (B, 2) uint32 (this step's), temperature top_p (B,) f32,
+    top_k (B,) int32 -> tokens (B,) int32. temperature 0: greedy; top_k 0: all tokens;
+    top_p 1: no cut. The same rule as decode.pick, with every setting per row."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample():
+        V = logits.shape[-1]
+        lg = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        srt = jnp.sort(lg, axis=-1)[:, ::-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)
+        lg = jnp.where(lg < kth, -jnp.inf, lg)
+        srt = jnp.sort(lg, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+        # keep the smallest prefix whose probability reaches top_p (always >= 1 token)
+        idx = jnp.minimum(jnp.sum(cum < top_p[:, None], axis=-1, keepdims=True), V - 1)
+        cutoff = jnp.take_along_axis(srt, idx, axis=-1)
+        lg = jnp.where((top_p[:, None] < 1.0) & (lg < cutoff), -jnp.inf, lg)
+        drawn = jax.vmap(jax.random.categorical)(keys, lg).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)
+
+
+def _step_keys(keys, i):
+    """Per-row base keys (B, 2) and answer-token index (B,) -> this step's keys: token i of
+    a request's answer is drawn with fold_in(PRNGKey(seed), i), as decode.generate does."""
+    return jax.vmap(jax.random.fold_in)(keys, i)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
+def _prefill(params, cache, prompts, lens, slots, keys, temperature, top_k, top_p, *, graphdef):
+    """prompts (R, P) int32, right-padded (row r's prompt is prompts[r, :lens[r]]), written
+    into cache rows `slots` (R,) at positions [0, P); a slot index N (out of range) is a
+    filler row and writes nothing. Returns each prompt's first answer token (R,) and the cache."""
+    R, P = prompts.shape
+    dtype = cache[0][0].dtype
+    H, K = cache[0][0].shape[1], cache[0][0].shape[3]
+    fresh = [(jnp.zeros((R, H, P, K), dtype),) * 2 for _ in cache]
+    last = jnp.arange(R) * P + lens - 1  # each prompt's last token in the flattened (R * P)
+    logits, kv = model.apply(graphdef, params, prompts, mask=masks.causal(P), cache=fresh, index=0, select=last)
+    cache = [(ck.at[slots, :, :P].set(k, mode="drop"), cv.at[slots, :, :P].set(v, mode="drop"))
+             for (ck, cv), (k, v) in zip(cache, kv)]
+    first = pick_rows(logits, _step_keys(keys, jnp.zeros_like(lens)), temperature, top_k, top_p)
+    return first, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
+def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, *, graphdef):
+    """One token for every slot: tok (N,) the last token of each row, at position pos (N,)
+    (written to the cache there); i (N,) the index of the token to draw. Returns the
+    next tokens (N,) and the cache. Free slots compute too (on garbage) and are ignored."""
+    S = cache[0][0].shape[2]
+    logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos[:, None],
+                                mask=masks.slot_step(pos, S), cache=cache, index=pos)
+    return pick_rows(logits[:, -1], _step_keys(keys, i), temperature, top_k, top_p), cache
+
+
+def compiled_programs() -> int:
+    """Programs compiled so far by every engine (prefill shapes + decode steps)."""
+    return _prefill._cache_size() + _decode._cache_size()
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt to answer. The engine fills `tokens` (the answer, without
+    <|endoftext|>) and `finish_reason`: "stop" (<|endoftext|>), "length" (max_tokens
+    tokens) or "cancelled" (cancel()). on_token(req, token) and on_finish(req) are
+    called from the thread that runs Engine.step, as each token comes out."""
+    prompt: np.ndarray
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    on_token: Optional[Callable] = None
+    on_finish: Optional[Callable] = None
+    tokens: list = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    id: int = field(default_factory=lambda: next(_ids))
+    t_submit: float = 0.0
+    t_first: Optional[float] = None  # when the first token came out (perf_counter)
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """A continuous-batching decoder over `slots` rows of one KV cache.
+
+    Not thread-safe by itself except for `submit` and `cancel`, which may be
+    called from other threads while one thread calls `step` (serving loops).
+    """
+
+    def __init__(self, params, cfg: ModelConfig, end_id: int, slots: int = 32, pad_id: int = 0,
+                 prefill_rows: Sequence[int] = PREFILL_ROWS, buckets: Sequence[int] = PROMPT_BUCKETS,
+                 admit_at: int = 1):
+        """admit_at: waiting prompts are admitted once that many slots are free (or as many
+        as are waiting, or when nothing is decoding): 1 for the lowest latency (a server),
+        more to prefill several prompts per call (batch answering)."""
+        self.params, self.cfg, self.end_id, self.pad_id = params, cfg, end_id, pad_id
+        self.graphdef = model.abstract(cfg)[0]
+        self.slots, self.S = slots, cfg.max_seq_len
+        self.prefill_rows = tuple(sorted(r for r in prefill_rows if r <= slots)) or (1,)
+        self.buckets = prompt_buckets(cfg.max_seq_len, buckets)
+        self.admit_at = max(1, min(admit_at, slots))
+        self.cache = None  # allocated on first use, in the parameters' dtype
+        N = slots
+        self.req: list[Optional[Request]] = [None] * N
+        self.tok = np.zeros(N, np.int32)  # each slot's last token, fed to the next decode step
+        self.pos = np.zeros(N, np.int32)  # ... and its position (= tokens in the cache before it)
+        self.i = np.zeros(N, np.int32)  # index of the answer token the next step draws
+        self.keys = np.zeros((N, 2), np.uint32)
+        self.temperature = np.zeros(N, np.float32)
+        self.top_k = np.zeros(N, np.int32)
+        self.top_p = np.ones(N, np.float32)
+        self.waiting: collections.deque[Request] = collections.deque()
+        # figures: steps run, slot-steps that decoded a live row, prefill calls and rows
+        self.stats = {"decode_steps": 0, "busy_slot_steps": 0, "prefills": 0, "prefill_rows": 0,
+                      "prefill_pad_rows": 0, "tokens": 0}
+
+    # -- requests
+
+    def check(self, req: Request) -> None:
+        """ValueError when `req` cannot be answered: an empty prompt, or prompt + max_tokens
+        beyond the context."""
+        n = len(req.prompt)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {req.max_tokens}")
+        if n + req.max_tokens > self.S:
+            raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the "
+                             f"context of {self.S} tokens")
+
+    def submit(self, req: Request) -> Request:
+        self.check(req)
+        req.t_submit = time.perf_counter()
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Ends `req` at the next step boundary (its slot is freed there)."""
+        req.cancelled = True
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.req)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.req)
+
+    def free_slots(self) -> list[int]:
+        return [s for s, r in enumerate(self.req) if r is None]
+
+    # -- the loop
+
+    def step(self) -> int:
+        """One step boundary: admit waiting requests into free slots, then decode one
+        token for every occupied slot. Returns how many tokens came out."""
+        return self.admit() + self.decode()
+
+    def decode(self) -> int:
+        """One decode step over every slot (nothing when all are free); returns the tokens out."""
+        self._reap()
+        live = [s for s, r in enumerate(self.req) if r is not None]
+        if not live:
+            return 0
+        nxt, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
+                                  self.temperature, self.top_k, self.top_p, graphdef=self.graphdef)
+        nxt = np.asarray(nxt)
+        self.stats["decode_steps"] += 1
+        self.stats["busy_slot_steps"] += len(live)
+        for s in live:
+            self.pos[s] += 1
+            self._emit(s, int(nxt[s]))
+        return len(live)
+
+    def run(self, reqs: Sequence[Request]) -> list[Request]:
+        """Answers `reqs` (submitted in order) and returns them when all are done."""
+        for r in reqs:
+            self.submit(r)
+        while not all(r.done for r in reqs):
+            self.step()
+        return list(reqs)
+
+    def stream(self, req: Request):
+        """Submits `req` and yields its tokens one at a time as they are decoded."""
+        self.submit(req)
+        seen = 0
+        try:
+            while True:
+                while seen < len(req.tokens):
+                    seen += 1
+                    yield req.tokens[seen - 1]
+                if req.done:
+                    return
+                if req in self.waiting:
+                    self.admit()  # the first token goes out before the first decode step
+                else:
+                    self.step()
+        finally:
+            if not req.done:  # the consumer stopped early: free the slot now
+                self.cancel(req)
+                for s, r in enumerate(self.req):
+                    if r is req:
+                        self._finish(s, "cancelled")
+                if req in self.waiting:
+                    self.waiting.remove(req)
+                    req.finish_reason = "cancelled"
+
+    def warm_up(self, prompt_lens: Optional[Sequence[int]] = None) -> int:
+        """Compiles the decode step and a prefill for every prompt bucket (or those of
+        `prompt_lens`) and row count, writing nothing; returns the programs compiled."""
+        if self.cache is None:
+            self._allocate()
+        before = compiled_programs()
+        N = self.slots
+        zeros = np.zeros(N, np.int32)
+        _, self.cache = _decode(self.params, self.cache, zeros, zeros, self.keys, zeros, self.temperature,
+                                self.top_k, self.top_p, graphdef=self.graphdef)
+        Ps = sorted({_bucket(n, self.buckets) for n in prompt_lens}) if prompt_lens else self.buckets
+        for P in Ps:
+            for R in self.prefill_rows:
+                one = np.ones(R, np.int32)
+                _, self.cache = _prefill(self.params, self.cache, np.zeros((R, P), np.int32), one,
+                                         np.full(R, N, np.int32), np.zeros((R, 2), np.uint32),
+                                         np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32),
+                                         graphdef=self.graphdef)
+        jax.block_until_ready(self.cache)
+        return compiled_programs() - before
+
+    # -- internals
+
+    def _allocate(self):
+        cfg = self.cfg
+        leaf = jax.tree.leaves(self.params)[0]
+        shape = (self.slots, cfg.kv_heads, self.S, cfg.head_dim)
+        # placed (committed) where the parameters are, as the programs' outputs are: an uncommitted
+        # cache would make the first call compile a program that no later call can use. Parameters
+        # on a mesh (the trainer's evaluation hook) get a cache replicated over that mesh.
+        mesh = getattr(leaf.sharding, "mesh", None)
+        where = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None and
+                 mesh.size > 1 else next(iter(leaf.devices())))
+        self.cache = [tuple(jax.device_put(jnp.zeros(shape, leaf.dtype), where) for _ in "kv")
+                      for _ in range(cfg.n_layers)]
+
+    def admit(self) -> int:
+        """Prefills waiting requests into free slots: prompts of one length bucket together,
+        at most max(prefill_rows) per call. Returns how many first tokens came out."""
+        if self.cache is None:
+            self._allocate()
+        self._reap()
+        free = self.free_slots()
+        if len(free) < min(self.admit_at, len(self.waiting)) and len(free) < self.slots:
+            return 0  # let a few more rows end first, then prefill them together
+        taken = []
+        while free and self.waiting:
+            r = self.waiting.popleft()
+            if r.cancelled:
+                r.finish_reason = "cancelled"
+                if r.on_finish:
+                    r.on_finish(r)
+                continue
+            taken.append((free.pop(0), r))
+        by_bucket: dict[int, list] = {}
+        for s, r in taken:
+            by_bucket.setdefault(_bucket(len(r.prompt), self.buckets), []).append((s, r))
+        most = self.prefill_rows[-1]
+        for P, group in sorted(by_bucket.items()):
+            for start in range(0, len(group), most):
+                self._prefill(P, group[start:start + most])
+        return len(taken)
+
+    def _prefill(self, P: int, group: list):
+        n = len(group)
+        R = _bucket(n, self.prefill_rows)
+        N = self.slots
+        prompts = np.full((R, P), self.pad_id, np.int32)
+        lens = np.ones(R, np.int32)
+        slots = np.full(R, N, np.int32)  # filler rows write nowhere
+        keys = np.zeros((R, 2), np.uint32)
+        temp, top_k, top_p = np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32)
+        for j, (s, r) in enumerate(group):
+            prompts[j, :len(r.prompt)] = r.prompt
+            lens[j], slots[j] = len(r.prompt), s
+            keys[j] = np.asarray(jax.random.key_data(jax.random.PRNGKey(r.seed)))
+            temp[j], top_k[j], top_p[j] = r.temperature, r.top_k, r.top_p
+            self.req[s] = r
+            self.pos[s], self.i[s], self.keys[s] = len(r.prompt), 1, keys[j]
+            self.temperature[s], self.top_k[s], self.top_p[s] = r.temperature, r.top_k, r.top_p
+        first, self.cache = _prefill(self.params, self.cache, prompts, lens, slots, keys, temp, top_k, top_p,
+                                     graphdef=self.graphdef)
+        first = np.asarray(first)
+        self.stats["prefills"] += 1
+        self.stats["prefill_rows"] += n
+        self.stats["prefill_pad_rows"] += R - n
+        for j, (s, r) in enumerate(group):
+            self._emit(s, int(first[j]))
+
+    def _reap(self):
+        """Frees the slots of cancelled requests."""
+        for s, r in enumerate(self.req):
+            if r is not None and r.cancelled:
+                self._finish(s, "cancelled")
+
+    def _emit(self, s: int, t: int):
+        r = self.req[s]
+        if r.cancelled:
+            self._finish(s, "cancelled")
+            return
+        if r.t_first is None:
+            r.t_first = time.perf_counter()
+        if t == self.end_id:
+            self._finish(s, "stop")
+            return
+        r.tokens.append(t)
+        self.stats["tokens"] += 1
+        if r.on_token:
+            r.on_token(r, t)
+        if r.cancelled:  # the callback may cancel (a stop string)
+            self._finish(s, "cancelled")
+        elif len(r.tokens) >= r.max_tokens:
+            self._finish(s, "length")
+        else:
+            self.tok[s] = t
+            self.i[s] += 1
+
+    def _finish(self, s: int, reason: str):
+        r = self.req[s]
+        self.req[s] = None
+        self.tok[s] = self.pad_id
+        self.pos[s] = 0
+        self.temperature[s] = 0.0  # a free slot never makes the step sample
+        r.finish_reason = reason
+        if r.on_finish:
+            r.on_finish(r)
+
+    def occupancy(self) -> float:
+        """Mean fraction of slots decoding a live row, over the decode steps so far."""
+        st = self.stats
+        return st["busy_slot_steps"] / max(st["decode_steps"] * self.slots, 1)

@@ -1,0 +1,145 @@
+"""The continuous-batching engine: a row's tokens are the same alone or among others,
+equal the naive decoder's, slots are freed as rows end, and nothing recompiles.
+
+Random tiny models with weight matrices scaled x20 (as in test_decode) so greedy
+choices are not near-ties; prompts of 3..8 tokens and 6-token answers, so the
+naive decoder's programs are shared with test_decode.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsft import decode, engine, masks, model
+from jaxsft.config import ModelConfig
+from jaxsft.engine import Engine, Request
+
+N = 6  # answer tokens
+NEVER = -5  # an end id no model emits
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return ModelConfig(vocab_size=40, max_seq_len=64, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def scaled(cfg):
+    graphdef, params = model.init(cfg, 1)
+    return graphdef, jax.tree.map(lambda x: x * 20.0 if x.ndim == 2 else x, params)
+
+
+def _prompts(vocab, lens, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(7, vocab, n).astype(np.int32) for n in lens]
+
+
+def _answers(eng, prompts, end=NEVER, **kw):
+    eng.end_id = end
+    reqs = [Request(p, N, **kw) for p in prompts]
+    eng.run(reqs)
+    return [r.tokens for r in reqs], reqs
+
+
+def test_slot_step_mask():
+    m = masks.slot_step(jnp.asarray([0, 2]), 4)
+    assert m.shape == (2, 1, 4)
+    assert m[:, 0].tolist() == [[True, False, False, False], [True, True, True, False]]
+
+
+def test_rows_alone_equal_rows_among_others_and_the_naive_decoder(scaled, cfg):
+    graphdef, params = scaled
+    prompts = _prompts(cfg.vocab_size, (3, 8, 5, 4, 7, 6, 3))
+    eng = Engine(params, cfg, NEVER, slots=4)
+    alone = [_answers(eng, [p])[0][0] for p in prompts]
+    # 7 rows over 4 slots: three wait, then join as slots free; rows of different lengths side by side
+    together, _ = _answers(eng, prompts)
+    assert together == alone
+    naive = [decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
+    assert together == naive
+    assert len({tuple(a) for a in alone}) > 1  # the rows really differ
+    # the same rows in another order, among others mid-answer: still the same tokens
+    eng.end_id = NEVER
+    first = [eng.submit(Request(p, N)) for p in prompts[:2]]
+    eng.step()
+    eng.step()
+    late = [eng.submit(Request(p, N)) for p in prompts[2:][::-1]]
+    while not all(r.done for r in first + late):
+        eng.step()
+    assert [r.tokens for r in first] + [r.tokens for r in late][::-1] == alone
+
+
+def test_rows_end_on_their_own_and_free_their_slots(scaled, cfg):
+    _, params = scaled
+    prompts = _prompts(cfg.vocab_size, (3, 8, 5))
+    eng = Engine(params, cfg, NEVER, slots=2)
+    free, _ = _answers(eng, prompts)
+    # an end token that row 0 writes at step j >= 1: it stops there, the others go on
+    j = next(j for j in range(1, N) if free[0][j] not in free[0][:j])
+    end = free[0][j]
+    out, reqs = _answers(eng, prompts, end=end)
+    for row, f, r in zip(out, free, reqs):
+        stop = f.index(end) if end in f else N
+        assert row == f[:stop]
+        assert r.finish_reason == ("stop" if end in f else "length")
+    assert eng.active == 0 and not eng.busy
+    # max_tokens and cancel
+    eng.end_id = NEVER
+    short = eng.submit(Request(prompts[0], 2))
+    gone = eng.submit(Request(prompts[1], N))
+    eng.step()
+    eng.cancel(gone)
+    while eng.busy:
+        eng.step()
+    assert short.tokens == free[0][:2] and short.finish_reason == "length"
+    assert gone.finish_reason == "cancelled" and len(gone.tokens) < N
+
+
+def test_a_cancelled_stream_frees_its_slot(scaled, cfg):
+    _, params = scaled
+    eng = Engine(params, cfg, NEVER, slots=1)
+    stream = eng.stream(Request(_prompts(cfg.vocab_size, (4,))[0], N))
+    next(stream)
+    stream.close()
+    assert eng.active == 0 and not eng.busy
+
+
+def test_sampling_is_per_row_and_seeded(scaled, cfg):
+    _, params = scaled
+    graphdef, raw = model.init(cfg, 2)  # unscaled: near-uniform logits, so sampling really varies
+    prompts = _prompts(cfg.vocab_size, (3, 8, 5, 4))
+    eng = Engine(raw, cfg, NEVER, slots=4)
+    greedy, _ = _answers(eng, prompts)
+    hot = dict(temperature=1.0)
+    alone = [_answers(eng, [p], seed=7 + i, **hot)[0][0] for i, p in enumerate(prompts)]
+    reqs = [Request(p, N, seed=7 + i, **hot) for i, p in enumerate(prompts)]
+    reqs.insert(2, Request(prompts[0], N))  # a greedy row among sampled ones
+    eng.run(reqs)
+    assert [r.tokens for r in reqs[:2] + reqs[3:]] == alone
+    assert reqs[2].tokens == greedy[0]
+    assert alone != greedy
+    # top_k 1 is greedy whatever the key
+    assert _answers(eng, prompts, temperature=1.0, top_k=1, seed=3)[0] == greedy
+
+
+def test_no_recompilation_after_warm_up(scaled, cfg):
+    _, params = scaled
+    eng = Engine(params, cfg, NEVER, slots=4)
+    eng.warm_up()
+    n = engine.compiled_programs()
+    # every prompt bucket, every prefill row count, sampling and greedy, slots refilled
+    lens = (3, 15, 17, 33, 40, 50, 5, 9, 2, 12, 11, 8, 7, 6, 4, 3, 30, 31, 20)
+    reqs = [Request(p, 8, temperature=float(i % 2), top_p=0.9) for i, p in enumerate(_prompts(cfg.vocab_size, lens))]
+    eng.run(reqs)
+    assert all(len(r.tokens) == 8 for r in reqs)
+    assert engine.compiled_programs() == n
+    assert 0 < eng.occupancy() <= 1
+
+
+def test_requests_beyond_the_context_are_refused(scaled, cfg):
+    _, params = scaled
+    eng = Engine(params, cfg, NEVER, slots=1)
+    with pytest.raises(ValueError, match="context of 64"):
+        eng.submit(Request(np.ones(60, np.int32), 5))
+    with pytest.raises(ValueError, match="empty"):
+        eng.submit(Request(np.zeros(0, np.int32), 5))

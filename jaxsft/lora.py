@@ -195,8 +195,11 @@ def init(mc: ModelConfig, lc: LoraConfig, seed: int, base, n_old: int | None = N
         raise AssertionError("the base's parameter tree does not fit the model")
     adapters = init_adapters(abstract_adapters, seed)
     if n_old is not None and n_old < mc.vocab_size:
-        emb = dict(nnx.to_flat_state(base))[NEW_ROWS[:1] + ("embedding",)].get_value()
-        adapters = _with(adapters, {NEW_ROWS: nnx.LoRAParam(jnp.asarray(emb[n_old:], jnp.float32))})
+        flat = dict(nnx.to_flat_state(base))
+        new = {NEW_ROWS: nnx.LoRAParam(jnp.asarray(flat[NEW[NEW_ROWS]].get_value()[n_old:], jnp.float32))}
+        if NEW[NEW_COLS] in flat:  # an untied output head: its columns for the new tokens train too
+            new[NEW_COLS] = nnx.LoRAParam(jnp.asarray(flat[NEW[NEW_COLS]].get_value()[:, n_old:], jnp.float32))
+        adapters = _with(adapters, new)
     return graphdef, base, adapters
 
 
@@ -204,12 +207,18 @@ def abstract_adapters(mc: ModelConfig, lc: LoraConfig, n_old: int | None = None)
     """The adapters' tree as ShapeDtypeStructs (a restore target), new embedding rows included."""
     adapters = graph(mc, lc)[2]
     if n_old is not None and n_old < mc.vocab_size:
-        adapters = _with(adapters, {NEW_ROWS: nnx.LoRAParam(
-            jax.ShapeDtypeStruct((mc.vocab_size - n_old, mc.d_model), jnp.float32))})
+        n_new = mc.vocab_size - n_old
+        new = {NEW_ROWS: nnx.LoRAParam(jax.ShapeDtypeStruct((n_new, mc.d_model), jnp.float32))}
+        if not mc.tie_embeddings:
+            new[NEW_COLS] = nnx.LoRAParam(jax.ShapeDtypeStruct((mc.d_model, n_new), jnp.float32))
+        adapters = _with(adapters, new)
     return adapters
 
 
-NEW_ROWS = ("embed", "new_rows")
+# the trained parts of the embedding (its last rows) and of an untied head (its last columns), and
+# the base arrays they replace the end of
+NEW_ROWS, NEW_COLS = ("embed", "new_rows"), ("lm_head", "new_cols")
+NEW = {NEW_ROWS: ("embed", "embedding"), NEW_COLS: ("lm_head", "kernel")}
 
 
 def _with(state, entries: dict):
@@ -220,17 +229,18 @@ def _with(state, entries: dict):
 
 
 def _split_rows(base, adapters):
-    """(base with its embedding's last rows replaced by the adapters' new rows, the adapters
-    without them): the new rows are trained, every other embedding row the base's."""
+    """(base with its embedding's last rows (and an untied head's last columns) replaced by the
+    adapters' new ones, the adapters without them): those train, the rest is the base's."""
     flat = dict(nnx.to_flat_state(adapters))
-    rows = flat.pop(NEW_ROWS, None)
-    if rows is None:
+    if NEW_ROWS not in flat:
         return base, adapters
-    path = NEW_ROWS[:1] + ("embedding",)
-    emb = dict(nnx.to_flat_state(base))[path]
-    new = rows.get_value()
-    value = jnp.concatenate([emb.get_value()[: emb.get_value().shape[0] - new.shape[0]], new.astype(emb.get_value().dtype)])
-    return _with(base, {path: emb.replace(value)}), nnx.from_flat_state(list(flat.items()))
+    flat_base, replaced = dict(nnx.to_flat_state(base)), {}
+    for key, axis in ((NEW_ROWS, 0), (NEW_COLS, 1)):
+        if key in flat:
+            new, old = flat.pop(key).get_value(), flat_base[NEW[key]]
+            keep = jax.lax.slice_in_dim(old.get_value(), 0, old.get_value().shape[axis] - new.shape[axis], axis=axis)
+            replaced[NEW[key]] = old.replace(jnp.concatenate([keep, new.astype(keep.dtype)], axis=axis))
+    return _with(base, replaced), nnx.from_flat_state(list(flat.items()))
 
 
 def place(base, shardings):
@@ -346,7 +356,8 @@ def peft_name(path: tuple, prefix: str = "base_model.model.model") -> str:
     return f"{prefix}.layers.{layer}.{_HF_MODULE[module]}.{HF_NAMES[proj]}.lora_{which[-1].upper()}.weight"
 
 
-PEFT_NEW_ROWS = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+PEFT_NEW = {NEW_ROWS: "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+            NEW_COLS: "base_model.model.lm_head.token_adapter.trainable_tokens_delta"}
 
 
 def peft_state_dict(adapters) -> dict:
@@ -357,22 +368,29 @@ def peft_state_dict(adapters) -> dict:
     for path, var in nnx.to_flat_state(adapters):
         a = np.asarray(var.get_value(), np.float32)
         if path == NEW_ROWS:
-            out[PEFT_NEW_ROWS] = np.ascontiguousarray(a)
+            out[PEFT_NEW[path]] = np.ascontiguousarray(a)
+        elif path == NEW_COLS:  # torch's head is (V, D): the new tokens' rows
+            out[PEFT_NEW[path]] = np.ascontiguousarray(a.T)
         else:
             out[peft_name(path)] = np.ascontiguousarray(a.T)
     return out
 
 
-def new_token_ids(adapters, vocab_size: int) -> list[int]:
-    """The ids whose embedding rows train with the adapters (the last ones of the vocabulary)."""
-    rows = dict(nnx.to_flat_state(adapters)).get(NEW_ROWS)
-    return [] if rows is None else list(range(vocab_size - rows.get_value().shape[0], vocab_size))
+def new_token_ids(adapters, vocab_size: int):
+    """PEFT's trainable_token_indices: the ids whose embedding rows train with the adapters (the
+    last ones of the vocabulary), by module ({embed_tokens, lm_head: ids} with an untied head);
+    None without any."""
+    flat = dict(nnx.to_flat_state(adapters))
+    if NEW_ROWS not in flat:
+        return None
+    ids = list(range(vocab_size - flat[NEW_ROWS].get_value().shape[0], vocab_size))
+    return {"embed_tokens": ids, "lm_head": ids} if NEW_COLS in flat else ids
 
 
-def adapter_config(lc: LoraConfig, base_model: str = "", new_tokens: list[int] = ()) -> dict:
+def adapter_config(lc: LoraConfig, base_model: str = "", new_tokens=None) -> dict:
     """adapter_config.json for PEFT's LoraConfig (a LORA adapter on a causal LM; new_tokens:
-    the ids of trained embedding rows, PEFT's trainable_token_indices)."""
-    return {"trainable_token_indices": list(new_tokens) or None, "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+    PEFT's trainable_token_indices, new_token_ids)."""
+    return {"trainable_token_indices": new_tokens, "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": lc.rank, "lora_alpha": lc.alpha, "lora_dropout": lc.dropout, "bias": "none",
             "target_modules": sorted(HF_NAMES[t] for t in target_names(lc.targets)),
             "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,

@@ -151,6 +151,7 @@ def test_new_vocabulary_rows_train_with_the_adapters():
     emb = np.asarray(dict(nnx.to_flat_state(base))[("embed", "embedding")].get_value())
     assert rows.shape == (4, MC.d_model) and np.asarray(rows).tobytes() == emb[n_old:].tobytes()
     assert lora.new_token_ids(adapters, MC.vocab_size) == list(range(n_old, MC.vocab_size))
+    assert lora.new_token_ids(lora.init(MC, ALL, 0, base)[2], MC.vocab_size) is None
     tokens = _tokens()
     want, _ = model.apply(model.init(MC, 0)[0], base, tokens)
     got, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
@@ -385,7 +386,8 @@ def _transformers_llama(params, mc: ModelConfig):
     hf_cfg = transformers.LlamaConfig(
         vocab_size=mc.vocab_size, hidden_size=mc.d_model, intermediate_size=mc.d_ff,
         num_hidden_layers=mc.n_layers, num_attention_heads=mc.n_heads, num_key_value_heads=mc.n_heads,
-        max_position_embeddings=mc.max_seq_len, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        max_position_embeddings=mc.max_seq_len, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=mc.tie_embeddings,
         hidden_act="silu", attention_bias=False, mlp_bias=False)
     hf_cfg._attn_implementation = "eager"
     flat = {p: np.asarray(v.get_value(), np.float32) for p, v in nnx.to_flat_state(params)}
@@ -398,38 +400,43 @@ def _transformers_llama(params, mc: ModelConfig):
             module = "self_attn" if ours in ("wq", "wk", "wv", "wo") else "mlp"
             sub = "attn" if module == "self_attn" else "mlp"
             sd[f"{pre}.{module}.{theirs}.weight"] = flat[("blocks", i, sub, ours, "kernel")].T
-    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] if mc.tie_embeddings else flat[("lm_head", "kernel")].T
     m = transformers.LlamaForCausalLM(hf_cfg)
     m.load_state_dict({k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in sd.items()}, strict=True)
     return m.eval()
 
 
-@pytest.mark.parametrize("targets, n_new", [(lora.TARGETS, 5), (("wq", "wv", "w2"), 0)], ids=["all+rows", "some"])
-def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets, n_new):
+@pytest.mark.parametrize("targets, n_new, tied", [(lora.TARGETS, 5, True), (("wq", "wv", "w2"), 0, True),
+                                                  (("wq", "w1"), 3, False)], ids=["all+rows", "some", "untied+rows"])
+def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets, n_new, tied):
     """A real client: peft.PeftModel.from_pretrained on transformers' Llama holding our base and
     the adapter directory lora.save_peft writes computes our (unmerged) logits within 1e-4
     (with n_new trained embedding rows: PEFT's trainable tokens, tied to the head)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    mc = dataclasses.replace(MC, n_layers=2)
+    mc = dataclasses.replace(MC, n_layers=2, tie_embeddings=tied)
     lc = dataclasses.replace(ALL, targets=targets)
-    _, base = _base()
+    _, base = model.init(mc, 0)
     graphdef, frozen, adapters = lora.init(mc, lc, seed=0, base=base, n_old=mc.vocab_size - n_new or None)
     adapters = _random_b(adapters)
     if n_new:  # trained new rows: not the base's
         adapters = lora._with(adapters, {lora.NEW_ROWS: nnx.LoRAParam(jax.random.normal(
             jax.random.PRNGKey(5), (n_new, mc.d_model)))})
+        if not tied:
+            adapters = lora._with(adapters, {lora.NEW_COLS: nnx.LoRAParam(0.1 * jax.random.normal(
+                jax.random.PRNGKey(6), (mc.d_model, n_new)))})
     tokens = _tokens().at[:, ::3].set(mc.vocab_size - 1)  # a new token now and then
     ours, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
     files = lora.save_peft(str(tmp_path / "adapter"), adapters, lc, mc.vocab_size)
     with open(tmp_path / "adapter" / "adapter_config.json") as f:
-        assert json.load(f)["trainable_token_indices"] == (list(range(mc.vocab_size - n_new, mc.vocab_size))
-                                                            if n_new else None)
+        ids = list(range(mc.vocab_size - n_new, mc.vocab_size))
+        assert json.load(f)["trainable_token_indices"] == (None if not n_new else ids if tied else
+                                                            {"embed_tokens": ids, "lm_head": ids})
     assert sorted(os.listdir(tmp_path / "adapter")) == sorted(files)
     hf = _transformers_llama(base, mc)
     with torch.no_grad():
         plain = hf(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
-        np.testing.assert_allclose(plain, model.apply(model.init(mc, 0)[0], base, tokens)[0], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(plain, model.apply(model.abstract(mc)[0], base, tokens)[0], atol=1e-4, rtol=0)
         adapted = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
         theirs = adapted(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
     assert np.abs(np.asarray(ours) - plain).max() > 1e-3  # the adapter changes the logits ...

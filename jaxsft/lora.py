@@ -414,13 +414,6 @@ def save_peft(out_dir: str, adapters, lc: LoraConfig, vocab_size: int, base_mode
     return ["adapter_config.json", "adapter_model.safetensors"]
 
 
-def export_peft(run_dir: str, out_dir: str, base_model: str = "") -> list[str]:
-    """The best adapters of a LoRA run as a PEFT adapter directory (save_peft); base_model: where
-    the base is exported in the Llama format (adapter_config.json's base_model_name_or_path)."""
-    _, adapters, mc, _, lc = restore_parts(run_dir)
-    return save_peft(out_dir, adapters, lc, mc.vocab_size, base_model)
-
-
 def restore_parts(run_dir: str):
     """(base, adapters, model_cfg, tokenizer, lora config) of a LoRA run's best checkpoint, unmerged:
     what an exporter writes as a base model plus a PEFT adapter."""

@@ -444,21 +444,34 @@ def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets, n_new, t
 
 
 @pytest.mark.slow
-def test_a_lora_run_exports_a_peft_adapter_that_peft_applies(lora_reference, tmp_path):
-    """lora.export_peft on the LoRA run; PEFT on transformers' Llama holding the run's base gives
-    the logits of the run's merged model (what bin/chat answers with) within 1e-4."""
+def test_bin_export_merged_and_adapter_load_in_transformers_and_peft(lora_reference, tmp_path):
+    """bin/export of a LoRA run: merged, transformers' Llama gives the run's logits (what bin/chat
+    answers with); --adapter, PEFT on transformers' Llama of the exported base gives them too."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
+    import transformers
+    from conftest import run_script
     from jaxsft import checkpoint
     run = lora_reference["runs"].path()
-    files = lora.export_peft(run, str(tmp_path / "adapter"), base_model="../base")
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
-    base, _, mc, tok, _ = lora.restore_parts(run)
-    merged, _, _ = checkpoint.restore(run)
+    for extra in ([], ["--adapter"]):
+        out = tmp_path / ("adapter" if extra else "merged")
+        p = run_script("export", "--checkpoint", run, "--out", out, *extra)
+        assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter", "base"]
+    assert sorted(os.listdir(tmp_path / "adapter" / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    with open(tmp_path / "adapter" / "adapter" / "adapter_config.json") as f:
+        cfg = json.load(f)
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["base_model_name_or_path"] == str(tmp_path / "adapter" / "base")
+    assert sorted(cfg["target_modules"]) == sorted(lora.HF_NAMES.values())
+    merged, mc, tok = checkpoint.restore(run)
     tokens = jnp.asarray([tok.encode("3加5等于多少？") + tok.encode("8")], jnp.int32)
-    ours, _ = model.apply(model.abstract(mc)[0], merged, tokens)
-    hf = _transformers_llama(base, mc)
+    ours = np.asarray(model.apply(model.abstract(mc)[0], merged, tokens)[0])
     with torch.no_grad():
-        adapted = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
-        theirs = adapted(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
-    np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
+        ids = torch.from_numpy(np.asarray(tokens, np.int64))
+        plain = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+        np.testing.assert_allclose(plain(ids).logits.numpy(), ours, atol=1e-4, rtol=0)
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter" / "base"))
+        adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter" / "adapter")).eval()
+        np.testing.assert_allclose(adapted(ids).logits.numpy(), ours, atol=1e-4, rtol=0)
+    p = run_script("export", "--checkpoint", lora_reference["base"].path(), "--out", tmp_path / "x", "--adapter")
+    assert p.returncode == 2 and "not a LoRA run" in p.stderr

@@ -8,6 +8,13 @@ Writes config.json (LlamaForCausalLM), model.safetensors, tokenizer.json, tokeni
 (with a chat template that renders our ChatML and the run's system prompt),
 special_tokens_map.json and generation_config.json (eos <|endoftext|>). The best checkpoint
 is exported; --out must not exist or be empty.
+
+A LoRA run (lora.rank > 0) is exported merged: W + (alpha/rank) A B. With --adapter it is
+exported as a base and a PEFT adapter beside it instead:
+
+  bin/export --checkpoint runs/sft_lora --out exported/ --adapter   # exported/base/, exported/adapter/
+  python -c 'from peft import PeftModel; from transformers import AutoModelForCausalLM; \
+             PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("exported/base"), "exported/adapter")'
 """
 import argparse
 import sys
@@ -22,7 +29,9 @@ def main():
     p.add_argument("--out", required=True, help="directory to write (new or empty)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="tensor dtype in model.safetensors (default float32)")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: the base (--out/base) and a PEFT adapter (--out/adapter), unmerged")
     args = p.parse_args()
     from ..hf import export
-    files = export(args.checkpoint, args.out, args.dtype)
+    files = export(args.checkpoint, args.out, args.dtype, args.adapter)
     print(f"wrote {args.out}: {', '.join(files)}", file=sys.stderr)

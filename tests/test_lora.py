@@ -475,3 +475,44 @@ def test_bin_export_merged_and_adapter_load_in_transformers_and_peft(lora_refere
         np.testing.assert_allclose(adapted(ids).logits.numpy(), ours, atol=1e-4, rtol=0)
     p = run_script("export", "--checkpoint", lora_reference["base"].path(), "--out", tmp_path / "x", "--adapter")
     assert p.returncode == 2 and "not a LoRA run" in p.stderr
+
+
+@pytest.mark.slow
+def test_lora_on_an_imported_llama_trains_chats_and_exports_for_peft(tmp_path):
+    """LoRA on a Llama-format base (transformers-built: grouped-query attention, untied head, BPE
+    with the ChatML markers appended): the new markers' embedding rows and head columns train
+    with the adapters, bin/chat answers, and bin/export --adapter gives PEFT the run's logits."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+    from conftest import run_script
+    from test_hf import build_llama, write_config
+    from jaxsft import checkpoint
+    src = tmp_path / "llama"
+    src.mkdir()
+    build_llama(str(src))
+    run = tmp_path / "run"
+    config = write_config(str(tmp_path), run, steps=6, model_extra=f"  init_from: {json.dumps(str(src))}\n",
+                          n_train=100)
+    p = run_script("train", "--config", config, "--no-progress", "--set", "lora.rank=4", "--set",
+                   "lora.targets=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]", timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "(with the 4 new characters' embedding rows)" in p.stdout, p.stdout
+    best = saved_steps(run / "best")[-1]
+    stored = load_tree(str(run / "best"), best)
+    assert any("new_cols" in k for k in stored) and any("new_rows" in k for k in stored)
+    p = run_script("chat", "--checkpoint", run, "--max-new-tokens", "8", "你好")
+    assert p.returncode == 0, p.stderr
+    p = run_script("export", "--checkpoint", run, "--out", tmp_path / "exported", "--adapter")
+    assert p.returncode == 0, p.stderr
+    with open(tmp_path / "exported" / "adapter" / "adapter_config.json") as f:
+        ids = json.load(f)["trainable_token_indices"]
+    merged, mc, tok = checkpoint.restore(str(run))
+    assert mc.kv_heads == 2 and not mc.tie_embeddings and ids["lm_head"] == list(range(len(tok) - 4, len(tok)))
+    tokens = jnp.asarray([tok.encode("3加5等于多少？") + [tok.user_id, tok.assistant_id, tok.end_id]], jnp.int32)
+    ours = np.asarray(model.apply(model.abstract(mc)[0], merged, tokens)[0])
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported" / "base"))
+        adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "exported" / "adapter")).eval()
+        theirs = adapted(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)

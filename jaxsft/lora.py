@@ -8,20 +8,24 @@ A starts as PEFT's kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in)); B starts at 0, s
 adapter computes exactly the base's function. The model code is not changed: `attach`
 swaps each targeted nnx.Linear for a `LoraLinear` holding the same kernel (the parameter
 path stays blocks.N.attn.wq.kernel) and, when an MLP projection is targeted, the
-SwiGLU module for `LoraSwiGLU`, which adds the adapter term outside model.swiglu's
-custom_vjp (that function reads its kernels directly, so nothing can see inside it).
-Splitting that model gives (graphdef, base, adapters); `combine` joins them for
-model.apply, and the gradient is taken with respect to the adapters only, so the
-backward pass computes no weight gradient for the base (x^T dy, a third of full
-fine-tuning's matmul work) and the optimizer holds state for the adapters alone.
+SwiGLU module for `LoraSwiGLU`, which computes the layer with the adapter terms in a
+custom_vjp of its own (`swiglu_lora`; model.swiglu reads its kernels inside its
+custom_vjp, so nothing can see into it). Splitting that model gives (graphdef, base,
+adapters); `combine` joins them for model.apply, and the gradient is taken with respect
+to the adapters only, so the backward pass computes no weight gradient for the base
+(x^T dy, a third of full fine-tuning's matmul work) and the optimizer holds state for the
+adapters alone. The embedding rows of characters the base lacks (appended to its
+vocabulary by model.init_from) are no part of the base: they train with the adapters
+(`embed.new_rows`, and an untied head's `lm_head.new_cols`).
 
 `merge` folds the adapters into the kernels (W + (alpha/r) A B): evaluation, bin/chat,
 bin/eval and any exporter see a plain model. A LoRA run's best/ and latest/ hold the
 adapters (and their optimizer state) only; lora_base.json names the base and holds a
 fingerprint of its arrays, checked whenever the adapters are put back on it.
 
-`peft_state_dict` and `adapter_config` give the adapters as PEFT saves them
-(adapter_model.safetensors, adapter_config.json) for transformers' Llama names.
+`peft_state_dict`, `adapter_config` and `save_peft` give the adapters as PEFT saves them
+(adapter_model.safetensors, adapter_config.json; new rows as trainable tokens) for
+transformers' Llama names (bin/export --adapter).
 """
 from __future__ import annotations
 
@@ -110,7 +114,8 @@ class LoraSwiGLU(nnx.Module):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def swiglu_lora(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
-    """s: the adapters' scale (a float); x (N, D) -> (silu(x w1') * (x w3')) w2', (N, D), where w' = w + s a b (never formed).
+    """x (N, D) -> (silu(x w1') * (x w3')) w2', (N, D), where w' = w + s a b (never formed);
+    s: the adapters' scale (a float); an untargeted kernel comes with rank-0 a and b.
 
     Like model.swiglu, its gradient is written out: every product that sums over the N rows
     (the adapters' and the kernels' gradients) takes a materialised transpose, which XLA on

@@ -395,7 +395,8 @@ def new_token_ids(adapters, vocab_size: int):
 def adapter_config(lc: LoraConfig, base_model: str = "", new_tokens=None) -> dict:
     """adapter_config.json for PEFT's LoraConfig (a LORA adapter on a causal LM; new_tokens:
     PEFT's trainable_token_indices, new_token_ids)."""
-    return {"trainable_token_indices": new_tokens, "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "trainable_token_indices": new_tokens,
             "r": lc.rank, "lora_alpha": lc.alpha, "lora_dropout": lc.dropout, "bias": "none",
             "target_modules": sorted(HF_NAMES[t] for t in target_names(lc.targets)),
             "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,

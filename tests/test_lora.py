@@ -516,3 +516,48 @@ def test_lora_on_an_imported_llama_trains_chats_and_exports_for_peft(tmp_path):
         adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "exported" / "adapter")).eval()
         theirs = adapted(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+MESH_SCRIPT = r'''
+import os, sys
+os.environ["JAX_NUM_CPU_DEVICES"] = "2"
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from jaxsft import lora, model, parallel, steps
+from jaxsft.batching import make_batch
+from jaxsft.config import LoraConfig, MeshConfig, ModelConfig, TrainConfig
+mc = ModelConfig(vocab_size=40, max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
+tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0)
+rng = np.random.default_rng(0)
+ex = [(x := rng.integers(1, 40, 16).astype(np.int32), np.roll(x, -1), np.r_[np.zeros(8), np.ones(8)].astype(np.float32))
+      for _ in range(4)]
+out = []
+for data, fsdp in ((1, 1), (2, 1), (1, 2)):
+    mesh = parallel.make_mesh(MeshConfig(data=data, fsdp=fsdp), jax.devices()[:data * fsdp])
+    tx = steps.make_optimizer(tc, 10)
+    graphdef, base, adapters = lora.init(mc, LoraConfig(rank=4, alpha=8.0), 0, model.init(mc, 0)[1])
+    state = steps.TrainState.create(adapters, tx)
+    shardings = parallel.state_shardings(state, mesh)
+    state = parallel.shard_tree(state, shardings)
+    step = steps.make_train_step(graphdef, tx, tc, mesh, shardings, lora.place(base, parallel.param_shardings(base, mesh)))
+    for _ in range(3):
+        state, m = step(state, parallel.host_batch_to_global(make_batch(ex, 4, 16), parallel.batch_sharding(mesh)),
+                        jax.random.PRNGKey(0))
+    out.append([np.asarray(x) for x in jax.tree.leaves(state.params)])
+print(max(float(np.abs(a - b).max()) for other in out[1:] for a, b in zip(out[0], other)))
+'''
+
+
+@pytest.mark.slow
+def test_lora_steps_on_data_parallel_and_fsdp_meshes_agree(tmp_path):
+    """The adapters after 3 steps on one device, on 2 data-parallel devices, and with the base and
+    adapters sharded over 2 (fsdp): the same to float rounding (1e-5)."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    script = tmp_path / "mesh.py"
+    script.write_text(MESH_SCRIPT)
+    p = subprocess.run([sys.executable, str(script), REPO], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr
+    assert float(p.stdout.strip().splitlines()[-1]) < 1e-5  # the sums of gradients split over devices round apart

@@ -561,3 +561,17 @@ def test_lora_steps_on_data_parallel_and_fsdp_meshes_agree(tmp_path):
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert p.returncode == 0, p.stderr
     assert float(p.stdout.strip().splitlines()[-1]) < 1e-5  # the sums of gradients split over devices round apart
+
+
+@pytest.mark.slow
+def test_resume_with_another_lora_section_is_refused(lora_reference, tmp_path):
+    import shutil
+    r = lora_reference["runs"]
+    d = tmp_path / "copy"
+    shutil.copytree(r.d, d)
+    copy = LoraRuns(d, None, lora_reference["base"].path())
+    for change in (["--set", "lora.rank=8"], ["--set", "lora.targets=[wq]"], ["--set", "lora.rank=0"]):
+        p = copy.run("--resume", *change)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.strip().splitlines()[-1] == ("error: run: was trained with another lora section (rank 4); "
+                                                     "cannot resume"), p.stderr

@@ -575,3 +575,14 @@ def test_resume_with_another_lora_section_is_refused(lora_reference, tmp_path):
         assert p.returncode == 2, p.stderr
         assert p.stderr.strip().splitlines()[-1] == ("error: run: was trained with another lora section (rank 4); "
                                                      "cannot resume"), p.stderr
+
+
+def test_linear_lora_gradient_is_autodiffs():
+    N, D, O, r, s = 6, 8, 5, 3, 2.5
+    ks = jax.random.split(jax.random.PRNGKey(1), 5)
+    args = [jax.random.normal(k, sh) for k, sh in zip(ks, [(N, D), (D, O), (D, r), (r, O)])]
+    g = jax.random.normal(ks[4], (N, O))
+    plain = lambda x, w, a, b: x @ w + s * (x @ a) @ b  # noqa: E731
+    np.testing.assert_allclose(lora.linear_lora(s, *args), plain(*args), rtol=1e-5, atol=1e-5)
+    for h, w in zip(jax.vjp(lambda *a: lora.linear_lora(s, *a), *args)[1](g), jax.vjp(plain, *args)[1](g)):
+        np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)

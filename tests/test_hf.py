@@ -148,6 +148,7 @@ def imported(src):
     return mc, tok, graphdef, params, base
 
 
+@pytest.mark.slow
 def test_import_parity_gqa_untied_rope_theta_bpe(llama_dir):
     """transformers' own tiny Llama (4 query / 2 key-value heads, untied head, rope_theta
     500000, rms eps 1e-6, byte-level BPE) gives the same logits in jaxsft on 24 prompts."""

@@ -111,6 +111,7 @@ def _batch(n=4, length=16):
     return make_batch(examples, n, length)
 
 
+@pytest.mark.slow
 def test_training_moves_the_adapters_only_and_the_optimizer_holds_adapter_leaves_only():
     tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0, weight_decay=0.01)
     _, base = _base()
@@ -141,6 +142,7 @@ def test_training_moves_the_adapters_only_and_the_optimizer_holds_adapter_leaves
     assert all(b.any() for b in b_after)  # every adapter trained
 
 
+@pytest.mark.slow
 def test_new_vocabulary_rows_train_with_the_adapters():
     """Rows appended to the base's vocabulary (characters it lacks) are no part of the base: they
     are an adapters' entry, train, and are the merged model's rows; the base's rows stay."""
@@ -359,6 +361,7 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
                                                       f"(model.init_from) is missing; a LoRA run holds its adapters only")
 
 
+@pytest.mark.slow
 def test_swiglu_lora_gradient_is_autodiffs():
     """lora.swiglu_lora's hand-written backward pass against autodiff of the same function."""
     N, D, F, r, s = 6, 8, 12, 3, 1.5

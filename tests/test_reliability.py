@@ -257,6 +257,7 @@ def run_ok(name, args, capsys, monkeypatch):
     return capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_a_curriculum_of_absent_categories_is_skipped_and_resume_warns_of_changes(tmp_path, capsys, monkeypatch):
     """configs/default.yaml's curriculum names categories of data/; on a user's rows without
     them the run trains after a one-line note. --resume with another lr or max_steps says
@@ -320,7 +321,7 @@ def test_bad_input_in_a_real_process(tmp_path):
 
 
 def _env(cache):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8", PYTHONPATH=REPO)  # this checkout's jaxsft
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -749,6 +750,7 @@ def test_chat_unknown_characters_empty_questions_and_long_conversations(referenc
     assert proc.stdout.count("你> ") == 5  # every line read, to /quit
 
 
+@pytest.mark.slow
 def test_chat_commands_are_listed_and_never_sent_to_the_model(reference):
     """/help lists the commands; an unknown /command says so and lists them; neither is a question."""
     lines = ["/help", "/frobnicate now", "/quit"]

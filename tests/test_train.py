@@ -206,6 +206,7 @@ def test_train_step_compiles_once_per_bucket(setup):
     assert int(state.step) == 6
 
 
+@pytest.mark.slow
 def test_shared_system_prefix_trains_like_whole_rows(qa):
     """With the system prompt computed once per batch (train.share_prefix), loss,
     gradients and one optimizer step equal those of packing every row whole; a row
@@ -239,6 +240,7 @@ def test_shared_system_prefix_trains_like_whole_rows(qa):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), _np(a.params), _np(b.params))
 
 
+@pytest.mark.slow
 def test_packed_batch_trains_like_the_padded_batch(setup):
     """Packing the 4 rows into 2 rows of 48 tokens (26+20, 18+16) changes neither the
     loss nor the gradient nor the update: packed rows never see each other."""
@@ -264,6 +266,7 @@ def test_packed_batch_trains_like_the_padded_batch(setup):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), _np(a.params), _np(b.params))
 
 
+@pytest.mark.slow
 def test_output_head_at_answer_positions_only_trains_the_same(setup):
     """answer_at: the head and loss at the answer positions only (padded with a
     loss-free position) give the loss, gradient and update of the head everywhere;
@@ -306,6 +309,7 @@ def test_answer_slots_hold_every_early_batch():
     assert slots % 8 == 0 and max(counts) <= slots < max(counts) + 8
 
 
+@pytest.mark.slow
 def test_focus_steps_draw_from_one_category_then_the_whole_set(tmp_path):
     """train.focus_categories/focus_steps: the first steps train on that category's rows
     only (1-letter answers: 2 answer tokens a row), then step k is the whole set's

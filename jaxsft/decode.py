@@ -258,28 +258,6 @@ class Generator:
         yield from self.engine(1).stream(self.requests([prompt], sampling, seed)[0])
 
 
-# Streaming: the same decoding as `generate`, but the loop runs on the host over a
-# jitted one-token step (`_step`, the body of generate's loop) that updates the KV cache in
-# place (donated), so each token reaches the caller as soon as it exists.
-
-_stream_prefill = jax.jit(_prefill, static_argnames=("spec",))
-_stream_step = jax.jit(_step, static_argnames=("spec",), donate_argnums=(2,))
-
-
-def generate_stream(params, prompts, prompt_lens, key, *, spec: Spec):
-    """Like `generate`, one step at a time: yields tokens (B,) numpy int32 for
-    answer positions 0, 1, ... until every row has written end_id or
-    max_new_tokens tokens are out. Stacked, they equal generate's output."""
-    tok, cache = _stream_prefill(params, prompts, prompt_lens, key, spec=spec)
-    done = tok == spec.end_id
-    yield np.asarray(tok)
-    for i in range(1, spec.max_new_tokens):
-        if np.asarray(done).all():
-            return
-        tok, cache, done = _stream_step(params, tok, cache, done, prompt_lens, jnp.int32(i), key, spec=spec)
-        yield np.asarray(tok)
-
-
 _noted: set = set()
 
 

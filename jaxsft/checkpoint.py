@@ -215,13 +215,22 @@ _ORBAX_ERROR_LINES = _OrbaxErrorLines()
 
 
 class _UnretrievedReadErrors(logging.Filter):
-    """Drops asyncio's 'Future exception was never retrieved' for a tensorstore error (the other
-    reads of a failed restore)."""
+    """Drops asyncio's 'Future/Task exception was never retrieved' for a tensorstore error or an
+    error raised inside orbax's reads (the other reads of a failed restore)."""
 
     def filter(self, record):
         exc = record.exc_info[1] if record.exc_info else None
-        return not (exc is not None and "never retrieved" in str(record.msg)
-                    and re.match(r"[A-Z_]+: ", str(exc)) is not None)
+        if exc is None or "never retrieved" not in str(record.msg):
+            return True
+        if re.match(r"[A-Z_]+: ", str(exc)) is not None:
+            return False
+        # any other error raised inside orbax's reads (a truncated shard read under load, say)
+        tb = exc.__traceback__
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
 
 
 def _drop_failed_read_debris() -> None:

@@ -333,8 +333,10 @@ def _weight_files(src: str) -> dict:
 
 
 def read_params(src: str, mc: ModelConfig):
-    """The parameters of the Llama-format model in `src` as float32 arrays in jaxsft's tree
-    for `mc` (its vocab_size = the checkpoint's rows). Every tensor's presence, shape and
+    """The parameters of the Llama-format model in `src` as float32 jax arrays (on the first
+    device) in jaxsft's tree for `mc` (its vocab_size = the checkpoint's rows). Not numpy: a
+    LoRA run's frozen base is then these very arrays, not a copy beside them (Setup.base keeps
+    them for the whole run). Every tensor's presence, shape and
     dtype is checked before any is read."""
     import ml_dtypes  # noqa: F401  numpy's bfloat16, which safetensors' numpy reader needs
     from safetensors import safe_open
@@ -363,9 +365,9 @@ def read_params(src: str, mc: ModelConfig):
             if dtype not in DTYPES:
                 raise UserError(f"{file}: {name} has dtype {dtype} (jaxsft reads F32, BF16 and F16)")
         arrays = {}
-        for name, (shape, transposed) in wanted.items():
-            a = handles[files[name]].get_tensor(name).astype(np.float32)
-            arrays[name] = np.ascontiguousarray(a.T) if transposed else a
+        for name, (shape, transposed) in wanted.items():  # one tensor at a time on the host
+            a = handles[files[name]].get_tensor(name).astype(np.float32, copy=False)
+            arrays[name] = jax.device_put(np.ascontiguousarray(a.T) if transposed else a)
     finally:
         handles.clear()
     return jax.tree_util.tree_map_with_path(lambda p, _: arrays[names[_path(p)][0]], abstract)

@@ -106,6 +106,7 @@ def _linear_lora_fwd(s, x, w, a, b):
 
 def _linear_lora_bwd(s, res, g):
     x, xa, w, a, b = res
+    x, xa = model.after(g, x, xa)  # their transposes wait for g (model.after)
     gb = (g @ b.T) * s  # (N, r)
     xT, xaT = jax.lax.optimization_barrier((x.T, xa.T))
     return g @ w.T + gb @ a.T, xT @ g, xT @ gb, (xaT * s) @ g
@@ -159,6 +160,7 @@ def _swiglu_lora_fwd(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
 
 def _swiglu_lora_bwd(s, res, g):
     x, a, b, xa1, xa3, ha2, w1, w3, w2, a1, b1, a3, b3, a2, b2 = res
+    x, a, xa1, xa3, ha2 = model.after(g, x, a, xa1, xa3, ha2)  # recomputed from, transposed: after g
     sig = jax.nn.sigmoid(a)
     silu = a * sig
     h = silu * b

@@ -76,7 +76,6 @@ def main():
     args = p.parse_args()
 
     import jax
-    import numpy as np
     from jaxsft import model, parallel
     from jaxsft.config import load_config
     from jaxsft.setup import prepare

@@ -45,15 +45,14 @@ def make_schedule(tc, total_steps: int):
 
 class AdamW(NamedTuple):
     """optax's clip_by_global_norm + adamw (`init`, `update`: an optax GradientTransformation,
-    the reference) and `apply`, the same update as one pass per parameter, which the train
-    step uses: (grads, scale, grad_norm, ok, opt_state, params) -> (params, opt_state).
+    the reference) and `apply`, the same update fused, which the train step uses: (grads, scale, grad_norm, ok, opt_state, params) -> (params, opt_state).
 
     grads are scaled by `scale` (1 / answer tokens) as they are read, so the mean gradient
     is never stored; grad_norm is the mean gradient's norm; where ok is false (a non-finite
     loss or norm) the parameters and the state come back unchanged. On CPU optax's chain and
     the guard after it cost ~1,000 small memory-bound ops over four parameter-sized trees;
-    this is one elementwise fusion per parameter. The state is optax's own (checkpoints of
-    either read the same)."""
+    this is three elementwise passes per parameter (the moments, then the parameter) and no
+    copies. The state is optax's own: checkpoints of earlier versions restore unchanged."""
     init: Callable
     update: Callable
     apply: Callable
@@ -79,16 +78,14 @@ def _adamw_apply(grads, scale, grad_norm, ok, opt_state, params, *, schedule, we
     t = count.astype(jnp.float32)
     bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
 
-    def leaf(g, m, v, p):  # one pass: reads g, m, v, p; writes m, v, p
-        g = g * scale
-        m2 = b1 * m + (1 - b1) * g
-        v2 = b2 * v + (1 - b2) * (g * g)
-        p2 = p - lr * ((m2 / bc1) / (jnp.sqrt(v2 / bc2) + eps) + weight_decay * p)
-        return jnp.where(ok, m2, m), jnp.where(ok, v2, v), jnp.where(ok, p2.astype(p.dtype), p)
-
-    out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params)
-    tdef = jax.tree.structure(params)
-    mu, nu, params = (tdef.unflatten([o[i] for o in tdef.flatten_up_to(out)]) for i in range(3))
+    # the moments first, materialised (the barrier): fused into the parameters' pass as well, each
+    # would read the old moments after their in-place update, and XLA copies every moment to allow it
+    mu = jax.tree.map(lambda m, g: jnp.where(ok, b1 * m + (1 - b1) * (g * scale), m), adam.mu, grads)
+    nu = jax.tree.map(lambda v, g: jnp.where(ok, b2 * v + (1 - b2) * jnp.square(g * scale), v), adam.nu, grads)
+    mu, nu = jax.lax.optimization_barrier((mu, nu))
+    # where ok is false the moments came back unchanged and the parameters do too
+    params = jax.tree.map(lambda p, m, v: jnp.where(
+        ok, p - lr * ((m / bc1) / (jnp.sqrt(v / bc2) + eps) + weight_decay * p), p).astype(p.dtype), params, mu, nu)
     count = jnp.where(ok, count, adam.count)
 
     def swap(s):

@@ -51,10 +51,11 @@ def torch_model(mcfg, params):
     """The jaxsft model in eager PyTorch, its weights copied from `params` (nnx.State)."""
     import torch
     import torch.nn.functional as F
+    from flax import nnx
 
     D, H, K = mcfg.d_model, mcfg.n_heads, mcfg.head_dim
     assert mcfg.kv_heads == H and mcfg.tie_embeddings, "the peer covers the seed's shape"
-    pure = params.to_pure_dict()
+    pure = nnx.to_pure_dict(params)
 
     def p(x):
         return torch.nn.Parameter(torch.tensor(x.__array__().copy()))

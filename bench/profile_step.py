@@ -81,8 +81,13 @@ def main():
     trainer.close()
     totals = op_table(out)
     total = sum(totals.values())
-    shapes = hlo_shapes(step_fn.lower(state, batches[0], key).compile().as_text())
-    print(f"wall {wall * 1e3:.1f} ms/step (traced), op time {total / args.steps / 1e3:.1f} ms/step")
+    text = step_fn.lower(state, batches[0], key).compile().as_text()
+    shapes = hlo_shapes(text)
+    entry = text[text.index("\nENTRY"):]
+    n_ops = len(re.findall(r"^\s+(?:ROOT )?%?[\w.-]+ = ", entry, re.M))
+    n_copies = len(re.findall(r"= \S+ copy\(", entry))
+    print(f"wall {wall * 1e3:.1f} ms/step (traced), op time {total / args.steps / 1e3:.1f} ms/step, "
+          f"compiled step: {n_ops} top-level instructions, {n_copies} copies")
     kinds = collections.Counter()
     for name, us in totals.items():
         kinds[re.sub(r"\.\d+$", "", name)] += us

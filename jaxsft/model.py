@@ -108,35 +108,21 @@ class Attention(nnx.Module):
         B, T, D = x.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
         heads = lambda y, n: y.reshape(B, T, n, K).transpose(0, 2, 1, 3)  # noqa: E731  (B, n, T, K)
-        q, k, v = self.project(x)
-        q = heads(rope(q.reshape(B, T, H, K), positions, self.rope_theta), H)
-        k = heads(rope(k.reshape(B, T, G, K), positions, self.rope_theta), G)
-        v = heads(v, G)
+        q = heads(rope(self.wq(x).reshape(B, T, H, K), positions, self.rope_theta), H)
+        k = heads(rope(self.wk(x).reshape(B, T, G, K), positions, self.rope_theta), G)
+        v = heads(self.wv(x), G)
         if cache is not None:
             k, v = _write(cache[0], k, index), _write(cache[1], v, index)
             cache = (k, v)
         out = attend(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, H * K)
         return self.wo(out), cache
 
-    def project(self, x):
-        """x (B, T, D) -> q (B, T, H*K), k v (B, T, G*K). Plain kernels are joined into one
-        (D, (H+2G)K) product: on CPU one wide matmul runs faster than three narrow ones,
-        and its weight gradient is one (D, N) @ (N, (H+2G)K) product. The parameters stay
-        per projection (checkpoints, hf.py, LoRA's adapters, which take the separate path)."""
-        projs = (self.wq, self.wk, self.wv)
-        if not all(type(p) is nnx.Linear for p in projs):
-            return tuple(p(x) for p in projs)
-        w = jnp.concatenate([p.kernel[...] for p in projs], axis=1).astype(x.dtype)  # (D, (H+2G)K)
-        qkv = x @ w
-        HK, GK = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        return qkv[..., :HK], qkv[..., HK:HK + GK], qkv[..., HK + GK:]
-
 
 @jax.custom_vjp
 def swiglu(x, w1, w3, w2):
     """x (N, D), w1 w3 (D, F), w2 (F, D) -> (silu(x w1) * (x w3)) w2, (N, D).
 
-    w1 and w3 run as one (D, 2F) product, forward and backward. Its gradient is autodiff's, written out so that every weight gradient is a
+    Its gradient is autodiff's, written out so that every weight gradient is a
     plain (D, N) @ (N, F) product of a materialised transpose: left to itself,
     XLA on CPU fuses the silu derivative into a strided transposed write, which
     profiled at a sixth of the train step."""
@@ -144,25 +130,19 @@ def swiglu(x, w1, w3, w2):
 
 
 def _swiglu_fwd(x, w1, w3, w2):
-    F = w1.shape[1]
-    w13 = jnp.concatenate([w1, w3], axis=1)  # (D, 2F): one wide product instead of two
-    ab = x @ w13  # (N, 2F)
-    a, b = ab[:, :F], ab[:, F:]
-    return (jax.nn.silu(a) * b) @ w2, (x, ab, w13, w2)
+    a, b = x @ w1, x @ w3
+    return (jax.nn.silu(a) * b) @ w2, (x, a, b, w1, w3, w2)
 
 
 def _swiglu_bwd(res, g):
-    x, ab, w13, w2 = res
-    F = w2.shape[0]
-    a, b = ab[:, :F], ab[:, F:]
+    x, a, b, w1, w3, w2 = res
     sig = jax.nn.sigmoid(a)
     silu = a * sig
     dh = g @ w2.T  # (N, F)
-    # silu'(a) = sig + silu * (1 - sig); d(a|b) (N, 2F) in one pass
-    dab = jnp.concatenate([dh * b * (sig + silu * (1 - sig)), dh * silu], axis=1)
+    da = dh * b * (sig + silu * (1 - sig))  # silu'(a) = sig + silu * (1 - sig)
+    db = dh * silu
     xT, hT = jax.lax.optimization_barrier((x.T, (silu * b).T))
-    dw13 = xT @ dab  # (D, 2F)
-    return dab @ w13.T, dw13[:, :F], dw13[:, F:], hT @ g
+    return da @ w1.T + db @ w3.T, xT @ da, xT @ db, hT @ g
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -35,6 +35,33 @@ def matmul_peak(n=2048, repeats=10, dtype="float32"):
     return 2 * n ** 3 / best
 
 
+def work(host, mcfg):
+    """What a list of host batches asks of the model: answer tokens, non-pad and padded
+    tokens, useful FLOPs (real tokens; the head where it runs) and executed FLOPs."""
+    import numpy as np
+    from jaxsft import model
+    answer_tokens = nonpad = padded = head_everywhere = 0
+    flops = exec_flops = 0.0
+    head = 6 * mcfg.vocab_size * mcfg.d_model  # training FLOPs of the tied head, per position
+    for b in host:
+        B, L = b.inputs.shape
+        if b.segments is not None:  # packed: one length per example
+            lens = [int(n) for row in b.segments for n in np.bincount(row)[1:] if n]
+        else:
+            lens = [int(n) for n in (b.inputs != 0).sum(1) if n]  # pad id 0 never occurs inside a row
+        nonpad += sum(lens)
+        padded += B * L
+        answer_tokens += int(b.loss_mask.sum())
+        # the output head counts where it runs: every token, or the answer_at positions
+        flops += sum(model.flops_per_token(mcfg, n, head=False) * n for n in lens)
+        flops += head * (int(b.loss_mask.sum()) if b.answer_at is not None else sum(lens))
+        exec_flops += model.flops_per_token(mcfg, L, head=False) * B * L
+        exec_flops += head * (len(b.answer_at) if b.answer_at is not None else B * L)
+        head_everywhere += b.answer_at is None
+    return dict(answer_tokens=answer_tokens, nonpad=nonpad, padded=padded, flops=flops,
+                exec_flops=exec_flops, head_everywhere=head_everywhere)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(ROOT, "configs/seed.yaml"))
@@ -49,7 +76,6 @@ def main():
     args = p.parse_args()
 
     import jax
-    import numpy as np
     from jaxsft import model, parallel
     from jaxsft.config import load_config
     from jaxsft.setup import prepare
@@ -82,9 +108,6 @@ def main():
     jax.block_until_ready(state)
     compilations_warm = step_fn._cache_size()
 
-    answer_tokens = nonpad = padded = head_everywhere = 0
-    flops = exec_flops = 0.0
-    head = 6 * mcfg.vocab_size * mcfg.d_model  # training FLOPs of the tied head, per position
     t0 = time.perf_counter()
     for h in host:  # the host-to-device copy counts, as in a run (there it overlaps the step before)
         state, m = step_fn(state, parallel.host_batch_to_global(h, trainer.rows), key)
@@ -99,21 +122,9 @@ def main():
     trainer.ckpt.wait()
     save_total_s = time.perf_counter() - t0
     trainer.close()
-    for b in host:
-        B, L = b.inputs.shape
-        if b.segments is not None:  # packed: one length per example
-            lens = [int(n) for row in b.segments for n in np.bincount(row)[1:] if n]
-        else:
-            lens = [int(n) for n in (b.inputs != 0).sum(1) if n]  # pad id 0 never occurs inside a row
-        nonpad += sum(lens)
-        padded += B * L
-        answer_tokens += int(b.loss_mask.sum())
-        # the output head counts where it runs: every token, or the answer_at positions
-        flops += sum(model.flops_per_token(mcfg, n, head=False) * n for n in lens)
-        flops += head * (int(b.loss_mask.sum()) if b.answer_at is not None else sum(lens))
-        exec_flops += model.flops_per_token(mcfg, L, head=False) * B * L
-        exec_flops += head * (len(b.answer_at) if b.answer_at is not None else B * L)
-        head_everywhere += b.answer_at is None
+    w = work(host, mcfg)
+    answer_tokens, nonpad, padded, flops, exec_flops, head_everywhere = (
+        w[k] for k in ("answer_tokens", "nonpad", "padded", "flops", "exec_flops", "head_everywhere"))
     n_ex = len(batches) * tc.batch_size
     figures = {
         "config": os.path.basename(args.config), "params": model.count_params(state.params),

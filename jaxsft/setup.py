@@ -36,7 +36,7 @@ class Setup:
     val_rows: list[Row]  # [] when pretraining
     val_examples: list
     plan: RunPlan  # the batch of every step
-    tx: optax.GradientTransformation
+    tx: optax.GradientTransformation  # steps.AdamW: optax's init and update, and the fused apply
     schedule: Callable  # step -> learning rate
     base: Optional[tuple] = None  # model.init_from: (its parameters, its vocabulary size)
 

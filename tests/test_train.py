@@ -108,6 +108,30 @@ def test_weight_decay_is_decoupled_at_the_scheduled_rate():
     np.testing.assert_allclose(after[1], w0 * (1 - lr / 2 * wd), rtol=1e-6)  # 0.975 * w0
 
 
+@pytest.mark.parametrize("max_norm", [1.0, 0.0])
+def test_fused_adamw_matches_optax(max_norm):
+    """The train step's fused update (AdamW.apply) against optax's chain (update, then
+    apply_updates): five steps past warmup with weight decay, clipping active on some; then
+    a non-finite gradient norm leaves parameters and state exactly as they were."""
+    tc = dataclasses.replace(TC, lr=0.1, weight_decay=0.1, warmup_steps=2, max_grad_norm=max_norm)
+    tx = steps.make_optimizer(tc, 10)
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    p = {"w": jax.random.normal(keys[0], (8, 16)), "b": {"c": jax.random.normal(keys[1], (16,))}}
+    ref_p, ref_s, p_, s_ = p, tx.init(p), p, tx.init(p)
+    apply = jax.jit(tx.apply)
+    for i in range(5):
+        g_sum = jax.tree.map(lambda x: jax.random.normal(keys[2 + i], x.shape) * (0.2 + i), p)  # summed over 4 tokens
+        mean = jax.tree.map(lambda x: x / 4, g_sum)
+        updates, ref_s = tx.update(mean, ref_s, ref_p)
+        ref_p = optax.apply_updates(ref_p, updates)
+        gnorm = optax.tree.norm(mean)
+        p_, s_ = apply(g_sum, jnp.float32(0.25), gnorm, jnp.bool_(True), s_, p_)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), (p_, s_), (ref_p, ref_s))
+    assert jax.tree.structure(s_) == jax.tree.structure(ref_s)  # optax's own state: old checkpoints read
+    p2, s2 = apply(g_sum, jnp.float32(0.25), jnp.float32(jnp.nan), jnp.bool_(False), s_, p_)
+    jax.tree.map(np.testing.assert_array_equal, (p2, s2), (p_, s_))
+
+
 def test_tiny_model_overfits(setup):
     batch = batching.make_batch(setup["examples"], 4, 32)
     state = _fresh_state(setup)

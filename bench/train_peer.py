@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""jaxsft's train step against the same model in PyTorch (eager, float32), in one run.
+
+    python bench/train_peer.py [--config configs/seed.yaml] [--train ...] [--steps 10] [--rounds 3]
+
+Three variants, timed in alternating blocks of --steps steps, --rounds times:
+
+  jaxsft    the train step on packed rows with the system prompt in every row
+            (train.share_prefix=false): the work the peer does, token for token
+  torch     the same model in PyTorch (tied embedding, RMSNorm, rotary, SwiGLU, no biases,
+            dropout, segment masks so packed rows never see each other, the output head at
+            the same answer positions), fed the same token arrays, AdamW with the same
+            clipping, torch.set_num_threads(2)
+  bin/train the trainer's own step and batches as configured (prefix shared, answer-only head)
+
+Both start from the same parameters; their losses on the first batch (no dropout) are
+printed to show it is one function. Prints s/step, examples/s and useful MFU of each
+against a float32 matmul peak measured in the same run (by JAX and by torch), and the
+ratios; the last line is one JSON object. torch is a benchmark-only dependency.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+# torch's OpenMP threads spin while they wait; on a shared (oversubscribed) 2-core machine that
+# made the peer's step 7-10x slower (10 s against 1.0 s at load average 7). Passive waiting is
+# torch's best case here; it must be set before torch starts its threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_speed import ROOT, matmul_peak, work  # noqa: E402
+
+
+def torch_peak(n=2048, repeats=10):
+    """Best n^3 float32 matmul rate under torch, FLOP/s."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def torch_model(mcfg, params):
+    """The jaxsft model in eager PyTorch, its weights copied from `params` (nnx.State)."""
+    import torch
+    import torch.nn.functional as F
+    from flax import nnx
+
+    D, H, K = mcfg.d_model, mcfg.n_heads, mcfg.head_dim
+    assert mcfg.kv_heads == H and mcfg.tie_embeddings, "the peer covers the seed's shape"
+    pure = nnx.to_pure_dict(params)
+
+    def p(x):
+        return torch.nn.Parameter(torch.tensor(x.__array__().copy()))
+
+    class GPT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = p(pure["embed"]["embedding"])  # (V, D)
+            self.norm = p(pure["norm"]["scale"])
+            self.blocks = torch.nn.ParameterList()
+            for i in range(mcfg.n_layers):
+                b = pure["blocks"][i]
+                self.blocks.extend([p(b["norm1"]["scale"]), p(b["attn"]["wq"]["kernel"]), p(b["attn"]["wk"]["kernel"]),
+                                    p(b["attn"]["wv"]["kernel"]), p(b["attn"]["wo"]["kernel"]), p(b["norm2"]["scale"]),
+                                    p(b["mlp"]["w1"]["kernel"]), p(b["mlp"]["w3"]["kernel"]), p(b["mlp"]["w2"]["kernel"])])
+
+        def forward(self, inputs, positions, segments, answer_at):  # (B, T) each; answer_at (A,)
+            B, T = inputs.shape
+            rate, eps = mcfg.dropout if self.training else 0.0, mcfg.norm_eps
+            drop = lambda x: F.dropout(x, rate, self.training) if rate else x  # noqa: E731
+            norm = lambda x, s: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * s  # noqa: E731
+            half = K // 2
+            freqs = mcfg.rope_theta ** (-torch.arange(half, dtype=torch.float32) / half)
+            angles = positions.float()[..., None] * freqs  # (B, T, K/2)
+            cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+            def rope(x):  # (B, T, H, K)
+                x1, x2 = x[..., :half], x[..., half:]
+                return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+            x = drop(self.embed[inputs])
+            w = list(self.blocks)
+            for i in range(mcfg.n_layers):
+                n1, wq, wk, wv, wo, n2, w1, w3, w2 = w[9 * i:9 * i + 9]
+                h = norm(x, n1)
+                q = rope((h @ wq).view(B, T, H, K)).transpose(1, 2)
+                k = rope((h @ wk).view(B, T, H, K)).transpose(1, 2)
+                v = (h @ wv).view(B, T, H, K).transpose(1, 2)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                x = x + drop(o.transpose(1, 2).reshape(B, T, D) @ wo)
+                h = norm(x, n2)
+                x = x + drop((F.silu(h @ w1) * (h @ w3)) @ w2)
+            x = norm(x.reshape(B * T, D)[answer_at], self.norm)
+            return x @ self.embed.T  # (A, V)
+
+    return GPT()
+
+
+def torch_batches(host):
+    import torch
+    return [dict(inputs=torch.from_numpy(b.inputs).long(), positions=torch.from_numpy(b.positions).long(),
+                 segments=torch.from_numpy(b.segments), answer_at=torch.from_numpy(b.answer_at).long(),
+                 targets=torch.from_numpy(b.targets.reshape(-1)[b.answer_at]).long(),
+                 mask=torch.from_numpy(b.loss_mask.reshape(-1)[b.answer_at])) for b in host]
+
+
+def torch_loss(net, b):
+    import torch.nn.functional as F
+    logits = net(b["inputs"], b["positions"], b["segments"], b["answer_at"])
+    nll = F.cross_entropy(logits, b["targets"], reduction="none")
+    return (nll * b["mask"]).sum() / b["mask"].sum().clamp(min=1.0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs/seed.yaml"))
+    p.add_argument("--train", default=os.path.join(ROOT, "../shared/seed-data/custom_sft_train.jsonl"))
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+
+    import jax
+    import torch
+    from jaxsft import parallel, steps
+    from jaxsft.config import load_config
+    from jaxsft.setup import prepare
+    from jaxsft.trainer import Trainer
+
+    torch.set_num_threads(args.threads)
+    common = [f"data.train={args.train}", f"data.val={args.train}", "train.focus_steps=0"] + args.set
+    mesh = parallel.setup(load_config(args.config, common).mesh)
+    quiet = lambda *a, **k: None  # noqa: E731
+    peak_jax, peak_torch = matmul_peak(), torch_peak()
+    runs = {}
+    for name, extra in (("jaxsft", ["train.share_prefix=false"]), ("bin/train", [])):
+        cfg = load_config(args.config, common + extra + [f"out_dir={tempfile.mkdtemp()}/run"])
+        trainer = Trainer(prepare(cfg, mesh, log=quiet), mesh, log=quiet, progress=False)
+        plan = trainer.setup.plan.main
+        host = [plan.batch(s) for s in range(args.steps)]
+        for b in {b.inputs.shape: b for b in host}.values():  # compile every shape before timing
+            trainer.state, _ = trainer.train_step(trainer.state, parallel.host_batch_to_global(b, trainer.rows),
+                                                  trainer.key)
+        jax.block_until_ready(trainer.state)
+        runs[name] = dict(trainer=trainer, host=host, work=work(host, cfg.model), times=[])
+    mcfg = runs["jaxsft"]["trainer"].setup.model_cfg
+    host = runs["jaxsft"]["host"]
+    assert all(b.prefix is None and b.answer_at is not None for b in host)
+
+    # the same function: both models' loss on the first batch from the same parameters, no dropout
+    graphdef, params0 = runs["jaxsft"]["trainer"].setup.init_params()
+    net = torch_model(mcfg, params0)
+    tb = torch_batches(host)
+    net.eval()
+    with torch.no_grad():
+        loss_torch = float(torch_loss(net, tb[0]))
+    s, n = steps.loss_sums(params0, graphdef, host[0])
+    loss_jax = float(s / max(float(n), 1.0))
+    net.train()
+    tc = runs["jaxsft"]["trainer"].setup.cfg.train
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+
+    def torch_step(b):
+        opt.zero_grad(set_to_none=True)
+        loss = torch_loss(net, b)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), tc.max_grad_norm)
+        opt.step()
+        return loss
+
+    torch_step(tb[0])  # warm-up
+    runs["torch"] = dict(host=host, work=runs["jaxsft"]["work"], times=[])
+    loads = []
+    for _ in range(args.rounds):
+        for name in ("jaxsft", "torch", "bin/train"):
+            r = runs[name]
+            loads.append(os.getloadavg()[0])
+            t0 = time.perf_counter()
+            if name == "torch":
+                for b in tb:  # tensors made before timing (from_numpy shares the memory)
+                    torch_step(b)
+            else:
+                t = r["trainer"]
+                for b in r["host"]:
+                    t.state, m = t.train_step(t.state, parallel.host_batch_to_global(b, t.rows), t.key)
+                jax.block_until_ready(t.state)
+            r["times"].append((time.perf_counter() - t0) / args.steps)
+    for name in ("jaxsft", "bin/train"):
+        runs[name]["trainer"].close()
+
+    rows = load_config(args.config, common).train.batch_size
+    figures = {"config": os.path.basename(args.config), "steps_per_block": args.steps, "rounds": args.rounds,
+               "peak_gflops_jax": peak_jax / 1e9, "peak_gflops_torch": peak_torch / 1e9,
+               "loss_first_batch_jax": loss_jax, "loss_first_batch_torch": loss_torch,
+               "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+               "load_avg": [round(x, 2) for x in loads]}
+    peak = max(peak_jax, peak_torch)
+    for name in ("jaxsft", "torch", "bin/train"):
+        r = runs[name]
+        dt = statistics.median(r["times"])
+        key = name.replace("/", "_")
+        figures[f"{key}_s_per_step"] = dt
+        figures[f"{key}_s_per_step_all"] = [round(t, 4) for t in r["times"]]
+        figures[f"{key}_examples_per_s"] = rows / dt
+        figures[f"{key}_mfu_useful"] = r["work"]["flops"] / args.steps / dt / peak
+    figures["peak_gflops"] = peak / 1e9
+    figures["ratio_jaxsft_vs_torch"] = figures["torch_s_per_step"] / figures["jaxsft_s_per_step"]
+    figures["ratio_bin_train_vs_torch"] = figures["torch_s_per_step"] / figures["bin_train_s_per_step"]
+    for k, v in figures.items():
+        print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,7 +45,8 @@ def make_schedule(tc, total_steps: int):
 
 class AdamW(NamedTuple):
     """optax's clip_by_global_norm + adamw (`init`, `update`: an optax GradientTransformation,
-    the reference) and `apply`, the same update fused, which the train step uses: (grads, scale, grad_norm, ok, opt_state, params) -> (params, opt_state).
+    the reference) and `apply`, the same update fused, which the train step uses:
+    (grads, scale, grad_norm, ok, opt_state, params) -> (params, opt_state).
 
     grads are scaled by `scale` (1 / answer tokens) as they are read, so the mean gradient
     is never stored; grad_norm is the mean gradient's norm; where ok is false (a non-finite

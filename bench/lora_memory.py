@@ -53,7 +53,7 @@ def _dir_bytes(d) -> int:
     return sum(os.path.getsize(os.path.join(r, n)) for r, _, names in os.walk(d) for n in names)
 
 
-def one(shape: str, variant: str, steps: int) -> dict:
+def one(shape: str, variant: str, steps: int, profile: int = 0) -> dict:
     """Runs one variant in this process; returns its figures."""
     import jax
     import numpy as np
@@ -119,6 +119,24 @@ def one(shape: str, variant: str, steps: int) -> dict:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if profile:  # per-op time of `steps` more steps, on stderr (bench/profile_step.py's table)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from profile_step import hlo_shapes, op_table
+        trace = tempfile.mkdtemp(prefix="lora_trace_")
+        with jax.profiler.trace(trace):
+            for _ in range(steps):
+                state, m = step(state, batch, key)
+                jax.block_until_ready(m)
+        text = step.lower(state, batch, key).compile().as_text()
+        shapes, totals = hlo_shapes(text), op_table(trace)
+        for kind in sorted({n.rsplit(".", 1)[0] for n in totals}, key=lambda k: -sum(
+                us for n, us in totals.items() if n.rsplit(".", 1)[0] == k))[:8]:
+            print(f"{sum(us for n, us in totals.items() if n.rsplit('.', 1)[0] == kind) / steps / 1e3:9.1f} ms  "
+                  f"all {kind}", file=sys.stderr)
+        for name, us in totals.most_common(profile):
+            print(f"{us / steps / 1e3:9.1f} ms  {name}  {shapes.get(name, '')}", file=sys.stderr)
+        open(os.path.join(tempfile.gettempdir(), f"lora_bench_{shape}_{variant}.hlo"), "w").write(text)
+        shutil.rmtree(trace, ignore_errors=True)
 
     n_base = model.count_params(frozen if frozen is not None else state.params)
     out = {"shape": shape, "variant": variant, "params": n_base, "trainable": model.count_params(state.params),
@@ -149,10 +167,12 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps after the first (compiling) one")
     p.add_argument("--rounds", type=int, default=2,
                    help="runs of each variant, alternating (each figure: the best round's)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="with --one: print the N ops that took the most time per step (to stderr)")
     p.add_argument("--one", nargs=2, metavar=("SHAPE", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(one(*args.one, args.steps)))
+        print(json.dumps(one(*args.one, args.steps, args.profile)))
         return
 
     results = []

@@ -87,10 +87,34 @@ def attend(q, k, v, mask):
     return jnp.einsum("bhts,bhsk->bhtk", probs, v)
 
 
+@jax.custom_vjp
+def attend_recomputed(q, k, v, mask):
+    """`attend`, whose gradient recomputes the (B, H, T, S) scores and probabilities from q k v
+    after the cotangent exists (`after`): the forward pass keeps q k v, not two (T, S) matrices
+    per head and layer. LoRA's step uses it (lora.attach): with the weight gradients gone those
+    matrices are most of what its step holds (bench/README.md); full fine-tuning does not (the
+    recomputation measured 11% slower there)."""
+    return attend(q, k, v, mask)
+
+
+def _attend_recomputed_fwd(q, k, v, mask):
+    return attend(q, k, v, mask), (q, k, v, mask)
+
+
+def _attend_recomputed_bwd(res, g):
+    q, k, v, mask = res
+    q, k, v = after(g, q, k, v)
+    _, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
+    return (*vjp(g), None)
+
+
+attend_recomputed.defvjp(_attend_recomputed_fwd, _attend_recomputed_bwd)
+
+
 def after(g, *xs):
     """xs, each plus 0 * g[0]: the same values, which XLA can compute only once the cotangent g
-    exists (lora.py's backward passes; the model's own swiglu and attention do without it,
-    which measured 12% faster at the default config). A backward pass recomputes from its residuals through these, so XLA on CPU neither
+    exists (lora.py's backward passes and attend_recomputed; the model's own swiglu and attention
+    do without it, which measured 12% faster at the default config). A backward pass recomputes from its residuals through these, so XLA on CPU neither
     merges the recomputation with the forward pass's (it drops optimization barriers before its
     CSE, which undoes jax.checkpoint) nor hoists it or a residual's transpose into the forward
     pass: either way the result would stay alive, for every layer, until the backward pass."""
@@ -113,6 +137,7 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = H, G, K, cfg.rope_theta
         self.wq, self.wk, self.wv = _linear(d, H * K, rngs), _linear(d, G * K, rngs), _linear(d, G * K, rngs)
         self.wo = _linear(H * K, d, rngs)
+        self.recompute = False  # attend_recomputed in the backward pass (LoRA's step sets it)
 
     def __call__(self, x, positions, mask, cache=None, index=None):
         """x (B, T, D); cache (k, v) each (B, G, S, K) written at [index, index+T) (index: scalar or (B,))."""
@@ -125,7 +150,7 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v = _write(cache[0], k, index), _write(cache[1], v, index)
             cache = (k, v)
-        out = attend(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, H * K)
+        out = (attend_recomputed if self.recompute else attend)(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, H * K)
         return self.wo(out), cache
 
 

@@ -202,6 +202,23 @@ def test_swiglu_gradient_equals_autodiff():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head, and grouped-query
+def test_attend_recomputed_gradient_equals_attends(kv_heads):
+    """LoRA's attention (model.attend_recomputed: probabilities recomputed in the backward pass)
+    gives attend's values and gradients, under a causal mask with a hidden key."""
+    ks = jax.random.split(jax.random.PRNGKey(4), 4)
+    q = jax.random.normal(ks[0], (2, 4, 6, 8))
+    k, v = jax.random.normal(ks[1], (2, kv_heads, 6, 8)), jax.random.normal(ks[2], (2, kv_heads, 6, 8))
+    g = jax.random.normal(ks[3], (2, 4, 6, 8))
+    mask = jnp.tril(jnp.ones((1, 6, 6), bool)).at[:, 3:, 1].set(False)
+    np.testing.assert_array_equal(model.attend_recomputed(q, k, v, mask), model.attend(q, k, v, mask))
+    want = jax.vjp(lambda q, k, v: model.attend(q, k, v, mask), q, k, v)[1](g)
+    got = jax.vjp(lambda q, k, v: model.attend_recomputed(q, k, v, mask), q, k, v)[1](g)
+    for a, b in zip(got, want):
+        chex.assert_equal_shape([a, b])
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _unfused_logits(cfg, params, tokens):
     """The model written out in plain jnp, one product per projection (wq, wk, wv; w1, w3 apart):
     the reference any joined (D, (H+2G)K) or (D, 2F) product must match (bench/README.md: joining

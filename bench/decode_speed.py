@@ -11,7 +11,9 @@ Prints:
   - `bin/chat --file` on every test row, end to end (process start to exit, compile
     included), as a user runs it (with --checkpoint);
   - the engine on every test row, each decoded (identical prompts too, which
-    Generator decodes once): seconds, generated tokens/s, slot occupancy, prefill calls;
+    Generator decodes once): seconds, generated tokens/s, slot occupancy, prefill calls,
+    the seconds spent prefilling and decoding, and the prefill's forward GFLOP/s (prompts
+    that start with the system prompt prefilled after it, as Generator's engine does);
   - Generator.answer on every row (identical greedy prompts decoded once).
 The last line is one JSON object.
 """
@@ -67,7 +69,9 @@ def main():
     # the engine on every row (no deduplication), after compiling the shapes it needs
     from jaxsft.engine import Engine
     prompts = [gen.prompt_ids(c)[0] for c in convs]
-    eng = Engine(params, mcfg, tok.end_id, args.batch_size, tok.pad_id, admit_at=8)
+    from jaxsft.chatml import system_prefix
+    eng = Engine(params, mcfg, tok.end_id, args.batch_size, tok.pad_id, admit_at=8,
+                 prefix=system_prefix(tok, gen.system_prompt))  # as Generator builds it
     t = time.perf_counter()
     eng.warm_up([len(p) for p in prompts])
     compile_engine = time.perf_counter() - t
@@ -103,7 +107,14 @@ def main():
         "engine_s_all_rows": engine_s, "engine_rows_per_s": len(convs) / engine_s,
         "engine_tokens_per_s": st["tokens"] / engine_s, "engine_slot_occupancy": eng.occupancy(),
         "engine_decode_steps": st["decode_steps"], "engine_prefills": st["prefills"],
-        "engine_prefill_pad_rows": st["prefill_pad_rows"], "engine_compile_s": compile_engine,
+        "engine_prefill_pad_rows": st["prefill_pad_rows"], "engine_prefill_after_prefix": st["prefill_after_prefix"],
+        "engine_prefill_positions": st["prefill_positions"], "engine_prefill_s": st["prefill_s"],
+        # forward FLOPs of the positions the prefills computed (no output head: it runs at one
+        # position a row), per second of prefill
+        "engine_prefill_gflops": st["prefill_positions"] * model.flops_per_token(mcfg, 64, head=False) / 3
+        / max(st["prefill_s"], 1e-9) / 1e9,
+        "engine_decode_s": st["decode_s"], "engine_ms_per_decode_step": 1e3 * st["decode_s"] / max(st["decode_steps"], 1),
+        "engine_compile_s": compile_engine,
         "s_all_rows_answer": all_s, "slots": args.batch_size, "compile_s_single": compile_single,
         "exact_match": exact,
     }

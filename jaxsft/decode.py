@@ -205,13 +205,14 @@ class Generator:
         """The continuous-batching engine answering `n` prompts: batch_size slots, or fewer
         (a power of two) for fewer prompts, so one question does not decode 64 rows a
         step. One engine per slot count, kept with its KV cache; params may change between
-        calls (the trainer's evaluation hook swaps them in)."""
+        calls (the trainer's evaluation hook swaps them in). Prompts that start with the system
+        prompt are prefilled after it (the engine's prefix)."""
         from .engine import Engine
         slots = min(_bucket(max(n, 1), BATCH_BUCKETS), self.batch_size)
         eng = self._engines.get(slots)
         if eng is None:  # shapes compiled as needed; freed slots refilled 8 prompts at a time
             eng = self._engines[slots] = Engine(self.params, self.cfg, self.tok.end_id, slots, self.tok.pad_id,
-                                                admit_at=8)
+                                                admit_at=8, prefix=chatml.system_prefix(self.tok, self.system_prompt))
         eng.params = self.params
         return eng
 

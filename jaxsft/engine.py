@@ -117,9 +117,29 @@ def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, *, grap
     return pick_rows(logits[:, -1], _step_keys(keys, i), temperature, top_k, top_p), cache
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
+def _prefill_after(params, cache, prefix, prompts, lens, slots, keys, temperature, top_k, top_p, *, graphdef):
+    """_prefill for prompts that start with `prefix` (1, L) (the shared system prompt): prompts
+    (R, P) holds what follows it, right-padded; the prefix runs once for all R rows, each row's
+    rest sees it and itself (causal), and cache rows `slots` get the prefix's keys and values at
+    [0, L) and the rest's at [L, L + P)."""
+    R, P = prompts.shape
+    L = prefix.shape[1]
+    fresh, _ = model.prefix_cache(graphdef, params, prefix, R, P)
+    mask = masks.with_prefix(masks.causal(P), jnp.ones((1, P), jnp.int32), L)  # (1, P, L + P)
+    positions = jnp.broadcast_to(L + jnp.arange(P, dtype=jnp.int32), (R, P))
+    last = jnp.arange(R) * P + lens - 1
+    logits, kv = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=fresh, index=L,
+                             select=last)
+    cache = [(ck.at[slots, :, :L + P].set(k, mode="drop"), cv.at[slots, :, :L + P].set(v, mode="drop"))
+             for (ck, cv), (k, v) in zip(cache, kv)]
+    first = pick_rows(logits, _step_keys(keys, jnp.zeros_like(lens)), temperature, top_k, top_p)
+    return first, cache
+
+
 def compiled_programs() -> int:
     """Programs compiled so far by every engine (prefill shapes + decode steps)."""
-    return _prefill._cache_size() + _decode._cache_size()
+    return _prefill._cache_size() + _prefill_after._cache_size() + _decode._cache_size()
 
 
 _ids = itertools.count()
@@ -160,11 +180,15 @@ class Engine:
 
     def __init__(self, params, cfg: ModelConfig, end_id: int, slots: int = 32, pad_id: int = 0,
                  prefill_rows: Sequence[int] = PREFILL_ROWS, buckets: Sequence[int] = PROMPT_BUCKETS,
-                 admit_at: int = 1):
+                 admit_at: int = 1, prefix: Optional[Sequence[int]] = None):
         """admit_at: waiting prompts are admitted once that many slots are free (or as many
         as are waiting, or when nothing is decoding): 1 for the lowest latency (a server),
-        more to prefill several prompts per call (batch answering)."""
+        more to prefill several prompts per call (batch answering). prefix: token ids most
+        prompts start with (the rendered system prompt): a prompt that does is prefilled
+        after it (the prefix computed once per prefill call, the rest padded to its own,
+        shorter bucket); any other prompt whole."""
         self.params, self.cfg, self.end_id, self.pad_id = params, cfg, end_id, pad_id
+        self.prefix = np.asarray(prefix, np.int32)[None] if prefix is not None and len(prefix) else None
         self.graphdef = model.abstract(cfg)[0]
         self.slots, self.S = slots, cfg.max_seq_len
         self.prefill_rows = tuple(sorted(r for r in prefill_rows if r <= slots)) or (1,)
@@ -181,9 +205,11 @@ class Engine:
         self.top_k = np.zeros(N, np.int32)
         self.top_p = np.ones(N, np.float32)
         self.waiting: collections.deque[Request] = collections.deque()
-        # figures: steps run, slot-steps that decoded a live row, prefill calls and rows
+        # figures: steps run, slot-steps that decoded a live row, prefill calls and rows (those
+        # after the prefix), the positions the prefills computed (padding and prefixes included),
+        # seconds in each
         self.stats = {"decode_steps": 0, "busy_slot_steps": 0, "prefills": 0, "prefill_rows": 0,
-                      "prefill_pad_rows": 0, "tokens": 0}
+                      "prefill_pad_rows": 0, "prefill_after_prefix": 0, "prefill_positions": 0, "tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     # -- requests
 
@@ -233,9 +259,11 @@ class Engine:
         live = [s for s, r in enumerate(self.req) if r is not None]
         if not live:
             return 0
+        t = time.perf_counter()
         nxt, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
                                   self.temperature, self.top_k, self.top_p, graphdef=self.graphdef)
         nxt = np.asarray(nxt)
+        self.stats["decode_s"] += time.perf_counter() - t
         self.stats["decode_steps"] += 1
         self.stats["busy_slot_steps"] += len(live)
         for s in live:
@@ -286,14 +314,21 @@ class Engine:
         zeros = np.zeros(N, np.int32)
         _, self.cache = _decode(self.params, self.cache, zeros, zeros, self.keys, zeros, self.temperature,
                                 self.top_k, self.top_p, graphdef=self.graphdef)
-        Ps = sorted({_bucket(n, self.buckets) for n in prompt_lens}) if prompt_lens else self.buckets
-        for P in Ps:
+        lens = prompt_lens or self.buckets
+        shapes = {(False, _bucket(n, self.buckets)) for n in lens}
+        if self.prefix is not None:  # prompts after the prefix, where one that long would fit
+            L = self.prefix.shape[1]
+            shapes |= {(True, _bucket(n - L, self.buckets)) for n in lens if n > L}
+            shapes = {(after, P) for after, P in shapes if not after or L + P <= self.S}
+        for after, P in sorted(shapes):
             for R in self.prefill_rows:
                 one = np.ones(R, np.int32)
-                _, self.cache = _prefill(self.params, self.cache, np.zeros((R, P), np.int32), one,
-                                         np.full(R, N, np.int32), np.zeros((R, 2), np.uint32),
-                                         np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32),
-                                         graphdef=self.graphdef)
+                rest = (np.zeros((R, P), np.int32), one, np.full(R, N, np.int32), np.zeros((R, 2), np.uint32),
+                        np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32))
+                if after:
+                    _, self.cache = _prefill_after(self.params, self.cache, self.prefix, *rest, graphdef=self.graphdef)
+                else:
+                    _, self.cache = _prefill(self.params, self.cache, *rest, graphdef=self.graphdef)
         jax.block_until_ready(self.cache)
         return compiled_programs() - before
 
@@ -330,16 +365,29 @@ class Engine:
                     r.on_finish(r)
                 continue
             taken.append((free.pop(0), r))
-        by_bucket: dict[int, list] = {}
+        by_bucket: dict[tuple, list] = {}
         for s, r in taken:
-            by_bucket.setdefault(_bucket(len(r.prompt), self.buckets), []).append((s, r))
+            L = self._after(r.prompt)
+            by_bucket.setdefault((L, _bucket(len(r.prompt) - L, self.buckets)), []).append((s, r))
         most = self.prefill_rows[-1]
-        for P, group in sorted(by_bucket.items()):
+        for (L, P), group in sorted(by_bucket.items()):
             for start in range(0, len(group), most):
-                self._prefill(P, group[start:start + most])
+                self._prefill(L, P, group[start:start + most])
         return len(taken)
 
-    def _prefill(self, P: int, group: list):
+    def _after(self, prompt) -> int:
+        """The prefix's length if `prompt` is prefilled after it (it starts with the prefix, has
+        more, and fits the context in its bucket), else 0."""
+        if self.prefix is None:
+            return 0
+        L = self.prefix.shape[1]
+        if len(prompt) <= L or L + _bucket(len(prompt) - L, self.buckets) > self.S:
+            return 0
+        return L if np.array_equal(prompt[:L], self.prefix[0]) else 0
+
+    def _prefill(self, L: int, P: int, group: list):
+        """Prompts of `group` ((slot, request) pairs) into their slots: whole, padded to P (L 0), or
+        their part after the L-token prefix, padded to P."""
         n = len(group)
         R = _bucket(n, self.prefill_rows)
         N = self.slots
@@ -349,16 +397,23 @@ class Engine:
         keys = np.zeros((R, 2), np.uint32)
         temp, top_k, top_p = np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32)
         for j, (s, r) in enumerate(group):
-            prompts[j, :len(r.prompt)] = r.prompt
-            lens[j], slots[j] = len(r.prompt), s
+            prompts[j, :len(r.prompt) - L] = r.prompt[L:]
+            lens[j], slots[j] = len(r.prompt) - L, s
             keys[j] = np.asarray(jax.random.key_data(jax.random.PRNGKey(r.seed)))
             temp[j], top_k[j], top_p[j] = r.temperature, r.top_k, r.top_p
             self.req[s] = r
             self.pos[s], self.i[s], self.keys[s] = len(r.prompt), 1, keys[j]
             self.temperature[s], self.top_k[s], self.top_p[s] = r.temperature, r.top_k, r.top_p
-        first, self.cache = _prefill(self.params, self.cache, prompts, lens, slots, keys, temp, top_k, top_p,
-                                     graphdef=self.graphdef)
+        args = (prompts, lens, slots, keys, temp, top_k, top_p)
+        t = time.perf_counter()
+        if L:
+            first, self.cache = _prefill_after(self.params, self.cache, self.prefix, *args, graphdef=self.graphdef)
+        else:
+            first, self.cache = _prefill(self.params, self.cache, *args, graphdef=self.graphdef)
         first = np.asarray(first)
+        self.stats["prefill_s"] += time.perf_counter() - t
+        self.stats["prefill_positions"] += R * P + L
+        self.stats["prefill_after_prefix"] += n if L else 0
         self.stats["prefills"] += 1
         self.stats["prefill_rows"] += n
         self.stats["prefill_pad_rows"] += R - n

@@ -69,6 +69,32 @@ def test_rows_alone_equal_rows_among_others_and_the_naive_decoder(scaled, cfg):
     assert [r.tokens for r in first] + [r.tokens for r in late][::-1] == alone
 
 
+def test_prompts_after_a_shared_prefix_give_the_same_answers_and_cache(scaled, cfg):
+    """Engine(prefix=...): prompts that start with the prefix are prefilled after it (the prefix
+    once per call, the rest in a shorter bucket); others whole. Answers equal the plain engine's
+    and the naive decoder's, and the slots' keys and values equal a whole-prompt prefill's."""
+    graphdef, params = scaled
+    prefix = _prompts(cfg.vocab_size, (9,), seed=5)[0]
+    rests = _prompts(cfg.vocab_size, (3, 8, 5, 1, 7), seed=6)
+    prompts = [np.concatenate([prefix, r]) for r in rests] + _prompts(cfg.vocab_size, (4, 12), seed=7)
+    prompts.append(prefix[:6].copy())  # shorter than the prefix: whole
+    plain = Engine(params, cfg, NEVER, slots=4)
+    after = Engine(params, cfg, NEVER, slots=4, prefix=prefix)
+    assert after._after(prompts[0]) == 9 and after._after(prompts[-2]) == 0 and after._after(prompts[-1]) == 0
+    want, _ = _answers(plain, prompts)
+    got, _ = _answers(after, prompts)
+    assert got == want == [decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
+    assert after.stats["prefill_after_prefix"] == 5 and plain.stats["prefill_after_prefix"] == 0
+    # the cache a prefixed prompt leaves in its slot: the whole prompt's keys and values
+    for eng in (plain, after):
+        eng.end_id = NEVER
+        eng.run([Request(prompts[1], 1)])  # one token: prefilled, never decoded, into slot 0
+    for (pk, pv), (ak, av) in zip(plain.cache, after.cache):
+        n = len(prompts[1])
+        np.testing.assert_allclose(ak[0, :, :n], pk[0, :, :n], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(av[0, :, :n], pv[0, :, :n], rtol=1e-5, atol=1e-5)
+
+
 def test_rows_end_on_their_own_and_free_their_slots(scaled, cfg):
     _, params = scaled
     prompts = _prompts(cfg.vocab_size, (3, 8, 5))

@@ -70,12 +70,12 @@ def main():
     from jaxsft.engine import Engine
     prompts = [gen.prompt_ids(c)[0] for c in convs]
     from jaxsft.chatml import system_prefix
-    eng = Engine(params, mcfg, tok.end_id, args.batch_size, tok.pad_id, admit_at=8,
-                 prefix=system_prefix(tok, gen.system_prompt))  # as Generator builds it
+    reqs = gen.requests(prompts, Sampling(), 0)
+    eng = Engine(params, mcfg, tok.end_id, args.batch_size, tok.pad_id, admit_at=8,  # as Generator builds it
+                 prefix=system_prefix(tok, gen.system_prompt), context=gen.context(reqs))
     t = time.perf_counter()
     eng.warm_up([len(p) for p in prompts])
     compile_engine = time.perf_counter() - t
-    reqs = gen.requests(prompts, Sampling(), 0)
     t = time.perf_counter()
     eng.run(reqs)
     engine_s = time.perf_counter() - t
@@ -114,7 +114,7 @@ def main():
         "engine_prefill_gflops": st["prefill_positions"] * model.flops_per_token(mcfg, 64, head=False) / 3
         / max(st["prefill_s"], 1e-9) / 1e9,
         "engine_decode_s": st["decode_s"], "engine_ms_per_decode_step": 1e3 * st["decode_s"] / max(st["decode_steps"], 1),
-        "engine_compile_s": compile_engine,
+        "engine_compile_s": compile_engine, "engine_context": eng.S,
         "s_all_rows_answer": all_s, "slots": args.batch_size, "compile_s_single": compile_single,
         "exact_match": exact,
     }

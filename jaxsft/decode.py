@@ -201,18 +201,20 @@ class Generator:
                 if len(text) <= 1:
                     return ids[-budget:], True
 
-    def engine(self, n: int):
+    def engine(self, n: int, context: Optional[int] = None):
         """The continuous-batching engine answering `n` prompts: batch_size slots, or fewer
         (a power of two) for fewer prompts, so one question does not decode 64 rows a
         step. One engine per slot count, kept with its KV cache; params may change between
         calls (the trainer's evaluation hook swaps them in). Prompts that start with the system
-        prompt are prefilled after it (the engine's prefix)."""
+        prompt are prefilled after it (the engine's prefix). context: cache positions per slot
+        (default max_seq_len); one engine per (slots, context)."""
         from .engine import Engine
         slots = min(_bucket(max(n, 1), BATCH_BUCKETS), self.batch_size)
-        eng = self._engines.get(slots)
+        eng = self._engines.get((slots, context))
         if eng is None:  # shapes compiled as needed; freed slots refilled 8 prompts at a time
-            eng = self._engines[slots] = Engine(self.params, self.cfg, self.tok.end_id, slots, self.tok.pad_id,
-                                                admit_at=8, prefix=chatml.system_prefix(self.tok, self.system_prompt))
+            eng = self._engines[slots, context] = Engine(
+                self.params, self.cfg, self.tok.end_id, slots, self.tok.pad_id, admit_at=8,
+                prefix=chatml.system_prefix(self.tok, self.system_prompt), context=context)
         eng.params = self.params
         return eng
 
@@ -230,6 +232,13 @@ class Generator:
                                sampling.top_k, sampling.top_p, seed + i))
         return out
 
+    def context(self, reqs) -> int:
+        """Cache positions for answering `reqs`: the longest prompt + answer they may need, in
+        steps of 64 (each decode step reads all of them), at most max_seq_len; so a few engines
+        at most, none recompiled for another batch of the same shape."""
+        need = max(len(r.prompt) + r.max_tokens for r in reqs)
+        return min(-(-need // 64) * 64, self.cfg.max_seq_len)
+
     def generate_ids(self, prompts: list[np.ndarray], sampling: Sampling = Sampling(), seed: int = 0) -> list[list[int]]:
         """Token ids of each answer (without <|endoftext|>). All prompts go through one
         continuous-batching engine (batch_size slots): a slot freed by a short answer takes
@@ -238,13 +247,14 @@ class Generator:
         if len(prompts) == 0:
             return []
         reqs = self.requests(prompts, sampling, seed)
+        context = self.context(reqs)
         if sampling.temperature > 0:
-            self.engine(len(reqs)).run(reqs)
+            self.engine(len(reqs), context).run(reqs)
             return [r.tokens for r in reqs]
         unique: dict = {}
         for r in reqs:
             unique.setdefault(r.prompt.tobytes(), r)
-        self.engine(len(unique)).run(list(unique.values()))
+        self.engine(len(unique), context).run(list(unique.values()))
         return [list(unique[r.prompt.tobytes()].tokens) for r in reqs]
 
     def answer(self, conversations: Sequence, sampling: Sampling = Sampling(), seed: int = 0) -> list[str]:

@@ -180,19 +180,21 @@ class Engine:
 
     def __init__(self, params, cfg: ModelConfig, end_id: int, slots: int = 32, pad_id: int = 0,
                  prefill_rows: Sequence[int] = PREFILL_ROWS, buckets: Sequence[int] = PROMPT_BUCKETS,
-                 admit_at: int = 1, prefix: Optional[Sequence[int]] = None):
+                 admit_at: int = 1, prefix: Optional[Sequence[int]] = None, context: Optional[int] = None):
         """admit_at: waiting prompts are admitted once that many slots are free (or as many
         as are waiting, or when nothing is decoding): 1 for the lowest latency (a server),
         more to prefill several prompts per call (batch answering). prefix: token ids most
         prompts start with (the rendered system prompt): a prompt that does is prefilled
         after it (the prefix computed once per prefill call, the rest padded to its own,
-        shorter bucket); any other prompt whole."""
+        shorter bucket); any other prompt whole. context: the cache's positions per slot
+        (default max_seq_len, at most that): a batch whose prompts and answers are short needs
+        fewer, and every decode step reads all of them."""
         self.params, self.cfg, self.end_id, self.pad_id = params, cfg, end_id, pad_id
         self.prefix = np.asarray(prefix, np.int32)[None] if prefix is not None and len(prefix) else None
         self.graphdef = model.abstract(cfg)[0]
-        self.slots, self.S = slots, cfg.max_seq_len
+        self.slots, self.S = slots, min(context or cfg.max_seq_len, cfg.max_seq_len)
         self.prefill_rows = tuple(sorted(r for r in prefill_rows if r <= slots)) or (1,)
-        self.buckets = prompt_buckets(cfg.max_seq_len, buckets)
+        self.buckets = prompt_buckets(self.S, buckets)
         self.admit_at = max(1, min(admit_at, slots))
         self.cache = None  # allocated on first use, in the parameters' dtype
         N = slots

@@ -95,6 +95,21 @@ def test_prompts_after_a_shared_prefix_give_the_same_answers_and_cache(scaled, c
         np.testing.assert_allclose(av[0, :, :n], pv[0, :, :n], rtol=1e-5, atol=1e-5)
 
 
+def test_a_shorter_cache_gives_the_same_answers_and_bounds_requests(scaled, cfg):
+    """Engine(context=C): a cache of C positions a slot (Generator sizes it to the batch), the
+    same greedy answers as the full one; a request that would not fit is refused."""
+    graphdef, params = scaled
+    prompts = _prompts(cfg.vocab_size, (3, 8, 5, 12))
+    short = Engine(params, cfg, NEVER, slots=2, context=24)
+    assert short.S == 24 and short.buckets[-1] == 24 and all(b <= 24 for b in short.buckets)
+    got, _ = _answers(short, prompts)
+    assert got == _answers(Engine(params, cfg, NEVER, slots=2), prompts)[0]
+    assert short.cache[0][0].shape[2] == 24
+    with pytest.raises(ValueError, match="context of 24"):
+        short.check(Request(prompts[3], 13))
+    assert Engine(params, cfg, NEVER, context=10 ** 6).S == cfg.max_seq_len
+
+
 def test_rows_end_on_their_own_and_free_their_slots(scaled, cfg):
     _, params = scaled
     prompts = _prompts(cfg.vocab_size, (3, 8, 5))

@@ -90,17 +90,28 @@ def _step_keys(keys, i):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
-def _prefill(params, cache, prompts, lens, slots, keys, temperature, top_k, top_p, *, graphdef):
-    """prompts (R, P) int32, right-padded (row r's prompt is prompts[r, :lens[r]]), written
-    into cache rows `slots` (R,) at positions [0, P); a slot index N (out of range) is a
-    filler row and writes nothing. Returns each prompt's first answer token (R,) and the cache."""
+def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top_k, top_p, *, graphdef):
+    """prompts (R, P) int32, right-padded (row r's is prompts[r, :lens[r]]), written into cache
+    rows `slots` (R,); a slot index N (out of range) is a filler row and writes nothing. prefix:
+    None (each row is its whole prompt, at positions [0, P)) or (1, L), the tokens every row's
+    prompt starts with (the shared system prompt), run once for all R rows: each row's rest,
+    at [L, L + P), sees it and itself. Returns each prompt's first answer token (R,) and the cache."""
     R, P = prompts.shape
-    dtype = cache[0][0].dtype
-    H, K = cache[0][0].shape[1], cache[0][0].shape[3]
-    fresh = [(jnp.zeros((R, H, P, K), dtype),) * 2 for _ in cache]
+    if prefix is None:
+        L = 0
+        dtype = cache[0][0].dtype
+        H, K = cache[0][0].shape[1], cache[0][0].shape[3]
+        fresh = [(jnp.zeros((R, H, P, K), dtype),) * 2 for _ in cache]
+        mask = masks.causal(P)
+    else:
+        L = prefix.shape[1]
+        fresh, _ = model.prefix_cache(graphdef, params, prefix, R, P)
+        mask = masks.with_prefix(masks.causal(P), jnp.ones((1, P), jnp.int32), L)  # (1, P, L + P)
+    positions = jnp.broadcast_to(L + jnp.arange(P, dtype=jnp.int32), (R, P))
     last = jnp.arange(R) * P + lens - 1  # each prompt's last token in the flattened (R * P)
-    logits, kv = model.apply(graphdef, params, prompts, mask=masks.causal(P), cache=fresh, index=0, select=last)
-    cache = [(ck.at[slots, :, :P].set(k, mode="drop"), cv.at[slots, :, :P].set(v, mode="drop"))
+    logits, kv = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=fresh, index=L,
+                             select=last)
+    cache = [(ck.at[slots, :, :L + P].set(k, mode="drop"), cv.at[slots, :, :L + P].set(v, mode="drop"))
              for (ck, cv), (k, v) in zip(cache, kv)]
     first = pick_rows(logits, _step_keys(keys, jnp.zeros_like(lens)), temperature, top_k, top_p)
     return first, cache
@@ -117,29 +128,9 @@ def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, *, grap
     return pick_rows(logits[:, -1], _step_keys(keys, i), temperature, top_k, top_p), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
-def _prefill_after(params, cache, prefix, prompts, lens, slots, keys, temperature, top_k, top_p, *, graphdef):
-    """_prefill for prompts that start with `prefix` (1, L) (the shared system prompt): prompts
-    (R, P) holds what follows it, right-padded; the prefix runs once for all R rows, each row's
-    rest sees it and itself (causal), and cache rows `slots` get the prefix's keys and values at
-    [0, L) and the rest's at [L, L + P)."""
-    R, P = prompts.shape
-    L = prefix.shape[1]
-    fresh, _ = model.prefix_cache(graphdef, params, prefix, R, P)
-    mask = masks.with_prefix(masks.causal(P), jnp.ones((1, P), jnp.int32), L)  # (1, P, L + P)
-    positions = jnp.broadcast_to(L + jnp.arange(P, dtype=jnp.int32), (R, P))
-    last = jnp.arange(R) * P + lens - 1
-    logits, kv = model.apply(graphdef, params, prompts, positions=positions, mask=mask, cache=fresh, index=L,
-                             select=last)
-    cache = [(ck.at[slots, :, :L + P].set(k, mode="drop"), cv.at[slots, :, :L + P].set(v, mode="drop"))
-             for (ck, cv), (k, v) in zip(cache, kv)]
-    first = pick_rows(logits, _step_keys(keys, jnp.zeros_like(lens)), temperature, top_k, top_p)
-    return first, cache
-
-
 def compiled_programs() -> int:
     """Programs compiled so far by every engine (prefill shapes + decode steps)."""
-    return _prefill._cache_size() + _prefill_after._cache_size() + _decode._cache_size()
+    return _prefill._cache_size() + _decode._cache_size()
 
 
 _ids = itertools.count()
@@ -211,7 +202,8 @@ class Engine:
         # after the prefix), the positions the prefills computed (padding and prefixes included),
         # seconds in each
         self.stats = {"decode_steps": 0, "busy_slot_steps": 0, "prefills": 0, "prefill_rows": 0,
-                      "prefill_pad_rows": 0, "prefill_after_prefix": 0, "prefill_positions": 0, "tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
+                      "prefill_pad_rows": 0, "prefill_after_prefix": 0, "prefill_positions": 0, "tokens": 0,
+                      "prefill_s": 0.0, "decode_s": 0.0}
 
     # -- requests
 
@@ -325,12 +317,10 @@ class Engine:
         for after, P in sorted(shapes):
             for R in self.prefill_rows:
                 one = np.ones(R, np.int32)
-                rest = (np.zeros((R, P), np.int32), one, np.full(R, N, np.int32), np.zeros((R, 2), np.uint32),
-                        np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32))
-                if after:
-                    _, self.cache = _prefill_after(self.params, self.cache, self.prefix, *rest, graphdef=self.graphdef)
-                else:
-                    _, self.cache = _prefill(self.params, self.cache, *rest, graphdef=self.graphdef)
+                _, self.cache = _prefill(self.params, self.cache, self.prefix if after else None,
+                                         np.zeros((R, P), np.int32), one, np.full(R, N, np.int32),
+                                         np.zeros((R, 2), np.uint32), np.zeros(R, np.float32),
+                                         np.zeros(R, np.int32), np.ones(R, np.float32), graphdef=self.graphdef)
         jax.block_until_ready(self.cache)
         return compiled_programs() - before
 
@@ -406,12 +396,9 @@ class Engine:
             self.req[s] = r
             self.pos[s], self.i[s], self.keys[s] = len(r.prompt), 1, keys[j]
             self.temperature[s], self.top_k[s], self.top_p[s] = r.temperature, r.top_k, r.top_p
-        args = (prompts, lens, slots, keys, temp, top_k, top_p)
         t = time.perf_counter()
-        if L:
-            first, self.cache = _prefill_after(self.params, self.cache, self.prefix, *args, graphdef=self.graphdef)
-        else:
-            first, self.cache = _prefill(self.params, self.cache, *args, graphdef=self.graphdef)
+        first, self.cache = _prefill(self.params, self.cache, self.prefix if L else None, prompts, lens, slots, keys,
+                                     temp, top_k, top_p, graphdef=self.graphdef)
         first = np.asarray(first)
         self.stats["prefill_s"] += time.perf_counter() - t
         self.stats["prefill_positions"] += R * P + L

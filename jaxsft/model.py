@@ -114,10 +114,11 @@ attend_recomputed.defvjp(_attend_recomputed_fwd, _attend_recomputed_bwd)
 def after(g, *xs):
     """xs, each plus 0 * g[0]: the same values, which XLA can compute only once the cotangent g
     exists (lora.py's backward passes and attend_recomputed; the model's own swiglu and attention
-    do without it, which measured 12% faster at the default config). A backward pass recomputes from its residuals through these, so XLA on CPU neither
-    merges the recomputation with the forward pass's (it drops optimization barriers before its
-    CSE, which undoes jax.checkpoint) nor hoists it or a residual's transpose into the forward
-    pass: either way the result would stay alive, for every layer, until the backward pass."""
+    do without it, which measured 12% faster at the default config). A backward pass recomputes
+    from its residuals through these, so XLA on CPU neither merges the recomputation with the
+    forward pass's (it drops optimization barriers before its CSE, which undoes jax.checkpoint)
+    nor hoists it or a residual's transpose into the forward pass: either way the result would
+    stay alive, for every layer, until the backward pass."""
     zero = 0 * g.reshape(-1)[0]
     return tuple(x + zero.astype(x.dtype) for x in xs)
 
@@ -150,7 +151,8 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v = _write(cache[0], k, index), _write(cache[1], v, index)
             cache = (k, v)
-        out = (attend_recomputed if self.recompute else attend)(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, H * K)
+        out = (attend_recomputed if self.recompute else attend)(q, k, v, mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * K)
         return self.wo(out), cache
 
 

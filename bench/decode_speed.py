@@ -34,6 +34,8 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64, help="engine slots (bin/chat --batch-size)")
     args = p.parse_args()
+    from jaxsft.cli import huge_pages
+    huge_pages()  # as bin/train, bin/chat do (JAXSFT_HUGE_PAGES=0: without, to compare)
 
     import dataclasses
     import numpy as np

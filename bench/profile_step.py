@@ -55,6 +55,8 @@ def main():
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
+    from jaxsft.cli import huge_pages
+    huge_pages()  # as bin/train, bin/chat do (JAXSFT_HUGE_PAGES=0: without, to compare)
 
     import jax
     from jaxsft import parallel

@@ -130,6 +130,8 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
+    from jaxsft.cli import huge_pages
+    huge_pages()  # as bin/train, bin/chat do (JAXSFT_HUGE_PAGES=0: without, to compare)
 
     import jax
     import torch

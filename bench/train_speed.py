@@ -74,6 +74,8 @@ def main():
                    help="the output head at every position (no answer_at), to compare")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
+    from jaxsft.cli import huge_pages
+    huge_pages()  # as bin/train, bin/chat do (JAXSFT_HUGE_PAGES=0: without, to compare)
 
     import jax
     from jaxsft import model, parallel

@@ -183,6 +183,23 @@ def test_dropout_keeps_1_minus_rate_scaled_by_its_inverse(rate):
     np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / (1 - rate), rtol=rounding + 1e-6, atol=0)
 
 
+def test_dropout_masks_of_different_keys_and_shapes_are_independent():
+    """The hash-based masks (model._dropout): two keys' masks agree where independent ones
+    would, (1 - rate)^2 + rate^2 of the elements, neighbours are uncorrelated, and a mask does
+    not depend on the values it is applied to."""
+    n, rate = 1 << 20, 0.5
+    x = jnp.ones((4, 256, 1024), jnp.float32)
+    drop = jax.jit(model._dropout, static_argnums=1)
+    a = np.asarray(drop(x, rate, jax.random.PRNGKey(1))).reshape(-1) != 0
+    b = np.asarray(drop(x, rate, jax.random.PRNGKey(2))).reshape(-1) != 0
+    se = np.sqrt(0.25 / n)
+    assert abs((a == b).mean() - 0.5) < 4 * se
+    assert abs((a[1:] == a[:-1]).mean() - 0.5) < 4 * se  # along a row
+    assert abs((a[1024:] == a[:-1024]).mean() - 0.5) < 4 * se  # across rows
+    c = np.asarray(drop(2 * x, rate, jax.random.PRNGKey(1))).reshape(-1) != 0
+    np.testing.assert_array_equal(a, c)
+
+
 def test_swiglu_gradient_equals_autodiff():
     """The hand-written SwiGLU backward (model.swiglu) against autodiff of its formula."""
     ks = jax.random.split(jax.random.PRNGKey(3), 5)

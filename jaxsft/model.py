@@ -29,7 +29,7 @@ _init = nnx.initializers.normal(stddev=0.02)
 
 
 def _linear(d_in, d_out, rngs):
-    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=_init, rngs=rngs)
+    return Linear(d_in, d_out, rngs)
 
 
 def _fmix32(h):
@@ -59,6 +59,60 @@ def _dropout(x, rate, key):
         stride *= x.shape[d]
     keep = (_fmix32(_fmix32(index ^ s) + t) >> 16) < threshold
     return jnp.where(keep, x * (65536 / threshold), 0).astype(x.dtype)
+
+
+def mm(a, b):
+    """a (M, K) @ b (K, N) in a's dtype. float32 is the plain product. bfloat16 operands multiply
+    with float32 accumulation, rounded once at the end: on CPU that is the product XLA hands to
+    its matmul library (YNNPACK; AMX where the CPU has it), so long as both operands are row-major
+    arrays (a transpose: `transposed`). A bfloat16 result, or an operand XLA lays out transposed,
+    and it multiplies in float32 instead, 5x slower on an AMX machine (bench/README.md)."""
+    if a.dtype == jnp.float32:
+        return a @ b
+    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def transposed(a):
+    """a.T (2-D) for `mm`. float32: the plain transpose. bfloat16: materialised row-major through
+    a flat copy, which XLA cannot turn back into a transposed layout of the same buffer."""
+    if a.dtype == jnp.float32:
+        return a.T
+    return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[::-1])
+
+
+def dense(x, w):
+    """x (..., D) @ w (D, F) -> (..., F): a bias-free linear layer. float32 is plain autodiff;
+    bfloat16 (train.dtype) takes `_dense_lowp`, whose gradient keeps `mm`'s fast form."""
+    return x @ w if x.dtype == jnp.float32 else _dense_lowp(x, w)
+
+
+@jax.custom_vjp
+def _dense_lowp(x, w):
+    return mm(x, w)
+
+
+def _dense_lowp_fwd(x, w):
+    return mm(x, w), (x, w)
+
+
+def _dense_lowp_bwd(res, g):
+    """Autodiff's gradient, each product through `mm` (autodiff's own would multiply in float32)."""
+    x, w = res
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, D), (N, F)
+    return mm(g2, transposed(w)).reshape(x.shape), mm(transposed(x2), g2).astype(w.dtype)
+
+
+_dense_lowp.defvjp(_dense_lowp_fwd, _dense_lowp_bwd)
+
+
+class Linear(nnx.Module):
+    """A bias-free linear layer, x @ kernel through `dense`. Its parameters and their
+    initialisation are nnx.Linear's (use_bias=False): the same tree, the same values per seed."""
+    def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_init(rngs.params(), (d_in, d_out), jnp.float32))
+
+    def __call__(self, x):  # (..., d_in) -> (..., d_out)
+        return dense(x, self.kernel[...].astype(x.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -184,23 +238,26 @@ def swiglu(x, w1, w3, w2):
     plain (D, N) @ (N, F) product of a materialised transpose: left to itself,
     XLA on CPU fuses the silu derivative into a strided transposed write, which
     profiled at a sixth of the train step."""
-    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
+    return mm(jax.nn.silu(mm(x, w1)) * mm(x, w3), w2)
 
 
 def _swiglu_fwd(x, w1, w3, w2):
-    a, b = x @ w1, x @ w3
-    return (jax.nn.silu(a) * b) @ w2, (x, a, b, w1, w3, w2)
+    a, b = mm(x, w1), mm(x, w3)
+    return mm(jax.nn.silu(a) * b, w2), (x, a, b, w1, w3, w2)
 
 
 def _swiglu_bwd(res, g):
     x, a, b, w1, w3, w2 = res
     sig = jax.nn.sigmoid(a)
     silu = a * sig
-    dh = g @ w2.T  # (N, F)
+    dh = mm(g, transposed(w2))  # (N, F)
     da = dh * b * (sig + silu * (1 - sig))  # silu'(a) = sig + silu * (1 - sig)
     db = dh * silu
-    xT, hT = jax.lax.optimization_barrier((x.T, (silu * b).T))
-    return da @ w1.T + db @ w3.T, xT @ da, xT @ db, hT @ g
+    if x.dtype == jnp.float32:
+        xT, hT = jax.lax.optimization_barrier((x.T, (silu * b).T))
+    else:
+        xT, hT = transposed(x), transposed(silu * b)
+    return mm(da, transposed(w1)) + mm(db, transposed(w3)), mm(xT, da), mm(xT, db), mm(hT, g)
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -274,9 +331,9 @@ class GPT(nnx.Module):
             x = jnp.take(x.reshape(B * T, -1), select, axis=0)  # (N, D)
         x = self.norm(x)
         if self.cfg.tie_embeddings:
-            logits = jnp.einsum("...d,vd->...v", x, emb).astype(jnp.float32)
+            logits = dense(x, emb.T).astype(jnp.float32)
         else:
-            logits = jnp.einsum("...d,dv->...v", x, self.lm_head.kernel[...]).astype(jnp.float32)
+            logits = dense(x, self.lm_head.kernel[...]).astype(jnp.float32)
         return logits, (new_cache if cache is not None else None)
 
 

@@ -4,6 +4,7 @@ Every forward pass goes through one jitted `apply` with inputs of shape (2, 12)
 so the file compiles few programs.
 """
 import dataclasses
+import re
 
 import chex
 import jax
@@ -217,6 +218,41 @@ def test_swiglu_gradient_equals_autodiff():
     for a, b in zip(got, want):
         chex.assert_equal_shape([a, b])
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _dot_operand_types(hlo: str) -> list:
+    """The operand element types of every dot in a compiled module's HLO text."""
+    types = dict(re.findall(r"%([\w.-]+) = ([a-z0-9]+)\[", hlo))
+    return [(types.get(a), types.get(b)) for a, b in re.findall(r" dot\(%([\w.-]+), %([\w.-]+)\)", hlo)]
+
+
+def test_bfloat16_products_keep_bfloat16_operands_and_autodiffs_gradient():
+    """train.dtype=bfloat16: every product of the model's linear layers and SwiGLU, forward and
+    backward, multiplies bfloat16 operands (the fast CPU path; XLA upcasts a transposed one to
+    float32), and the gradients are autodiff's of the float32 formula within bfloat16 rounding."""
+    ks = jax.random.split(jax.random.PRNGKey(5), 6)
+    x = jax.random.normal(ks[0], (2, 24, 16))
+    w, w1, w3 = (jax.random.normal(k, (16, 32)) / 4 for k in ks[1:4])
+    w2, g = jax.random.normal(ks[4], (32, 16)) / 4, jax.random.normal(ks[5], (2, 24, 16))
+
+    def layer(x, w, w1, w3, w2, product):  # a linear layer, then SwiGLU on its first 16 outputs
+        h = product(x, w)[..., :16].reshape(-1, 16)
+        return model.swiglu(h, w1, w3, w2) if product is model.dense else \
+            (jax.nn.silu(h @ w1) * (h @ w3)) @ w2
+
+    args = (x, w, w1, w3, w2)
+    want = jax.vjp(lambda *a: layer(*a, lambda x, w: x @ w), *args)[1](g.reshape(-1, 16))
+    low = tuple(a.astype(jnp.bfloat16) for a in args)
+    fn = jax.jit(lambda *a: jax.vjp(lambda *b: layer(*b, model.dense), *a)[1](g.reshape(-1, 16).astype(jnp.bfloat16)))
+    got = fn(*low)
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        scale = float(jnp.abs(b).max())
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0, atol=0.03 * scale)
+    operands = _dot_operand_types(fn.lower(*low).compile().as_text())
+    assert len(operands) >= 10 and all(t == ("bf16", "bf16") for t in operands), operands
+    # float32 stays the plain product, bit for bit
+    np.testing.assert_array_equal(model.dense(x, w), x @ w)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head, and grouped-query

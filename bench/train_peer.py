@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""jaxsft's train step against the same model in PyTorch (eager, float32), in one run.
+"""jaxsft's train step against the same model in PyTorch (eager), in one run.
 
     python bench/train_peer.py [--config configs/seed.yaml] [--train ...] [--steps 10] [--rounds 3]
+                               [--set train.dtype=bfloat16]
 
 Three variants, timed in alternating blocks of --steps steps, --rounds times:
 
@@ -10,13 +11,14 @@ Three variants, timed in alternating blocks of --steps steps, --rounds times:
   torch     the same model in PyTorch (tied embedding, RMSNorm, rotary, SwiGLU, no biases,
             dropout, segment masks so packed rows never see each other, the output head at
             the same answer positions), fed the same token arrays, AdamW with the same
-            clipping, torch.set_num_threads(2)
+            clipping, torch.set_num_threads(2); float32, or under torch.autocast to bfloat16
+            where train.dtype is bfloat16
   bin/train the trainer's own step and batches as configured (prefix shared, answer-only head)
 
 Both start from the same parameters; their losses on the first batch (no dropout) are
 printed to show it is one function. Prints s/step, examples/s and useful MFU of each
-against a float32 matmul peak measured in the same run (by JAX and by torch), and the
-ratios; the last line is one JSON object. torch is a benchmark-only dependency.
+against a matmul peak in train.dtype measured in the same run (by JAX and by torch), and
+the ratios; the last line is one JSON object. torch is a benchmark-only dependency.
 """
 import argparse
 import json
@@ -34,10 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_speed import ROOT, matmul_peak, work  # noqa: E402
 
 
-def torch_peak(n=2048, repeats=10):
-    """Best n^3 float32 matmul rate under torch, FLOP/s."""
+def torch_peak(n=2048, repeats=10, dtype="float32"):
+    """Best n^3 matmul rate under torch, FLOP/s."""
     import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -144,7 +146,8 @@ def main():
     common = [f"data.train={args.train}", f"data.val={args.train}", "train.focus_steps=0"] + args.set
     mesh = parallel.setup(load_config(args.config, common).mesh)
     quiet = lambda *a, **k: None  # noqa: E731
-    peak_jax, peak_torch = matmul_peak(), torch_peak()
+    dtype = load_config(args.config, common).train.dtype  # bfloat16: the peer under torch.autocast
+    peak_jax, peak_torch = matmul_peak(dtype=dtype), torch_peak(dtype=dtype)
     runs = {}
     for name, extra in (("jaxsft", ["train.share_prefix=false"]), ("bin/train", [])):
         cfg = load_config(args.config, common + extra + [f"out_dir={tempfile.mkdtemp()}/run"])
@@ -173,9 +176,12 @@ def main():
     tc = runs["jaxsft"]["trainer"].setup.cfg.train
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
     def torch_step(b):
         opt.zero_grad(set_to_none=True)
-        loss = torch_loss(net, b)
+        with autocast:
+            loss = torch_loss(net, b)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), tc.max_grad_norm)
         opt.step()
@@ -205,7 +211,7 @@ def main():
     figures = {"config": os.path.basename(args.config), "steps_per_block": args.steps, "rounds": args.rounds,
                "peak_gflops_jax": peak_jax / 1e9, "peak_gflops_torch": peak_torch / 1e9,
                "loss_first_batch_jax": loss_jax, "loss_first_batch_torch": loss_torch,
-               "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+               "dtype": dtype, "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                "load_avg": [round(x, 2) for x in loads]}
     peak = max(peak_jax, peak_torch)
     for name in ("jaxsft", "torch", "bin/train"):

@@ -6,7 +6,7 @@ Each targeted projection (attention wq wk wv wo, SwiGLU w1 w3 w2) computes
 
 A starts as PEFT's kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in)); B starts at 0, so a fresh
 adapter computes exactly the base's function. The model code is not changed: `attach`
-swaps each targeted nnx.Linear for a `LoraLinear` holding the same kernel (the parameter
+swaps each targeted model.Linear for a `LoraLinear` holding the same kernel (the parameter
 path stays blocks.N.attn.wq.kernel) and, when an MLP projection is targeted, the
 SwiGLU module for `LoraSwiGLU`, which computes the layer with the adapter terms in a
 custom_vjp of its own (`swiglu_lora`; model.swiglu reads its kernels inside its
@@ -117,7 +117,7 @@ linear_lora.defvjp(_linear_lora_fwd, _linear_lora_bwd)
 
 
 class LoraSwiGLU(nnx.Module):
-    """model.SwiGLU with adapters on w1, w3, w2 (each LoraLinear or plain nnx.Linear): the same
+    """model.SwiGLU with adapters on w1, w3, w2 (each LoraLinear or plain model.Linear): the same
     function, with the adapter terms beside the base products (`swiglu_lora`)."""
 
     def __init__(self, mlp: model.SwiGLU):

@@ -96,7 +96,8 @@ class TrainConfig:
     save_every_s: int = 60
     # split each batch into k micro-batches whose gradients are summed by token count
     grad_accum_steps: int = 1
-    # activation dtype: float32 or bfloat16 (parameters and optimizer state stay float32)
+    # the products' operand dtype: float32, or bfloat16 (autocast: float32 accumulation; parameters,
+    # activations, gradients and optimizer state stay float32; docs/distributed.md)
     dtype: str = "float32"
     # greedy answers to this many validation questions are printed at each evaluation
     sample_questions: int = 3

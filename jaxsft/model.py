@@ -15,6 +15,9 @@ D d_model, F d_ff, V vocabulary.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 from typing import Optional
 
@@ -61,48 +64,75 @@ def _dropout(x, rate, key):
     return jnp.where(keep, x * (65536 / threshold), 0).astype(x.dtype)
 
 
+_PRODUCTS = contextvars.ContextVar("products", default=jnp.float32)
+
+
+@contextlib.contextmanager
+def products_in(dtype):
+    """Traced inside it, the products of the linear layers, SwiGLU and the output head multiply
+    `dtype` operands (the float32 activations and weights cast as they are read) with float32
+    accumulation and float32 results, forward and backward: autocast, with parameters,
+    activations, gradients and the optimizer in float32. `steps.loss_sums` uses it for
+    train.dtype=bfloat16. Outside it (the default, and decoding) products are plain float32."""
+    token = _PRODUCTS.set(jnp.dtype(dtype))
+    try:
+        yield
+    finally:
+        _PRODUCTS.reset(token)
+
+
 def mm(a, b):
-    """a (M, K) @ b (K, N) in a's dtype. float32 is the plain product. bfloat16 operands multiply
-    with float32 accumulation, rounded once at the end: on CPU that is the product XLA hands to
-    its matmul library (YNNPACK; AMX where the CPU has it), so long as both operands are row-major
-    arrays (a transpose: `transposed`). A bfloat16 result, or an operand XLA lays out transposed,
-    and it multiplies in float32 instead, 5x slower on an AMX machine (bench/README.md)."""
+    """a (M, K) @ b (K, N). float32: the plain product. bfloat16 operands: float32 accumulation
+    and a float32 result, the product XLA on CPU hands to its matmul library (YNNPACK; AMX where
+    the CPU has it) so long as both operands are row-major arrays (a transpose: `transposed`).
+    With a bfloat16 result, or an operand XLA lays out transposed, it multiplies in float32
+    instead, 5x slower on an AMX machine (bench/README.md)."""
     if a.dtype == jnp.float32:
         return a @ b
-    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
 def transposed(a):
-    """a.T (2-D) for `mm`. float32: the plain transpose. bfloat16: materialised row-major through
-    a flat copy, which XLA cannot turn back into a transposed layout of the same buffer."""
-    if a.dtype == jnp.float32:
-        return a.T
+    """a.T (2-D) for `mm`: materialised row-major through a flat copy, which XLA cannot turn back
+    into a transposed layout of the same buffer."""
     return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[::-1])
 
 
-def dense(x, w):
-    """x (..., D) @ w (D, F) -> (..., F): a bias-free linear layer. float32 is plain autodiff;
-    bfloat16 (train.dtype) takes `_dense_lowp`, whose gradient keeps `mm`'s fast form."""
-    return x @ w if x.dtype == jnp.float32 else _dense_lowp(x, w)
+def dense(x, w, w_transposed: bool = False):
+    """x (..., D) @ w (D, F) -> (..., F): a bias-free linear layer; x @ w.T for w (F, D) with
+    w_transposed (the tied output head). Under `products_in` its products, and its gradient's,
+    take low-precision operands (`_dense_cast`)."""
+    low = _PRODUCTS.get()
+    if low == jnp.float32:
+        return x @ (w.T if w_transposed else w)
+    return _dense_cast(low, w_transposed, x, w)
 
 
-@jax.custom_vjp
-def _dense_lowp(x, w):
-    return mm(x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _dense_cast(low, w_transposed, x, w):
+    return _dense_cast_fwd(low, w_transposed, x, w)[0]
 
 
-def _dense_lowp_fwd(x, w):
-    return mm(x, w), (x, w)
+def _dense_cast_fwd(low, w_transposed, x, w):
+    xl, wl = x.astype(low), w.astype(low)
+    out = mm(xl, transposed(wl) if w_transposed else wl).astype(x.dtype)
+    return out, (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
-def _dense_lowp_bwd(res, g):
-    """Autodiff's gradient, each product through `mm` (autodiff's own would multiply in float32)."""
-    x, w = res
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (N, D), (N, F)
-    return mm(g2, transposed(w)).reshape(x.shape), mm(transposed(x2), g2).astype(w.dtype)
+def _dense_cast_bwd(low, w_transposed, res, g):
+    """Autodiff's gradient, each product through `mm` on row-major operands (autodiff's own
+    would multiply in float32), the weight's gradient computed in the weight's own layout; the
+    gradients come back in x's and w's dtypes, unrounded."""
+    xl, wl, xd, wd = res
+    x2, g2 = xl.reshape(-1, xl.shape[-1]), g.reshape(-1, g.shape[-1]).astype(low)  # (N, D), (N, F)
+    if w_transposed:  # w (F, D)
+        dx, dw = mm(g2, wl), mm(transposed(g2), x2)
+    else:  # w (D, F)
+        dx, dw = mm(g2, transposed(wl)), mm(transposed(x2), g2)
+    return dx.reshape(xl.shape).astype(xd.dtype), dw.astype(wd.dtype)
 
 
-_dense_lowp.defvjp(_dense_lowp_fwd, _dense_lowp_bwd)
+_dense_cast.defvjp(_dense_cast_fwd, _dense_cast_bwd)
 
 
 class Linear(nnx.Module):
@@ -230,37 +260,69 @@ class Attention(nnx.Module):
         return self.wo(out), cache
 
 
-@jax.custom_vjp
 def swiglu(x, w1, w3, w2):
-    """x (N, D), w1 w3 (D, F), w2 (F, D) -> (silu(x w1) * (x w3)) w2, (N, D).
+    """x (N, D), w1 w3 (D, F), w2 (F, D) -> (silu(x w1) * (x w3)) w2, (N, D); under
+    `products_in`, its products take low-precision operands (`_swiglu_cast`)."""
+    low = _PRODUCTS.get()
+    return _swiglu(x, w1, w3, w2) if low == jnp.float32 else _swiglu_cast(low, x, w1, w3, w2)
 
-    Its gradient is autodiff's, written out so that every weight gradient is a
+
+@jax.custom_vjp
+def _swiglu(x, w1, w3, w2):
+    """Its gradient is autodiff's, written out so that every weight gradient is a
     plain (D, N) @ (N, F) product of a materialised transpose: left to itself,
     XLA on CPU fuses the silu derivative into a strided transposed write, which
     profiled at a sixth of the train step."""
-    return mm(jax.nn.silu(mm(x, w1)) * mm(x, w3), w2)
+    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
 
 
 def _swiglu_fwd(x, w1, w3, w2):
-    a, b = mm(x, w1), mm(x, w3)
-    return mm(jax.nn.silu(a) * b, w2), (x, a, b, w1, w3, w2)
+    a, b = x @ w1, x @ w3
+    return (jax.nn.silu(a) * b) @ w2, (x, a, b, w1, w3, w2)
 
 
 def _swiglu_bwd(res, g):
     x, a, b, w1, w3, w2 = res
     sig = jax.nn.sigmoid(a)
     silu = a * sig
-    dh = mm(g, transposed(w2))  # (N, F)
+    dh = g @ w2.T  # (N, F)
     da = dh * b * (sig + silu * (1 - sig))  # silu'(a) = sig + silu * (1 - sig)
     db = dh * silu
-    if x.dtype == jnp.float32:
-        xT, hT = jax.lax.optimization_barrier((x.T, (silu * b).T))
-    else:
-        xT, hT = transposed(x), transposed(silu * b)
-    return mm(da, transposed(w1)) + mm(db, transposed(w3)), mm(xT, da), mm(xT, db), mm(hT, g)
+    xT, hT = jax.lax.optimization_barrier((x.T, (silu * b).T))
+    return da @ w1.T + db @ w3.T, xT @ da, xT @ db, hT @ g
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _swiglu_cast(low, x, w1, w3, w2):
+    return _swiglu_cast_fwd(low, x, w1, w3, w2)[0]
+
+
+def _swiglu_cast_fwd(low, x, w1, w3, w2):
+    """`_swiglu` with every product's operands cast to `low` (mm: float32 accumulation and
+    results); the elementwise work stays in x's dtype."""
+    xl, w1l, w3l, w2l = (t.astype(low) for t in (x, w1, w3, w2))
+    a, b = mm(xl, w1l), mm(xl, w3l)  # (N, F) float32
+    out = mm((jax.nn.silu(a) * b).astype(low), w2l).astype(x.dtype)
+    return out, (xl, a, b, w1l, w3l, w2l, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w1.dtype))
+
+
+def _swiglu_cast_bwd(low, res, g):
+    xl, a, b, w1l, w3l, w2l, xd, wd = res
+    gl = g.astype(low)
+    sig = jax.nn.sigmoid(a)
+    silu = a * sig
+    dh = mm(gl, transposed(w2l))  # (N, F)
+    da = (dh * b * (sig + silu * (1 - sig))).astype(low)
+    db = (dh * silu).astype(low)
+    xT, hT = transposed(xl), transposed((silu * b).astype(low))
+    dx = (mm(da, transposed(w1l)) + mm(db, transposed(w3l))).astype(xd.dtype)
+    return dx, mm(xT, da).astype(wd.dtype), mm(xT, db).astype(wd.dtype), mm(hT, gl).astype(wd.dtype)
+
+
+_swiglu_cast.defvjp(_swiglu_cast_fwd, _swiglu_cast_bwd)
 
 
 class SwiGLU(nnx.Module):
@@ -331,7 +393,7 @@ class GPT(nnx.Module):
             x = jnp.take(x.reshape(B * T, -1), select, axis=0)  # (N, D)
         x = self.norm(x)
         if self.cfg.tie_embeddings:
-            logits = dense(x, emb.T).astype(jnp.float32)
+            logits = dense(x, emb, w_transposed=True).astype(jnp.float32)
         else:
             logits = dense(x, self.lm_head.kernel[...]).astype(jnp.float32)
         return logits, (new_cache if cache is not None else None)

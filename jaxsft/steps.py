@@ -122,10 +122,11 @@ def token_losses(params, graphdef, batch: Batch):
 
 
 def loss_sums(params, graphdef, batch: Batch, dropout_key=None, dtype=jnp.float32):
-    """(summed masked cross-entropy, number of answer tokens) of a batch."""
-    if dtype != jnp.float32:
-        params = jax.tree.map(lambda p: p.astype(dtype), params)
-    logits = forward(params, graphdef, batch, dropout_key)
+    """(summed masked cross-entropy, number of answer tokens) of a batch. dtype bfloat16: the
+    model's products multiply bfloat16 operands with float32 accumulation (`model.products_in`);
+    everything else stays float32."""
+    with model.products_in(dtype):
+        logits = forward(params, graphdef, batch, dropout_key)
     targets, m = batch.targets, batch.loss_mask
     if batch.answer_at is not None:
         targets, m = targets.reshape(-1)[batch.answer_at], m.reshape(-1)[batch.answer_at]  # (A,)

@@ -227,32 +227,37 @@ def _dot_operand_types(hlo: str) -> list:
 
 
 def test_bfloat16_products_keep_bfloat16_operands_and_autodiffs_gradient():
-    """train.dtype=bfloat16: every product of the model's linear layers and SwiGLU, forward and
-    backward, multiplies bfloat16 operands (the fast CPU path; XLA upcasts a transposed one to
-    float32), and the gradients are autodiff's of the float32 formula within bfloat16 rounding."""
+    """train.dtype=bfloat16 (model.products_in): every product of a linear layer and of SwiGLU,
+    forward and backward, multiplies bfloat16 operands (the fast CPU path; XLA upcasts a
+    transposed one to float32), and the float32 gradients are autodiff's of the float32 formula
+    within bfloat16 rounding. Outside it the products are plain float32."""
     ks = jax.random.split(jax.random.PRNGKey(5), 6)
     x = jax.random.normal(ks[0], (2, 24, 16))
     w, w1, w3 = (jax.random.normal(k, (16, 32)) / 4 for k in ks[1:4])
-    w2, g = jax.random.normal(ks[4], (32, 16)) / 4, jax.random.normal(ks[5], (2, 24, 16))
-
-    def layer(x, w, w1, w3, w2, product):  # a linear layer, then SwiGLU on its first 16 outputs
-        h = product(x, w)[..., :16].reshape(-1, 16)
-        return model.swiglu(h, w1, w3, w2) if product is model.dense else \
-            (jax.nn.silu(h @ w1) * (h @ w3)) @ w2
-
+    w2, g = jax.random.normal(ks[4], (32, 16)) / 4, jax.random.normal(ks[5], (48, 16))
     args = (x, w, w1, w3, w2)
-    want = jax.vjp(lambda *a: layer(*a, lambda x, w: x @ w), *args)[1](g.reshape(-1, 16))
-    low = tuple(a.astype(jnp.bfloat16) for a in args)
-    fn = jax.jit(lambda *a: jax.vjp(lambda *b: layer(*b, model.dense), *a)[1](g.reshape(-1, 16).astype(jnp.bfloat16)))
-    got = fn(*low)
+
+    def layer(x, w, w1, w3, w2):  # a linear layer, then SwiGLU on its first 16 outputs
+        return model.swiglu(model.dense(x, w)[..., :16].reshape(-1, 16), w1, w3, w2)
+
+    def plain(x, w, w1, w3, w2):
+        h = (x @ w)[..., :16].reshape(-1, 16)
+        return (jax.nn.silu(h @ w1) * (h @ w3)) @ w2
+
+    def low(*a):
+        with model.products_in(jnp.bfloat16):
+            return jax.vjp(layer, *a)[1](g)
+
+    want = jax.vjp(plain, *args)[1](g)
+    fn = jax.jit(low)
+    got = fn(*args)
     for a, b in zip(got, want):
-        assert a.dtype == jnp.bfloat16
-        scale = float(jnp.abs(b).max())
-        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0, atol=0.03 * scale)
-    operands = _dot_operand_types(fn.lower(*low).compile().as_text())
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * float(jnp.abs(b).max()))
+        assert float(jnp.abs(a - b).max()) > 0  # the products really were rounded
+    operands = _dot_operand_types(fn.lower(*args).compile().as_text())
     assert len(operands) >= 10 and all(t == ("bf16", "bf16") for t in operands), operands
-    # float32 stays the plain product, bit for bit
-    np.testing.assert_array_equal(model.dense(x, w), x @ w)
+    np.testing.assert_array_equal(model.dense(x, w), x @ w)  # float32 outside: the plain product
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head, and grouped-query

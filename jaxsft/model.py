@@ -73,7 +73,9 @@ def products_in(dtype):
     `dtype` operands (the float32 activations and weights cast as they are read) with float32
     accumulation and float32 results, forward and backward: autocast, with parameters,
     activations, gradients and the optimizer in float32. `steps.loss_sums` uses it for
-    train.dtype=bfloat16. Outside it (the default, and decoding) products are plain float32."""
+    train.dtype=bfloat16. Outside it (the default, and decoding) products are plain float32.
+    It acts when a function is traced, and jit does not key its cache on it: enter it inside
+    the function that is jitted, as loss_sums does."""
     token = _PRODUCTS.set(jnp.dtype(dtype))
     try:
         yield

@@ -118,7 +118,7 @@ def _dense_cast(low, w_transposed, x, w):
 def _dense_cast_fwd(low, w_transposed, x, w):
     xl, wl = x.astype(low), w.astype(low)
     out = mm(xl, transposed(wl) if w_transposed else wl).astype(x.dtype)
-    return out, (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    return out, (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))  # empty: x's, w's dtypes
 
 
 def _dense_cast_bwd(low, w_transposed, res, g):
@@ -308,7 +308,7 @@ def _swiglu_cast_fwd(low, x, w1, w3, w2):
     xl, w1l, w3l, w2l = (t.astype(low) for t in (x, w1, w3, w2))
     a, b = mm(xl, w1l), mm(xl, w3l)  # (N, F) float32
     out = mm((jax.nn.silu(a) * b).astype(low), w2l).astype(x.dtype)
-    return out, (xl, a, b, w1l, w3l, w2l, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w1.dtype))
+    return out, (xl, a, b, w1l, w3l, w2l, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w1.dtype))  # dtypes
 
 
 def _swiglu_cast_bwd(low, res, g):

@@ -144,9 +144,10 @@ def main():
 
     torch.set_num_threads(args.threads)
     common = [f"data.train={args.train}", f"data.val={args.train}", "train.focus_steps=0"] + args.set
-    mesh = parallel.setup(load_config(args.config, common).mesh)
+    base = load_config(args.config, common)
+    mesh = parallel.setup(base.mesh)
     quiet = lambda *a, **k: None  # noqa: E731
-    dtype = load_config(args.config, common).train.dtype  # bfloat16: the peer under torch.autocast
+    dtype = base.train.dtype  # bfloat16: the peer under torch.autocast
     peak_jax, peak_torch = matmul_peak(dtype=dtype), torch_peak(dtype=dtype)
     runs = {}
     for name, extra in (("jaxsft", ["train.share_prefix=false"]), ("bin/train", [])):
@@ -207,7 +208,7 @@ def main():
     for name in ("jaxsft", "bin/train"):
         runs[name]["trainer"].close()
 
-    rows = load_config(args.config, common).train.batch_size
+    rows = base.train.batch_size
     figures = {"config": os.path.basename(args.config), "steps_per_block": args.steps, "rounds": args.rounds,
                "peak_gflops_jax": peak_jax / 1e9, "peak_gflops_torch": peak_torch / 1e9,
                "loss_first_batch_jax": loss_jax, "loss_first_batch_torch": loss_torch,

@@ -5,11 +5,12 @@ the command-line programs can set up their process before JAX starts (`cli.huge_
 import importlib
 
 __version__ = "0.1.0"
-_MODULES = ("batching", "chatml", "checkpoint", "config", "data", "decode", "engine", "evaluate", "hf", "lora",
-            "masks", "model", "parallel", "server", "setup", "steps", "tokenizer", "trainer")
 
 
 def __getattr__(name):
-    if name in _MODULES:
+    try:
         return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'jaxsft' has no attribute {name!r}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":  # the submodule exists; something it imports does not
+            raise
+        raise AttributeError(f"module 'jaxsft' has no attribute {name!r}") from None

@@ -19,6 +19,13 @@ Both start from the same parameters; their losses on the first batch (no dropout
 printed to show it is one function. Prints s/step, examples/s and useful MFU of each
 against a matmul peak in train.dtype measured in the same run (by JAX and by torch), and
 the ratios; the last line is one JSON object. torch is a benchmark-only dependency.
+
+Then the ceiling (`*_products_alone_*`): the matrix products of each variant's step (forward,
+and both products of the backward, of every layer, attention and the head, at the variant's
+most common batch shape), each timed alone on contiguous operands and summed, under JAX and
+under torch. That is the least a step of that shape can take with these matmul libraries if
+every other op (norms, softmax, masks, the optimizer) were free; printed as s/step, as the
+useful MFU it would give, and as its ratio to the peer's measured step.
 """
 import argparse
 import json
@@ -47,6 +54,55 @@ def torch_peak(n=2048, repeats=10, dtype="float32"):
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+def step_products(mcfg, rows, length, slots):
+    """The matrix products of one train step on `rows` packed rows of `length` tokens with the
+    output head at `slots` positions: {(batch, m, k, n): count}, forward and both backward
+    products (dx, dw) of every linear layer, SwiGLU, the tied head and attention's two
+    batched products per layer (one per row and head)."""
+    D, F, V, K = mcfg.d_model, mcfg.d_ff, mcfg.vocab_size, mcfg.head_dim
+    HK, GK, N, T = mcfg.n_heads * K, mcfg.kv_heads * K, rows * length, length
+    shapes = {}
+
+    def add(batch, m, k, n, count=1):  # the forward (m, k) @ (k, n), its dx and dw products
+        for s in ((batch, m, k, n), (batch, m, n, k), (batch, k, m, n)):
+            shapes[s] = shapes.get(s, 0) + count
+
+    for d_in, d_out in ((D, HK), (D, GK), (D, GK), (HK, D), (D, F), (D, F), (F, D)):
+        add(1, N, d_in, d_out, mcfg.n_layers)
+    add(rows * mcfg.n_heads, T, K, T, mcfg.n_layers)  # scores = q k^T
+    add(rows * mcfg.n_heads, T, T, K, mcfg.n_layers)  # probs @ v
+    add(1, slots, D, V)  # the tied head at the answer positions
+    return shapes
+
+
+def products_time(shapes, dtype="float32", repeats=20):
+    """Seconds the products take alone, one after another, summed over `shapes`: {"jax": s,
+    "torch": s, "each": {shape: (jax s, torch s)}}. Each product is timed by itself on
+    contiguous operands (the best of `repeats`), so this is what the step's matmuls cost with
+    no other op between them."""
+    import jax
+    import torch
+    from jaxsft import model
+    bmm = jax.jit(jax.vmap(model.mm))
+    out = {"jax": 0.0, "torch": 0.0, "each": {}}
+    for (b, m, k, n), count in shapes.items():
+        a = jax.random.normal(jax.random.PRNGKey(0), (b, m, k), dtype)
+        c = jax.random.normal(jax.random.PRNGKey(1), (b, k, n), dtype)
+        ta, tc = torch.randn(b, m, k, dtype=getattr(torch, dtype)), torch.randn(b, k, n, dtype=getattr(torch, dtype))
+        each = []
+        for lib, run in (("jax", lambda: bmm(a, c).block_until_ready()), ("torch", lambda: torch.bmm(ta, tc))):
+            run()
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t)
+            out[lib] += best * count
+            each.append(best)
+        out["each"][(b, m, k, n)] = tuple(each)
+    return out
 
 
 def torch_model(mcfg, params):
@@ -226,7 +282,30 @@ def main():
     figures["peak_gflops"] = peak / 1e9
     figures["ratio_jaxsft_vs_torch"] = figures["torch_s_per_step"] / figures["jaxsft_s_per_step"]
     figures["ratio_bin_train_vs_torch"] = figures["torch_s_per_step"] / figures["bin_train_s_per_step"]
+    # the ceiling: each variant's matrix products alone, back to back, at its most common batch
+    # shape (bin/train's without the shared prefix's own few tokens): what its step would take
+    # if no other op (norms, softmax, masks, the optimizer) cost anything
+    for name in ("jaxsft", "bin/train"):
+        h = runs[name]["host"]
+        shape = max({b.inputs.shape for b in h}, key=lambda s: sum(b.inputs.shape == s for b in h))
+        slots = next(len(b.answer_at) for b in h if b.inputs.shape == shape)
+        alone = products_time(step_products(mcfg, *shape, slots), dtype)
+        per_step = runs[name]["work"]["flops"] / args.steps
+        key = name.replace("/", "_")
+        for lib in ("jax", "torch"):
+            figures[f"{key}_products_alone_s_{lib}"] = alone[lib]
+            figures[f"{key}_products_alone_mfu_{lib}"] = per_step / alone[lib] / peak
+        figures[f"{key}_products_alone_ratio_vs_torch"] = figures["torch_s_per_step"] / alone["jax"]
+        if name == "jaxsft":
+            products = {str(s): [count, *(round(2 * s[0] * s[1] * s[2] * s[3] / t / 1e9, 1) for t in alone["each"][s])]
+                        for s, count in step_products(mcfg, *shape, slots).items()}
+            figures["jaxsft_products_count_gflops_jax_torch"] = products
     for k, v in figures.items():
+        if isinstance(v, dict):  # the products of the identical-work step: (batch, m, k, n)
+            print(f"{k:>28}:")
+            for shape, (count, g_jax, g_torch) in v.items():
+                print(f"{shape:>28}  x{count:<3d} JAX {g_jax:6.1f}  torch {g_torch:6.1f} GFLOP/s")
+            continue
         print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
     print(json.dumps(figures))
 

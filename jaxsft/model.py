@@ -158,19 +158,46 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x, positions, base: float = 10000.0):
-    """Rotary embedding. x (B, T, H, K), positions (B, T) int -> (B, T, H, K).
+ROTARY_TABLE_MAX = 8192  # positions; larger contexts compute their angles where they are used
+
+
+def rotary(positions, head_dim: int, base: float = 10000.0, table: int = 0):
+    """The rotary angles' (sin, cos), each (B, T, 1, K/2) float32, for positions (B, T) int.
+
+    table (the model's max_seq_len; up to ROTARY_TABLE_MAX): sin and cos are looked up in a
+    (table, K/2) table computed when the function is traced, the same values bit for bit.
+    Computed in the step instead, XLA fuses them into every rope's consumer and recomputes them
+    per element, for each head and layer and again in the backward pass (bench/README.md).
+    Every real token's
+    position is below max_seq_len (data, decoder and engine keep sequences within it); a
+    padding token's larger one takes the last row."""
+    half = head_dim // 2
+    if 0 < table <= ROTARY_TABLE_MAX:
+        with jax.ensure_compile_time_eval():  # a constant of the program, not ops in it
+            sin, cos = rotary(jnp.arange(table)[None], head_dim, base)
+        take = lambda t: jnp.take(t[0, :, 0], positions, axis=0, mode="clip")[:, :, None, :]  # noqa: E731
+        return take(sin), take(cos)
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (K/2,)
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # (B, T, K/2)
+    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
+def rotate(x, sin, cos):
+    """x (B, T, H, K) rotated by `rotary`'s angles -> (B, T, H, K).
 
     Pairs (x[i], x[i + K/2]) are rotated by angle position * base^(-2i/K), so a
     query-key dot product depends only on the difference of their positions.
     """
     half = x.shape[-1] // 2
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (K/2,)
-    angles = positions.astype(jnp.float32)[..., None] * freqs  # (B, T, K/2)
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
     return out.astype(x.dtype)
+
+
+def rope(x, positions, base: float = 10000.0):
+    """Rotary embedding. x (B, T, H, K), positions (B, T) int -> (B, T, H, K): `rotate` by
+    `rotary(positions)`."""
+    return rotate(x, *rotary(positions, x.shape[-1], base))
 
 
 def attend(q, k, v, mask):
@@ -241,18 +268,19 @@ def _write(cache, x, index):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = H, G, K, cfg.rope_theta
+        self.n_heads, self.n_kv_heads, self.head_dim = H, G, K
         self.wq, self.wk, self.wv = _linear(d, H * K, rngs), _linear(d, G * K, rngs), _linear(d, G * K, rngs)
         self.wo = _linear(H * K, d, rngs)
         self.recompute = False  # attend_recomputed in the backward pass (LoRA's step sets it)
 
-    def __call__(self, x, positions, mask, cache=None, index=None):
-        """x (B, T, D); cache (k, v) each (B, G, S, K) written at [index, index+T) (index: scalar or (B,))."""
+    def __call__(self, x, angles, mask, cache=None, index=None):
+        """x (B, T, D); angles: `rotary` of the positions (B, T); cache (k, v) each (B, G, S, K)
+        written at [index, index+T) (index: scalar or (B,))."""
         B, T, D = x.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
         heads = lambda y, n: y.reshape(B, T, n, K).transpose(0, 2, 1, 3)  # noqa: E731  (B, n, T, K)
-        q = heads(rope(self.wq(x).reshape(B, T, H, K), positions, self.rope_theta), H)
-        k = heads(rope(self.wk(x).reshape(B, T, G, K), positions, self.rope_theta), G)
+        q = heads(rotate(self.wq(x).reshape(B, T, H, K), *angles), H)
+        k = heads(rotate(self.wk(x).reshape(B, T, G, K), *angles), G)
         v = heads(self.wv(x), G)
         if cache is not None:
             k, v = _write(cache[0], k, index), _write(cache[1], v, index)
@@ -383,9 +411,10 @@ class GPT(nnx.Module):
             keys = list(jax.random.split(dropout_key, len(keys)))
         emb = self.embed.embedding[...]
         x = _dropout(jnp.take(emb, tokens, axis=0), rate, keys[0])  # (B, T, D)
+        angles = rotary(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_seq_len)
         new_cache = []
         for i, blk in enumerate(self.blocks):
-            h, c = blk.attn(blk.norm1(x), positions, mask, None if cache is None else cache[i], index)
+            h, c = blk.attn(blk.norm1(x), angles, mask, None if cache is None else cache[i], index)
             new_cache.append(c)
             x = x + _dropout(h, rate, keys[2 * i + 1])
             x = x + _dropout(blk.mlp(blk.norm2(x)), rate, keys[2 * i + 2])

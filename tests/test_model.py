@@ -130,6 +130,31 @@ def test_rope_scores_depend_only_on_relative_position():
     np.testing.assert_allclose(rope(q, jnp.zeros_like(pos)), q, atol=1e-6)
 
 
+def test_rotary_table_gives_the_computed_angles_and_keeps_sin_cos_out_of_the_step(built):
+    """The model looks its rotary angles up in a table made at trace time: the same values bit
+    for bit as computing them, and no sine or cosine left in the compiled gradient (computed in
+    the step, XLA recomputes them per element of every head's queries and keys)."""
+    rng = np.random.default_rng(2)
+    pos = jnp.asarray(rng.integers(0, CFG.max_seq_len, (3, 20)), jnp.int32)
+    for K, base in ((16, 10000.0), (8, 500000.0)):
+        computed = jax.jit(lambda p: model.rotary(p, K, base))(pos)
+        looked_up = jax.jit(lambda p: model.rotary(p, K, base, table=CFG.max_seq_len))(pos)
+        for a, b in zip(computed, looked_up):
+            chex.assert_shape(b, (3, 20, 1, K // 2))
+            np.testing.assert_array_equal(a, b)
+    graphdef, params = built
+    loss = lambda p: model.apply(graphdef, p, _tokens(), positions=POS)[0].sum()  # noqa: E731
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert " sine(" not in hlo and " cosine(" not in hlo
+    # beyond the table (a context above ROTARY_TABLE_MAX) they are computed in the step
+    big = dataclasses.replace(CFG, max_seq_len=model.ROTARY_TABLE_MAX + 1)
+    gd_big, p_big = model.init(big, 0)
+    hlo = jax.jit(lambda p: model.apply(gd_big, p, _tokens(), positions=POS)[0].sum()).lower(p_big).compile().as_text()
+    assert " sine(" in hlo
+    np.testing.assert_array_equal(model.apply(gd_big, p_big, _tokens(), positions=POS)[0],
+                                  model.apply(graphdef, p_big, _tokens(), positions=POS)[0])
+
+
 def test_model_logits_invariant_to_position_shift(built, fwd):
     _, params = built
     tokens = _tokens()

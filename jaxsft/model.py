@@ -307,14 +307,16 @@ def _swiglu(x, w1, w3, w2):
 
 
 def _swiglu_fwd(x, w1, w3, w2):
+    """Keeps sigmoid(a) and silu(a) for the backward pass rather than recomputing them from a:
+    one more (N, F) residual per layer, 3-5% off the seed step (bench/README.md)."""
     a, b = x @ w1, x @ w3
-    return (jax.nn.silu(a) * b) @ w2, (x, a, b, w1, w3, w2)
+    sig = jax.nn.sigmoid(a)
+    silu = a * sig  # jax.nn.silu(a), the same ops
+    return (silu * b) @ w2, (x, sig, silu, b, w1, w3, w2)
 
 
 def _swiglu_bwd(res, g):
-    x, a, b, w1, w3, w2 = res
-    sig = jax.nn.sigmoid(a)
-    silu = a * sig
+    x, sig, silu, b, w1, w3, w2 = res
     dh = g @ w2.T  # (N, F)
     da = dh * b * (sig + silu * (1 - sig))  # silu'(a) = sig + silu * (1 - sig)
     db = dh * silu

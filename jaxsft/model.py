@@ -168,9 +168,8 @@ def rotary(positions, head_dim: int, base: float = 10000.0, table: int = 0):
     (table, K/2) table computed when the function is traced, the same values bit for bit.
     Computed in the step instead, XLA fuses them into every rope's consumer and recomputes them
     per element, for each head and layer and again in the backward pass (bench/README.md).
-    Every real token's
-    position is below max_seq_len (data, decoder and engine keep sequences within it); a
-    padding token's larger one takes the last row."""
+    Every real token's position is below max_seq_len (data, decoder and engine keep sequences
+    within it); a padding token's larger one takes the last row."""
     half = head_dim // 2
     if 0 < table <= ROTARY_TABLE_MAX:
         with jax.ensure_compile_time_eval():  # a constant of the program, not ops in it

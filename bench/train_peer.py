@@ -44,17 +44,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_speed import ROOT, matmul_peak, work  # noqa: E402
 
 
+def best_seconds(run, repeats):
+    """The shortest of `repeats` timed calls of run(), after one untimed call."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def torch_peak(n=2048, repeats=10, dtype="float32"):
     """Best n^3 matmul rate under torch, FLOP/s."""
     import torch
     a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, repeats)
 
 
 def step_products(mcfg, rows, length, slots):
@@ -92,17 +97,11 @@ def products_time(shapes, dtype="float32", repeats=20):
         a = jax.random.normal(jax.random.PRNGKey(0), (b, m, k), dtype)
         c = jax.random.normal(jax.random.PRNGKey(1), (b, k, n), dtype)
         ta, tc = torch.randn(b, m, k, dtype=getattr(torch, dtype)), torch.randn(b, k, n, dtype=getattr(torch, dtype))
-        each = []
-        for lib, run in (("jax", lambda: bmm(a, c).block_until_ready()), ("torch", lambda: torch.bmm(ta, tc))):
-            run()
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                run()
-                best = min(best, time.perf_counter() - t)
-            out[lib] += best * count
-            each.append(best)
-        out["each"][(b, m, k, n)] = tuple(each)
+        each = (best_seconds(lambda: bmm(a, c).block_until_ready(), repeats),
+                best_seconds(lambda: torch.bmm(ta, tc), repeats))
+        out["jax"] += each[0] * count
+        out["torch"] += each[1] * count
+        out["each"][(b, m, k, n)] = each
     return out
 
 
@@ -293,7 +292,8 @@ def main():
         h = runs[name]["host"]
         shape = max({b.inputs.shape for b in h}, key=lambda s: sum(b.inputs.shape == s for b in h))
         slots = next(len(b.answer_at) for b in h if b.inputs.shape == shape)
-        alone = products_time(step_products(mcfg, *shape, slots), dtype)
+        shapes = step_products(mcfg, *shape, slots)
+        alone = products_time(shapes, dtype)
         per_step = runs[name]["work"]["flops"] / args.steps
         key = name.replace("/", "_")
         for lib in ("jax", "torch"):
@@ -302,7 +302,7 @@ def main():
         figures[f"{key}_products_alone_ratio_vs_torch"] = figures["torch_s_per_step"] / alone["jax"]
         if name == "jaxsft":
             products = {str(s): [count, *(round(2 * s[0] * s[1] * s[2] * s[3] / t / 1e9, 1) for t in alone["each"][s])]
-                        for s, count in step_products(mcfg, *shape, slots).items()}
+                        for s, count in shapes.items()}
             figures["jaxsft_products_count_gflops_jax_torch"] = products
     for k, v in figures.items():
         if isinstance(v, dict):  # the products of the identical-work step: (batch, m, k, n)

@@ -66,7 +66,8 @@ def step_products(mcfg, rows, length, slots):
     """The matrix products of one train step on `rows` packed rows of `length` tokens with the
     output head at `slots` positions: {(batch, m, k, n): count}, forward and both backward
     products (dx, dw) of every linear layer, SwiGLU, the tied head and attention's two
-    batched products per layer (one per row and head)."""
+    batched products per layer (one per row and head); the last layer's output projection and
+    SwiGLU at the head's positions only, as the model runs them."""
     D, F, V, K = mcfg.d_model, mcfg.d_ff, mcfg.vocab_size, mcfg.head_dim
     HK, GK, N, T = mcfg.n_heads * K, mcfg.kv_heads * K, rows * length, length
     shapes = {}
@@ -75,8 +76,11 @@ def step_products(mcfg, rows, length, slots):
         for s in ((batch, m, k, n), (batch, m, n, k), (batch, k, m, n)):
             shapes[s] = shapes.get(s, 0) + count
 
-    for d_in, d_out in ((D, HK), (D, GK), (D, GK), (HK, D), (D, F), (D, F), (F, D)):
+    for d_in, d_out in ((D, HK), (D, GK), (D, GK)):
         add(1, N, d_in, d_out, mcfg.n_layers)
+    for d_in, d_out in ((HK, D), (D, F), (D, F), (F, D)):  # the last layer's at the head's positions
+        add(1, N, d_in, d_out, mcfg.n_layers - 1)
+        add(1, slots, d_in, d_out)
     add(rows * mcfg.n_heads, T, K, T, mcfg.n_layers)  # scores = q k^T
     add(rows * mcfg.n_heads, T, T, K, mcfg.n_layers)  # probs @ v
     add(1, slots, D, V)  # the tied head at the answer positions
@@ -154,11 +158,13 @@ def torch_model(mcfg, params):
                 q = rope((h @ wq).view(B, T, H, K)).transpose(1, 2)
                 k = rope((h @ wk).view(B, T, H, K)).transpose(1, 2)
                 v = (h @ wv).view(B, T, H, K).transpose(1, 2)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                x = x + drop(o.transpose(1, 2).reshape(B, T, D) @ wo)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D)
+                if i == mcfg.n_layers - 1:  # the rest of the last layer where the head reads, as jaxsft
+                    o, x = o.reshape(B * T, D)[answer_at], x.reshape(B * T, D)[answer_at]
+                x = x + drop(o @ wo)
                 h = norm(x, n2)
                 x = x + drop((F.silu(h @ w1) * (h @ w3)) @ w2)
-            x = norm(x.reshape(B * T, D)[answer_at], self.norm)
+            x = norm(x, self.norm)  # (A, D)
             return x @ self.embed.T  # (A, V)
 
     return GPT()

@@ -38,12 +38,15 @@ def matmul_peak(n=2048, repeats=10, dtype="float32"):
 
 def work(host, mcfg):
     """What a list of host batches asks of the model: answer tokens, non-pad and padded
-    tokens, useful FLOPs (real tokens; the head where it runs) and executed FLOPs."""
+    tokens, useful FLOPs (real tokens; the head, and the last layer's output projection and
+    SwiGLU, where they run) and executed FLOPs."""
     import numpy as np
     from jaxsft import model
     answer_tokens = nonpad = padded = head_everywhere = 0
     flops = exec_flops = 0.0
     head = 6 * mcfg.vocab_size * mcfg.d_model  # training FLOPs of the tied head, per position
+    # the last layer's output projection and SwiGLU run only where the head does (model.GPT)
+    tail = 6 * mcfg.d_model * (mcfg.n_heads * mcfg.head_dim + 3 * mcfg.d_ff)
     for b in host:
         B, L = b.inputs.shape
         if b.segments is not None:  # packed: one length per example
@@ -58,6 +61,9 @@ def work(host, mcfg):
         flops += head * (int(b.loss_mask.sum()) if b.answer_at is not None else sum(lens))
         exec_flops += model.flops_per_token(mcfg, L, head=False) * B * L
         exec_flops += head * (len(b.answer_at) if b.answer_at is not None else B * L)
+        if b.answer_at is not None:
+            flops -= tail * (sum(lens) - int(b.loss_mask.sum()))
+            exec_flops -= tail * (B * L - len(b.answer_at))
         head_everywhere += b.answer_at is None
     return dict(answer_tokens=answer_tokens, nonpad=nonpad, padded=padded, flops=flops,
                 exec_flops=exec_flops, head_everywhere=head_everywhere)

@@ -272,9 +272,10 @@ class Attention(nnx.Module):
         self.wo = _linear(H * K, d, rngs)
         self.recompute = False  # attend_recomputed in the backward pass (LoRA's step sets it)
 
-    def __call__(self, x, angles, mask, cache=None, index=None):
+    def __call__(self, x, angles, mask, cache=None, index=None, keep=None):
         """x (B, T, D); angles: `rotary` of the positions (B, T); cache (k, v) each (B, G, S, K)
-        written at [index, index+T) (index: scalar or (B,))."""
+        written at [index, index+T) (index: scalar or (B,)). keep: a function that takes the
+        positions wanted out of (B, T, H*K) before the output projection (GPT's last layer)."""
         B, T, D = x.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
         heads = lambda y, n: y.reshape(B, T, n, K).transpose(0, 2, 1, 3)  # noqa: E731  (B, n, T, K)
@@ -286,6 +287,8 @@ class Attention(nnx.Module):
             cache = (k, v)
         out = (attend_recomputed if self.recompute else attend)(q, k, v, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, H * K)
+        if keep is not None:
+            out = keep(out)
         return self.wo(out), cache
 
 
@@ -400,6 +403,9 @@ class GPT(nnx.Module):
         select (N,) int32: the output head only at these positions of the flattened
         (B * T) sequence -> logits (N, V): a loss that falls on a few positions
         skips the head's matmul and softmax everywhere else.
+        With last_only or select, the last layer runs its output projection and SwiGLU
+        at those positions only (its keys and values everywhere): 8% of the seed
+        config's training FLOPs (bench/README.md).
         """
         B, T = tokens.shape
         if positions is None:
@@ -413,16 +419,26 @@ class GPT(nnx.Module):
         emb = self.embed.embedding[...]
         x = _dropout(jnp.take(emb, tokens, axis=0), rate, keys[0])  # (B, T, D)
         angles = rotary(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_seq_len)
+        # the positions the head reads, taken inside the last layer: past its keys and values
+        # (which every position's query reads), nothing at the other positions reaches the output
+        keep = None
+        if select is not None:
+            keep = lambda y: jnp.take(y.reshape(B * T, y.shape[-1]), select, axis=0)[None]  # noqa: E731 (1, N, .)
+        elif last_only:
+            keep = lambda y: y[:, -1:]  # noqa: E731
+        if keep is not None and not len(self.blocks):
+            x = keep(x)
         new_cache = []
         for i, blk in enumerate(self.blocks):
-            h, c = blk.attn(blk.norm1(x), angles, mask, None if cache is None else cache[i], index)
+            last = keep if i == len(self.blocks) - 1 else None
+            h, c = blk.attn(blk.norm1(x), angles, mask, None if cache is None else cache[i], index, last)
             new_cache.append(c)
+            if last is not None:
+                x = last(x)
             x = x + _dropout(h, rate, keys[2 * i + 1])
             x = x + _dropout(blk.mlp(blk.norm2(x)), rate, keys[2 * i + 2])
-        if last_only:
-            x = x[:, -1:]
         if select is not None:
-            x = jnp.take(x.reshape(B * T, -1), select, axis=0)  # (N, D)
+            x = x[0]  # (N, D)
         x = self.norm(x)
         if self.cfg.tie_embeddings:
             logits = dense(x, emb, w_transposed=True).astype(jnp.float32)

@@ -155,6 +155,33 @@ def test_rotary_table_gives_the_computed_angles_and_keeps_sin_cos_out_of_the_ste
                                   model.apply(graphdef, p_big, _tokens(), positions=POS)[0])
 
 
+def test_head_positions_run_the_last_layer_there_only(built, fwd):
+    """select and last_only: the logits of the full model at those positions, with the last
+    layer's output projection and SwiGLU run at those positions only (its keys and values,
+    which every query reads, everywhere): the forward's matmul FLOPs drop by the head's and
+    those layer parts' at every other position."""
+    graphdef, params = built
+    tokens = _tokens(3)
+    full = fwd(params, tokens)
+    select = jnp.asarray([5, 0, 23, 13, 11], jnp.int32)  # of the flattened (B * T) positions
+    sel = apply(graphdef, params, tokens, positions=POS, select=select)[0]
+    chex.assert_shape(sel, (5, CFG.vocab_size))
+    np.testing.assert_allclose(sel, full.reshape(B * T, -1)[select], rtol=1e-5, atol=1e-5)
+    last = jax.jit(lambda p: model.apply(graphdef, p, tokens, positions=POS, last_only=True)[0])(params)
+    chex.assert_shape(last, (B, 1, CFG.vocab_size))
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+    def flops(**kw):
+        f = lambda p: model.apply(graphdef, p, tokens, positions=POS, **kw)[0]  # noqa: E731
+        return jax.jit(f).lower(params).cost_analysis()["flops"]
+    D, F, V, HK = CFG.d_model, CFG.d_ff, CFG.vocab_size, CFG.n_heads * CFG.head_dim
+    per_position = 2 * (V * D + HK * D + 3 * D * F)  # the head, wo and SwiGLU's three products
+    saved = flops() - flops(select=select)
+    assert saved == pytest.approx(per_position * (B * T - 5), rel=0.05)
+    saved = flops() - flops(last_only=True)
+    assert saved == pytest.approx(per_position * B * (T - 1), rel=0.05)
+
+
 def test_model_logits_invariant_to_position_shift(built, fwd):
     _, params = built
     tokens = _tokens()

@@ -426,8 +426,6 @@ class GPT(nnx.Module):
             keep = lambda y: jnp.take(y.reshape(B * T, y.shape[-1]), select, axis=0)[None]  # noqa: E731 (1, N, .)
         elif last_only:
             keep = lambda y: y[:, -1:]  # noqa: E731
-        if keep is not None and not len(self.blocks):
-            x = keep(x)
         new_cache = []
         for i, blk in enumerate(self.blocks):
             last = keep if i == len(self.blocks) - 1 else None

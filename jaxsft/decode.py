@@ -1,29 +1,21 @@
-"""Jitted decoding with a preallocated KV cache.
-
-`generate` is one compiled program: a prefill of the (left-padded) prompts,
-then a `lax.while_loop` of one-token steps that ends when every row has
-written <|endoftext|> or max_new_tokens is reached. Greedy by default;
-temperature / top-k / top-p sampling with an explicit key.
-
-`Generator` is what scripts use (bin/chat, bin/eval, evaluate.score_rows, the
-trainer's exact-match hook): it renders conversations in ChatML and answers them
-with the continuous-batching engine (`engine.Engine`), which compiles a bounded
-set of programs and never makes a batch wait for its longest row. `generate`
-stays as the one-program reference the engine is tested against.
+"""Answering conversations: `Generator` is what scripts use (bin/chat, bin/eval,
+evaluate.score_rows, the trainer's exact-match hook): it renders conversations in
+ChatML and answers them with the continuous-batching engine (`engine.Engine`),
+which compiles a bounded set of programs and never makes a batch wait for its
+longest row. (The one-program decoder and the naive one the engine is tested
+against live in tests/reference_decode.py.)
 """
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from . import chatml, masks, model
+from . import chatml, model
 from .config import ModelConfig
+from .engine import Engine, Request, bucket, capped
 from .tokenizer import AnyTokenizer
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -34,115 +26,6 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: all tokens
     top_p: float = 1.0
-
-
-def pick(logits, key, s: Sampling):
-    """logits (B, V) float32 -> next tokens (B,) int32."""
-    if s.temperature <= 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / s.temperature
-    if s.top_k > 0:
-        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if s.top_p < 1.0:
-        sorted_l = jnp.sort(logits, axis=-1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_l, axis=-1), axis=-1)
-        # keep the smallest prefix whose probability reaches top_p (always >= 1 token)
-        cutoff_idx = jnp.sum(cum < s.top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_l, cutoff_idx, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-@dataclass(frozen=True)
-class Spec:
-    """What a compiled decoder is specialised on (static, hashable)."""
-    graphdef: object
-    cfg: ModelConfig
-    max_new_tokens: int
-    end_id: int
-    pad_id: int = 0
-    sampling: Sampling = Sampling()
-
-
-def _prefill(params, prompts, prompt_lens, key, spec: Spec):
-    """prompts (B, P) int32, left-padded: row b's prompt is prompts[b, P - prompt_lens[b]:].
-    Returns the first answer tokens (B,) int32 and the KV cache (P + max_new_tokens slots)
-    holding the prompts."""
-    B, P = prompts.shape
-    S = P + spec.max_new_tokens
-    cfg = spec.cfg
-    dtype = jax.tree.leaves(params)[0].dtype
-    cache = [(jnp.zeros((B, cfg.kv_heads, S, cfg.head_dim), dtype),) * 2 for _ in range(cfg.n_layers)]
-    positions = jnp.maximum(jnp.arange(P)[None, :] - (P - prompt_lens)[:, None], 0)  # (B, P)
-    logits, cache = model.apply(spec.graphdef, params, prompts, positions=positions,
-                                mask=masks.prefill(prompt_lens, P, S), cache=cache, index=0, last_only=True)
-    return pick(logits[:, -1], jax.random.fold_in(key, 0), spec.sampling), cache
-
-
-def _step(params, tok, cache, done, prompt_lens, i, key, spec: Spec):
-    """Token i of the answer from token i - 1: tok, done (B,), i int32 scalar.
-    Returns (next tokens (B,), cache, done); finished rows get pad_id."""
-    S = cache[0][0].shape[2]
-    P = S - spec.max_new_tokens
-    pos = (prompt_lens + i - 1)[:, None]  # (B, 1)
-    logits, cache = model.apply(spec.graphdef, params, tok[:, None], positions=pos,
-                                mask=masks.decode_step(prompt_lens, P, S, P + i - 1), cache=cache, index=P + i - 1)
-    nxt = jnp.where(done, spec.pad_id, pick(logits[:, -1], jax.random.fold_in(key, i), spec.sampling))
-    return nxt, cache, done | (nxt == spec.end_id)
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
-def generate(params, prompts, prompt_lens, key, *, spec: Spec):
-    """Decodes up to spec.max_new_tokens tokens after each prompt.
-
-    prompts (B, P) int32, left-padded: row b's prompt is prompts[b, P - prompt_lens[b]:].
-    Returns tokens (B, max_new_tokens) int32: each row's answer, then <|endoftext|>,
-    then pad_id.
-    """
-    B, P = prompts.shape
-    n = spec.max_new_tokens
-    tok, cache = _prefill(params, prompts, prompt_lens, key, spec)
-    out = jnp.full((B, n), spec.pad_id, jnp.int32).at[:, 0].set(tok)
-
-    def cond(state):
-        i, _, _, _, done = state
-        return (i < n) & ~jnp.all(done)
-
-    def body(state):
-        i, tok, cache, out, done = state
-        nxt, cache, done = _step(params, tok, cache, done, prompt_lens, i, key, spec)
-        return i + 1, nxt, cache, jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i)), done
-
-    state = (jnp.int32(1), tok, cache, out, tok == spec.end_id)
-    return jax.lax.while_loop(cond, body, state)[3]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _logits_at(graphdef, params, tokens, t):
-    """tokens (1, T) -> logits of position t (V,); compiled once per T, shared by calls."""
-    return model.apply(graphdef, params, tokens)[0][0, t]
-
-
-def naive_greedy(graphdef, params, prompt: Sequence[int], max_new_tokens: int, end_id: int) -> list[int]:
-    """Reference decoder: re-runs the whole sequence for every new token (no cache).
-    The sequence is right-padded to len(prompt) + max_new_tokens, which a causal
-    model does not see, so one program per total length is compiled, not one per step."""
-    seq = list(prompt)
-    buf = np.zeros((1, len(seq) + max_new_tokens), np.int32)
-    out = []
-    for _ in range(max_new_tokens):
-        buf[0, :len(seq)] = seq
-        tok = int(jnp.argmax(_logits_at(graphdef, params, jnp.asarray(buf), len(seq) - 1)))
-        out.append(tok)
-        seq.append(tok)
-        if tok == end_id:
-            break
-    return out
-
-
-def _bucket(n: int, sizes: Sequence[int]) -> int:
-    return next((s for s in sizes if s >= n), n)
 
 
 class Generator:
@@ -177,9 +60,6 @@ class Generator:
             system_prompt = checkpoint.read_meta(run_dir)[0]["data"]["system_prompt"]
         return cls(params, model_cfg, tok, system_prompt, **kw)
 
-    def spec(self, sampling: Sampling) -> Spec:
-        return Spec(self.graphdef, self.cfg, self.max_new_tokens, self.tok.end_id, self.tok.pad_id, sampling)
-
     def prompt_ids(self, messages) -> tuple[np.ndarray, bool]:
         """ChatML prompt ids for a conversation ending with a user turn, cut to fit
         the context: oldest user/assistant pairs go first, then the start of the
@@ -208,8 +88,7 @@ class Generator:
         calls (the trainer's evaluation hook swaps them in). Prompts that start with the system
         prompt are prefilled after it (the engine's prefix). context: cache positions per slot
         (default max_seq_len); one engine per (slots, context)."""
-        from .engine import Engine
-        slots = min(_bucket(max(n, 1), BATCH_BUCKETS), self.batch_size)
+        slots = bucket(max(n, 1), capped(self.batch_size, BATCH_BUCKETS))
         eng = self._engines.get((slots, context))
         if eng is None:  # shapes compiled as needed; freed slots refilled 8 prompts at a time
             eng = self._engines[slots, context] = Engine(
@@ -221,7 +100,6 @@ class Generator:
     def requests(self, prompts, sampling: Sampling, seed: int):
         """Engine requests for `prompts`: row i samples with seed + i; an answer is at most
         max_new_tokens and never runs past the context."""
-        from .engine import Request
         out = []
         for i, p in enumerate(prompts):
             p = np.asarray(p, np.int32)

@@ -46,14 +46,21 @@ PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 PREFILL_ROWS = (1, 8)  # prompts per prefill call
 
 
-def _bucket(n: int, sizes: Sequence[int]) -> int:
+def bucket(n: int, sizes: Sequence[int]) -> int:
+    """The smallest of `sizes` (ascending) that holds n; past the last, the last: every
+    caller ends its sizes at its cap (`capped`), so shapes stay in a bounded set."""
     return next((s for s in sizes if s >= n), sizes[-1])
+
+
+def capped(cap: int, sizes: Sequence[int]) -> tuple[int, ...]:
+    """`sizes` below `cap`, then `cap` itself."""
+    return tuple(b for b in sizes if b < cap) + (cap,)
 
 
 def prompt_buckets(max_seq_len: int, sizes: Sequence[int] = PROMPT_BUCKETS) -> tuple[int, ...]:
     """The padded prompt lengths an engine compiles for: `sizes` below the context,
     then the context itself."""
-    return tuple(b for b in sizes if b < max_seq_len) + (max_seq_len,)
+    return capped(max_seq_len, sizes)
 
 
 # sampling, row by row: each row has its own temperature, top-k, top-p and key
@@ -61,7 +68,7 @@ def prompt_buckets(max_seq_len: int, sizes: Sequence[int] = PROMPT_BUCKETS) -> t
 def pick_rows(logits, keys, temperature, top_k, top_p):
     """logits (B, V) f32, keys (B, 2) uint32 (this step's), temperature top_p (B,) f32,
     top_k (B,) int32 -> tokens (B,) int32. temperature 0: greedy; top_k 0: all tokens;
-    top_p 1: no cut. The same rule as decode.pick, with every setting per row."""
+    top_p 1: no cut. The same rule as tests/reference_decode.pick, with every setting per row."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sample():
@@ -85,7 +92,7 @@ def pick_rows(logits, keys, temperature, top_k, top_p):
 
 def _step_keys(keys, i):
     """Per-row base keys (B, 2) and answer-token index (B,) -> this step's keys: token i of
-    a request's answer is drawn with fold_in(PRNGKey(seed), i), as decode.generate does."""
+    a request's answer is drawn with fold_in(PRNGKey(seed), i), as tests/reference_decode.generate does."""
     return jax.vmap(jax.random.fold_in)(keys, i)
 
 
@@ -162,11 +169,19 @@ class Request:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class Status:
+    slots: int
+    active: int  # slots holding a request
+    waiting: int  # requests submitted, not yet in a slot
+    context: int  # cache positions per slot
+
+
 class Engine:
     """A continuous-batching decoder over `slots` rows of one KV cache.
 
-    Not thread-safe by itself except for `submit` and `cancel`, which may be
-    called from other threads while one thread calls `step` (serving loops).
+    Not thread-safe by itself except for `submit`, `cancel` and `cancel_all`, which may be
+    called from other threads while one thread calls `step` (serving loops: jaxsft/serve/worker.py).
     """
 
     def __init__(self, params, cfg: ModelConfig, end_id: int, slots: int = 32, pad_id: int = 0,
@@ -228,6 +243,28 @@ class Engine:
     def cancel(self, req: Request) -> None:
         """Ends `req` at the next step boundary (its slot is freed there)."""
         req.cancelled = True
+
+    def cancel_all(self) -> None:
+        """Cancels every request running or waiting (each ends at the next step boundary)."""
+        for r in list(self.waiting) + [r for r in self.req if r is not None]:
+            self.cancel(r)
+
+    def fail_all(self) -> None:
+        """Ends every running request now with finish_reason "error" (a step failed: their
+        cache rows cannot be trusted); waiting requests stay, to be admitted later."""
+        for s, r in enumerate(self.req):
+            if r is not None:
+                self.cancel(r)
+                self._finish(s, "error")
+
+    def has_room(self, max_waiting: int) -> bool:
+        """Whether one more request may be submitted: fewer than slots + max_waiting are
+        running or waiting."""
+        return self.active + len(self.waiting) < self.slots + max_waiting
+
+    def status(self) -> "Status":
+        """What is running and waiting now (a server's /health)."""
+        return Status(self.slots, self.active, len(self.waiting), self.S)
 
     @property
     def active(self) -> int:
@@ -309,10 +346,10 @@ class Engine:
         _, self.cache = _decode(self.params, self.cache, zeros, zeros, self.keys, zeros, self.temperature,
                                 self.top_k, self.top_p, graphdef=self.graphdef)
         lens = prompt_lens or self.buckets
-        shapes = {(False, _bucket(n, self.buckets)) for n in lens}
+        shapes = {(False, bucket(n, self.buckets)) for n in lens}
         if self.prefix is not None:  # prompts after the prefix, where one that long would fit
             L = self.prefix.shape[1]
-            shapes |= {(True, _bucket(n - L, self.buckets)) for n in lens if n > L}
+            shapes |= {(True, bucket(n - L, self.buckets)) for n in lens if n > L}
             shapes = {(after, P) for after, P in shapes if not after or L + P <= self.S}
         for after, P in sorted(shapes):
             for R in self.prefill_rows:
@@ -360,7 +397,7 @@ class Engine:
         by_bucket: dict[tuple, list] = {}
         for s, r in taken:
             L = self._after(r.prompt)
-            by_bucket.setdefault((L, _bucket(len(r.prompt) - L, self.buckets)), []).append((s, r))
+            by_bucket.setdefault((L, bucket(len(r.prompt) - L, self.buckets)), []).append((s, r))
         most = self.prefill_rows[-1]
         for (L, P), group in sorted(by_bucket.items()):
             for start in range(0, len(group), most):
@@ -373,7 +410,7 @@ class Engine:
         if self.prefix is None:
             return 0
         L = self.prefix.shape[1]
-        if len(prompt) <= L or L + _bucket(len(prompt) - L, self.buckets) > self.S:
+        if len(prompt) <= L or L + bucket(len(prompt) - L, self.buckets) > self.S:
             return 0
         return L if np.array_equal(prompt[:L], self.prefix[0]) else 0
 
@@ -381,7 +418,7 @@ class Engine:
         """Prompts of `group` ((slot, request) pairs) into their slots: whole, padded to P (L 0), or
         their part after the L-token prefix, padded to P."""
         n = len(group)
-        R = _bucket(n, self.prefill_rows)
+        R = bucket(n, self.prefill_rows)
         N = self.slots
         prompts = np.full((R, P), self.pad_id, np.int32)
         lens = np.ones(R, np.int32)

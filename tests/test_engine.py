@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft import decode, engine, masks, model
+import reference_decode
+from jaxsft import engine, masks, model
 from jaxsft.config import ModelConfig
 from jaxsft.engine import Engine, Request
 
@@ -55,7 +56,7 @@ def test_rows_alone_equal_rows_among_others_and_the_naive_decoder(scaled, cfg):
     # 7 rows over 4 slots: three wait, then join as slots free; rows of different lengths side by side
     together, _ = _answers(eng, prompts)
     assert together == alone
-    naive = [decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
+    naive = [reference_decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
     assert together == naive
     assert len({tuple(a) for a in alone}) > 1  # the rows really differ
     # the same rows in another order, among others mid-answer: still the same tokens
@@ -83,7 +84,7 @@ def test_prompts_after_a_shared_prefix_give_the_same_answers_and_cache(scaled, c
     assert after._after(prompts[0]) == 9 and after._after(prompts[-2]) == 0 and after._after(prompts[-1]) == 0
     want, _ = _answers(plain, prompts)
     got, _ = _answers(after, prompts)
-    assert got == want == [decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
+    assert got == want == [reference_decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
     assert after.stats["prefill_after_prefix"] == 5 and plain.stats["prefill_after_prefix"] == 0
     # the cache a prefixed prompt leaves in its slot: the whole prompt's keys and values
     for eng in (plain, after):

@@ -20,8 +20,8 @@ import pytest
 
 from conftest import QA, REPO, run_script
 from jaxsft import chatml
-from jaxsft.server import ApiError, TextStream, parse_chat
-from jaxsft.tokenizer import Tokenizer
+from jaxsft.serve.protocol import ApiError, parse_chat
+from jaxsft.tokenizer import TextStream, Tokenizer
 
 CONTEXT = 64  # the tiny run's max_seq_len
 
@@ -343,7 +343,8 @@ def test_sigterm_finishes_the_streams_in_flight_and_exits_0(trained_run, tmp_pat
 def live_app(engine, tok, **kw):
     """The app on a free port in this process (uvicorn in a thread); yields (url, state)."""
     import uvicorn
-    from jaxsft.server import Model, create_app
+    from jaxsft.serve.app import create_app
+    from jaxsft.serve.serving import Model
     app = create_app(lambda: Model(engine, tok, "", "slow"), warm_up=False, **kw)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

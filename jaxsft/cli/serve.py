@@ -48,7 +48,8 @@ def main():
     log.propagate = False
     import uvicorn
 
-    from ..server import create_app, Model
+    from ..serve.app import create_app
+    from ..serve.serving import Model
 
     def load():
         from ..decode import Generator

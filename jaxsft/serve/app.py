@@ -1,0 +1,190 @@
+"""An OpenAI-compatible chat server over the continuous-batching engine.
+
+    app = create_app(load)          # load() -> Model, run in the background
+    uvicorn.run(app)                # bin/serve does this (jaxsft/cli/serve.py)
+
+Routes (each a few lines: the work is in protocol.py, serving.py and worker.py):
+  POST /v1/chat/completions   OpenAI chat completions, plain or `stream: true`
+                              (server-sent `chat.completion.chunk` events, then `data: [DONE]`)
+  GET  /v1/models             the one model served
+  GET  /health                200 when ready; 503 while loading or compiling
+  GET  /                      the chat page (jaxsft/static/chat.html, no external resources)
+
+A bad request gets an OpenAI-style error {"error": {"message", "type", "param",
+"code"}} with a 4xx status; a full server gets 503 with Retry-After.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import traceback
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Callable, Optional
+
+from fastapi import APIRouter, FastAPI, Request as HttpRequest
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..engine import compiled_programs
+from .access_log import AccessLog
+from .protocol import ApiError, parse_chat
+from .serving import Answer, Model
+from .worker import Worker
+
+log = logging.getLogger("jaxsft.serve")
+
+DEFAULT_MAX_BODY = 1 << 20  # bytes
+
+
+@dataclass
+class State:
+    """The app's one piece of state (app.state.jaxsft): where loading is, and what it made."""
+    max_waiting: int = 64
+    max_body: int = DEFAULT_MAX_BODY
+    status: str = "loading"  # loading -> compiling -> ready (or failed)
+    model: Optional[Model] = None
+    worker: Optional[Worker] = None
+    compiled: int = 0
+    started: float = field(default_factory=time.time)
+
+    def ready_model(self) -> Model:
+        if self.status != "ready":
+            raise ApiError(503, f"the model is {self.status}; try again shortly", None, "model_not_ready",
+                           "server_error", {"Retry-After": "2"})
+        return self.model
+
+
+def load_model(state: State, load: Callable[[], Model], loop, warm_up: bool, on_fatal: Optional[Callable]):
+    """In a background thread at start-up: the checkpoint, the engine's compiles, the worker."""
+    try:
+        model = load()
+        state.model = model
+        state.status = "compiling"
+        if warm_up:
+            model.engine.warm_up()
+        state.worker = Worker(model.engine, state.max_waiting, loop)
+        state.worker.start()
+        state.compiled = compiled_programs()
+        state.status = "ready"
+        log.info("ready: %s, %d slots, context %d, %d programs compiled in %.1f s", model.name,
+                 model.engine.slots, model.engine.S, state.compiled, time.time() - state.started)
+    except Exception:
+        state.status = "failed"
+        log.error("loading the model failed:\n%s", traceback.format_exc())
+        if on_fatal:
+            on_fatal()
+
+
+async def read_json(request: HttpRequest, limit: int):
+    """The request body parsed, or ApiError: 413 as soon as it is known to exceed `limit`
+    bytes, 400 when it is not JSON."""
+    too_big = ApiError(413, f"the request body exceeds {limit} bytes", None, "request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json")
+
+
+# -- routes
+
+router = APIRouter()
+
+
+def _state(request: HttpRequest) -> State:
+    return request.app.state.jaxsft
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: HttpRequest):
+    state = _state(request)
+    body = await read_json(request, state.max_body)
+    m = state.ready_model()
+    answer = Answer(state.worker, m, parse_chat(body, m.tok, m.engine.S, m.system_prompt), request)
+    if not answer.p.stream:
+        return await answer.whole()
+    return StreamingResponse(answer.events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/health")
+async def health(request: HttpRequest):
+    state = _state(request)
+    if state.status != "ready":
+        return JSONResponse({"status": state.status}, status_code=503, headers={"Retry-After": "2"})
+    s = state.worker.status()
+    return {"status": state.status, "model": state.model.name, "slots": s.slots, "active": s.active,
+            "waiting": s.waiting, "context": s.context, "compiled_programs": compiled_programs(),
+            "compiled_at_ready": state.compiled}
+
+
+@router.get("/v1/models")
+async def models(request: HttpRequest):
+    state = _state(request)
+    m = state.ready_model()
+    return {"object": "list", "data": [{"id": m.name, "object": "model", "created": int(state.started),
+                                        "owned_by": "jaxsft", "context_length": m.engine.S}]}
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page():
+    return HTMLResponse(resources.files("jaxsft").joinpath("static/chat.html").read_text(encoding="utf-8"))
+
+
+# -- errors: every one as {"error": {...}}
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def api_error(request, e: ApiError):
+    return error_response(e)
+
+
+async def http_error(request, e: HTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    msg = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return error_response(ApiError(e.status_code, msg.get(e.status_code, str(e.detail)), None, code))
+
+
+async def server_error(request, e):
+    log.error("unhandled error:\n%s", traceback.format_exc())
+    return error_response(ApiError(500, "internal server error", None, None, "server_error"))
+
+
+def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int = DEFAULT_MAX_BODY,
+               on_fatal: Optional[Callable[[], None]] = None, warm_up: bool = True):
+    """The app, inside its access log. load() runs in a background thread at start-up (the
+    checkpoint, then the engine's compiles); until both are done /health and the chat route
+    answer 503."""
+    state = State(max_waiting, max_body)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=load_model, args=(state, load, asyncio.get_running_loop(), warm_up, on_fatal),
+                         name="load", daemon=True).start()
+        yield
+        if state.worker:
+            state.worker.stop()
+        log.info("stopped")
+
+    app = FastAPI(title="jaxsft", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.jaxsft = state
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    app.include_router(router)
+    return AccessLog(app)

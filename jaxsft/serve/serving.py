@@ -1,0 +1,121 @@
+"""One chat completion from parameters to bodies: `Answer` submits the request to the
+worker, turns the tokens that come back into text (`tokenizer.TextStream`: whole
+characters, never the start of a stop string) and gives either the whole answer
+(`whole`) or its server-sent events (`events`). A client that disconnects, or a stop
+string, frees the request's slot at once.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from ..engine import Engine, Request
+from ..tokenizer import TextStream
+from . import protocol
+from .access_log import note
+from .protocol import ApiError, ChatParams
+from .worker import Busy, Worker
+
+
+@dataclass
+class Model:
+    """What the server serves: an engine (its slots, KV cache and parameters), the
+    tokenizer, the default system prompt, and the name /v1/models lists."""
+    engine: Engine
+    tok: object
+    system_prompt: Optional[str]
+    name: str
+
+
+class Answer:
+    """One request in flight: its engine request, its text so far, the bodies it makes."""
+
+    def __init__(self, worker: Worker, model: Model, p: ChatParams, http):
+        self.worker, self.p, self.http = worker, p, http
+        self.tokens: asyncio.Queue = asyncio.Queue()  # token ids, then None at the end
+        self.req = Request(p.prompt, p.max_tokens, p.temperature, 0, p.top_p, p.seed,
+                           on_token=lambda r, t: worker.post(self.tokens, t),
+                           on_finish=lambda r: worker.post(self.tokens, None))
+        try:
+            worker.submit(self.req)
+        except Busy as e:
+            raise ApiError(503, f"the server is busy: {e}; retry shortly", None, "server_busy", "server_error",
+                           {"Retry-After": "1"})
+        self.meta = protocol.Completion.new(model.name)
+        self.text = TextStream(model.tok, p.stop)
+        self.watcher = asyncio.create_task(self._watch_disconnect())
+
+    async def whole(self) -> dict:
+        """The answer once it has ended (`stream: false`)."""
+        try:
+            async for _ in self._pieces():
+                pass
+        finally:
+            self._close()
+        return protocol.completion(self.meta, self.text.text, self._finish_reason(), self._usage())
+
+    async def events(self) -> AsyncIterator[str]:
+        """The answer as server-sent events, as they come (`stream: true`)."""
+        text_event = protocol.text_event(self.meta)
+        try:
+            yield protocol.event(protocol.chunk(self.meta, {"role": "assistant", "content": ""}))
+            try:
+                async for new in self._pieces():
+                    yield text_event(new)
+            except ApiError as e:  # the headers are out: the error goes as an event
+                yield protocol.event(e.body())
+            else:
+                reason = self._finish_reason()
+                if not self.p.include_usage:
+                    yield protocol.event(protocol.chunk(self.meta, {}, reason))
+                else:  # "usage": null on the finish chunk, then OpenAI's last chunk: no choices, the counts
+                    yield protocol.event(protocol.chunk(self.meta, {}, reason, counts=None))
+                    yield protocol.event(protocol.chunk(self.meta, None, counts=self._usage()))
+            yield protocol.DONE
+        finally:  # the end, or the client went away (the task is cancelled): free the slot
+            self._close()
+
+    async def _pieces(self) -> AsyncIterator[str]:
+        """The answer's new text until the row ends or a stop string: a piece per token,
+        or per few tokens when the client side falls behind the engine."""
+        while True:
+            batch = [await self.tokens.get()]
+            while not self.tokens.empty():
+                batch.append(self.tokens.get_nowait())
+            new = ""
+            for t in batch:
+                if t is None:
+                    if self.req.finish_reason == "error":
+                        raise ApiError(500, "decoding failed; see the server log", None, None, "server_error")
+                    new += self.text.flush()
+                    if new:
+                        yield new
+                    return
+                if not self.text.stopped:
+                    new += self.text.feed(t)
+                    if self.text.stopped:
+                        self.worker.cancel(self.req)  # free the slot now
+            if new:
+                yield new
+
+    async def _watch_disconnect(self):
+        while True:
+            message = await self.http.receive()
+            if message["type"] == "http.disconnect":
+                self.worker.cancel(self.req)
+                return
+
+    def _finish_reason(self) -> str:
+        return "stop" if self.text.stopped or self.req.finish_reason == "stop" else "length"
+
+    def _usage(self) -> dict:
+        return protocol.usage(len(self.p.prompt), len(self.req.tokens))
+
+    def _close(self):
+        self.watcher.cancel()
+        self.worker.cancel(self.req)
+        req = self.req
+        ttft = f" ttft={1000 * (req.t_first - req.t_submit):.0f}ms" if req.t_first else ""
+        note(self.http.scope, f"prompt={len(self.p.prompt)} completion={len(req.tokens)} "
+                              f"{req.finish_reason or 'unfinished'}{' stream' if self.p.stream else ''}{ttft}")

@@ -20,6 +20,17 @@ from ..config import UserError
 from . import main_guard
 
 
+def _log_to_stderr() -> logging.Logger:
+    """The server's logger, with its own handler: a library may have configured the root logger."""
+    log = logging.getLogger("jaxsft.serve")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log
+
+
 @main_guard
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,12 +51,7 @@ def main():
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         raise UserError(f"{args.checkpoint} is not a run directory (no config.json); train one with bin/train")
 
-    log = logging.getLogger("jaxsft.serve")  # its own handler: a library may have configured the root logger
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    log = _log_to_stderr()
     import uvicorn
 
     from ..serve.app import create_app

@@ -102,9 +102,9 @@ def test_text_stream_releases_whole_characters_and_never_a_stop_string():
 
 # -- a live bin/serve on the tiny trained model
 
-# bin/serve with every engine step 30 ms slower, so that answers are still running when a test acts
-SLOW_SERVE = ("import time; from jaxsft import engine; step = engine.Engine.step; "
-              "engine.Engine.step = lambda self: time.sleep(0.03) or step(self); "
+# bin/serve with every decode step (the worker's per-token call) 30 ms slower, so that answers are still running when a test acts
+SLOW_SERVE = ("import time; from jaxsft import engine; decode = engine.Engine.decode; "
+              "engine.Engine.decode = lambda self: time.sleep(0.03) or decode(self); "
               "from jaxsft.cli.serve import main; main()")
 
 
@@ -375,9 +375,9 @@ def slow_engine(tok):
     _, params = model.init(cfg, 0)
 
     class Slow(Engine):
-        def step(self):
+        def decode(self):  # the worker's per-token call
             time.sleep(0.03)
-            return super().step()
+            return super().decode()
 
     return lambda slots: Slow(params, cfg, -5, slots=slots)
 

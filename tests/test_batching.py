@@ -2,6 +2,7 @@
 batch plan (pure functions of the examples, the seed and the step)."""
 import dataclasses
 
+import chex
 import numpy as np
 
 from jaxsft import batching
@@ -25,6 +26,17 @@ def test_bucket_length():
     assert batching.bucket_length(40, (64, 32), 256) == 64
 
 
+def assert_batch_contract(batch, n_rows, length, n_prefix=None):
+    """Batch's docstring legend: every (N, L) field int32 but loss_mask (float32), prefix (N, P)."""
+    fields = present(batch)
+    rows = [v for k, v in fields.items() if k not in ("prefix", "answer_at")]
+    chex.assert_shape(rows, (n_rows, length))
+    chex.assert_type([v for k, v in fields.items() if k != "loss_mask"], np.int32)
+    chex.assert_type(batch.loss_mask, np.float32)
+    if n_prefix is not None:
+        chex.assert_shape(batch.prefix, (n_rows, n_prefix))
+
+
 def _example(n, value):
     """An example of n tokens all equal to `value`, loss on its last token only."""
     m = np.zeros(n, np.int32)
@@ -35,10 +47,7 @@ def _example(n, value):
 def test_make_batch_pads_with_mask_zero():
     batch = batching.make_batch([_example(3, 7), _example(5, 8)], batch_size=4, length=6)
     assert set(present(batch)) == {"inputs", "targets", "loss_mask"}
-    assert batch.inputs.dtype == batch.targets.dtype == np.int32
-    assert batch.loss_mask.dtype == np.float32
-    for v in present(batch).values():
-        assert v.shape == (4, 6)
+    assert_batch_contract(batch, 4, 6)
     assert batch.inputs.tolist() == [[7, 7, 7, 0, 0, 0], [8, 8, 8, 8, 8, 0], [0] * 6, [0] * 6]
     assert batch.targets.tolist() == [[107, 107, 107, 0, 0, 0], [108] * 5 + [0], [0] * 6, [0] * 6]
     assert batch.loss_mask.tolist() == [[0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0], [0] * 6, [0] * 6]
@@ -88,14 +97,12 @@ def test_pack_batch_layout():
     examples = [_example(5, 1), _example(4, 2), _example(3, 3), _example(2, 4)]
     b = batching.pack_batch(examples, length=8)
     assert set(present(b)) == {"inputs", "targets", "loss_mask", "positions", "segments"}
-    for v in present(b).values():
-        assert v.shape == (2, 8)
+    assert_batch_contract(b, 2, 8)  # int32 from the examples' int32 loss masks too: float32
     assert b.inputs.tolist() == [[1, 1, 1, 1, 1, 3, 3, 3], [2, 2, 2, 2, 4, 4, 0, 0]]
     assert b.targets.tolist() == [[101] * 5 + [103] * 3, [102] * 4 + [104] * 2 + [0, 0]]
     assert b.positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]]
     assert b.segments.tolist() == [[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2, 0, 0]]
     assert b.loss_mask.tolist() == [[0, 0, 0, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 1, 0, 0]]
-    assert b.segments.dtype == b.positions.dtype == np.int32 and b.loss_mask.dtype == np.float32
     # the row count is rounded up to a multiple (for micro-batches / devices); extra rows are empty
     b4 = batching.pack_batch(examples, length=8, multiple=4)
     assert b4.inputs.shape == (4, 8) and not b4.segments[2:].any() and not b4.loss_mask[2:].any()
@@ -115,6 +122,7 @@ def test_pack_batch_shares_the_prefix():
     loss_on_pre = (with_pre[0], with_pre[1], np.array([0, 0, 1, 1, 1], np.int32))
     b = batching.pack_batch([with_pre, _example(3, 1), loss_on_pre], length=8, prefix=pre)
     assert set(present(b)) == {"inputs", "targets", "loss_mask", "positions", "segments", "shared", "prefix"}
+    assert_batch_contract(b, 2, 8, n_prefix=3)
     assert b.prefix.tolist() == [[7, 8, 9]] * 2
     assert b.inputs.tolist() == [[7, 8, 9, 5, 5, 1, 1, 1], [5, 5, 0, 0, 0, 0, 0, 0]]
     assert b.positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [3, 4, 0, 0, 0, 0, 0, 0]]
@@ -143,6 +151,8 @@ def test_batch_for_step_packed_has_the_same_rows():
         padded = batch_for_step(examples, step, **kw)
         packed = batch_for_step(examples, step, **kw, pack_len=16)
         assert packed.inputs.shape[1] == 16 and packed.inputs.shape[0] <= 4
+        assert_batch_contract(padded, 4, padded.inputs.shape[1])
+        assert_batch_contract(packed, packed.inputs.shape[0], 16)
         assert sorted(set(packed.inputs.ravel()) - {0}) == sorted(_rows_of(padded))
         assert packed.loss_mask.sum() == padded.loss_mask.sum()
     # pack_len below the longest row's bucket: rows take that bucket's length

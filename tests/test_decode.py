@@ -4,6 +4,7 @@ Random tiny models get their weight matrices scaled x20 so greedy choices are no
 near-ties. Prompt lengths stay in 3..8 and answers at 6 tokens, so the naive
 decoder compiles one forward pass per sequence length, shared by every test.
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,21 +122,25 @@ def test_pick_top_k_and_top_p():
     np.testing.assert_array_equal(pick(logits, key, Sampling(temperature=1.0, top_p=0.01)), 1)
 
 
-def test_generator_matches_naive_and_buckets_compile(models, cfg, tok):
+def test_generator_matches_naive_and_buckets_compile(models, cfg, tok, monkeypatch):
+    """Prefill traces once per prompt bucket, whatever ran before: the engine's prefill is jitted
+    afresh here (the same function, its traces counted by chex) for this test alone."""
+    chex.clear_trace_counter()
+    monkeypatch.setattr(engine, "_prefill", jax.jit(chex.assert_max_traces(engine._prefill.__wrapped__, n=2),
+                                                    static_argnames=("graphdef",), donate_argnums=(1,)))
     graphdef, params = models[1]
     gen = Generator(params, cfg, tok, system_prompt="", max_new_tokens=N)
     prompts = _prompts(cfg.vocab_size, (5, 7), seed=1)
-    got = gen.generate_ids(prompts)
+    got = gen.generate_ids(prompts)  # bucket 16: the first trace
     for p, ids in zip(prompts, got):
         naive = reference_decode.naive_greedy(graphdef, params, p, N, tok.end_id)
         assert ids == [t for t in naive if t != tok.end_id]
-    # other prompt lengths in the same bucket (16) and as many rows compile nothing new
-    size = engine.compiled_programs()
+    # other prompt lengths in the same bucket (16) and as many rows trace nothing new
     gen.generate_ids(_prompts(cfg.vocab_size, (4, 9), seed=2))
-    assert engine.compiled_programs() == size
-    # a longer prompt goes to the next bucket (64): exactly one new prefill program
+    assert engine._prefill._cache_size() == 1
+    # a longer prompt goes to the next bucket (64): the second and last trace
     gen.generate_ids(_prompts(cfg.vocab_size, (40, 3), seed=3))
-    assert engine.compiled_programs() == size + 1
+    assert engine._prefill._cache_size() == 2
 
 
 def test_generator_answer_renders_chatml(models, cfg, tok):

@@ -5,6 +5,7 @@ Random tiny models with weight matrices scaled x20 (as in test_decode) so greedy
 choices are not near-ties; prompts of 3..8 tokens and 6-token answers, so the
 naive decoder's programs are shared with test_decode.
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +45,8 @@ def _answers(eng, prompts, end=NEVER, **kw):
 
 def test_slot_step_mask():
     m = masks.slot_step(jnp.asarray([0, 2]), 4)
-    assert m.shape == (2, 1, 4)
+    chex.assert_shape(m, (2, 1, 4))  # (B, 1, S)
+    chex.assert_type(m, bool)
     assert m[:, 0].tolist() == [[True, False, False, False], [True, True, True, False]]
 
 
@@ -59,6 +61,15 @@ def test_rows_alone_equal_rows_among_others_and_the_naive_decoder(scaled, cfg):
     naive = [reference_decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
     assert together == naive
     assert len({tuple(a) for a in alone}) > 1  # the rows really differ
+    # the cache: a (keys, values) pair per layer, each (slots, kv heads, S, head dim) in the parameters' dtype
+    assert len(eng.cache) == cfg.n_layers and all(len(kv) == 2 for kv in eng.cache)
+    chex.assert_shape(jax.tree.leaves(eng.cache), (4, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim))
+    chex.assert_type(jax.tree.leaves(eng.cache), jnp.float32)
+    # the slots' state: one entry a slot (the random key's two words)
+    chex.assert_shape([eng.tok, eng.pos, eng.i, eng.temperature, eng.top_k, eng.top_p], (4,))
+    chex.assert_shape(eng.keys, (4, 2))
+    chex.assert_type([eng.tok, eng.pos, eng.i, eng.top_k], np.int32)
+    chex.assert_type(eng.keys, np.uint32)
     # the same rows in another order, among others mid-answer: still the same tokens
     eng.end_id = NEVER
     first = [eng.submit(Request(p, N)) for p in prompts[:2]]
@@ -105,7 +116,7 @@ def test_a_shorter_cache_gives_the_same_answers_and_bounds_requests(scaled, cfg)
     assert short.S == 24 and short.buckets[-1] == 24 and all(b <= 24 for b in short.buckets)
     got, _ = _answers(short, prompts)
     assert got == _answers(Engine(params, cfg, NEVER, slots=2), prompts)[0]
-    assert short.cache[0][0].shape[2] == 24
+    chex.assert_shape(jax.tree.leaves(short.cache), (2, cfg.kv_heads, 24, cfg.head_dim))  # C positions a slot
     with pytest.raises(ValueError, match="context of 24"):
         short.check(Request(prompts[3], 13))
     assert Engine(params, cfg, NEVER, context=10 ** 6).S == cfg.max_seq_len

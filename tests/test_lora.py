@@ -14,6 +14,7 @@ import json
 import os
 import signal
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,7 @@ from jaxsft.config import LoraConfig, ModelConfig, TrainConfig, UserError
 
 MC = ModelConfig(vocab_size=40, max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
 ALL = LoraConfig(rank=4, alpha=8.0)
+TINY = dataclasses.replace(MC, d_model=16, d_ff=32, n_layers=1)  # training tests: compiles in seconds
 
 
 def _base(seed=0):
@@ -111,23 +113,24 @@ def _batch(n=4, length=16):
     return make_batch(examples, n, length)
 
 
-@pytest.mark.slow
 def test_training_moves_the_adapters_only_and_the_optimizer_holds_adapter_leaves_only():
     tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0, weight_decay=0.01)
-    _, base = _base()
-    graphdef, frozen, adapters = lora.init(MC, ALL, seed=0, base=base)
+    _, base = model.init(TINY, 0)
+    graphdef, frozen, adapters = lora.init(TINY, ALL, seed=0, base=base)
     before = jax.tree.map(lambda a: np.array(a), frozen)
     tx = steps.make_optimizer(tc, 10)
     state = steps.TrainState.create(adapters, tx)
 
     # the optimizer state: adamw's mu and nu for each adapter array, and step counters; nothing base-sized
     n_adapter_leaves = len(jax.tree.leaves(adapters))
-    assert n_adapter_leaves == 2 * 7 * MC.n_layers
+    assert n_adapter_leaves == 2 * 7 * TINY.n_layers
     arrays = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
     assert len(arrays) == 2 * n_adapter_leaves
     assert sorted(x.shape for x in arrays) == sorted(2 * [x.shape for x in jax.tree.leaves(adapters)])
     assert sum(x.size for x in arrays) == 2 * lora.count(adapters)
-    assert all(np.ndim(x) == 0 for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0)
+    # the rest are step counters, at 0 now (they count steps below)
+    counters = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0]
+    assert counters and [int(x) for x in counters] == [0] * len(counters)
 
     step = steps.make_train_step(graphdef, tx, tc, frozen=frozen)
     batch = _batch()
@@ -136,6 +139,9 @@ def test_training_moves_the_adapters_only_and_the_optimizer_holds_adapter_leaves
         state, m = step(state, batch, jax.random.PRNGKey(0))
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0]
+    assert [int(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0] == [5] * len(counters)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state.params, adapters)  # the step keeps the adapters' layout
+    chex.assert_tree_all_finite(state.params)
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(before)):  # the base: bitwise unchanged
         assert np.asarray(a).tobytes() == b.tobytes()
     b_after = [np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state.params) if p[-1] == "lora_b"]
@@ -160,16 +166,17 @@ def test_lora_trains_under_bfloat16_products_as_in_float32():
             state, m = step(state, _batch(), jax.random.PRNGKey(0))
             losses[dtype].append(float(m["loss"]))
     assert losses["float32"][-1] < losses["float32"][0]
-    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=5e-3)
+    # measured relative differences 2.9e-6..1.7e-5 over the five losses: a 6x margin
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-4)
     assert losses["bfloat16"] != losses["float32"]  # the products really were bfloat16
 
 
-@pytest.mark.slow
 def test_new_vocabulary_rows_train_with_the_adapters():
     """Rows appended to the base's vocabulary (characters it lacks) are no part of the base: they
     are an adapters' entry, train, and are the merged model's rows; the base's rows stay."""
+    MC = TINY  # noqa: N806
     n_old = MC.vocab_size - 4
-    _, base = _base()
+    _, base = model.init(MC, 0)
     graphdef, frozen, adapters = lora.init(MC, ALL, seed=0, base=base, n_old=n_old)
     rows = dict(nnx.to_flat_state(adapters))[lora.NEW_ROWS].get_value()
     emb = np.asarray(dict(nnx.to_flat_state(base))[("embed", "embedding")].get_value())
@@ -190,7 +197,9 @@ def test_new_vocabulary_rows_train_with_the_adapters():
         state, _ = step(state, batch, jax.random.PRNGKey(0))
     new = np.asarray(dict(nnx.to_flat_state(state.params))[lora.NEW_ROWS].get_value())
     assert np.abs(new[-1] - emb[-1]).max() > 0  # the row of the token seen trained
-    merged = np.asarray(dict(nnx.to_flat_state(lora.merge(frozen, state.params, ALL)))[("embed", "embedding")].get_value())
+    merged_tree = lora.merge(frozen, state.params, ALL)
+    chex.assert_trees_all_equal_shapes_and_dtypes(merged_tree, base)  # merged: the plain model's tree
+    merged = np.asarray(dict(nnx.to_flat_state(merged_tree))[("embed", "embedding")].get_value())
     assert merged[:n_old].tobytes() == emb[:n_old].tobytes() and merged[n_old:].tobytes() == new.tobytes()
 
 
@@ -359,14 +368,19 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
     assert p.stdout.strip() == want
     rows = os.path.join(lora_reference["runs"].d, "val.jsonl")
     p = run_script("eval", "--checkpoint", run, "--data", rows, "--max-new-tokens", "12")
-    assert p.returncode == 0 and "exact" in p.stdout.lower(), p.stderr
+    assert p.returncode == 0, p.stderr
+    from jaxsft import evaluate
+    report = evaluate.score_rows(gen, evaluate.read_scored_rows(rows))  # the library's figures on base + adapters
+    assert evaluate.score_table(report) in p.stdout, p.stdout
     # adapters restored by hand and merged equal what restore gives
     lc = LoraConfig(rank=4, alpha=8.0)
     from jaxsft import setup
     _, base = setup.init_params_from(mc, 3, setup.load_base(lora_reference["base"].path(), mc))
     _, _, abstract = lora.graph(mc, lc)
     adapters = checkpoint.restore_params(os.path.join(run, "best"), abstract, "best")
-    assert saved_steps(os.path.join(run, "best"))[-1] == best
+    chex.assert_trees_all_equal_shapes_and_dtypes(adapters, abstract)  # the adapters' tree, as lora.graph lays it
+    val = {r["step"]: r["val_loss"] for r in map(json.loads, lora_reference["metrics"].splitlines()) if "val_loss" in r}
+    assert best == min(val, key=val.get), val  # best/ holds the lowest validation loss's adapters
     merged = lora.merge(base, adapters, lc)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -383,7 +397,6 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
                                                       f"(model.init_from) is missing; a LoRA run holds its adapters only")
 
 
-@pytest.mark.slow
 def test_swiglu_lora_gradient_is_autodiffs():
     """lora.swiglu_lora's hand-written backward pass against autodiff of the same function."""
     N, D, F, r, s = 6, 8, 12, 3, 1.5
@@ -528,6 +541,8 @@ def test_lora_on_an_imported_llama_trains_chats_and_exports_for_peft(tmp_path):
     assert any("new_cols" in k for k in stored) and any("new_rows" in k for k in stored)
     p = run_script("chat", "--checkpoint", run, "--max-new-tokens", "8", "你好")
     assert p.returncode == 0, p.stderr
+    from jaxsft.decode import Generator
+    assert p.stdout == Generator.from_run(str(run), max_new_tokens=8).answer([[("user", "你好")]])[0] + "\n"
     p = run_script("export", "--checkpoint", run, "--out", tmp_path / "exported", "--adapter")
     assert p.returncode == 0, p.stderr
     with open(tmp_path / "exported" / "adapter" / "adapter_config.json") as f:

@@ -305,7 +305,8 @@ def test_bfloat16_products_keep_bfloat16_operands_and_autodiffs_gradient():
     got = fn(*args)
     for a, b in zip(got, want):
         assert a.dtype == jnp.float32
-        np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * float(jnp.abs(b).max()))
+        # measured at most 0.0068 of the largest entry (the 5 gradients: 0.0031..0.0068): a 2.2x margin
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.015 * float(jnp.abs(b).max()))
         assert float(jnp.abs(a - b).max()) > 0  # the products really were rounded
     operands = _dot_operand_types(fn.lower(*args).compile().as_text())
     assert len(operands) >= 10 and all(t == ("bf16", "bf16") for t in operands), operands

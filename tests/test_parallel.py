@@ -25,7 +25,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDED_TOL = 1e-5  # float32 losses, one device vs 8 (measured <= 7.2e-7: summation order only)
 ACCUM_TOL = 1e-5  # k micro-batches vs one batch k times larger (measured <= 7.2e-7)
-BF16_TOL = 5e-3  # bfloat16 products vs float32 (measured <= 2.1e-5 on losses ~3.4)
+BF16_TOL = 1e-4  # bfloat16 products vs float32 (measured 2.1e-5 on losses ~3.4: a 4.7x margin)
 STEPS = 4
 
 WORDS = ["猫", "狗", "天", "水", "山", "火", "木", "人", "口", "日"]

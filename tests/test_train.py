@@ -1,10 +1,11 @@
 """Optimizer, schedule, loss and the jitted train step on a tiny model.
 
-All train steps here share one compiled program per batch shape: (4, 32) and (4, 24).
+The `setup` train step keeps one compiled program per batch shape: (4, 32) and (4, 24).
 """
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,6 +143,7 @@ def test_tiny_model_overfits(setup):
         losses.append(m)
     losses = [float(m["loss"]) for m in jax.device_get(losses)]
     assert int(state.step) == STEPS
+    chex.assert_tree_all_finite((state.params, state.opt_state))  # 100 steps at lr 1e-2: no overflow
     assert losses[0] > 2.5  # about ln(vocab) at the start
     assert losses[-1] < 0.05, losses[::10]
     # the eval step agrees with the last training loss's trend: the rows are memorised
@@ -188,6 +190,7 @@ def test_non_finite_loss_leaves_state_unchanged(setup):
     assert any(np.any(x != 0) for x in jax.tree.leaves(before.opt_state))
     state, m = setup["step"](state, bad, key)
     assert not bool(m["ok"])
+    chex.assert_tree_all_finite(state)  # the NaN loss reached no parameter or moment
     assert int(state.step) == 2
     jax.tree.map(np.testing.assert_array_equal, _np(state), before)  # every leaf, opt_state included
 
@@ -201,6 +204,8 @@ def test_batch_loss_is_token_weighted(setup):
     counts = np.array([float(n) for _, n in per_row])
     assert counts.tolist() == [14, 12, 5, 8]  # answer characters + <|endoftext|>
     s, n = ev(params, batch)
+    chex.assert_shape([s, n], ())  # loss_sums: a scalar sum and a scalar count ...
+    chex.assert_type([s, n], jnp.float32)  # ... both float32 (the count adds across micro-batches and devices)
     assert float(n) == counts.sum()
     assert float(s) == pytest.approx(sums.sum(), rel=1e-5)
     weighted = sums.sum() / counts.sum()
@@ -217,20 +222,22 @@ def test_batch_loss_is_token_weighted(setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), _np(total), _np(summed))
 
 
-def test_train_step_compiles_once_per_bucket(setup):
-    step = setup["step"]
+def test_train_step_compiles_once_per_bucket(setup, monkeypatch):
+    """Six steps over two bucket lengths trace the step twice, whatever ran before: the step is
+    this test's own, and each trace of it traces loss_sums once (no gradient accumulation)."""
+    chex.clear_trace_counter()
+    monkeypatch.setattr(steps, "loss_sums", chex.assert_max_traces(steps.loss_sums, n=2))
+    step = steps.make_train_step(setup["graphdef"], setup["tx"], TC)
     state = _fresh_state(setup)
     key = _on_mesh(jax.random.PRNGKey(0))
     short = [ex for ex in setup["examples"] if len(ex[0]) <= 24]
     for i in range(6):
         batch = batching.make_batch(setup["examples"], 4, 32) if i % 2 else batching.make_batch(short, 4, 24)
         state, _ = step(state, batch, key)
-    # every test in this file uses only these two shapes with this train step
-    assert step._cache_size() == 2
+    assert step._cache_size() == 2  # and two programs: a trace is not retraced at the next call
     assert int(state.step) == 6
 
 
-@pytest.mark.slow
 def test_shared_system_prefix_trains_like_whole_rows(qa):
     """With the system prompt computed once per batch (train.share_prefix), loss,
     gradients and one optimizer step equal those of packing every row whole; a row
@@ -254,7 +261,7 @@ def test_shared_system_prefix_trains_like_whole_rows(qa):
     assert float(s2) == pytest.approx(float(s1), rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), _np(g1), _np(g2))
     # the flags matter: rows that do not see the prefix get another loss
-    blind = float(steps.loss_sums(params, graphdef, shared.replace(shared=np.zeros_like(shared.shared)))[0])
+    blind = float(lg(params, shared.replace(shared=np.zeros_like(shared.shared)))[0][0])  # lg's program again
     assert abs(blind - float(s1)) > 1e-2
     tx = steps.make_optimizer(TC, STEPS)
     step = steps.make_train_step(graphdef, tx, TC)
@@ -264,7 +271,6 @@ def test_shared_system_prefix_trains_like_whole_rows(qa):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), _np(a.params), _np(b.params))
 
 
-@pytest.mark.slow
 def test_packed_batch_trains_like_the_padded_batch(setup):
     """Packing the 4 rows into 2 rows of 48 tokens (26+20, 18+16) changes neither the
     loss nor the gradient nor the update: packed rows never see each other."""
@@ -279,10 +285,10 @@ def test_packed_batch_trains_like_the_padded_batch(setup):
     assert float(s2) == pytest.approx(float(s1), rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), _np(g1), _np(g2))
     # without the segment mask the rows would leak into each other: the loss changes
-    leaky_loss = float(steps.loss_sums(params, graphdef, packed.replace(segments=np.ones_like(packed.segments)))[0])
+    leaky_loss = float(lg(params, packed.replace(segments=np.ones_like(packed.segments)))[0][0])
     assert abs(leaky_loss - float(s1)) > 1e-3
     # one optimizer step on each gives the same parameters
-    step = steps.make_train_step(graphdef, setup["tx"], TC)  # its own program: the shared one keeps 2 shapes
+    step = steps.make_train_step(graphdef, setup["tx"], TC)
     key = _on_mesh(jax.random.PRNGKey(0))
     a, ma = step(_fresh_state(setup), padded, key)
     b, mb = step(_fresh_state(setup), packed, key)
@@ -290,7 +296,6 @@ def test_packed_batch_trains_like_the_padded_batch(setup):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), _np(a.params), _np(b.params))
 
 
-@pytest.mark.slow
 def test_output_head_at_answer_positions_only_trains_the_same(setup):
     """answer_at: the head and loss at the answer positions only (padded with a
     loss-free position) give the loss, gradient and update of the head everywhere;
@@ -313,7 +318,7 @@ def test_output_head_at_answer_positions_only_trains_the_same(setup):
     assert float(s2) == pytest.approx(float(s1), rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), _np(g1), _np(g2))
     # the positions matter: shifted by one, the head predicts other tokens
-    wrong = float(steps.loss_sums(params, graphdef, sel.replace(answer_at=(at + 1) % flat.size))[0])
+    wrong = float(lg(params, sel.replace(answer_at=(at + 1) % flat.size))[0][0])
     assert abs(wrong - float(s1)) > 1e-2
     step = steps.make_train_step(graphdef, setup["tx"], TC)
     key = _on_mesh(jax.random.PRNGKey(0))
@@ -333,7 +338,6 @@ def test_answer_slots_hold_every_early_batch():
     assert slots % 8 == 0 and max(counts) <= slots < max(counts) + 8
 
 
-@pytest.mark.slow
 def test_focus_steps_draw_from_one_category_then_the_whole_set(tmp_path):
     """train.focus_categories/focus_steps: the first steps train on that category's rows
     only (1-letter answers: 2 answer tokens a row), then step k is the whole set's
@@ -348,7 +352,8 @@ def test_focus_steps_draw_from_one_category_then_the_whole_set(tmp_path):
     with open(tmp_path / "train.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     sets = ["train.focus_categories=[短]", "train.focus_steps=3", "train.batch_size=4", "train.epochs=1",
-            "train.max_steps=7", "train.pack_len=0"]
+            "train.max_steps=7", "train.pack_len=0",
+            "model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.d_ff=32"]  # tiny: compiles in seconds
     cfg = load_config(path, sets)
     logged = []
     summary = trainer.train(cfg, log=lambda *a, **k: logged.append(" ".join(map(str, a))), progress=False)

@@ -196,11 +196,11 @@ def test_every_reference_in_the_docs_resolves():
 def test_the_default_runs_duration_is_the_same_everywhere():
     missing = []
     for rel, start in DEFAULT_RUN_PLACES:
-        text = open(os.path.join(REPO, rel), encoding="utf-8").read()
-        at = text.find("\n" + start) + 1 if not text.startswith(start) else 0
-        assert at >= 0 and text[at:].startswith(start), f"{rel}: no line starts {start!r}"
-        paragraph = text[at:].split("\n\n")[0] if rel.endswith(".md") else text[at:].split("\n")[0]
-        if DEFAULT_RUN not in paragraph.replace("\n", " "):
+        lines = open(os.path.join(REPO, rel), encoding="utf-8").read().split("\n")
+        at = next((i for i, line in enumerate(lines) if line.startswith(start)), None)
+        assert at is not None, f"{rel}: no line starts {start!r}"
+        end = lines.index("", at) if rel.endswith(".md") else at + 1  # a doc's paragraph, a config's line
+        if DEFAULT_RUN not in " ".join(lines[at:end]):
             missing.append(f"{rel}: {start!r}... does not say {DEFAULT_RUN!r}")
     # the default run's configs state no other duration in minutes
     for rel in ("configs/default.yaml", "configs/sft_from_pretrain.yaml"):

@@ -34,11 +34,15 @@ class ModelConfig:
     vocab_size: int = 0
     # longest token sequence the model is trained on (the seed pads every row to it)
     max_seq_len: int = 256
+    # width of the residual stream and of each token's embedding
     d_model: int = 384
+    # attention (query) heads per layer
     n_heads: int = 6
+    # transformer blocks (attention + SwiGLU)
     n_layers: int = 6
     # SwiGLU hidden width
     d_ff: int = 1536
+    # dropout rate on the embedding and on each attention and SwiGLU output, in training only
     dropout: float = 0.1
     # start from a pretrained model: a jaxsft run directory (its best parameters and tokenizer) or a
     # Llama-format directory (config.json, model.safetensors, tokenizer.json), whose config.json then
@@ -48,8 +52,9 @@ class ModelConfig:
     n_kv_heads: int = 0
     # size of one attention head (0: d_model / n_heads)
     head_size: int = 0
-    # rotary embedding base, RMSNorm epsilon
+    # rotary embedding base
     rope_theta: float = 10000.0
+    # RMSNorm epsilon
     norm_eps: float = 1e-5
     # the output head is the token embedding (true), or a matrix of its own
     tie_embeddings: bool = True
@@ -65,9 +70,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    # training rows (JSONL: the seed's instruction/response rows or multi-turn messages)
     train: str = "data/train.jsonl"
+    # validation rows: their loss picks the best checkpoint (eval_exact decodes some of them)
     val: str = "data/val.jsonl"
+    # held-out rows bin/train answers with the best checkpoint after training, scored per
+    # category into test_report.json (null: none)
     test: Optional[str] = "data/test.jsonl"
+    # the system message of every row that has none of its own (empty: no system turn); the run
+    # keeps it, so bin/chat, bin/eval, bin/serve and the export's chat template use it too
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # plain text for pretraining (bin/pretrain): a directory of *.txt files or one file, one
     # paragraph per line; when set, the run trains on next-token loss over it and train/val are unused
@@ -83,10 +94,15 @@ class TrainConfig:
     epochs: Optional[int] = 5
     # optional cap on optimizer steps; the schedule is laid out over the capped length
     max_steps: Optional[int] = None
+    # peak learning rate: reached after warmup_steps, then cosine decay to 0 at the last step
     lr: float = 5e-5
+    # AdamW's decoupled weight decay, on every trained parameter
     weight_decay: float = 0.01
+    # steps of linear warmup from 0 to lr
     warmup_steps: int = 20
+    # clip the gradient's global norm to this (0: no clipping)
     max_grad_norm: float = 1.0
+    # seeds the parameters' initialisation, the data order and dropout
     seed: int = 42
     # validate every N steps (0: only at the end of each epoch)
     eval_every: int = 0
@@ -116,6 +132,7 @@ class TrainConfig:
     # usual (max_steps caps both together). For a skill that forms late, e.g. copying a
     # string, while the learning rate is high; [] / 0: off
     focus_categories: tuple[str, ...] = ()
+    # the curriculum's length in steps (0: off)
     focus_steps: int = 0
 
 
@@ -125,9 +142,11 @@ class MeshConfig:
     data: int = 0
     # devices that parameters and optimizer state are sharded over
     fsdp: int = 1
-    # multi-host: coordinator "host:port", number of processes, this process's id
+    # multi-host: the coordinator's "host:port" (null: JAX_COORDINATOR_ADDRESS, else one host)
     coordinator: Optional[str] = None
+    # multi-host: the number of processes (null: JAX_NUM_PROCESSES, else JAX detects it)
     num_processes: Optional[int] = None
+    # multi-host: this process's id in [0, num_processes) (null: JAX_PROCESS_ID, else detected)
     process_id: Optional[int] = None
 
 
@@ -148,11 +167,17 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class Config:
+    # the network's shape and where it starts from
     model: ModelConfig = field(default_factory=ModelConfig)
+    # the rows (or corpus) trained, validated and tested on
     data: DataConfig = field(default_factory=DataConfig)
+    # optimizer, schedule, batching and evaluation
     train: TrainConfig = field(default_factory=TrainConfig)
+    # devices: data-parallel and FSDP axes, multi-host start-up
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    # LoRA adapters on a frozen model.init_from (off at rank 0)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # the run directory: config.json, tokenizer.json, best/, latest/, metrics.jsonl, curves.png
     out_dir: str = "runs/default"
 
 

@@ -251,7 +251,7 @@ def chromium():
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (binary and driver):
-        pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+        pytest.skip("needs chromium and chromedriver: sudo apt-get install chromium chromium-driver")
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary

@@ -226,7 +226,7 @@ def test_train_step_compiles_once_per_bucket(setup):
         batch = batching.make_batch(setup["examples"], 4, 32) if i % 2 else batching.make_batch(short, 4, 24)
         state, _ = step(state, batch, key)
     # every test in this file uses only these two shapes with this train step
-    assert step._cache_size() == 2
+    assert step.jitted._cache_size() == 2
     assert int(state.step) == 6
 
 

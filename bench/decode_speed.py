@@ -39,7 +39,7 @@ def main():
 
     import dataclasses
     import numpy as np
-    from jaxsft import checkpoint, model
+    from jaxsft import model, runs
     from jaxsft.config import ModelConfig
     from jaxsft.data import read_jsonl, row_texts
     from jaxsft.decode import Generator, Sampling
@@ -47,7 +47,7 @@ def main():
 
     rows = read_jsonl(args.test, need_answer=False)
     if args.checkpoint:
-        params, mcfg, tok = checkpoint.restore(args.checkpoint)
+        params, mcfg, tok = runs.restore(args.checkpoint)
     else:
         tok = Tokenizer.build(row_texts(rows) + ["你是一个有帮助的AI助手。", "\n"])
         mcfg = dataclasses.replace(ModelConfig(), vocab_size=len(tok))

@@ -22,7 +22,7 @@ device. Variants:
                  uses) on the same model; qwix finds no MLP kernel (model.swiglu reads its
                  kernels inside a custom_vjp), so attention is what both can adapt
 
-The state is placed and stepped as bin/train does (parallel.shard_tree, lora.place,
+The state is placed and stepped as bin/train does (parallel.shard_tree, parallel.place,
 steps.make_train_step); peak RSS is the process's maximum resident set after the timed
 steps (JAX's own ~0.3 GB and the compiler's included), before any checkpoint is written;
 then best/ (parameters or adapters) and latest/ (the full training state) are saved with
@@ -60,6 +60,7 @@ def one(shape: str, variant: str, steps: int, profile: int = 0) -> dict:
     from jaxsft import checkpoint, lora, model, parallel
     from jaxsft.batching import make_batch
     from jaxsft.config import LoraConfig, ModelConfig, TrainConfig
+    from jaxsft.parts import keep_trainable
     from jaxsft.steps import TrainState, make_optimizer, make_train_step
 
     s = SHAPES[shape]
@@ -71,8 +72,9 @@ def one(shape: str, variant: str, steps: int, profile: int = 0) -> dict:
     mesh = parallel.one_device_mesh()
     tx = make_optimizer(tc, 1000)
     graphdef, params = model.init(mc, 0)
-    frozen = None
+    frozen, combine = None, keep_trainable
     if variant != "full":
+        combine = lora.combine
         if variant == "qwix-attn":
             import qwix
             from flax import nnx
@@ -88,14 +90,14 @@ def one(shape: str, variant: str, steps: int, profile: int = 0) -> dict:
                                           for p, v in nnx.to_flat_state(params)])
         if variant == "lora-merged":  # the adapters folded into the kernels inside the step
             graphdef = model.abstract(mc)[0]
-            lora.combine = lambda base, ad: lora.merge(base, ad, lc)
+            combine = lambda base, ad: lora.merge(base, ad, lc)  # noqa: E731
         frozen, params = params, adapters
-        frozen = lora.place(frozen, parallel.param_shardings(frozen, mesh))  # as bin/train places it
+        frozen = parallel.place(frozen, parallel.param_shardings(frozen, mesh))  # as bin/train places it
     state = TrainState.create(params, tx)
     shardings = parallel.state_shardings(state, mesh)
     state = parallel.shard_tree(state, shardings)
     del params
-    step = make_train_step(graphdef, tx, tc, mesh, shardings, frozen)
+    step = make_train_step(graphdef, tx, tc, mesh, shardings, frozen, combine)
 
     rng = np.random.default_rng(0)
     examples = []

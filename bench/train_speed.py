@@ -115,7 +115,7 @@ def main():
     for b in warm:
         state, m = step_fn(state, b, key)
     jax.block_until_ready(state)
-    compilations_warm = step_fn._cache_size()
+    compilations_warm = step_fn.jitted._cache_size()
 
     t0 = time.perf_counter()
     for h in host:  # the host-to-device copy counts, as in a run (there it overlaps the step before)
@@ -142,8 +142,8 @@ def main():
         "nonpad_tokens_per_s": nonpad / dt, "padded_fraction": 1 - nonpad / padded,
         "useful_gflops": flops / dt / 1e9, "executed_gflops": exec_flops / dt / 1e9,
         "peak_gflops": peak / 1e9, "mfu_useful": flops / dt / peak, "mfu_executed": exec_flops / dt / peak,
-        "compile_s": compile_s, "compilations": step_fn._cache_size(),
-        "compilations_after_warmup": step_fn._cache_size() - compilations_warm, "pack_len": tc.pack_len,
+        "compile_s": compile_s, "compilations": step_fn.jitted._cache_size(),
+        "compilations_after_warmup": step_fn.jitted._cache_size() - compilations_warm, "pack_len": tc.pack_len,
         "answer_slots": plan.answer_slots, "batches_head_everywhere": head_everywhere,
         "latest_save_call_s": save_call_s, "latest_save_total_s": save_total_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

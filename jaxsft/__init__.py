@@ -1,6 +1,6 @@
 """jaxsft: supervised instruction fine-tuning of a small GPT in functional JAX.
 
-Submodules load on first use (`jaxsft.checkpoint.restore(...)` works after `import jaxsft`), so
+Submodules load on first use (`jaxsft.runs.restore(...)` works after `import jaxsft`), so
 the command-line programs can set up their process before JAX starts (`cli.huge_pages`)."""
 import importlib
 

@@ -9,7 +9,7 @@ A run directory holds:
     best/<step>/     parameters with the lowest validation loss so far
     latest/<step>/   parameters, optimizer state, step, best validation loss
                      (the two newest states: a damaged newest one falls back to the other)
-    lora_base.json   a LoRA run only (lora.py): its base; best/ and latest/ hold the adapters
+    (lora_base.json  a LoRA run only: runs.py writes and reads it)
 
 Each step directory holds checksums.json (the size and sha256 of each of its
 files, written just before orbax commits the step), checked before every
@@ -20,9 +20,9 @@ DamagedCheckpoint, exit status 2); a step saved without checksums.json is read
 unchecked, and deleting it is how to read a step whose damage is known to be
 harmless.
 
-Scripts restore a usable model in one call:
-
-    params, model_cfg, tok = jaxsft.checkpoint.restore("runs/default")
+This module stores and verifies trees of arrays and a run's metadata; what the trees are (a
+model, a LoRA run's adapters on its base) is runs.py's: scripts restore a usable model with
+jaxsft.runs.restore(run_dir).
 """
 from __future__ import annotations
 
@@ -38,8 +38,7 @@ import sys
 import jax
 import orbax.checkpoint as ocp
 
-from . import model
-from .config import ModelConfig, UserError, model_config_from_dict, to_dict
+from .config import UserError, to_dict
 from .files import write_json
 from .tokenizer import AnyTokenizer, load as load_tokenizer
 
@@ -458,28 +457,3 @@ def restore_params(path: str, target, what: str):
     if not steps:
         raise UserError(f"{path}: holds no checkpoint")
     return _restore_step(os.path.join(path, str(steps[-1])), target, what, path)
-
-
-def restore(run_dir: str, shardings=None):
-    """(params, model_cfg, tokenizer): the best parameters of a run (of a LoRA run: its base
-    with the best adapters merged in, lora.restore).
-
-    shardings: a pytree of jax Shardings shaped like the parameters (e.g.
-    parallel.param_shardings(params, mesh)) to restore onto a mesh; by default
-    every array lands on this process's first device. Either way the run may
-    have been saved on any number of devices.
-    """
-    cfg_dict, tok = read_meta(run_dir)
-    model_cfg = model_config_from_dict(cfg_dict["model"])
-    if model_cfg.vocab_size != len(tok):
-        raise UserError(f"{run_dir}: config vocab_size {model_cfg.vocab_size} != tokenizer size {len(tok)}")
-    if (cfg_dict.get("lora") or {}).get("rank", 0) > 0:  # adapters on a base model (lora.py)
-        from . import lora
-        return lora.restore(run_dir, shardings), model_cfg, tok
-    _, abstract = model.abstract(model_cfg)
-    if shardings is None:
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: one, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    params = restore_params(os.path.join(run_dir, "best"), abstract, "the best checkpoint")
-    return params, model_cfg, tok

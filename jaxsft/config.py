@@ -150,6 +150,25 @@ class MeshConfig:
     process_id: Optional[int] = None
 
 
+# LoRA's projection names, in layer order, and transformers' Llama module names for them
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
+HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+            "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def target_names(names) -> tuple[str, ...]:
+    """lora.targets (ours or transformers' names) -> our names in TARGETS order; ValueError naming
+    the first unknown one."""
+    alias = {v: k for k, v in HF_NAMES.items()}
+    chosen = set()
+    for n in names:
+        if n not in TARGETS and n not in alias:
+            raise ValueError(f"unknown projection {n!r} (known: {', '.join(TARGETS)}, or transformers' "
+                             f"{', '.join(HF_NAMES.values())})")
+        chosen.add(alias.get(n, n))
+    return tuple(t for t in TARGETS if t in chosen)
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     # adapter rank r; 0: off (every parameter trains). > 0: the model.init_from base is frozen and
@@ -275,26 +294,30 @@ def _parse_override(item: str):
     return key.strip(), value
 
 
+def _read_yaml(path: str) -> tuple[dict, dict]:
+    """(the file's sections, {dotted key: line}); UserError naming the file (and line) when it is
+    missing, not YAML, or not a mapping."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: config file not found")
+    text = read_text(path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with sections model, data, train, out_dir")
+    return raw, _key_lines(path, text)
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     """Reads a YAML config (or the defaults when `path` is None), applies
     `section.key=value` overrides and validates the result.
 
     Raises UserError naming the file, line and key for any mistake.
     """
-    raw, lines, text = {}, {}, ""
-    if path is not None:
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: config file not found")
-        text = read_text(path)
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: expected a mapping with sections model, data, train, out_dir")
-        lines = _key_lines(path, text)
+    raw, lines = _read_yaml(path) if path is not None else ({}, {})
     src = path or "<defaults>"
 
     overridden = set()  # keys set by --set: a range error names the override, not the file's line
@@ -409,7 +432,6 @@ def validate_lora(cfg: Config, where=lambda k: k) -> None:
                         f"model.dropout={cfg.model.dropout} still applies during LoRA training)")
     if not lc.targets:
         raise UserError(f"{where('lora.targets')}: must name at least one projection")
-    from .lora import target_names
     try:
         target_names(lc.targets)
     except ValueError as e:

@@ -54,8 +54,8 @@ class Generator:
     def from_run(cls, run_dir: str, system_prompt: Optional[str] = None, **kw) -> "Generator":
         """The best checkpoint of a run, answering with the system prompt it was trained
         with (or `system_prompt`): the one way a script gets a model that answers."""
-        from . import checkpoint
-        params, model_cfg, tok = checkpoint.restore(run_dir)
+        from . import checkpoint, runs
+        params, model_cfg, tok = runs.restore(run_dir)
         if system_prompt is None:
             system_prompt = checkpoint.read_meta(run_dir)[0]["data"]["system_prompt"]
         return cls(params, model_cfg, tok, system_prompt, **kw)

@@ -7,8 +7,8 @@ AutoTokenizer read and write.
     tokenizer_config.json, special_tokens_map.json   special tokens and our ChatML chat template
     generation_config.json         eos = <|endoftext|>
 
-`export(run_dir, out_dir)` writes one from a jaxsft run. A run whose model.init_from is
-one (setup.py) reads its architecture (`model_fields`), its tokenizer with our markers
+`write_llama` writes one from a model's parameters (runs.export: from a jaxsft run). A run whose
+model.init_from is one (runs.py) reads its architecture (`model_fields`), its tokenizer with our markers
 added (`read_tokenizer`) and its weights (`read_params`); a feature jaxsft does not
 compute stops with a UserError naming the file and key.
 
@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -137,48 +135,7 @@ def _tokenizer_files(tok: AnyTokenizer, system_prompt: str, max_seq_len: int):
     return backend, config, special
 
 
-def export(run_dir: str, out_dir: str, dtype: str = "float32", adapter: bool = False) -> list[str]:
-    """Writes the best checkpoint of `run_dir` as a Llama-format directory `out_dir` (which
-    must not exist or be empty); returns the files written. The directory is assembled
-    beside `out_dir` and renamed into place, so a failure leaves nothing behind.
-
-    A LoRA run (lora.py) is written merged (W + (alpha/r) A B). With adapter=True it is written
-    unmerged instead: out_dir/base/ the Llama-format base (the embedding rows of the run's new
-    characters as they started) and out_dir/adapter/ the best adapters in PEFT's format
-    (adapter_config.json + adapter_model.safetensors), for
-    peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("out_dir/base"), "out_dir/adapter")."""
-    from . import checkpoint
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype {dtype}: expected float32 or bfloat16")
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise UserError(f"{out_dir}: already exists and is not an empty directory")
-    system_prompt = checkpoint.read_meta(run_dir)[0].get("data", {}).get("system_prompt") or ""
-    if adapter:
-        from . import lora
-        base, adapters, mc, tok, lc = lora.restore_parts(run_dir)
-    else:
-        params, mc, tok = checkpoint.restore(run_dir)
-
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        if adapter:
-            _write_llama(os.path.join(tmp, "base"), base, mc, tok, system_prompt, dtype)
-            lora.save_peft(os.path.join(tmp, "adapter"), adapters, lc, mc.vocab_size,
-                           base_model=os.path.join(os.path.abspath(out_dir), "base"))
-        else:
-            _write_llama(tmp, params, mc, tok, system_prompt, dtype)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty, checked above
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return sorted(os.path.relpath(os.path.join(r, n), out_dir) for r, _, names in os.walk(out_dir) for n in names)
-
-
-def _write_llama(out_dir: str, params, mc: ModelConfig, tok: AnyTokenizer, system_prompt: str, dtype: str) -> None:
+def write_llama(out_dir: str, params, mc: ModelConfig, tok: AnyTokenizer, system_prompt: str, dtype: str) -> None:
     """The files of a Llama-format model directory (created) for the parameters of `mc`."""
     import ml_dtypes
     from safetensors.numpy import save_file

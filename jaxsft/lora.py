@@ -19,9 +19,11 @@ vocabulary by model.init_from) are no part of the base: they train with the adap
 (`embed.new_rows`, and an untied head's `lm_head.new_cols`).
 
 `merge` folds the adapters into the kernels (W + (alpha/r) A B): evaluation, bin/chat,
-bin/eval and any exporter see a plain model. A LoRA run's best/ and latest/ hold the
-adapters (and their optimizer state) only; lora_base.json names the base and holds a
-fingerprint of its arrays, checked whenever the adapters are put back on it.
+bin/eval and any exporter see a plain model. `transform` gives the split the trainer runs
+(parts.Parts: graphdef, the adapters that train, the frozen base, combine and merge); rank 0
+is the identity transform (every parameter trains). A LoRA run's best/ and latest/ hold the
+adapters (and their optimizer state) only; runs.py restores such a run on its base
+(lora_base.json names the base and holds a fingerprint of its arrays).
 
 `peft_state_dict`, `adapter_config` and `save_peft` give the adapters as PEFT saves them
 (adapter_model.safetensors, adapter_config.json; new rows as trainable tokens) for
@@ -30,7 +32,6 @@ transformers' Llama names (bin/export --adapter).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 
 import jax
@@ -39,28 +40,11 @@ import numpy as np
 from flax import nnx
 
 from . import model
-from .config import Config, LoraConfig, ModelConfig, UserError
+from .config import HF_NAMES, TARGETS, Config, LoraConfig, ModelConfig, UserError, target_names
+from .parts import Parts, full
 
-# our projection names, in layer order, and transformers' Llama module names for them
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
-HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-            "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _MODULE = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn", "w1": "mlp", "w3": "mlp", "w2": "mlp"}
 _HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
-BASE_REF = "lora_base.json"
-
-
-def target_names(names) -> tuple[str, ...]:
-    """lora.targets (ours or transformers' names) -> our names in TARGETS order; ValueError naming
-    the first unknown one."""
-    alias = {v: k for k, v in HF_NAMES.items()}
-    chosen = set()
-    for n in names:
-        if n not in TARGETS and n not in alias:
-            raise ValueError(f"unknown projection {n!r} (known: {', '.join(TARGETS)}, or transformers' "
-                             f"{', '.join(HF_NAMES.values())})")
-        chosen.add(alias.get(n, n))
-    return tuple(t for t in TARGETS if t in chosen)
 
 
 def enabled(cfg: Config) -> bool:
@@ -222,7 +206,7 @@ def init_adapters(abstract_adapters, seed: int):
 
 def init(mc: ModelConfig, lc: LoraConfig, seed: int, base, n_old: int | None = None):
     """(graphdef of the adapted model, base, fresh adapters). base: the full model's parameters
-    (setup.init_params_from's, an nnx.State); it becomes the frozen half as it is. n_old: the
+    (runs.init_params_from's, an nnx.State); it becomes the frozen half as it is. n_old: the
     base's own vocabulary size; the embedding rows n_old.. (characters the base lacks, appended
     to its vocabulary, freshly initialised) are no part of the base: they train with the
     adapters, as the adapters' entry embed.new_rows."""
@@ -279,16 +263,6 @@ def _split_rows(base, adapters):
     return _with(base, replaced), nnx.from_flat_state(list(flat.items()))
 
 
-def place(base, shardings):
-    """The frozen base on the mesh. It is never donated, so one process moves its arrays
-    where they are not already (no copy of a base that is: it is the largest thing a LoRA
-    run holds); several processes each fill their own devices (parallel.shard_tree)."""
-    from . import parallel
-    if jax.process_count() == 1:
-        return jax.device_put(base, shardings)
-    return parallel.shard_tree(base, shardings)
-
-
 def combine(base, adapters):
     """The adapted model's parameters (for model.apply with `init`'s graphdef)."""
     base, adapters = _split_rows(base, adapters)
@@ -317,70 +291,6 @@ def merge(base, adapters, lc: LoraConfig):
 
 def count(adapters) -> int:
     return sum(x.size for x in jax.tree.leaves(adapters))
-
-
-# the base a run's adapters belong to
-
-
-def fingerprint(params) -> str:
-    """sha256 over every array of a parameter tree (path, dtype, shape and bytes)."""
-    h = hashlib.sha256()
-    for path, a in jax.tree_util.tree_leaves_with_path(params):
-        a = np.asarray(a)
-        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def write_base_ref(run_dir: str, cfg: Config, base) -> None:
-    """lora_base.json: model.init_from (as given and absolute), the base's vocabulary size and
-    the fingerprint of its arrays. base: (its parameters, its vocabulary size), as Setup.base."""
-    from .files import write_json
-    params, n_old = base
-    write_json(os.path.join(run_dir, BASE_REF), {
-        "init_from": cfg.model.init_from, "path": os.path.abspath(cfg.model.init_from), "vocab_size": n_old,
-        "sha256": fingerprint(params)}, indent=2)
-
-
-def read_base_ref(run_dir: str) -> dict:
-    import json
-    path = os.path.join(run_dir, BASE_REF)
-    try:
-        with open(path, encoding="utf-8") as f:
-            ref = json.load(f)
-        return {k: ref[k] for k in ("init_from", "path", "vocab_size", "sha256")}
-    except FileNotFoundError:
-        raise UserError(f"{run_dir}: a LoRA run without {BASE_REF} (the reference to its base)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
-
-
-def check_base(run_dir: str, base_params, ref: dict | None = None) -> None:
-    """UserError when the base loaded now is not the one the run's adapters were trained on."""
-    ref = read_base_ref(run_dir) if ref is None else ref
-    if fingerprint(base_params) != ref["sha256"]:
-        raise UserError(f"{run_dir}: its base {ref['init_from']} has changed since the adapters were trained "
-                        f"(its arrays' sha256 differs from {BASE_REF}); train the adapters again on it")
-
-
-def base_source(run_dir: str, ref: dict) -> str:
-    """Where the base is now: the absolute path recorded, else model.init_from as given."""
-    for p in (ref["path"], ref["init_from"]):
-        if p and os.path.exists(p):
-            return p
-    raise UserError(f"{run_dir}: its base model {ref['path']} (model.init_from) is missing; a LoRA run holds "
-                    f"its adapters only")
-
-
-def restore(run_dir: str, shardings=None):
-    """The plain parameters (base + adapters merged) of a LoRA run's best checkpoint: the base
-    rebuilt as training began (its arrays, the embedding grown to the run's vocabulary),
-    checked against lora_base.json, and the best adapters folded in."""
-    base, adapters, _, _, lc = restore_parts(run_dir)
-    params = jax.jit(merge, static_argnums=2)(base, adapters, lc)
-    if shardings is not None:
-        params = jax.device_put(params, shardings)
-    return params
 
 
 # PEFT's format
@@ -451,25 +361,18 @@ def save_peft(out_dir: str, adapters, lc: LoraConfig, vocab_size: int, base_mode
     return ["adapter_config.json", "adapter_model.safetensors"]
 
 
-def restore_parts(run_dir: str):
-    """(base, adapters, model_cfg, tokenizer, lora config) of a LoRA run's best checkpoint, unmerged:
-    what an exporter writes as a base model plus a PEFT adapter."""
-    from . import checkpoint, setup
-    from .config import lora_config_from_dict, model_config_from_dict
-    cfg_dict, tok = checkpoint.read_meta(run_dir)
-    lc = lora_config_from_dict(cfg_dict.get("lora"))
-    if lc.rank <= 0:
-        raise UserError(f"{run_dir}: not a LoRA run (its config has no lora.rank)")
-    mc = model_config_from_dict(cfg_dict["model"])
-    ref = read_base_ref(run_dir)
-    base_params, n_old = setup.load_base(base_source(run_dir, ref), mc)
-    check_base(run_dir, base_params, ref)
-    _, base = setup.init_params_from(mc, cfg_dict.get("train", {}).get("seed", 0), (base_params, n_old))
-    abstract = abstract_adapters(mc, lc, n_old)
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
-    adapters = checkpoint.restore_params(os.path.join(run_dir, "best"), abstract, "the best checkpoint")
-    return base, adapters, mc, tok, lc
+def transform(cfg: Config, graphdef, params, n_old: int | None = None) -> Parts:
+    """The model of cfg (graphdef, params: its parameters at step 0) split for training. lora.rank 0
+    (off): every parameter trains. rank > 0: the adapted model on the frozen base `params`, the fresh
+    adapters and the new characters' embedding rows (n_old: the base's vocabulary size) train, and
+    evaluation sees the adapters merged into the base."""
+    if not enabled(cfg):
+        return full(graphdef, params)
+    lc = cfg.lora
+    adapted, base, adapters = init(cfg.model, lc, cfg.train.seed, params, n_old)
+    note = (describe(lc, adapters, model.count_params(base))
+            + f"; the base ({cfg.model.init_from}) stays frozen")
+    return Parts(adapted, adapters, base, graphdef, combine, functools.partial(merge, lc=lc), (note,))
 
 
 def describe(lc: LoraConfig, adapters, n_base: int) -> str:

@@ -171,6 +171,15 @@ def shard_tree(tree, shardings):
     return jax.tree.map(put, tree, shardings)
 
 
+def place(tree, shardings):
+    """A tree that is never donated (the frozen part of a split model, parts.Parts) on the mesh:
+    one process moves its arrays where they are not already (no copy of one that is: LoRA's base
+    is the largest thing such a run holds); several processes each fill their own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return shard_tree(tree, shardings)
+
+
 def process_rows(global_rows: int, sharding) -> tuple[int, int]:
     """[start, stop) of the global batch rows this process's devices hold
     (one contiguous block: rows [p*B/n, (p+1)*B/n) of process p on a usual mesh)."""

@@ -6,24 +6,22 @@ start from it.
 The vocabulary: from scratch, every character of the training text; with
 model.init_from, the base run's vocabulary with new characters appended, or a
 Llama-format model's own tokenizer with the ChatML markers it lacks (hf.py), whose
-config.json then also sets the model's architecture.
+config.json then also sets the model's architecture (runs.py reads the base).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import jax
-import jax.numpy as jnp
 import optax
 
-from . import chatml, checkpoint, hf, lora, model
+from . import chatml, hf, lora, runs
 from .batching import BatchPlan, RunPlan
-from .config import Config, ModelConfig, UserError, model_config_from_dict
+from .config import Config, ModelConfig, UserError
 from .data import Row, corpus_examples, read_corpus, read_jsonl, row_texts, split_corpus
+from .parts import Parts
 from .steps import make_optimizer, make_schedule
 from .tokenizer import AnyTokenizer, Tokenizer
 
@@ -49,88 +47,26 @@ class Setup:
         return bool(self.cfg.data.corpus)
 
     def init_params(self):
-        """(graphdef, parameters at step 0): fresh, or the base's (`init_params_from`)."""
-        return init_params_from(self.model_cfg, self.cfg.train.seed, self.base)
+        """(graphdef, parameters at step 0): fresh, or the base's (`runs.init_params_from`)."""
+        return runs.init_params_from(self.model_cfg, self.cfg.train.seed, self.base)
 
-    def init_model(self):
-        """(graphdef, trained parameters at step 0, frozen parameters): the model's parameters and
-        None; with lora.rank > 0, the adapted model's graphdef, fresh adapters (and the embedding
-        rows of characters the base lacks) and the base."""
+    def init_model(self) -> Parts:
+        """The model at step 0 split by what trains (lora.transform: every parameter, or with
+        lora.rank > 0 the adapters on the frozen base)."""
         graphdef, params = self.init_params()
-        if not lora.enabled(self.cfg):
-            return graphdef, params, None
-        graphdef, base, adapters = lora.init(self.model_cfg, self.cfg.lora, self.cfg.train.seed, params,
-                                             self.base[1])
-        return graphdef, adapters, base
-
-
-# the model keys a base run and the config fine-tuning it must agree on
-ARCHITECTURE = ("d_model", "n_heads", "n_layers", "d_ff", "n_kv_heads", "head_size", "rope_theta", "norm_eps",
-                "tie_embeddings")
-
-
-def _llama_base(cfg: Config) -> bool:
-    """Whether model.init_from is a Llama-format directory (else a jaxsft run, or nothing)."""
-    src = cfg.model.init_from
-    if not src:
-        return False
-    if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "config.json")):
-        raise UserError(f"model.init_from: {os.path.join(src, 'config.json')}: not found (expected a jaxsft run "
-                        f"or a Llama-format directory: config.json, model.safetensors, tokenizer.json)")
-    return hf.is_llama_dir(src)
-
-
-def with_base_architecture(cfg: Config) -> Config:
-    """cfg whose model architecture is that of a Llama-format model.init_from (its
-    config.json's keys replace the config's; max_seq_len and dropout stay the config's)."""
-    if not _llama_base(cfg):
-        return cfg
-    fields = hf.model_fields(cfg.model.init_from)
-    fields.pop("vocab_size")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields))
+        return lora.transform(self.cfg, graphdef, params, None if self.base is None else self.base[1])
 
 
 def tokenizer_for(cfg: Config, texts: list[str]) -> AnyTokenizer:
     """The vocabulary of a run trained on `texts` (reads no weights).
 
     From scratch: every character of `texts`, the system prompt and "\\n". With
-    model.init_from a jaxsft run: its tokenizer with the new characters appended in sorted
-    order (old ids keep their meaning; the same texts always give the same vocabulary, so
-    a resumed run rebuilds it identically); the base's model shape must match this config's.
-    With a Llama-format directory: its tokenizer.json with the ChatML markers it lacks.
+    model.init_from: the base's (runs.base_tokenizer).
     """
     src = cfg.model.init_from
     if not src:
         return Tokenizer.build(list(texts) + [cfg.data.system_prompt, "\n"])
-    if _llama_base(cfg):
-        return hf.read_tokenizer(src, hf.model_fields(src)["vocab_size"])
-    base_cfg, base_tok = checkpoint.read_meta(src)
-    base = model_config_from_dict(base_cfg["model"])
-    for f in ARCHITECTURE:
-        if getattr(base, f) != getattr(cfg.model, f):
-            raise UserError(f"model.init_from: {src} has {f}={getattr(base, f)}, "
-                            f"this config has {getattr(cfg.model, f)}")
-    return base_tok.extend(list(texts) + [cfg.data.system_prompt])
-
-
-def init_params_from(model_cfg: ModelConfig, seed: int, base=None):
-    """Fresh parameters, or a pretrained model's with its embedding grown to the new vocabulary:
-    every array is the base's, except that the embedding (n_old rows) gains the fresh rows
-    n_old.. for the tokens appended to the base's vocabulary (and an untied output head
-    (D, n_old) the fresh columns). base: (params, n_old) or None."""
-    graphdef, params = model.init(model_cfg, seed)
-    if base is not None:
-        base_params, n_old = base
-
-        def from_base(fresh, old):
-            if fresh.shape == old.shape:
-                return old
-            axis = 0 if fresh.shape[1:] == old.shape[1:] else 1  # the embedding's rows, the head's columns
-            assert old.shape[axis] == n_old and fresh.ndim == 2, (fresh.shape, old.shape)
-            return jnp.concatenate([old, jax.lax.slice_in_dim(fresh, n_old, None, axis=axis)], axis=axis)
-
-        params = jax.tree.map(from_base, params, base_params)  # a new tree: the arrays' shapes may change
-    return graphdef, params
+    return runs.base_tokenizer(cfg, texts)
 
 
 def _warn(log, msg: str) -> None:
@@ -164,7 +100,7 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
     data.corpus set: a pretraining run (next-token examples of the corpus's training
     paragraphs; its held-out paragraphs validate; no validation rows)."""
     tc = cfg.train
-    cfg = with_base_architecture(cfg)
+    cfg = runs.with_base_architecture(cfg)
     if cfg.data.corpus:
         paragraphs = read_corpus(cfg.data.corpus)
         tok, base = _vocabulary(cfg, paragraphs, log)
@@ -209,26 +145,17 @@ def run_plan(cfg: Config, tok: AnyTokenizer, train_ex: list, focus_ex: list, mul
 
 def _vocabulary(cfg: Config, texts: list[str], log=print):
     """(tokenizer_for(cfg, texts), base): None from scratch; with model.init_from,
-    (the base's best parameters, its vocabulary size) for init_params_from."""
+    (the base's best parameters, its vocabulary size) for runs.init_params_from."""
     tok = tokenizer_for(cfg, texts)  # checks the base's shape before any array is read
     src = cfg.model.init_from
     if not src:
         return tok, None
-    if _llama_base(cfg):
+    if runs.is_llama_base(cfg):
         rows = hf.model_fields(src)["vocab_size"]
         m = cfg.model
         _warn(log, f"model.init_from: Llama-format model {src}: d_model {m.d_model}, {m.n_layers} layers, "
                    f"{m.n_heads} heads ({m.kv_heads} key/value), d_ff {m.d_ff}, "
                    f"{'tied' if m.tie_embeddings else 'untied'} head, "
                    f"vocabulary {rows} rows" + (f" + {len(tok) - rows} for ChatML markers" if len(tok) > rows else ""))
-    return tok, load_base(src, cfg.model)
+    return tok, runs.load_base(src, cfg.model)
 
-
-def load_base(src: str, mc: ModelConfig):
-    """(parameters, vocabulary size) of model.init_from `src`: a jaxsft run's best parameters,
-    or a Llama-format directory's weights (mc: the architecture, as with_base_architecture gives)."""
-    if hf.is_llama_dir(src):
-        rows = hf.model_fields(src)["vocab_size"]
-        return hf.read_params(src, dataclasses.replace(mc, vocab_size=rows)), rows
-    base_params, _, base_tok = checkpoint.restore(src)
-    return base_params, len(base_tok)

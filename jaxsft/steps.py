@@ -19,8 +19,9 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import lora, masks, model, parallel
+from . import masks, model, parallel
 from .batching import Batch, bucket_length, make_batch
+from .parts import keep_trainable
 
 
 @struct.dataclass
@@ -134,74 +135,100 @@ def loss_sums(params, graphdef, batch: Batch, dropout_key=None, dtype=jnp.float3
     return jnp.sum(nll * m), jnp.sum(m)
 
 
-def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=None) -> Callable:
+class TrainStep:
+    """(state, batch, key) -> (state, metrics): the jitted step (`jitted`, which takes the frozen
+    parameters as a fourth argument, never donated) with the frozen parameters bound."""
+
+    def __init__(self, jitted, frozen):
+        self.jitted, self.frozen = jitted, frozen
+
+    def __call__(self, state, batch, key):
+        return self.jitted(state, batch, key, self.frozen)
+
+    def lower(self, state, batch, key):  # bench/ reads the HLO
+        return self.jitted.lower(state, batch, key, self.frozen)
+
+
+def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=None,
+                    combine=keep_trainable) -> TrainStep:
     """(state, batch, key) -> (state, metrics), jitted on `mesh` with the state donated.
 
     mesh: default one device. state_shardings (parallel.state_shardings): default
     every array whole on every device.
 
-    frozen: LoRA's base parameters (on the mesh), passed to every step and never donated;
-    state.params are then the adapters (lora.py), the model runs on both, and the
-    gradient and the optimizer see the adapters alone.
+    frozen, combine: a split model (parts.Parts) runs graphdef on combine(frozen, state.params);
+    the gradient and the optimizer see state.params alone (lora.py: the adapters; frozen, the
+    base on the mesh, is passed to every step and never donated). Default: no frozen arrays, and
+    state.params are the model's.
 
     The dropout key of step s is fold_in(key, s): a run resumed at step s draws
     the same masks as an uninterrupted one. A non-finite loss or gradient norm
     leaves the state unchanged and reports ok=False.
     """
     dtype = jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32
-    k = tc.grad_accum_steps
     mesh = parallel.one_device_mesh() if mesh is None else mesh
     rows, whole = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     gather = mesh.shape["fsdp"] > 1  # weights are gathered where used, their gradients reduce-scattered back
 
-    def model_params(p, fz):  # the adapters p on the frozen base fz (LoRA), or p itself
-        if fz is not None:
-            p = lora.combine(fz, p)
+    def model_params(p, fz):  # the trained p on the frozen fz (LoRA's adapters on the base), or p itself
+        p = combine(fz, p)
         return jax.lax.with_sharding_constraint(p, whole) if gather else p
 
-    # the gradient with respect to p alone: the base is a constant, its weight gradients never computed
+    # the gradient with respect to p alone: the frozen part is a constant, its weight gradients never computed
     grad_fn = jax.value_and_grad(lambda p, fz, *a: loss_sums(model_params(p, fz), *a), has_aux=True)
     micro_rows = NamedSharding(mesh, PartitionSpec(None, *rows.spec))  # each micro-batch split over all devices
+    gradients = _gradients(grad_fn, graphdef, tc.grad_accum_steps, micro_rows, dtype)
 
-    def step(state: TrainState, batch: Batch, key, frozen=None):
+    def step(state: TrainState, batch: Batch, key, frozen):
         key = jax.random.fold_in(key, state.step)
-        if k == 1:
-            (s, n), g = grad_fn(state.params, frozen, graphdef, batch, key, dtype)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
-            micro = jax.lax.with_sharding_constraint(micro, micro_rows)
-
-            def accumulate(carry, xs):
-                i, mb = xs
-                (s, n), g = grad_fn(state.params, frozen, graphdef, mb, jax.random.fold_in(key, i), dtype)
-                return jax.tree.map(jnp.add, carry, (s, n, g)), None
-
-            zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
-            (s, n, g), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-        denom = jnp.maximum(n, 1.0)
-        loss = s / denom
-        gnorm = optax.tree.norm(g) / denom  # of the mean gradient g / denom
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        if isinstance(tx, AdamW):  # one fused pass per parameter, the guard inside it
-            params, opt_state = tx.apply(g, 1 / denom, gnorm, ok, state.opt_state, state.params)
-        else:  # any optax transformation
-            updates, opt_state = tx.update(jax.tree.map(lambda x: x / denom, g), state.opt_state, state.params)
-            params, opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
-                                             (optax.apply_updates(state.params, updates), opt_state),
-                                             (state.params, state.opt_state))
-        new = TrainState(jnp.where(ok, state.step + 1, state.step), params, opt_state)
-        return new, {"loss": loss, "tokens": n, "grad_norm": gnorm, "ok": ok}
+        s, n, g = gradients(state.params, frozen, batch, key)
+        return _update(tx, state, s, n, g)
 
     state_shardings = whole if state_shardings is None else state_shardings
-    if frozen is None:
-        return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, rows, whole),
-                       out_shardings=(state_shardings, whole))
+    frozen = {} if frozen is None else frozen
     frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
     jitted = jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, rows, whole, frozen_shardings),
                      out_shardings=(state_shardings, whole))
-    stepped = lambda state, batch, key: jitted(state, batch, key, frozen)  # noqa: E731
-    stepped.lower = lambda state, batch, key: jitted.lower(state, batch, key, frozen)  # bench/ reads the HLO
-    return stepped
+    return TrainStep(jitted, frozen)
+
+
+def _gradients(grad_fn, graphdef, k: int, micro_rows, dtype) -> Callable:
+    """(params, frozen, batch, key) -> (summed loss, answer tokens, summed gradient) over the batch's
+    k micro-batches (scanned; k = 1: the batch at once)."""
+    def gradients(params, frozen, batch, key):
+        if k == 1:
+            (s, n), g = grad_fn(params, frozen, graphdef, batch, key, dtype)
+            return s, n, g
+        micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+        micro = jax.lax.with_sharding_constraint(micro, micro_rows)
+
+        def accumulate(carry, xs):
+            i, mb = xs
+            (s, n), g = grad_fn(params, frozen, graphdef, mb, jax.random.fold_in(key, i), dtype)
+            return jax.tree.map(jnp.add, carry, (s, n, g)), None
+
+        zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
+        (s, n, g), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+        return s, n, g
+    return gradients
+
+
+def _update(tx, state: TrainState, s, n, g):
+    """(the state after one optimizer update with the mean gradient g / max(n, 1), the step's
+    metrics); a non-finite loss or gradient norm leaves the state as it was (ok False)."""
+    denom = jnp.maximum(n, 1.0)
+    loss = s / denom
+    gnorm = optax.tree.norm(g) / denom  # of the mean gradient g / denom
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    if isinstance(tx, AdamW):  # one fused pass per parameter, the guard inside it
+        params, opt_state = tx.apply(g, 1 / denom, gnorm, ok, state.opt_state, state.params)
+    else:  # any optax transformation
+        updates, opt_state = tx.update(jax.tree.map(lambda x: x / denom, g), state.opt_state, state.params)
+        params, opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
+                                         (optax.apply_updates(state.params, updates), opt_state),
+                                         (state.params, state.opt_state))
+    new = TrainState(jnp.where(ok, state.step + 1, state.step), params, opt_state)
+    return new, {"loss": loss, "tokens": n, "grad_norm": gnorm, "ok": ok}
 
 
 def make_eval_step(graphdef, mesh=None) -> Callable:

@@ -10,7 +10,6 @@ metadata; the others get no-op loggers.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import json
 import os
 import signal
@@ -23,8 +22,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from . import checkpoint, lora, model, parallel
-from .config import Config, UserError, lora_config_from_dict
+from . import checkpoint, model, parallel, runs
+from .config import Config, UserError, lora_config_from_dict, model_config_from_dict, target_names, to_dict
 from .metrics import MetricsLog, NullLog
 from .setup import Setup, prepare
 from .steps import TrainState, make_eval_step, make_train_step, validation_loss
@@ -74,37 +73,33 @@ class Trainer:
         self.main = jax.process_index() == 0
         check_run_dir(setup, resume, log)
         parallel.sync("jaxsft: run directory checked")  # before process 0 creates anything in it
-        graphdef, params, frozen = setup.init_model()  # frozen: LoRA's base (None: every parameter trains)
-        state = TrainState.create(params, setup.tx)
+        parts = setup.init_model()  # what trains (every parameter, or LoRA's adapters) and what stays frozen
+        state = TrainState.create(parts.trainable, setup.tx)
         self.state_shardings = parallel.state_shardings(state, mesh)
         self.state = parallel.shard_tree(state, self.state_shardings)
-        self.frozen = None if frozen is None else lora.place(frozen, parallel.param_shardings(frozen, mesh))
+        self.frozen = parallel.place(parts.frozen, parallel.param_shardings(parts.frozen, mesh))
         self.best_val = float("inf")
-        if resume and self.frozen is not None:
-            lora.check_base(self.run_dir, setup.base[0])
-        if not resume and self.main:  # before the checkpoint dirs: a run dir without config.json holds no run
-            checkpoint.write_meta(self.run_dir, cfg, setup.tok)
-            if self.frozen is not None:
-                lora.write_base_ref(self.run_dir, cfg, setup.base)
+        if resume:
+            runs.verify_base(self.run_dir, cfg, setup.base)
+        elif self.main:  # before the checkpoint dirs: a run dir without config.json holds no run
+            runs.write_meta(self.run_dir, cfg, setup.tok, setup.base)
         self.ckpt = checkpoint.RunCheckpoints(self.run_dir)
         if resume:
             self._restore()
         self.start = int(self.state.step)
         self.metrics = (MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), keep_until=self.start if resume
                                    else None) if self.main else NullLog())
-        self.train_step = make_train_step(graphdef, setup.tx, tc, mesh, self.state_shardings, self.frozen)
-        if self.frozen is not None:  # evaluation sees the plain model, the adapters folded in
-            graphdef = model.abstract(setup.model_cfg)[0]
-            self._merge = jax.jit(functools.partial(lora.merge, lc=cfg.lora),
-                                  out_shardings=jax.tree.map(lambda a: a.sharding, self.frozen))
-        self.eval_step = make_eval_step(graphdef, mesh)
+        self.train_step = make_train_step(parts.graphdef, setup.tx, tc, mesh, self.state_shardings, self.frozen,
+                                          parts.combine)
+        self._for_eval = parts.for_eval(self.frozen)  # evaluation sees the plain model (LoRA: the adapters merged)
+        self.eval_step = make_eval_step(parts.plain_graphdef, mesh)
         self.key = parallel.shard_tree(jax.random.PRNGKey(tc.seed), parallel.replicated(mesh))
         self.rows = parallel.batch_sharding(mesh)
         self.steplog = StepLog(self.metrics, setup.schedule, self.run_dir,
                                progress and self.main, setup.plan.total_steps, self.start)
         self.measures, self.after_eval = eval_hooks(self)
         self.t_start = self.last_save = time.time()
-        self._describe()
+        self._describe(parts.notes)
 
     def train(self) -> Summary:
         plan, total, tc = self.setup.plan, self.setup.plan.total_steps, self.setup.cfg.train
@@ -170,7 +165,7 @@ class Trainer:
 
     def model_params(self):
         """The parameters of the model trained: state.params, or LoRA's adapters folded into the base."""
-        return self.state.params if self.frozen is None else self._merge(self.frozen, self.state.params)
+        return self._for_eval(self.state.params)
 
     def save_latest(self, step: int) -> None:
         """The full training state for --resume (metrics up to `step` written first)."""
@@ -206,16 +201,15 @@ class Trainer:
         self.log(f"resumed {self.run_dir} at step {int(self.state.step)} "
                  f"(best validation loss {self.best_val:.4f})")
 
-    def _describe(self) -> None:
+    def _describe(self, notes) -> None:
         s, tc, plan = self.setup, self.setup.cfg.train, self.setup.plan
         what = "windows" if s.pretraining else "rows"
-        n = model.count_params(self.state.params if self.frozen is None else self.frozen)
+        n = model.count_params(model.abstract(s.model_cfg)[1])
         self.log(f"model: {n / 1e6:.2f}M parameters, vocab {len(s.tok)} | "
                  f"train {len(s.train_examples)} {what}, val {len(s.val_examples)} | {plan.total_steps} steps "
                  f"({plan.main.steps_per_epoch}/epoch), batch {tc.batch_size}")
-        if self.frozen is not None:
-            self.log(lora.describe(s.cfg.lora, self.state.params, n)
-                     + f"; the base ({s.cfg.model.init_from}) stays frozen")
+        for note in notes:
+            self.log(note)
         if plan.focus_steps:
             self.log(f"curriculum: steps 1-{plan.focus_steps} draw from the {len(plan.focus.examples)} rows of "
                      f"{', '.join(tc.focus_categories)} only")
@@ -245,14 +239,14 @@ def check_run_dir(setup: Setup, resume: bool, log) -> None:
         return
     old_cfg, old_tok = checkpoint.read_meta(run_dir)
     # (compared as ModelConfigs: a run written before a key existed has that key's default)
-    if checkpoint.model_config_from_dict(old_cfg["model"]) != setup.model_cfg or old_tok.itos != setup.tok.itos:
+    if model_config_from_dict(old_cfg["model"]) != setup.model_cfg or old_tok.itos != setup.tok.itos:
         raise UserError(f"{run_dir}: was trained with another model config or vocabulary; cannot resume")
     old_lora = lora_config_from_dict(old_cfg.get("lora"))
-    if (old_lora.rank, lora.target_names(old_lora.targets) if old_lora.rank else ()) != \
-            (cfg.lora.rank, lora.target_names(cfg.lora.targets) if cfg.lora.rank else ()) or \
+    if (old_lora.rank, target_names(old_lora.targets) if old_lora.rank else ()) != \
+            (cfg.lora.rank, target_names(cfg.lora.targets) if cfg.lora.rank else ()) or \
             (cfg.lora.rank and old_lora.alpha != cfg.lora.alpha):
         raise UserError(f"{run_dir}: was trained with another lora section (rank {old_lora.rank}); cannot resume")
-    new = json.loads(json.dumps(checkpoint.to_dict(cfg.train)))  # as config.json holds it: lists, not tuples
+    new = json.loads(json.dumps(to_dict(cfg.train)))  # as config.json holds it: lists, not tuples
     for k in TRAJECTORY_KEYS:
         old = old_cfg.get("train", {}).get(k)
         if k in old_cfg.get("train", {}) and old != new[k]:

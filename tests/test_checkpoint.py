@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsft import checkpoint, model, steps
+from jaxsft import checkpoint, model, runs, steps
 from jaxsft.config import Config, ModelConfig, TrainConfig, UserError
 from jaxsft.tokenizer import Tokenizer
 
@@ -47,7 +47,7 @@ def test_save_best_then_restore_gives_identical_logits(tmp_path, cfg, tok):
     graphdef, params = _params(cfg, 0)
     _save_run(tmp_path / "run", cfg, tok, [(5, params, 1.25)])
     assert sorted(os.listdir(tmp_path / "run")) == ["best", "config.json", "latest", "tokenizer.json"]
-    restored, model_cfg, tok2 = checkpoint.restore(str(tmp_path / "run"))
+    restored, model_cfg, tok2 = runs.restore(str(tmp_path / "run"))
     assert model_cfg == cfg
     assert tok2.itos == tok.itos
     x = _tokens(tok)
@@ -59,7 +59,7 @@ def test_best_is_the_lowest_validation_loss(tmp_path, cfg, tok):
     graphdef, a = _params(cfg, 1)
     _, b = _params(cfg, 2)
     _save_run(tmp_path / "run", cfg, tok, [(1, a, 2.0), (2, b, 1.0), (3, a, 3.0)])
-    restored, _, _ = checkpoint.restore(str(tmp_path / "run"))
+    restored, _, _ = runs.restore(str(tmp_path / "run"))
     x = _tokens(tok)
     np.testing.assert_array_equal(apply(graphdef, restored, x), apply(graphdef, b, x))
 
@@ -92,15 +92,15 @@ def test_latest_state_round_trip(tmp_path, cfg):
 
 def test_restore_empty_directory_raises(tmp_path):
     with pytest.raises(UserError, match="not a jaxsft run"):
-        checkpoint.restore(str(tmp_path))
+        runs.restore(str(tmp_path))
     with pytest.raises(UserError, match="no such run directory"):
-        checkpoint.restore(str(tmp_path / "missing"))
+        runs.restore(str(tmp_path / "missing"))
 
 
 def test_restore_without_checkpoint_raises(tmp_path, cfg, tok):
     checkpoint.write_meta(str(tmp_path), Config(model=cfg), tok)
     with pytest.raises(UserError, match="holds no checkpoint"):
-        checkpoint.restore(str(tmp_path))
+        runs.restore(str(tmp_path))
 
 
 def test_restore_with_other_model_config_raises(tmp_path, cfg, tok):
@@ -109,4 +109,4 @@ def test_restore_with_other_model_config_raises(tmp_path, cfg, tok):
     bigger = ModelConfig(**{**cfg.__dict__, "d_model": 64})
     checkpoint.write_meta(str(tmp_path), Config(model=bigger), tok)
     with pytest.raises(UserError, match="does not match"):
-        checkpoint.restore(str(tmp_path))
+        runs.restore(str(tmp_path))

@@ -139,7 +139,7 @@ def test_failed_restore_leaves_nothing_behind(tmp_path, reference, monkeypatch):
     """In process: the other reads of a failed orbax restore end quietly (no thread left, nothing
     reported to sys.unraisablehook later), and a whole checkpoint then restores exactly."""
     import jax
-    from jaxsft import checkpoint
+    from jaxsft import checkpoint, runs
     d = copy_run(reference, tmp_path)
     step_dir = os.path.join(d, BEST)
     os.remove(os.path.join(step_dir, "checksums.json"))  # so that orbax itself fails mid-restore
@@ -149,13 +149,13 @@ def test_failed_restore_leaves_nothing_behind(tmp_path, reference, monkeypatch):
     threads = set(threading.enumerate())
     for _ in range(3):
         with pytest.raises(checkpoint.DamagedCheckpoint, match="cannot be read"):
-            checkpoint.restore(os.path.join(d, "run"))
+            runs.restore(os.path.join(d, "run"))
     gc.collect()
     time.sleep(0.5)
     gc.collect()
     assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
     assert reported == []
-    params, _, _ = checkpoint.restore(reference["runs"].path())
+    params, _, _ = runs.restore(reference["runs"].path())
     leaves = sorted(np.asarray(a).tobytes() for a in jax.tree.leaves(params))
     assert leaves == sorted(a.tobytes() for a in reference["best"][TOTAL_STEPS].values())
 
@@ -242,7 +242,7 @@ class FullDiskRuns(Runs):
 @pytest.mark.parametrize("hook", ["oserror", "tensorstore", "at_commit"])
 def test_full_disk_exits_1_with_one_line_and_keeps_the_checkpoints(tmp_path, cache, reference, hook):
     """The save of latest/12 (after best/12's) finds the disk full."""
-    from jaxsft import checkpoint
+    from jaxsft import checkpoint, runs
     r = FullDiskRuns(tmp_path, cache)
     p = r.run(hook=(hook, 12))
     assert p.returncode == 1, p.stderr
@@ -252,7 +252,7 @@ def test_full_disk_exits_1_with_one_line_and_keeps_the_checkpoints(tmp_path, cac
     for d, s in (("latest", 5), ("latest", 10), ("best", 12)):
         assert checkpoint.verify(r.path(d, str(s)), "x") is True
         assert len(load_tree(r.path(d), s)) >= 10
-    assert checkpoint.restore(r.path())[1].d_model == 32
+    assert runs.restore(r.path())[1].d_model == 32
     if hook == "at_commit":  # with room again, --resume ends exactly where an uninterrupted run does
         p = r.run("--resume")
         assert p.returncode == 0, p.stderr

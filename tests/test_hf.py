@@ -30,7 +30,7 @@ from conftest import REPO, run_script
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxsft import chatml, checkpoint, hf, model, setup  # noqa: E402
+from jaxsft import chatml, hf, model, runs, setup  # noqa: E402
 from jaxsft.data import read_jsonl, row_texts  # noqa: E402
 from jaxsft.config import Config, DataConfig, ModelConfig  # noqa: E402
 from jaxsft.tokenizer import HFTokenizer, Tokenizer, load, stream_text  # noqa: E402
@@ -141,10 +141,10 @@ def base_cfg(src, max_seq_len=128):
 
 def imported(src):
     """What a run with model.init_from: src starts from: (model config, tokenizer, params)."""
-    cfg = setup.with_base_architecture(base_cfg(src))
+    cfg = runs.with_base_architecture(base_cfg(src))
     tok, base = setup._vocabulary(cfg, [], log=lambda *a, **k: None)
     mc = dataclasses.replace(cfg.model, vocab_size=len(tok))
-    graphdef, params = setup.init_params_from(mc, 0, base)
+    graphdef, params = runs.init_params_from(mc, 0, base)
     return mc, tok, graphdef, params, base
 
 
@@ -290,7 +290,7 @@ def test_export_files_config_and_tensor_names(exported):
     assert type(cfg).__name__ == "LlamaConfig" and cfg.rope_parameters["rope_theta"] == 10000.0
     for k, v in written.items():
         assert cfg.to_dict()[k] == v, k
-    params, mc, tok = checkpoint.restore(exported["run"])
+    params, mc, tok = runs.restore(exported["run"])
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
         f"model.layers.{n}.{w}.weight" for n in range(mc.n_layers) for w in (
             "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -357,16 +357,16 @@ def test_export_generate_gives_bin_chat_answers(exported):
 def test_round_trip_is_bitwise(exported):
     """An exported native run imported back: the same parameters bit for bit, and a
     tokenizer that encodes as the character vocabulary did."""
-    params, mc, tok = checkpoint.restore(exported["run"])
-    back_cfg = setup.with_base_architecture(base_cfg(exported["out"], max_seq_len=mc.max_seq_len))
+    params, mc, tok = runs.restore(exported["run"])
+    back_cfg = runs.with_base_architecture(base_cfg(exported["out"], max_seq_len=mc.max_seq_len))
     back_tok = setup.tokenizer_for(back_cfg, [])
     assert len(back_tok) == len(tok) and back_tok.itos == tok.itos
     for attr in ("bos_id", "pad_id", "system_id", "user_id", "assistant_id", "end_id"):
         assert getattr(back_tok, attr) == getattr(tok, attr), attr
     text = read_rows("test.jsonl", 1)[0].question + "\n"
     assert back_tok.encode(text) == tok.encode(text)
-    fields = {k: getattr(back_cfg.model, k) for k in setup.ARCHITECTURE}
-    assert fields == {k: getattr(mc, k) for k in setup.ARCHITECTURE}
+    fields = {k: getattr(back_cfg.model, k) for k in runs.ARCHITECTURE}
+    assert fields == {k: getattr(mc, k) for k in runs.ARCHITECTURE}
     back = hf.read_params(exported["out"], mc)
     a, b = jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(back)
     assert [p for p, _ in a] == [p for p, _ in b]
@@ -502,7 +502,7 @@ def sft(llama_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_sft_of_an_imported_llama_keeps_its_architecture_and_tokenizer(sft, llama_dir):
     assert "Llama-format model" in sft["proc"].stderr and "+ 4 for ChatML markers" in sft["proc"].stderr
-    params, mc, tok = checkpoint.restore(sft["run"])
+    params, mc, tok = runs.restore(sft["run"])
     assert (mc.kv_heads, mc.tie_embeddings, mc.rope_theta, mc.d_ff) == (2, False, 500000.0, 96)
     assert isinstance(tok, HFTokenizer) and len(tok) == llama_dir["backend"].get_vocab_size() + 4
     assert params["lm_head"]["kernel"][...].shape == (64, len(tok))

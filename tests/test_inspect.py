@@ -91,7 +91,7 @@ def test_bin_inspect_with_checkpoint_shows_the_training_loss(trained_run):
     """The mean of the printed per-token losses is the training loss of that row,
     computed independently with steps.loss_sums on the same example."""
     import jax.numpy as jnp
-    from jaxsft import checkpoint, model, steps
+    from jaxsft import model, runs, steps
     from jaxsft.batching import Batch
     from jaxsft.data import read_jsonl
 
@@ -104,7 +104,7 @@ def test_bin_inspect_with_checkpoint_shows_the_training_loss(trained_run):
     counted = [float(r[4]) for r in table if r[3] == "✓"]
     assert len(counted) == len(QA[0][1]) + 1
 
-    params, model_cfg, tok = checkpoint.restore(trained_run["run_dir"])
+    params, model_cfg, tok = runs.restore(trained_run["run_dir"])
     row = read_jsonl(trained_run["rows"])[0]
     x, y, m = chatml.to_example(*chatml.render(row.messages, tok, "你是一个有帮助的AI助手。"), model_cfg.max_seq_len)
     s, n = steps.loss_sums(params, model.abstract(model_cfg)[0],

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxsft import config, lora, model, steps
+from jaxsft import config, lora, model, runs, steps
 from jaxsft.batching import make_batch
 from jaxsft.config import LoraConfig, ModelConfig, TrainConfig, UserError
 
@@ -132,7 +132,7 @@ def test_training_moves_the_adapters_only_and_the_optimizer_holds_adapter_leaves
     counters = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0]
     assert counters and [int(x) for x in counters] == [0] * len(counters)
 
-    step = steps.make_train_step(graphdef, tx, tc, frozen=frozen)
+    step = steps.make_train_step(graphdef, tx, tc, frozen=frozen, combine=lora.combine)
     batch = _batch()
     losses = []
     for _ in range(5):
@@ -160,7 +160,7 @@ def test_lora_trains_under_bfloat16_products_as_in_float32():
         graphdef, frozen, adapters = lora.init(MC, lc, seed=0, base=base)
         tx = steps.make_optimizer(tc, 10)
         state = steps.TrainState.create(adapters, tx)
-        step = steps.make_train_step(graphdef, tx, tc, frozen=frozen)
+        step = steps.make_train_step(graphdef, tx, tc, frozen=frozen, combine=lora.combine)
         losses[dtype] = []
         for _ in range(5):
             state, m = step(state, _batch(), jax.random.PRNGKey(0))
@@ -190,7 +190,7 @@ def test_new_vocabulary_rows_train_with_the_adapters():
     tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0)
     tx = steps.make_optimizer(tc, 10)
     state = steps.TrainState.create(adapters, tx)
-    step = steps.make_train_step(graphdef, tx, tc, frozen=frozen)
+    step = steps.make_train_step(graphdef, tx, tc, frozen=frozen, combine=lora.combine)
     batch = _batch()
     batch = batch.replace(inputs=np.where(np.arange(batch.inputs.shape[1]) % 2 == 0, MC.vocab_size - 1, batch.inputs))
     for _ in range(2):
@@ -259,11 +259,11 @@ def test_config_defaults_and_rank_needs_a_base(tmp_path):
 def test_a_changed_base_is_refused(tmp_path):
     _, base = _base()
     cfg = config.Config(model=dataclasses.replace(MC, init_from=str(tmp_path / "base")), lora=ALL)
-    lora.write_base_ref(str(tmp_path), cfg, (base, MC.vocab_size))
-    lora.check_base(str(tmp_path), base)  # the same arrays: fine
+    runs.write_base_ref(str(tmp_path), cfg, (base, MC.vocab_size))
+    runs.check_base(str(tmp_path), base)  # the same arrays: fine
     changed = jax.tree.map(lambda a: a.at[(0,) * a.ndim].add(1e-7), base)
     with pytest.raises(UserError, match="has changed since the adapters were trained"):
-        lora.check_base(str(tmp_path), changed)
+        runs.check_base(str(tmp_path), changed)
 
 
 # ---------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
     from jaxsft import checkpoint
     from jaxsft.decode import Generator
     run = lora_reference["runs"].path()
-    params, mc, tok = checkpoint.restore(run)
+    params, mc, tok = runs.restore(run)
     best = saved_steps(os.path.join(run, "best"))[-1]
     assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(model.abstract(mc)[1]))  # the plain model
     gen = Generator.from_run(run, max_new_tokens=12)
@@ -374,8 +374,7 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
     assert evaluate.score_table(report) in p.stdout, p.stdout
     # adapters restored by hand and merged equal what restore gives
     lc = LoraConfig(rank=4, alpha=8.0)
-    from jaxsft import setup
-    _, base = setup.init_params_from(mc, 3, setup.load_base(lora_reference["base"].path(), mc))
+    _, base = runs.init_params_from(mc, 3, runs.load_base(lora_reference["base"].path(), mc))
     _, _, abstract = lora.graph(mc, lc)
     adapters = checkpoint.restore_params(os.path.join(run, "best"), abstract, "best")
     chex.assert_trees_all_equal_shapes_and_dtypes(adapters, abstract)  # the adapters' tree, as lora.graph lays it
@@ -489,7 +488,6 @@ def test_bin_export_merged_and_adapter_load_in_transformers_and_peft(lora_refere
     peft = pytest.importorskip("peft")
     import transformers
     from conftest import run_script
-    from jaxsft import checkpoint
     run = lora_reference["runs"].path()
     for extra in ([], ["--adapter"]):
         out = tmp_path / ("adapter" if extra else "merged")
@@ -501,7 +499,7 @@ def test_bin_export_merged_and_adapter_load_in_transformers_and_peft(lora_refere
         cfg = json.load(f)
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["base_model_name_or_path"] == str(tmp_path / "adapter" / "base")
     assert sorted(cfg["target_modules"]) == sorted(lora.HF_NAMES.values())
-    merged, mc, tok = checkpoint.restore(run)
+    merged, mc, tok = runs.restore(run)
     tokens = jnp.asarray([tok.encode("3加5等于多少？") + tok.encode("8")], jnp.int32)
     ours = np.asarray(model.apply(model.abstract(mc)[0], merged, tokens)[0])
     with torch.no_grad():
@@ -525,7 +523,6 @@ def test_lora_on_an_imported_llama_trains_chats_and_exports_for_peft(tmp_path):
     import transformers
     from conftest import run_script
     from test_hf import build_llama, write_config
-    from jaxsft import checkpoint
     src = tmp_path / "llama"
     src.mkdir()
     build_llama(str(src))
@@ -547,7 +544,7 @@ def test_lora_on_an_imported_llama_trains_chats_and_exports_for_peft(tmp_path):
     assert p.returncode == 0, p.stderr
     with open(tmp_path / "exported" / "adapter" / "adapter_config.json") as f:
         ids = json.load(f)["trainable_token_indices"]
-    merged, mc, tok = checkpoint.restore(str(run))
+    merged, mc, tok = runs.restore(str(run))
     assert mc.kv_heads == 2 and not mc.tie_embeddings and ids["lm_head"] == list(range(len(tok) - 4, len(tok)))
     tokens = jnp.asarray([tok.encode("3加5等于多少？") + [tok.user_id, tok.assistant_id, tok.end_id]], jnp.int32)
     ours = np.asarray(model.apply(model.abstract(mc)[0], merged, tokens)[0])
@@ -579,7 +576,8 @@ for data, fsdp in ((1, 1), (2, 1), (1, 2)):
     state = steps.TrainState.create(adapters, tx)
     shardings = parallel.state_shardings(state, mesh)
     state = parallel.shard_tree(state, shardings)
-    step = steps.make_train_step(graphdef, tx, tc, mesh, shardings, lora.place(base, parallel.param_shardings(base, mesh)))
+    step = steps.make_train_step(graphdef, tx, tc, mesh, shardings, parallel.place(base, parallel.param_shardings(base, mesh)),
+                             lora.combine)
     for _ in range(3):
         state, m = step(state, parallel.host_batch_to_global(make_batch(ex, 4, 16), parallel.batch_sharding(mesh)),
                         jax.random.PRNGKey(0))

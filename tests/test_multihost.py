@@ -220,9 +220,9 @@ def test_saves_of_one_step_with_a_late_process(runs):
 def test_checkpoint_of_two_processes_restores_in_one(runs):
     import jax
 
-    from jaxsft import checkpoint
-    p2, _, tok2 = checkpoint.restore(runs["two"])
-    p1, _, tok1 = checkpoint.restore(runs["one"])
+    from jaxsft.runs import restore
+    p2, _, tok2 = restore(runs["two"])
+    p1, _, tok1 = restore(runs["one"])
     assert tok2.itos == tok1.itos
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
                zip(jax.tree.leaves(p2), jax.tree.leaves(p1)))

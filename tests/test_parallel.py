@@ -61,7 +61,7 @@ def worker(d: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxsft import checkpoint, model, parallel, setup, steps, trainer
+    from jaxsft import checkpoint, model, parallel, runs, setup, steps, trainer
     from jaxsft.batching import BatchPlan
     from jaxsft.config import MeshConfig
 
@@ -76,7 +76,7 @@ def worker(d: str) -> None:
     def trajectory(tc, mesh_cfg=MeshConfig(data=1, fsdp=1), mcfg=model_cfg, examples=train_ex):
         """Per-step losses and final state of STEPS optimizer steps (one device by default): the
         trainer's own pieces, the batch plan of `tc` (packing and the shared prefix when set)."""
-        graphdef, params = setup.init_params_from(mcfg, tc.seed)
+        graphdef, params = runs.init_params_from(mcfg, tc.seed)
         tx = steps.make_optimizer(tc, STEPS)
         state = steps.TrainState.create(params, tx)
         mesh = parallel.make_mesh(mesh_cfg)
@@ -131,7 +131,7 @@ def worker(d: str) -> None:
     out["train_fsdp"] = [r["loss"] for r in records if "loss" in r]
     mesh = parallel.make_mesh(run_cfg.mesh)
     _, abstract = model.abstract(model_cfg)
-    params, _, _ = checkpoint.restore(os.path.join(d, "run"), parallel.param_shardings(abstract, mesh))
+    params, _, _ = runs.restore(os.path.join(d, "run"), parallel.param_shardings(abstract, mesh))
     w1 = params["blocks"][0]["mlp"]["w1"]["kernel"][...]
     out["restored8_w1_spec"] = [str(a) for a in w1.sharding.spec]
     out["restored8_w1_shard_shape"] = list(w1.addressable_shards[0].data.shape)
@@ -140,7 +140,7 @@ def worker(d: str) -> None:
     np.savez(os.path.join(d, "best8.npz"), **flat)
 
     # the full training state saved with fsdp=8 resumes onto another layout: 8-way data parallel
-    _, params0 = setup.init_params_from(model_cfg, tc.seed)
+    _, params0 = runs.init_params_from(model_cfg, tc.seed)
     fresh = steps.TrainState.create(params0, steps.make_optimizer(tc, STEPS))
     dp = parallel.make_mesh(MeshConfig())
     target = {"state": parallel.shard_tree(fresh, parallel.state_shardings(fresh, dp)),
@@ -232,11 +232,11 @@ def test_train_loop_on_fsdp_mesh_matches_one_device(measured):
 def test_checkpoint_saved_on_8_devices_restores_on_8_and_on_1(measured):
     import jax
 
-    from jaxsft import checkpoint
+    from jaxsft import runs
     assert measured["restored8_w1_spec"] == ["None", "fsdp"] and measured["restored8_devices"] == 8
     assert measured["restored8_w1_shard_shape"] == [32, 8]  # (32, 64) split 8 ways
     assert jax.device_count() == 1
-    params, _, _ = checkpoint.restore(os.path.join(measured["dir"], "run"))
+    params, _, _ = runs.restore(os.path.join(measured["dir"], "run"))
     saved = np.load(os.path.join(measured["dir"], "best8.npz"))
     flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert sorted(flat) == sorted(saved.files)

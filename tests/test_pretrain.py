@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import QA, REPO, TINY_YAML, run_script, write_tiny_config
-from jaxsft import checkpoint, model, parallel, setup
+from jaxsft import model, parallel, runs, setup
 from jaxsft.config import UserError, load_config
 from jaxsft.data import corpus_examples, read_corpus, split_corpus
 from jaxsft.tokenizer import Tokenizer
@@ -148,7 +148,7 @@ def test_pretrain_run_learns_and_writes_checkpoints(pretrained):
     assert train_r[0]["loss"] > 2.5 and train_r[-1]["loss"] < train_r[0]["loss"] / 3
     assert val_r[-1]["step"] == PRETRAIN_STEPS and min(r["val_loss"] for r in val_r) < 1.0
     assert max(r["tokens"] for r in train_r) == 8 * 64  # full windows: every position counts
-    params, model_cfg, tok = checkpoint.restore(run_dir)  # usable as a base
+    params, model_cfg, tok = runs.restore(run_dir)  # usable as a base
     assert set("".join(CORPUS)) <= set(tok.itos) and "\n" in tok.stoi and model_cfg.vocab_size == len(tok)
 
 
@@ -167,7 +167,7 @@ def test_init_from_keeps_the_base_weights_and_ids(pretrained, tmp_path):
     prepared = setup.prepare(cfg, parallel.one_device_mesh(), log=lambda *a, **k: None)
     model_cfg, tok = prepared.model_cfg, prepared.tok
     graphdef, params = prepared.init_params()
-    base_params, base_cfg, base_tok = checkpoint.restore(pretrained["run_dir"])
+    base_params, base_cfg, base_tok = runs.restore(pretrained["run_dir"])
     n_old = len(base_tok)
     # the vocabulary is the base's, then the new characters in sorted order
     sft_text = "".join(q + a for q, a in QA) + cfg.data.system_prompt
@@ -215,8 +215,8 @@ def test_sft_from_pretrained_trains_resumes_and_restores(pretrained, tmp_path):
     train_r, val_r = _records(run_dir)
     assert [r["step"] for r in train_r] == list(range(1, 25)) and [r["step"] for r in val_r] == [8, 16, 24]
     assert train_r[-1]["loss"] < train_r[0]["loss"] / 2
-    _, _, base_tok = checkpoint.restore(pretrained["run_dir"])
-    params, model_cfg, tok = checkpoint.restore(run_dir)
+    _, _, base_tok = runs.restore(pretrained["run_dir"])
+    params, model_cfg, tok = runs.restore(run_dir)
     assert tok.itos[:len(base_tok)] == base_tok.itos and len(tok) > len(base_tok)
     assert model_cfg.init_from == pretrained["run_dir"] and params["embed"]["embedding"][...].shape[0] == len(tok)
 

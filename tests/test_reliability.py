@@ -642,7 +642,7 @@ def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_p
     recursive delete: a kill then leaves it half removed. The run directory's managers
     drop such steps when they start, and every reader takes the newest step."""
     import jax
-    from jaxsft import checkpoint
+    from jaxsft import checkpoint, runs
     run = tmp_path / "run"
     shutil.copytree(reference["runs"].path(), run)
     for d, keep in (("best", "metrics"), ("latest", "_CHECKPOINT_METADATA")):  # as a kill left them
@@ -651,7 +651,7 @@ def test_a_kill_while_an_old_step_is_deleted_leaves_debris_that_is_cleared(tmp_p
             if n != keep:
                 shutil.rmtree(run / d / "12" / n, ignore_errors=True)
                 (run / d / "12" / n).unlink(missing_ok=True)
-    params, _, _ = checkpoint.restore(str(run))  # readers take the newest step
+    params, _, _ = runs.restore(str(run))  # readers take the newest step
 
     def arrays(leaves):
         return sorted((np.asarray(a).shape, np.asarray(a).tobytes()) for a in leaves)
@@ -717,7 +717,7 @@ def test_nothing_a_user_loads_is_a_pickle(reference, monkeypatch):
                 head = f.read(2)
             assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), n
 
-    from jaxsft import checkpoint  # imported before pickle is taken away (some imports use it)
+    from jaxsft import runs  # imported before pickle is taken away (some imports use it)
 
     def refuse(*a, **k):
         raise AssertionError("pickle used")
@@ -727,7 +727,7 @@ def test_nothing_a_user_loads_is_a_pickle(reference, monkeypatch):
     for name in ("load", "loads"):
         monkeypatch.setattr(pickle, name, refuse)
     monkeypatch.setattr(pickle, "Unpickler", Refused)
-    params, model_cfg, tok = checkpoint.restore(run)
+    params, model_cfg, tok = runs.restore(run)
     assert model_cfg.d_model == 32 and len(tok) > 7
     assert load_tree(os.path.join(run, "latest"), TOTAL_STEPS).keys() == reference["latest"].keys()
 

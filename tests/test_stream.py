@@ -69,12 +69,12 @@ def test_chat_interactive_streams_answers_and_knows_commands(trained_run):
 @pytest.mark.slow
 def test_chat_compare_base_and_sft(trained_run):
     """The base model gets <bos> + the raw text (no template); the SFT model answers in ChatML."""
-    from jaxsft import checkpoint
+    from jaxsft import runs
     run = trained_run["run_dir"]
     q = QA[0][0]
     rc, out, err = chat("--checkpoint", run, "--compare", run, "--max-new-tokens", 10, q)
     assert rc == 0, err
-    params, cfg, tok = checkpoint.restore(run)
+    params, cfg, tok = runs.restore(run)
     base = Generator(params, cfg, tok, "", max_new_tokens=10)
     continuation = tok.decode(base.generate_ids([np.asarray([tok.bos_id] + tok.encode(q), np.int32)])[0])
     assert out.splitlines() == [

@@ -234,7 +234,7 @@ def test_train_step_compiles_once_per_bucket(setup, monkeypatch):
     for i in range(6):
         batch = batching.make_batch(setup["examples"], 4, 32) if i % 2 else batching.make_batch(short, 4, 24)
         state, _ = step(state, batch, key)
-    assert step._cache_size() == 2  # and two programs: a trace is not retraced at the next call
+    assert step.jitted._cache_size() == 2  # and two programs: a trace is not retraced at the next call
     assert int(state.step) == 6
 
 

@@ -32,6 +32,6 @@ def main():
     p.add_argument("--adapter", action="store_true",
                    help="a LoRA run: the base (--out/base) and a PEFT adapter (--out/adapter), unmerged")
     args = p.parse_args()
-    from ..hf import export
+    from ..runs import export
     files = export(args.checkpoint, args.out, args.dtype, args.adapter)
     print(f"wrote {args.out}: {', '.join(files)}", file=sys.stderr)

@@ -18,9 +18,9 @@ def token_losses(run_dir, inputs, targets):
     """Per-position cross-entropy (T,) of the run's best parameters on one example."""
     import jax
     import numpy as np
-    from .. import checkpoint, model, steps
+    from .. import model, runs, steps
     from ..batching import make_batch
-    params, model_cfg, _ = checkpoint.restore(run_dir)
+    params, model_cfg, _ = runs.restore(run_dir)
     graphdef, _ = model.abstract(model_cfg)
     batch = make_batch([(inputs, targets, np.zeros(len(inputs), np.float32))], 1, len(inputs))
     return np.asarray(jax.jit(steps.token_losses, static_argnums=1)(params, graphdef, batch))[0]

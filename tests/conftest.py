@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -20,6 +21,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # exact numerics on a GPU too: its default TF32 matmuls are ~1e-3 off f32, which the
 # tolerance checks here would mistake for bugs (no effect on CPU)
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+# the programs the tests start (bin/train, bin/chat, drivers that import jaxsft first) would
+# restart themselves for huge pages (cli.huge_pages), paying the interpreter and any JAX import
+# twice; test_huge_pages.py clears this to check the restart itself
+os.environ.setdefault("JAXSFT_HUGE_PAGES", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # plain `pytest` (not `python -m pytest`) from any directory
@@ -109,7 +115,28 @@ def trained_run(tmp_path_factory):
     return {"run_dir": run_dir, "config": config, "rows": os.path.join(tmp, "val.jsonl"), "proc": proc}
 
 
+def share_compilation_cache(config) -> None:
+    """One persistent JAX compilation cache for the session: this process, its xdist workers
+    and every program the tests start (they inherit the environment) read and write it, so a
+    program compiled once, by any of them, loads from disk after. It lives in pytest's cache
+    (.pytest_cache/d/), kept between sessions (a few MB). No size bound: with one, JAX rescans
+    the whole directory at every write. A read that races another process's write (xdist)
+    fails to load and compiles instead, with a warning. A cache the user set
+    (JAX_COMPILATION_CACHE_DIR) is kept."""
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider: a per-session dir
+    path = str(cache.mkdir("jax-compilation-cache")) if cache is not None else tempfile.mkdtemp(prefix="jax-cache-")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", path)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the tiny models compile fast
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    if "jax" in sys.modules:  # a plugin imported JAX before this ran: it read the environment already
+        import jax
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def pytest_configure(config):
+    share_compilation_cache(config)
     # orbax 0.12's background asyncio runner sometimes schedules on its loop after the loop
     # has closed, when a finished CheckpointManager is garbage collected; harmless, and
     # reported at whichever test happens to be running then

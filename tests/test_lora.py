@@ -274,8 +274,8 @@ class LoraRuns(Runs):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
+def cache():
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (conftest.share_compilation_cache)
 
 
 @pytest.fixture(scope="module")

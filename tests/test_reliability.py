@@ -455,8 +455,8 @@ def assert_bitwise_equal(a: dict, b: dict):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
+def cache():
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (conftest.share_compilation_cache)
 
 
 def _reference(d, cache, prod):

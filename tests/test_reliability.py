@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -595,7 +596,7 @@ def assert_interrupted(p, r: Runs, saves=SAVES) -> int:
     assert step in (7, 8)  # the step in flight when the signal came, or the next
     assert steps(r.path("latest")) == kept_latest(step, saves=saves)
     assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
-    assert p.stderr.strip().splitlines()[-1] == "resume with: " + " ".join(
+    assert p.stderr.strip().splitlines()[-1] == "resume with: " + shlex.join(
         [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *r.args, "--resume"])
     return step
 

@@ -5,10 +5,13 @@ Everything is written under pytest's tmp dirs; nothing reads ../shared or data/.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -20,6 +23,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # exact numerics on a GPU too: its default TF32 matmuls are ~1e-3 off f32, which the
 # tolerance checks here would mistake for bugs (no effect on CPU)
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+# the programs the tests start (bin/train, bin/chat, drivers that import jaxsft first) would
+# restart themselves for huge pages (cli.huge_pages), paying the interpreter and any JAX import
+# twice; test_huge_pages.py clears this to check the restart itself
+os.environ.setdefault("JAXSFT_HUGE_PAGES", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # plain `pytest` (not `python -m pytest`) from any directory
@@ -76,6 +84,29 @@ def run_script(name: str, *args, timeout: float = 120) -> subprocess.CompletedPr
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(name: str, args, capsys, monkeypatch) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of bin/<name> args run in this process: main() under
+    cli.main_guard as the program runs it, without a new interpreter and JAX import. Only a
+    failing run: main() must exit (SystemExit)."""
+    monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"jaxsft.cli.{name}").main()
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def one_line_error(code: int, err: str, *fragments) -> str:
+    """Asserts a user's mistake's contract: exit status 2, one line 'error: ...' on stderr
+    holding each fragment, no traceback. Returns the line."""
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, (code, err)
+    assert lines[0].startswith("error: ") and "Traceback" not in err, err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def qa():
     """The question/answer pairs, as a list of (question, answer)."""
@@ -93,11 +124,26 @@ def write_tiny_config(tmp, out_dir, train_pairs=None, val_pairs=None) -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """One tiny model trained with bin/train to memorise QA. Returns a dict with
-    run_dir, config (YAML path), rows (the val JSONL) and the bin/train process."""
-    tmp = tmp_path_factory.mktemp("tiny_run")
+def once_per_session(tmp_path_factory, name: str, build) -> tuple[str, dict]:
+    """build(dir) -> a JSON-able dict, run once for the whole test session: under xdist each
+    worker has its own session fixtures, so the first worker to ask builds, under a file lock,
+    in the temp dir its workers share, and the others wait and read the result. A failed build
+    is retried by the next worker that asks. Returns (dir, build's result); dir is shared:
+    read it, never write it."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # workers': <session>/popen-gwN
+    d, done = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+            done.with_suffix(".tmp").write_text(json.dumps(build(str(d))), encoding="utf-8")
+            done.with_suffix(".tmp").rename(done)
+        return str(d), json.loads(done.read_text(encoding="utf-8"))
+
+
+def _train_tiny(tmp) -> dict:
     run_dir = os.path.join(tmp, "run")
     config = write_tiny_config(tmp, run_dir)
     # packed rows (about 3 rows of 64 tokens per step) and exact match on the 4 val rows at each evaluation
@@ -106,10 +152,41 @@ def trained_run(tmp_path_factory):
                       "train.pack_len=64", "--set", "train.eval_exact=4", "--set",
                       f"data.test={os.path.join(tmp, 'val.jsonl')}", "--no-progress", timeout=300)
     assert proc.returncode == 0, f"bin/train failed:\n{proc.stdout}\n{proc.stderr}"
-    return {"run_dir": run_dir, "config": config, "rows": os.path.join(tmp, "val.jsonl"), "proc": proc}
+    return {"run_dir": run_dir, "config": config, "rows": os.path.join(tmp, "val.jsonl"),
+            "proc": [proc.args, proc.returncode, proc.stdout, proc.stderr]}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny model trained with bin/train to memorise QA, once per session (xdist workers
+    share it: `once_per_session`). Returns a dict with run_dir, config (YAML path), rows (the
+    val JSONL) and the bin/train process."""
+    _, run = once_per_session(tmp_path_factory, "tiny_run", _train_tiny)
+    return {**run, "proc": subprocess.CompletedProcess(*run["proc"])}
+
+
+def share_compilation_cache(config) -> None:
+    """One persistent JAX compilation cache for the session: this process, its xdist workers
+    and every program the tests start (they inherit the environment) read and write it, so a
+    program compiled once, by any of them, loads from disk after. It lives in pytest's cache
+    (.pytest_cache/d/), kept between sessions (a few MB). No size bound: with one, JAX rescans
+    the whole directory at every write. A read that races another process's write (xdist)
+    fails to load and compiles instead, with a warning. A cache the user set
+    (JAX_COMPILATION_CACHE_DIR) is kept."""
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider: a per-session dir
+    path = str(cache.mkdir("jax-compilation-cache")) if cache is not None else tempfile.mkdtemp(prefix="jax-cache-")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", path)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the tiny models compile fast
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    if "jax" in sys.modules:  # a plugin imported JAX before this ran: it read the environment already
+        import jax
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_configure(config):
+    share_compilation_cache(config)
     # orbax 0.12's background asyncio runner sometimes schedules on its loop after the loop
     # has closed, when a finished CheckpointManager is garbage collected; harmless, and
     # reported at whichever test happens to be running then

@@ -1,5 +1,7 @@
 """bin/train and bin/chat end to end, in subprocesses: a tiny model memorises a few
-answers and bin/chat prints them back; user mistakes exit 2 with one line."""
+answers and bin/chat prints them back; user mistakes exit 2 with one line (in this process
+through main(); test_reliability.py has the table of bad inputs and bin/train's in a real
+process, test_damaged_checkpoints.py bin/chat's)."""
 import json
 import math
 import os
@@ -7,21 +9,10 @@ import re
 
 import pytest
 
-from conftest import TINY_STEPS, run_script, write_tiny_config
-
-pytestmark = pytest.mark.slow  # every test here starts bin/train or bin/chat
+from conftest import TINY_STEPS, one_line_error, run_main, run_script, write_tiny_config
 
 
-def _one_line_error(proc, *fragments):
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
-
-
+@pytest.mark.slow
 def test_train_memorises(trained_run):
     proc, run_dir = trained_run["proc"], trained_run["run_dir"]
     assert "Traceback" not in proc.stderr
@@ -43,6 +34,7 @@ def test_train_memorises(trained_run):
     assert f"step {TINY_STEPS}: val_loss" in proc.stdout and "exact match 100.0% of 4 rows" in proc.stdout
 
 
+@pytest.mark.slow
 def test_logged_learning_rate_is_the_schedule_of_each_update(trained_run):
     """metrics.jsonl's lr at step s is the rate update s used, lr(s - 1) (optax counts updates
     from 0), over the run's real length: make_schedule, and independently the closed form of
@@ -63,6 +55,7 @@ def test_logged_learning_rate_is_the_schedule_of_each_update(trained_run):
     assert logged[1] == 0.0 and logged[w + 1] == pytest.approx(tc.lr)  # warmup from 0, the peak at step w + 1
 
 
+@pytest.mark.slow
 def test_train_scores_the_test_set_with_the_best_checkpoint(trained_run, tmp_path):
     """bin/train with data.test prints the per-category table of the best checkpoint and
     writes out_dir/test_report.json; its figures and answers are bin/eval's."""
@@ -81,17 +74,19 @@ def test_train_scores_the_test_set_with_the_best_checkpoint(trained_run, tmp_pat
     assert by_eval["rows"] == report["rows"] and by_eval["by_category"] == report["by_category"]
 
 
-def test_train_checks_the_test_file_before_training(tmp_path, qa):
+def test_train_checks_the_test_file_before_training(tmp_path, qa, capsys, monkeypatch):
     """A test row without a reference answer stops bin/train before any step, with file:line."""
     config = write_tiny_config(tmp_path, tmp_path / "run")
     bad = tmp_path / "test.jsonl"
     bad.write_text(json.dumps({"instruction": qa[0][0], "response": qa[0][1]}, ensure_ascii=False) + "\n"
                    + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", encoding="utf-8")
-    proc = run_script("train", "--config", config, "--set", f"data.test={bad}", "--no-progress")
-    _one_line_error(proc, f"{bad}:2", "no reference answer")
+    code, _, err = run_main("train", ["--config", config, "--set", f"data.test={bad}", "--no-progress"], capsys,
+                            monkeypatch)
+    one_line_error(code, err, f"{bad}:2", "no reference answer")
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_chat_prints_the_trained_answer(trained_run, qa):
     question, answer = qa[2]
     proc = run_script("chat", "--checkpoint", trained_run["run_dir"], question)
@@ -99,6 +94,7 @@ def test_chat_prints_the_trained_answer(trained_run, qa):
     assert proc.stdout == answer + "\n"
 
 
+@pytest.mark.slow
 def test_chat_file_writes_one_line_per_row(trained_run, qa, tmp_path):
     rows = tmp_path / "rows.jsonl"
     with open(rows, "w", encoding="utf-8") as f:
@@ -116,31 +112,9 @@ def test_chat_file_writes_one_line_per_row(trained_run, qa, tmp_path):
     assert [r["answer"] for r in got] == [a for _, a in qa] + [qa[0][1]]
 
 
-def test_train_missing_config(tmp_path):
-    missing = tmp_path / "nope.yaml"
-    _one_line_error(run_script("train", "--config", missing), str(missing), "not found")
-
-
-def test_train_unknown_set_key(tmp_path):
-    config = write_tiny_config(tmp_path, tmp_path / "run")
-    _one_line_error(run_script("train", "--config", config, "--set", "train.learning_rate=0.1"),
-                    "train.learning_rate")
-    assert not os.path.exists(tmp_path / "run")
-
-
-def test_train_bad_json_line(tmp_path, qa):
-    config = write_tiny_config(tmp_path, tmp_path / "run")
-    train = tmp_path / "train.jsonl"
-    with open(train, "a", encoding="utf-8") as f:
-        f.write('{"instruction": "hi", "response": \n')
-    n = sum(1 for _ in open(train, encoding="utf-8"))
-    _one_line_error(run_script("train", "--config", config), f"{train}:{n}", "not valid JSON")
-    assert not os.path.exists(tmp_path / "run")
-
-
-def test_chat_bad_json_line_and_missing_run(trained_run, tmp_path):
+def test_chat_bad_json_line(tmp_path, capsys, monkeypatch):
+    """The rows are read before the run: a bad line is named though the run is missing too."""
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"instruction": "你好"}\n[1, 2\n', encoding="utf-8")
-    _one_line_error(run_script("chat", "--checkpoint", trained_run["run_dir"], "--file", rows),
-                    f"{rows}:2", "not valid JSON")
-    _one_line_error(run_script("chat", "--checkpoint", tmp_path / "none", "hi"), str(tmp_path / "none"))
+    code, _, err = run_main("chat", ["--checkpoint", tmp_path / "none", "--file", rows], capsys, monkeypatch)
+    one_line_error(code, err, f"{rows}:2", "not valid JSON")

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import run_main
 from test_reliability import (REPO, TOTAL_STEPS, Runs, T, _env, assert_same_as_reference, load_tree, snapshot,
                               steps)
 from test_reliability import cache, reference  # noqa: F401  (fixtures: the tiny reference run)
@@ -104,30 +105,50 @@ def test_every_step_has_checksums_that_cover_its_files(reference):
             assert data_file(step_dir) in listed and "default/_METADATA" in listed
 
 
-@pytest.mark.parametrize("tool", TOOLS)
-@pytest.mark.parametrize("damage", DAMAGE)
-def test_damaged_best_checkpoint_is_one_line_and_exit_2(tmp_path, reference, damage, tool):
+def damage_best(reference, tmp_path, damage) -> tuple[str, str]:
+    """A copy of the reference run whose best checkpoint has `damage`: (its dir, the problem)."""
     d = copy_run(reference, tmp_path)
     how, which = DAMAGE[damage]
     step_dir = os.path.join(d, BEST)
-    problem = how(step_dir, which(step_dir))
+    return d, how(step_dir, which(step_dir))
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_best_checkpoint_is_one_line_and_exit_2(tmp_path, reference, damage, tool, capsys, monkeypatch):
+    """In this process, through each tool's main()."""
+    d, problem = damage_best(reference, tmp_path, damage)
+    before = snapshot(d)
+    monkeypatch.chdir(d)
+    code, _, err = run_main(tool, TOOLS[tool][1:], capsys, monkeypatch)
+    assert code == 2, err
+    assert err.splitlines() == [f"error: {BEST}: the best checkpoint is damaged: {problem}"]
+    assert snapshot(d) == before  # a reader changes nothing
+
+
+@pytest.mark.parametrize("tool,damage", [("chat", "data-truncated"), ("eval", "data-flipped"),
+                                         ("inspect", "metadata-flipped")])
+def test_damaged_best_checkpoint_in_a_real_process(tmp_path, reference, tool, damage):
+    """Each tool's program end to end: exit status 2 and the one line, nothing else on stderr."""
+    d, problem = damage_best(reference, tmp_path, damage)
     before = snapshot(d)
     p = run_tool(d, TOOLS[tool])
     assert p.returncode == 2, p.stderr
     assert p.stderr.splitlines() == [f"error: {BEST}: the best checkpoint is damaged: {problem}"]
-    assert snapshot(d) == before  # a reader changes nothing
+    assert snapshot(d) == before
 
 
-def test_damaged_step_without_checksums_names_the_array(tmp_path, reference):
+def test_damaged_step_without_checksums_names_the_array(tmp_path, reference, capsys, monkeypatch):
     """A step saved before checksums.json existed: tensorstore's own error, in one line."""
     d = copy_run(reference, tmp_path)
     step_dir = os.path.join(d, BEST)
     os.remove(os.path.join(step_dir, "checksums.json"))
     truncate(step_dir, data_file(step_dir))
-    p = run_tool(d, TOOLS["chat"])
-    assert p.returncode == 2, p.stderr
-    lines = p.stderr.splitlines()
-    assert len(lines) == 1, p.stderr
+    monkeypatch.chdir(d)
+    code, _, err = run_main("chat", TOOLS["chat"][1:], capsys, monkeypatch)
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
     prefix = f"error: {BEST}: the best checkpoint is damaged: array "
     assert lines[0].startswith(prefix), lines[0]
     array, rest = lines[0][len(prefix):].split(" ", 1)
@@ -181,14 +202,15 @@ def test_resume_falls_back_from_a_damaged_newest_state(tmp_path, cache, referenc
     assert_same_as_reference(r, reference, 20)  # latest/24 written again, bit for bit
 
 
-def test_resume_with_every_state_damaged_stops_with_one_line(tmp_path, cache, reference):
+def test_resume_with_every_state_damaged_stops_with_one_line(tmp_path, cache, reference, capsys, monkeypatch):
     d = copy_run(reference, tmp_path)
-    r = Runs(d, cache)
+    r = Runs(d, cache, write=False)
     problems = {s: remove(r.path("latest", str(s)), data_file(r.path("latest", str(s)))) for s in (20, TOTAL_STEPS)}
     before = snapshot(d)
-    p = r.run("--resume")
-    assert p.returncode == 2, p.stderr
-    assert p.stderr.splitlines() == [
+    monkeypatch.chdir(d)
+    code, _, err = run_main("train", [*r.args, "--resume"], capsys, monkeypatch)  # bin/train, in this process
+    assert code == 2, err
+    assert err.splitlines() == [
         f"error: run/latest/{TOTAL_STEPS}: the saved training state is damaged: {problems[TOTAL_STEPS]}; "
         f"run/latest/20 before it is damaged too: {problems[20]}"]
     assert snapshot(d) == before  # nothing removed: there is nothing to resume from

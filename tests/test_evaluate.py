@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import run_script
+from conftest import one_line_error, run_main, run_script
 from jaxsft.evaluate import (NO_CATEGORY, aggregate, char_f1, display_width, exact_match, pad, score_row,
                              score_table)
 
@@ -123,12 +123,10 @@ def test_bin_eval_end_to_end(trained_run, tmp_path):
     assert "instruction: 1+1等于几？" not in lines  # --show 2: only the first two rows
 
 
-@pytest.mark.slow
-def test_bin_eval_rejects_a_row_without_reference(tmp_path):
+def test_bin_eval_rejects_a_row_without_reference(tmp_path, capsys, monkeypatch):
+    """In this process, through main() (test_damaged_checkpoints.py runs bin/eval's error in a real one)."""
     data = tmp_path / "eval.jsonl"
     data.write_text('{"instruction": "你好", "expected": "你好"}\n{"instruction": "天空是什么颜色？"}\n',
                     encoding="utf-8")
-    proc = run_script("eval", "--checkpoint", tmp_path, "--data", data)  # rows are checked before the model
-    assert proc.returncode == 2
-    assert f"{data}:2: no reference answer" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, _, err = run_main("eval", ["--checkpoint", tmp_path, "--data", data], capsys, monkeypatch)  # rows first
+    one_line_error(code, err, f"{data}:2: no reference answer")

@@ -470,9 +470,8 @@ def train(d, config, *args, interrupt_at=0):
     driver = os.path.join(d, "driver.py")
     with open(driver, "w") as f:
         f.write(DRIVER)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8", PYTHONPATH=REPO,
-               JAX_COMPILATION_CACHE_DIR=os.path.join(d, "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # the session's compilation cache comes with os.environ (conftest.share_compilation_cache)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONIOENCODING="utf-8", PYTHONPATH=REPO)
     return subprocess.run([sys.executable, driver, REPO, str(interrupt_at), "--config", config, "--no-progress", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 

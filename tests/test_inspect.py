@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import QA, run_script, write_tiny_config
+from conftest import QA, run_main, run_script, write_tiny_config
 from jaxsft import chatml
 from jaxsft.evaluate import mask_table, show_token
 from jaxsft.tokenizer import Tokenizer
@@ -78,12 +78,12 @@ def test_bin_inspect_prints_the_table_of_a_row(tmp_path):
     assert lines[-1] == "positions: 34, counted in the loss: 12 (35.3%)"
 
 
-@pytest.mark.slow
-def test_bin_inspect_row_out_of_range(tmp_path):
+def test_bin_inspect_row_out_of_range(tmp_path, capsys, monkeypatch):
+    """In this process, through main() (test_damaged_checkpoints.py runs bin/inspect's error in a real one)."""
     config = write_tiny_config(str(tmp_path), tmp_path / "run")
-    proc = run_script("inspect", "--config", config, "--split", "val", "--row", 4)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: --row 4: {tmp_path / 'val.jsonl'} has rows 0 to 3"
+    code, _, err = run_main("inspect", ["--config", config, "--split", "val", "--row", 4], capsys, monkeypatch)
+    assert code == 2
+    assert err.strip() == f"error: --row 4: {tmp_path / 'val.jsonl'} has rows 0 to 3"
 
 
 @pytest.mark.slow

@@ -270,6 +270,7 @@ def test_a_changed_base_is_refused(tmp_path):
 # end to end: bin/train with lora.rank on a base run (tests/test_reliability.py's tiny config and driver)
 
 from test_reliability import Runs, assert_same_as_reference, load_tree  # noqa: E402
+from test_reliability import reference  # noqa: E402,F401  (fixture: the tiny config's run, built once a session)
 from test_reliability import steps as saved_steps  # noqa: E402
 
 
@@ -283,16 +284,15 @@ class LoraRuns(Runs):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
+def cache():
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (conftest.share_compilation_cache)
 
 
 @pytest.fixture(scope="module")
-def lora_reference(tmp_path_factory, cache):
-    """A base run (12 steps of the tiny config), then the uninterrupted LoRA run on it."""
-    base = Runs(tmp_path_factory.mktemp("base"), cache)
-    p = base.run("--set", "train.max_steps=12")
-    assert p.returncode == 0, p.stderr
+def lora_reference(tmp_path_factory, cache, reference):
+    """The base run (test_reliability's reference: 24 steps of the tiny config), then the
+    uninterrupted LoRA run on it."""
+    base = reference["runs"]
     base_best = {s: load_tree(base.path("best"), s) for s in saved_steps(base.path("best"))}
     r = LoraRuns(tmp_path_factory.mktemp("lora_reference"), cache, base.path())
     p = r.run()
@@ -602,17 +602,20 @@ def test_lora_steps_on_data_parallel_and_fsdp_meshes_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_another_lora_section_is_refused(lora_reference, tmp_path):
+def test_resume_with_another_lora_section_is_refused(lora_reference, tmp_path, capsys, monkeypatch):
+    """bin/train --resume in this process, through main()."""
     import shutil
+    from conftest import run_main
     r = lora_reference["runs"]
     d = tmp_path / "copy"
     shutil.copytree(r.d, d)
     copy = LoraRuns(d, None, lora_reference["base"].path())
+    monkeypatch.chdir(d)
     for change in (["--set", "lora.rank=8"], ["--set", "lora.targets=[wq]"], ["--set", "lora.rank=0"]):
-        p = copy.run("--resume", *change)
-        assert p.returncode == 2, p.stderr
-        assert p.stderr.strip().splitlines()[-1] == ("error: run: was trained with another lora section (rank 4); "
-                                                     "cannot resume"), p.stderr
+        code, _, err = run_main("train", [*copy.args, "--resume", *change], capsys, monkeypatch)
+        assert code == 2, err
+        assert err.strip().splitlines()[-1] == ("error: run: was trained with another lora section (rank 4); "
+                                                "cannot resume"), err
 
 
 def test_linear_lora_gradient_is_autodiffs():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import QA, REPO, TINY_YAML, run_script, write_tiny_config
+from conftest import QA, REPO, TINY_YAML, one_line_error, run_main, run_script, write_tiny_config
 from jaxsft import model, parallel, runs, setup
 from jaxsft.config import UserError, load_config
 from jaxsft.data import corpus_examples, read_corpus, split_corpus
@@ -102,21 +102,26 @@ def _bad_corpus(tmp_path, case):
     return d, [f"{d / 'b.txt'}:3: not valid UTF-8 (byte 0xff)"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "no-txt", "blank", "bad-utf8"])
-def test_bad_corpus_is_one_line_error(tmp_path, case):
+def test_bad_corpus_is_one_line_error(tmp_path, case, capsys, monkeypatch):
     corpus, fragments = _bad_corpus(tmp_path, case)
     config = write_pretrain_config(tmp_path, corpus, tmp_path / "run")
-    _one_line_error(run_script("pretrain", "--config", config), *fragments)
+    one_line_error(*run_main("pretrain", ["--config", config], capsys, monkeypatch)[::2], *fragments)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_pretrain_needs_a_corpus(tmp_path, capsys, monkeypatch):
+    config = write_tiny_config(tmp_path, tmp_path / "run")  # an SFT config
+    one_line_error(*run_main("pretrain", ["--config", config, "--set", "data.corpus=''"], capsys, monkeypatch)[::2],
+                   "--set data.corpus: must not be empty")
     assert not os.path.exists(tmp_path / "run")
 
 
 @pytest.mark.slow
-def test_pretrain_needs_a_corpus(tmp_path):
+def test_pretrain_needs_a_corpus_in_a_real_process(tmp_path):
+    """bin/pretrain's error contract end to end: exit status 2, one line, no traceback."""
     config = write_tiny_config(tmp_path, tmp_path / "run")  # an SFT config
     _one_line_error(run_script("pretrain", "--config", config), str(config), "data.corpus is not set")
-    _one_line_error(run_script("pretrain", "--config", config, "--set", "data.corpus=''"),
-                    "--set data.corpus: must not be empty")
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -222,10 +227,10 @@ def test_sft_from_pretrained_trains_resumes_and_restores(pretrained, tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_with_another_model_shape_is_refused(pretrained, tmp_path):
+def test_init_from_with_another_model_shape_is_refused(pretrained, tmp_path, capsys, monkeypatch):
     config = _sft_config(tmp_path, pretrained)
-    proc = run_script("train", "--config", config, "--set", "model.d_model=32")
-    _one_line_error(proc, f"model.init_from: {pretrained['run_dir']} has d_model=64, this config has 32")
+    code, _, err = run_main("train", ["--config", config, "--set", "model.d_model=32"], capsys, monkeypatch)
+    one_line_error(code, err, f"model.init_from: {pretrained['run_dir']} has d_model=64, this config has 32")
     assert not os.path.exists(tmp_path / "sft")
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,8 @@ import time
 
 import numpy as np
 import pytest
+
+from conftest import once_per_session, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,16 +110,6 @@ def snapshot(d) -> dict:
 def script(name):
     """The module behind bin/<name> (its main() is wrapped by cli.main_guard)."""
     return importlib.import_module(f"jaxsft.cli.{name}")
-
-
-def run_main(name, args, capsys, monkeypatch):
-    """(exit status, stdout, stderr) of bin/<name> args, run in this process."""
-    monkeypatch.setattr(sys, "argv", [name, *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        script(name).main()
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 def _replace(text, old, new):
@@ -415,11 +408,12 @@ class Runs:
     """Starts bin/train (optionally under a hook) on the tiny config in one directory;
     prod: on the production path (PROD)."""
 
-    def __init__(self, d, cache, prod=False):
+    def __init__(self, d, cache, prod=False, write=True):
         self.d, self.cache, self.args = str(d), cache, T + (PROD if prod else [])
-        write_inputs(self.d, **({"train.jsonl": PROD_TRAIN} if prod else {}))
-        with open(os.path.join(self.d, "driver.py"), "w") as f:
-            f.write(DRIVER)
+        if write:  # write=False: a run directory already written (a shared reference)
+            write_inputs(self.d, **({"train.jsonl": PROD_TRAIN} if prod else {}))
+            with open(os.path.join(self.d, "driver.py"), "w") as f:
+                f.write(DRIVER)
 
     def cmd(self, *extra, hook=("none", 0)):
         return [sys.executable, os.path.join(self.d, "driver.py"), REPO, hook[0], str(hook[1]), *self.args,
@@ -455,33 +449,38 @@ def assert_bitwise_equal(a: dict, b: dict):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
+def cache():
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (conftest.share_compilation_cache)
 
 
-def _reference(d, cache, prod):
-    r = Runs(d, cache, prod)
-    proc = r.run()
-    assert proc.returncode == 0, proc.stderr
+def _reference(tmp_path_factory, cache, prod):
+    """The uninterrupted run, once per session (test_damaged_checkpoints.py and xdist's
+    workers share it: conftest.once_per_session), with its checkpoints loaded."""
+    def build(d):
+        proc = Runs(d, cache, prod).run()
+        assert proc.returncode == 0, proc.stderr
+        return {"stdout": proc.stdout}
+    d, built = once_per_session(tmp_path_factory, "prod_reference" if prod else "reference", build)
+    r = Runs(d, cache, prod, write=False)
     total, saves = (PROD_STEPS, PROD_SAVES) if prod else (TOTAL_STEPS, SAVES)
     assert steps(r.path("latest")) == kept_latest(total, saves=saves)
     with open(r.path("metrics.jsonl")) as f:
         metrics = f.read()
     assert len([l for l in metrics.splitlines() if '"loss"' in l]) == total
     return {"runs": r, "total": total, "saves": saves, "latest": load_tree(r.path("latest"), total), "metrics": metrics,
-            "best": {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}, "stdout": proc.stdout}
+            "best": {s: load_tree(r.path("best"), s) for s in steps(r.path("best"))}, "stdout": built["stdout"]}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
     """The uninterrupted padded run; every interrupted one must end exactly here."""
-    return _reference(tmp_path_factory.mktemp("reference"), cache, prod=False)
+    return _reference(tmp_path_factory, cache, prod=False)
 
 
 @pytest.fixture(scope="module")
 def prod_reference(tmp_path_factory, cache):
     """The uninterrupted run on the production path (PROD)."""
-    ref = _reference(tmp_path_factory.mktemp("prod_reference"), cache, prod=True)
+    ref = _reference(tmp_path_factory, cache, prod=True)
     out = ref["stdout"]
     assert "curriculum: steps 1-14 draw from the" in out and "exact match" in out  # the options are on
     return ref
@@ -573,44 +572,42 @@ def test_production_path_kill_after_a_timed_save_resumes_bitwise(tmp_path, cache
 
 
 @pytest.mark.slow
-def test_runs_under_other_hash_seeds_are_bitwise_alike(tmp_path, cache):
+def test_runs_under_other_hash_seeds_are_bitwise_alike(tmp_path, cache, prod_reference):
     """Python salts str hashes per process (PYTHONHASHSEED), so a set of characters or of
     categories iterates in another order in each: nothing a run computes may depend on it.
-    Two runs on the production path under seeds 1 and 2 log the same metrics and write
-    bitwise the same best checkpoints and final training state."""
-    runs = []
-    for seed in ("1", "2"):
-        os.makedirs(tmp_path / seed)
-        r = Runs(tmp_path / seed, cache, prod=True)
-        p = r.run(env={"PYTHONHASHSEED": seed})
-        assert p.returncode == 0, p.stderr
-        runs.append(r)
-    a, b = runs
-    with open(a.path("metrics.jsonl")) as fa, open(b.path("metrics.jsonl")) as fb:
-        assert timeless(fa.read()) == timeless(fb.read())  # losses, learning rates, gradient norms, tokens
-    assert steps(a.path("best")) == steps(b.path("best")) != []
-    for s in steps(a.path("best")):
-        assert_bitwise_equal(load_tree(a.path("best"), s), load_tree(b.path("best"), s))
-    assert_bitwise_equal(load_tree(a.path("latest"), PROD_STEPS), load_tree(b.path("latest"), PROD_STEPS))
+    A run on the production path under a fixed seed logs the metrics and writes bitwise the
+    best checkpoints and final training state of the reference run (its own random salt)."""
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # not the reference's
+    r = Runs(tmp_path, cache, prod=True)
+    p = r.run(env={"PYTHONHASHSEED": seed})
+    assert p.returncode == 0, p.stderr
+    assert steps(r.path("best")) != []
+    assert_same_as_reference(r, prod_reference)  # losses, learning rates, gradient norms, tokens; every tree
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", ["sigint", "sigterm"])
-def test_a_signal_saves_a_resumable_state(tmp_path, cache, sig):
-    """Ctrl-C (SIGINT) or a scheduler's SIGTERM, sent while step 7 runs: the run stops after
-    that step, saves, exits 130 with the resume command and no traceback."""
-    r = Runs(tmp_path, cache)
-    p = r.run(hook=(f"{sig}_at", 7))
+def assert_interrupted(p, r: Runs, saves=SAVES) -> int:
+    """A run stopped by a signal while step 7 ran: it stopped after that step (or the next),
+    saved, and exited 130 with the resume command and no traceback. Returns the step."""
     assert p.returncode == 130, p.stderr
     assert "Traceback" not in p.stderr
     m = re.search(r"interrupted at step (\d+)", p.stderr)
     assert m, p.stderr
     step = int(m.group(1))
     assert step in (7, 8)  # the step in flight when the signal came, or the next
-    assert steps(r.path("latest")) == kept_latest(step)
+    assert steps(r.path("latest")) == kept_latest(step, saves=saves)
     assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
-    assert p.stderr.strip().splitlines()[-1] == "resume with: " + " ".join(
-        [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *T, "--resume"])
+    assert p.stderr.strip().splitlines()[-1] == "resume with: " + shlex.join(
+        [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *r.args, "--resume"])
+    return step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["sigterm"])  # SIGINT (Ctrl-C): the first run of the next test
+def test_a_signal_saves_a_resumable_state(tmp_path, cache, sig):
+    """A scheduler's SIGTERM, sent while step 7 runs: the run stops after that step, saves,
+    exits 130 with the resume command and no traceback."""
+    r = Runs(tmp_path, cache)
+    assert_interrupted(r.run(hook=(f"{sig}_at", 7)), r)
 
 
 @pytest.mark.slow
@@ -618,9 +615,7 @@ def test_a_signal_saves_a_resumable_state(tmp_path, cache, sig):
 def test_ctrl_c_then_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, cache, reference, prod_reference, prod):
     ref = prod_reference if prod else reference
     r = Runs(tmp_path, cache, prod)
-    p = r.run(hook=("sigint_at", 7))
-    assert p.returncode == 130, p.stderr
-    step = int(re.search(r"interrupted at step (\d+)", p.stderr).group(1))
+    step = assert_interrupted(r.run(hook=("sigint_at", 7)), r, ref["saves"])  # Ctrl-C
     # resumed, then SIGKILL while step 18 runs (after the save at 15, mid-step, a save perhaps in flight)
     p = r.run("--resume", hook=("sigkill_at", 18))
     assert p.returncode == -signal.SIGKILL, p.stderr

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import QA, REPO, run_script
+from conftest import QA, REPO, one_line_error, run_main
 from jaxsft import model
 from jaxsft.config import ModelConfig
 from jaxsft.decode import Generator, Sampling
@@ -84,7 +84,6 @@ def test_chat_compare_base_and_sft(trained_run):
     ]
 
 
-@pytest.mark.slow
-def test_chat_compare_needs_a_question(tmp_path):
-    proc = run_script("chat", "--checkpoint", tmp_path, "--compare", tmp_path)
-    assert proc.returncode == 2 and "--compare needs a question" in proc.stderr
+def test_chat_compare_needs_a_question(tmp_path, capsys, monkeypatch):
+    code, _, err = run_main("chat", ["--checkpoint", tmp_path, "--compare", tmp_path], capsys, monkeypatch)
+    one_line_error(code, err, "--compare needs a question")

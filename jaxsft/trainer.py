@@ -43,9 +43,12 @@ class Summary:
 
 
 def info(*args, file=None):
-    """print() that keeps a tqdm progress bar intact."""
+    """print() that keeps a tqdm progress bar intact, flushed: a job killed by its scheduler
+    (SIGKILL) still leaves every line it printed in its log file."""
     from tqdm import tqdm
-    tqdm.write(" ".join(str(a) for a in args), file=file or sys.stdout)
+    file = file or sys.stdout
+    tqdm.write(" ".join(str(a) for a in args), file=file)
+    file.flush()
 
 
 def quiet(*args, **kw):

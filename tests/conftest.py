@@ -29,6 +29,10 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # twice; test_huge_pages.py clears this to check the restart itself
 os.environ.setdefault("JAXSFT_HUGE_PAGES", "0")
 
+# the programs run with buffered output, as a user's do: CI's machines set PYTHONUNBUFFERED=1, which
+# hid that a SIGKILLed bin/train lost its last printed lines (the trainer now flushes each one)
+os.environ.pop("PYTHONUNBUFFERED", None)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # plain `pytest` (not `python -m pytest`) from any directory
     sys.path.insert(0, REPO)

@@ -20,8 +20,8 @@ from ..config import UserError
 from . import main_guard
 
 
-@main_guard
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: UserError for a bad value or a directory that is not a run."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/default", help="run directory (default runs/default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -34,12 +34,17 @@ def main():
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds a stop waits for answers in flight before cancelling them (default 10)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.slots <= 0 or args.queue < 0 or args.max_body <= 0 or not 0 <= args.port < 65536:
         raise UserError("--slots and --max-body must be positive, --queue >= 0, --port in 0..65535")
     if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         raise UserError(f"{args.checkpoint} is not a run directory (no config.json); train one with bin/train")
+    return args
 
+
+@main_guard
+def main():
+    args = parse_args()
     log = logging.getLogger("jaxsft.serve")  # its own handler: a library may have configured the root logger
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

@@ -19,7 +19,7 @@ device. Variants:
     lora-bf16    lora with the base's projection kernels held in bfloat16 (QLoRA-style), widened to
                  float32 where used: measured, not offered as an option (on CPU it costs memory)
     lora-attn    lora on wq wk wv wo only, and qwix-attn: qwix's LoraProvider (what tunix
-                 uses) on the same model; qwix finds no MLP kernel (model.swiglu reads its
+                 uses) on the same model; qwix finds no MLP kernel (ops.swiglu reads its
                  kernels inside a custom_vjp), so attention is what both can adapt
 
 The state is placed and stepped as bin/train does (parallel.shard_tree, parallel.place,

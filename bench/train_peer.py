@@ -94,8 +94,8 @@ def products_time(shapes, dtype="float32", repeats=20):
     no other op between them."""
     import jax
     import torch
-    from jaxsft import model
-    bmm = jax.jit(jax.vmap(model.mm))
+    from jaxsft import ops
+    bmm = jax.jit(jax.vmap(ops.mm))
     out = {"jax": 0.0, "torch": 0.0, "each": {}}
     for (b, m, k, n), count in shapes.items():
         a = jax.random.normal(jax.random.PRNGKey(0), (b, m, k), dtype)

@@ -20,13 +20,13 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def matmul_peak(n=2048, repeats=10, dtype="float32"):
-    """Best n^3 matmul rate under JAX, FLOP/s: the product the model runs (`model.mm`: bfloat16
+    """Best n^3 matmul rate under JAX, FLOP/s: the product the model runs (`ops.mm`: bfloat16
     operands with float32 accumulation)."""
     import jax
-    from jaxsft import model
+    from jaxsft import ops
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-    f = jax.jit(model.mm)
+    f = jax.jit(ops.mm)
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):

@@ -107,19 +107,7 @@ def pack_batch(examples: Sequence, length: int, multiple: int = 1,
     """
     stripped = [strip_prefix(e, prefix) for e in examples]
     examples = [e for e, _ in stripped]
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    rows: list[list[int]] = []  # example indices per packed row
-    free: list[int] = []
-    for i in order:
-        n = len(examples[i][0])
-        assert n <= length, f"example of {n} tokens does not fit a packed row of {length}"
-        r = next((r for r, f in enumerate(free) if f >= n), None)
-        if r is None:
-            rows.append([])
-            free.append(length)
-            r = len(rows) - 1
-        rows[r].append(i)
-        free[r] -= n
+    rows = _first_fit_decreasing([len(x) for x, _, _ in examples], length)
     N = -(-max(len(rows), min_rows, 1) // multiple) * multiple
     inputs, targets, positions, segments = (np.zeros((N, length), np.int32) for _ in range(4))
     loss_mask = np.zeros((N, length), np.float32)
@@ -139,14 +127,41 @@ def pack_batch(examples: Sequence, length: int, multiple: int = 1,
             if is_shared:
                 shared[r, sl] = 1
             at += n
-    answer_at = None
-    flat = loss_mask.reshape(-1)
-    if answer_slots and answer_slots < 0.75 * flat.size:
-        at = np.flatnonzero(flat)
-        if len(at) <= answer_slots:
-            pad = np.full(answer_slots - len(at), np.flatnonzero(flat == 0)[0])
-            answer_at = np.concatenate([at, pad]).astype(np.int32)
+    answer_at = _answer_positions(loss_mask, answer_slots)
     return Batch(inputs, targets, loss_mask, positions, segments, shared, pre, answer_at)
+
+
+def _first_fit_decreasing(sizes: Sequence[int], length: int) -> list[list[int]]:
+    """Item sizes -> rows of item indices, each row's sizes summing to at most `length`:
+    items in decreasing size (ties in index order), each into the first row with room."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    rows: list[list[int]] = []  # item indices per row
+    free: list[int] = []
+    for i in order:
+        n = sizes[i]
+        assert n <= length, f"example of {n} tokens does not fit a packed row of {length}"
+        r = next((r for r, f in enumerate(free) if f >= n), None)
+        if r is None:
+            rows.append([])
+            free.append(length)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= n
+    return rows
+
+
+def _answer_positions(loss_mask: np.ndarray, answer_slots: int) -> Optional[np.ndarray]:
+    """loss_mask (N, L) -> answer_at (answer_slots,) int32: the flat positions with loss, padded
+    with the first loss-free one; None when answer_slots is 0, not under 3/4 of N * L, or
+    too few for the positions with loss."""
+    flat = loss_mask.reshape(-1)
+    if not answer_slots or answer_slots >= 0.75 * flat.size:
+        return None
+    at = np.flatnonzero(flat)
+    if len(at) > answer_slots:
+        return None
+    pad = np.full(answer_slots - len(at), np.flatnonzero(flat == 0)[0])
+    return np.concatenate([at, pad]).astype(np.int32)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

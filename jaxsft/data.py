@@ -59,39 +59,55 @@ def parse_row(obj, where: str, need_answer: bool = True) -> Row:
     expected = obj.get("expected")
     if expected is not None and not isinstance(expected, str):
         raise UserError(f"{where}: 'expected' must be a string")
-
     if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: 'messages' must be a non-empty list")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-            role, content = m["role"], m["content"]
-            if role not in ROLES:
-                raise UserError(f"{where}: messages[{i}] has unknown role {role!r} (expected system, user or assistant)")
-            if not isinstance(content, str):
-                raise UserError(f"{where}: messages[{i}] 'content' must be a string")
-            if role == "system" and i != 0:
-                raise UserError(f"{where}: messages[{i}] a system turn may only come first")
-            if role == "assistant" and not content.strip():
-                raise UserError(f"{where}: messages[{i}] has an empty assistant answer")
-            if role == "user" and not content.strip():
-                raise UserError(f"{where}: messages[{i}] has an empty user turn")
-            out.append((role, content))
-        turns = [r for r, _ in out if r != "system"]
-        for i, r in enumerate(turns):
-            if r != ("user" if i % 2 == 0 else "assistant"):
-                raise UserError(f"{where}: messages must alternate user/assistant after an optional system turn")
-        if not turns:
-            raise UserError(f"{where}: messages has no user turn")
-        if need_answer and turns[-1] != "assistant":
-            raise UserError(f"{where}: messages has no assistant answer at the end")
-        if expected is None and out[-1][0] == "assistant":
-            expected = out[-1][1]
-        return Row(tuple(out), category, expected)
+        msgs = _conversation(obj["messages"], where, need_answer)
+        if expected is None and msgs[-1][0] == "assistant":
+            expected = msgs[-1][1]
+        return Row(msgs, category, expected)
+    msgs = _instruction(obj, where, need_answer)
+    if expected is None and len(msgs) == 2:
+        expected = msgs[1][1]
+    return Row(msgs, category, expected)
 
+
+def _message(m, i: int, where: str) -> tuple:
+    """messages[i] -> (role, content), or UserError."""
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+    role, content = m["role"], m["content"]
+    if role not in ROLES:
+        raise UserError(f"{where}: messages[{i}] has unknown role {role!r} (expected system, user or assistant)")
+    if not isinstance(content, str):
+        raise UserError(f"{where}: messages[{i}] 'content' must be a string")
+    if role == "system" and i != 0:
+        raise UserError(f"{where}: messages[{i}] a system turn may only come first")
+    if role == "assistant" and not content.strip():
+        raise UserError(f"{where}: messages[{i}] has an empty assistant answer")
+    if role == "user" and not content.strip():
+        raise UserError(f"{where}: messages[{i}] has an empty user turn")
+    return role, content
+
+
+def _conversation(msgs, where: str, need_answer: bool) -> tuple:
+    """A row's "messages" -> ((role, content), ...): each message valid, user/assistant
+    alternating after an optional system turn, ending in an answer if need_answer."""
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{where}: 'messages' must be a non-empty list")
+    out = tuple(_message(m, i, where) for i, m in enumerate(msgs))
+    turns = [r for r, _ in out if r != "system"]
+    for i, r in enumerate(turns):
+        if r != ("user" if i % 2 == 0 else "assistant"):
+            raise UserError(f"{where}: messages must alternate user/assistant after an optional system turn")
+    if not turns:
+        raise UserError(f"{where}: messages has no user turn")
+    if need_answer and turns[-1] != "assistant":
+        raise UserError(f"{where}: messages has no assistant answer at the end")
+    return out
+
+
+def _instruction(obj: dict, where: str, need_answer: bool) -> tuple:
+    """An instruction/response row -> (("user", instruction),) plus ("assistant", response)
+    when it has one (required if need_answer)."""
     if "instruction" not in obj:
         raise UserError(f"{where}: missing 'instruction' (or 'messages')")
     ins = obj["instruction"]
@@ -99,19 +115,16 @@ def parse_row(obj, where: str, need_answer: bool = True) -> Row:
         raise UserError(f"{where}: 'instruction' must be a string")
     if not ins.strip():
         raise UserError(f"{where}: empty 'instruction'")
-    msgs = [("user", ins)]
-    if "response" in obj:
-        resp = obj["response"]
-        if not isinstance(resp, str):
-            raise UserError(f"{where}: 'response' must be a string")
-        if not resp.strip():
-            raise UserError(f"{where}: empty 'response'")
-        msgs.append(("assistant", resp))
-        if expected is None:
-            expected = resp
-    elif need_answer:
-        raise UserError(f"{where}: missing 'response'")
-    return Row(tuple(msgs), category, expected)
+    if "response" not in obj:
+        if need_answer:
+            raise UserError(f"{where}: missing 'response'")
+        return (("user", ins),)
+    resp = obj["response"]
+    if not isinstance(resp, str):
+        raise UserError(f"{where}: 'response' must be a string")
+    if not resp.strip():
+        raise UserError(f"{where}: empty 'response'")
+    return ("user", ins), ("assistant", resp)
 
 
 def _has_lone_surrogate(obj) -> bool:

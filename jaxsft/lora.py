@@ -9,7 +9,7 @@ adapter computes exactly the base's function. The model code is not changed: `at
 swaps each targeted model.Linear for a `LoraLinear` holding the same kernel (the parameter
 path stays blocks.N.attn.wq.kernel) and, when an MLP projection is targeted, the
 SwiGLU module for `LoraSwiGLU`, which computes the layer with the adapter terms in a
-custom_vjp of its own (`swiglu_lora`; model.swiglu reads its kernels inside its
+custom_vjp of its own (`swiglu_lora`; ops.swiglu reads its kernels inside its
 custom_vjp, so nothing can see into it). Splitting that model gives (graphdef, base,
 adapters); `combine` joins them for model.apply, and the gradient is taken with respect
 to the adapters only, so the backward pass computes no weight gradient for the base
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import model
+from . import model, ops
 from .config import HF_NAMES, TARGETS, Config, LoraConfig, ModelConfig, UserError, target_names
 from .parts import Parts, full
 
@@ -90,7 +90,7 @@ def _linear_lora_fwd(s, x, w, a, b):
 
 def _linear_lora_bwd(s, res, g):
     x, xa, w, a, b = res
-    x, xa = model.after(g, x, xa)  # their transposes wait for g (model.after)
+    x, xa = ops.after(g, x, xa)  # their transposes wait for g (ops.after)
     gb = (g @ b.T) * s  # (N, r)
     gbT, xaT = jax.lax.optimization_barrier((gb.T, xa.T))  # (r, N): the adapters' products take the small
     xT = jax.lax.optimization_barrier(x.T)  # transposes; x's is for the kernel's gradient (dropped under LoRA)
@@ -126,7 +126,7 @@ def swiglu_lora(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
     """x (N, D) -> (silu(x w1') * (x w3')) w2', (N, D), where w' = w + s a b (never formed);
     s: the adapters' scale (a float); an untargeted kernel comes with rank-0 a and b.
 
-    Like model.swiglu, its gradient is written out: every product that sums over the N rows
+    Like ops.swiglu, its gradient is written out: every product that sums over the N rows
     (the adapters' and the kernels' gradients) takes a materialised transpose, which XLA on
     CPU otherwise fuses into a strided write (left to autodiff, this layer made a LoRA step
     slower than a full fine-tuning one). The kernels' gradients are computed only if asked
@@ -145,7 +145,7 @@ def _swiglu_lora_fwd(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
 
 def _swiglu_lora_bwd(s, res, g):
     x, a, b, xa1, xa3, ha2, w1, w3, w2, a1, b1, a3, b3, a2, b2 = res
-    x, a, xa1, xa3, ha2 = model.after(g, x, a, xa1, xa3, ha2)  # recomputed from, transposed: after g
+    x, a, xa1, xa3, ha2 = ops.after(g, x, a, xa1, xa3, ha2)  # recomputed from, transposed: after g
     sig = jax.nn.sigmoid(a)
     silu = a * sig
     h = silu * b
@@ -171,7 +171,7 @@ def attach(gpt: model.GPT, lc: LoraConfig) -> model.GPT:
     """Swaps the targeted projections of `gpt` for LoraLinear modules (in place); returns it."""
     targets = target_names(lc.targets)
     for blk in gpt.blocks:
-        blk.attn.recompute = True  # the attention probabilities recomputed, not held (model.attend_recomputed)
+        blk.attn.recompute = True  # the attention probabilities recomputed, not held (ops.attend_recomputed)
         if any(_MODULE[t] == "mlp" for t in targets):
             blk.mlp = LoraSwiGLU(blk.mlp)
         for t in targets:

@@ -19,7 +19,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import masks, model, parallel
+from . import masks, model, ops, parallel
 from .batching import Batch, bucket_length, make_batch
 from .parts import keep_trainable
 
@@ -124,9 +124,9 @@ def token_losses(params, graphdef, batch: Batch):
 
 def loss_sums(params, graphdef, batch: Batch, dropout_key=None, dtype=jnp.float32):
     """(summed masked cross-entropy, number of answer tokens) of a batch. dtype bfloat16: the
-    model's products multiply bfloat16 operands with float32 accumulation (`model.products_in`);
+    model's products multiply bfloat16 operands with float32 accumulation (`ops.products_in`);
     everything else stays float32."""
-    with model.products_in(dtype):
+    with ops.products_in(dtype):
         logits = forward(params, graphdef, batch, dropout_key)
     targets, m = batch.targets, batch.loss_mask
     if batch.answer_at is not None:

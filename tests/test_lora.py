@@ -150,7 +150,7 @@ def test_training_moves_the_adapters_only_and_the_optimizer_holds_adapter_leaves
 
 def test_lora_trains_under_bfloat16_products_as_in_float32():
     """train.dtype=bfloat16 with adapters on some projections only: the untargeted ones take
-    model.products_in's bfloat16 products, the adapted ones their own float32 ones; the step
+    ops.products_in's bfloat16 products, the adapted ones their own float32 ones; the step
     compiles and runs, and five steps' losses follow float32's within bfloat16 rounding."""
     _, base = _base()
     lc = dataclasses.replace(ALL, targets=("wq", "wv"))

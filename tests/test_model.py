@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxsft import model
+from jaxsft import model, ops
 from jaxsft.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=50, max_seq_len=64, d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.0)
@@ -117,7 +117,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
     @jax.jit
     def scores(pq, pk):
-        return jnp.einsum("bthk,bshk->bhts", model.rope(q, pq), model.rope(k, pk))
+        return jnp.einsum("bthk,bshk->bhts", ops.rope(q, pq), ops.rope(k, pk))
 
     base = scores(pos, pos)
     for shift in (1, 7, 100):
@@ -125,7 +125,7 @@ def test_rope_scores_depend_only_on_relative_position():
     # shifting only the keys changes the scores: positions do matter
     assert float(jnp.abs(scores(pos, pos + 3) - base).max()) > 0.1
     # a rotation keeps lengths; position 0 is the identity
-    rope = jax.jit(model.rope)
+    rope = jax.jit(ops.rope)
     np.testing.assert_allclose(np.linalg.norm(rope(q, pos), axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5)
     np.testing.assert_allclose(rope(q, jnp.zeros_like(pos)), q, atol=1e-6)
 
@@ -137,8 +137,8 @@ def test_rotary_table_gives_the_computed_angles_and_keeps_sin_cos_out_of_the_ste
     rng = np.random.default_rng(2)
     pos = jnp.asarray(rng.integers(0, CFG.max_seq_len, (3, 20)), jnp.int32)
     for K, base in ((16, 10000.0), (8, 500000.0)):
-        computed = jax.jit(lambda p: model.rotary(p, K, base))(pos)
-        looked_up = jax.jit(lambda p: model.rotary(p, K, base, table=CFG.max_seq_len))(pos)
+        computed = jax.jit(lambda p: ops.rotary(p, K, base))(pos)
+        looked_up = jax.jit(lambda p: ops.rotary(p, K, base, table=CFG.max_seq_len))(pos)
         for a, b in zip(computed, looked_up):
             chex.assert_shape(b, (3, 20, 1, K // 2))
             np.testing.assert_array_equal(a, b)
@@ -147,7 +147,7 @@ def test_rotary_table_gives_the_computed_angles_and_keeps_sin_cos_out_of_the_ste
     hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
     assert " sine(" not in hlo and " cosine(" not in hlo
     # beyond the table (a context above ROTARY_TABLE_MAX) they are computed in the step
-    big = dataclasses.replace(CFG, max_seq_len=model.ROTARY_TABLE_MAX + 1)
+    big = dataclasses.replace(CFG, max_seq_len=ops.ROTARY_TABLE_MAX + 1)
     gd_big, p_big = model.init(big, 0)
     hlo = jax.jit(lambda p: model.apply(gd_big, p, _tokens(), positions=POS)[0].sum()).lower(p_big).compile().as_text()
     assert " sine(" in hlo
@@ -221,12 +221,12 @@ def test_dropout_eval_deterministic_train_random(built, fwd):
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_dropout_keeps_1_minus_rate_scaled_by_its_inverse(rate):
-    """model._dropout keeps an element when 16 random bits fall below round((1 - rate) * 65536):
+    """ops.dropout keeps an element when 16 random bits fall below round((1 - rate) * 65536):
     the kept fraction is 1 - rate (to 1/65536) and kept values are scaled by 65536 / threshold,
     which is 1 / (1 - rate) up to that rounding, so the expected activation is unchanged."""
     n = 1 << 20
     x = jnp.linspace(1.0, 2.0, n, dtype=jnp.float32)  # never 0: a zero output means dropped
-    y = np.asarray(jax.jit(model._dropout, static_argnums=1)(x, rate, jax.random.PRNGKey(0)))
+    y = np.asarray(jax.jit(ops.dropout, static_argnums=1)(x, rate, jax.random.PRNGKey(0)))
     kept = y != 0
     se = np.sqrt(rate * (1 - rate) / n)  # standard error of the kept fraction
     assert abs(kept.mean() - (1 - rate)) < 4 * se, (kept.mean(), se)
@@ -237,12 +237,12 @@ def test_dropout_keeps_1_minus_rate_scaled_by_its_inverse(rate):
 
 
 def test_dropout_masks_of_different_keys_and_shapes_are_independent():
-    """The hash-based masks (model._dropout): two keys' masks agree where independent ones
+    """The hash-based masks (ops.dropout): two keys' masks agree where independent ones
     would, (1 - rate)^2 + rate^2 of the elements, neighbours are uncorrelated, and a mask does
     not depend on the values it is applied to."""
     n, rate = 1 << 20, 0.5
     x = jnp.ones((4, 256, 1024), jnp.float32)
-    drop = jax.jit(model._dropout, static_argnums=1)
+    drop = jax.jit(ops.dropout, static_argnums=1)
     a = np.asarray(drop(x, rate, jax.random.PRNGKey(1))).reshape(-1) != 0
     b = np.asarray(drop(x, rate, jax.random.PRNGKey(2))).reshape(-1) != 0
     se = np.sqrt(0.25 / n)
@@ -254,7 +254,7 @@ def test_dropout_masks_of_different_keys_and_shapes_are_independent():
 
 
 def test_swiglu_gradient_equals_autodiff():
-    """The hand-written SwiGLU backward (model.swiglu) against autodiff of its formula."""
+    """The hand-written SwiGLU backward (ops.swiglu) against autodiff of its formula."""
     ks = jax.random.split(jax.random.PRNGKey(3), 5)
     x = jax.random.normal(ks[0], (10, 8))
     w1, w3 = jax.random.normal(ks[1], (8, 12)), jax.random.normal(ks[2], (8, 12))
@@ -263,9 +263,9 @@ def test_swiglu_gradient_equals_autodiff():
     def plain(x, w1, w3, w2):
         return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
 
-    np.testing.assert_allclose(model.swiglu(x, w1, w3, w2), plain(x, w1, w3, w2), rtol=1e-6)
+    np.testing.assert_allclose(ops.swiglu(x, w1, w3, w2), plain(x, w1, w3, w2), rtol=1e-6)
     want = jax.vjp(plain, x, w1, w3, w2)[1](g)
-    got = jax.vjp(model.swiglu, x, w1, w3, w2)[1](g)
+    got = jax.vjp(ops.swiglu, x, w1, w3, w2)[1](g)
     assert len(got) == 4
     for a, b in zip(got, want):
         chex.assert_equal_shape([a, b])
@@ -279,7 +279,7 @@ def _dot_operand_types(hlo: str) -> list:
 
 
 def test_bfloat16_products_keep_bfloat16_operands_and_autodiffs_gradient():
-    """train.dtype=bfloat16 (model.products_in): every product of a linear layer and of SwiGLU,
+    """train.dtype=bfloat16 (ops.products_in): every product of a linear layer and of SwiGLU,
     forward and backward, multiplies bfloat16 operands (the fast CPU path; XLA upcasts a
     transposed one to float32), and the float32 gradients are autodiff's of the float32 formula
     within bfloat16 rounding. Outside it the products are plain float32."""
@@ -290,14 +290,14 @@ def test_bfloat16_products_keep_bfloat16_operands_and_autodiffs_gradient():
     args = (x, w, w1, w3, w2)
 
     def layer(x, w, w1, w3, w2):  # a linear layer, then SwiGLU on its first 16 outputs
-        return model.swiglu(model.dense(x, w)[..., :16].reshape(-1, 16), w1, w3, w2)
+        return ops.swiglu(ops.dense(x, w)[..., :16].reshape(-1, 16), w1, w3, w2)
 
     def plain(x, w, w1, w3, w2):
         h = (x @ w)[..., :16].reshape(-1, 16)
         return (jax.nn.silu(h @ w1) * (h @ w3)) @ w2
 
     def low(*a):
-        with model.products_in(jnp.bfloat16):
+        with ops.products_in(jnp.bfloat16):
             return jax.vjp(layer, *a)[1](g)
 
     want = jax.vjp(plain, *args)[1](g)
@@ -310,21 +310,21 @@ def test_bfloat16_products_keep_bfloat16_operands_and_autodiffs_gradient():
         assert float(jnp.abs(a - b).max()) > 0  # the products really were rounded
     operands = _dot_operand_types(fn.lower(*args).compile().as_text())
     assert len(operands) >= 10 and all(t == ("bf16", "bf16") for t in operands), operands
-    np.testing.assert_array_equal(model.dense(x, w), x @ w)  # float32 outside: the plain product
+    np.testing.assert_array_equal(ops.dense(x, w), x @ w)  # float32 outside: the plain product
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head, and grouped-query
 def test_attend_recomputed_gradient_equals_attends(kv_heads):
-    """LoRA's attention (model.attend_recomputed: probabilities recomputed in the backward pass)
+    """LoRA's attention (ops.attend_recomputed: probabilities recomputed in the backward pass)
     gives attend's values and gradients, under a causal mask with a hidden key."""
     ks = jax.random.split(jax.random.PRNGKey(4), 4)
     q = jax.random.normal(ks[0], (2, 4, 6, 8))
     k, v = jax.random.normal(ks[1], (2, kv_heads, 6, 8)), jax.random.normal(ks[2], (2, kv_heads, 6, 8))
     g = jax.random.normal(ks[3], (2, 4, 6, 8))
     mask = jnp.tril(jnp.ones((1, 6, 6), bool)).at[:, 3:, 1].set(False)
-    np.testing.assert_array_equal(model.attend_recomputed(q, k, v, mask), model.attend(q, k, v, mask))
-    want = jax.vjp(lambda q, k, v: model.attend(q, k, v, mask), q, k, v)[1](g)
-    got = jax.vjp(lambda q, k, v: model.attend_recomputed(q, k, v, mask), q, k, v)[1](g)
+    np.testing.assert_array_equal(ops.attend_recomputed(q, k, v, mask), ops.attend(q, k, v, mask))
+    want = jax.vjp(lambda q, k, v: ops.attend(q, k, v, mask), q, k, v)[1](g)
+    got = jax.vjp(lambda q, k, v: ops.attend_recomputed(q, k, v, mask), q, k, v)[1](g)
     for a, b in zip(got, want):
         chex.assert_equal_shape([a, b])
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -344,10 +344,10 @@ def _unfused_logits(cfg, params, tokens):
     for blk in p["blocks"].values():
         a, m = blk["attn"], blk["mlp"]
         h = norm(x, blk["norm1"]["scale"])
-        q = model.rope(heads(h @ a["wq"]["kernel"], H), pos).transpose(0, 2, 1, 3)
-        k = model.rope(heads(h @ a["wk"]["kernel"], G), pos).transpose(0, 2, 1, 3)
+        q = ops.rope(heads(h @ a["wq"]["kernel"], H), pos).transpose(0, 2, 1, 3)
+        k = ops.rope(heads(h @ a["wk"]["kernel"], G), pos).transpose(0, 2, 1, 3)
         v = heads(h @ a["wv"]["kernel"], G).transpose(0, 2, 1, 3)
-        o = model.attend(q, k, v, jnp.tril(jnp.ones((1, Tt, Tt), bool)))
+        o = ops.attend(q, k, v, jnp.tril(jnp.ones((1, Tt, Tt), bool)))
         x = x + o.transpose(0, 2, 1, 3).reshape(Bt, Tt, H * K) @ a["wo"]["kernel"]
         h = norm(x, blk["norm2"]["scale"])
         x = x + (jax.nn.silu(h @ m["w1"]["kernel"]) * (h @ m["w3"]["kernel"])) @ m["w2"]["kernel"]

@@ -309,6 +309,7 @@ def test_output_head_at_answer_positions_only_trains_the_same(setup):
     assert at.shape == (64,) and at.dtype == np.int32
     flat = full.loss_mask.reshape(-1)
     assert sorted(at[:n].tolist()) == np.flatnonzero(flat).tolist() and not flat[at[n:]].any()
+    assert batching.pack_batch(examples, 48, answer_slots=n).answer_at.tolist() == np.flatnonzero(flat).tolist()
     assert batching.pack_batch(examples, 48, answer_slots=n - 1).answer_at is None  # no room
     assert batching.pack_batch(examples, 48, answer_slots=72).answer_at is None  # 3/4 of 96: no gain
     lg = jax.jit(jax.value_and_grad(lambda p, b: steps.loss_sums(p, graphdef, b), has_aux=True))

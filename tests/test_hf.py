@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,9 +31,9 @@ from conftest import REPO, run_script
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxsft import chatml, hf, model, runs, setup  # noqa: E402
+from jaxsft import chatml, evaluate, hf, model, runs, setup  # noqa: E402
 from jaxsft.data import read_jsonl, row_texts  # noqa: E402
-from jaxsft.config import Config, DataConfig, ModelConfig  # noqa: E402
+from jaxsft.config import Config, DataConfig, ModelConfig, load_config  # noqa: E402
 from jaxsft.tokenizer import HFTokenizer, Tokenizer, load, stream_text  # noqa: E402
 
 DATA = os.path.join(REPO, "data")
@@ -368,6 +369,7 @@ def test_round_trip_is_bitwise(exported):
     fields = {k: getattr(back_cfg.model, k) for k in runs.ARCHITECTURE}
     assert fields == {k: getattr(mc, k) for k in runs.ARCHITECTURE}
     back = hf.read_params(exported["out"], mc)
+    chex.assert_trees_all_equal_shapes_and_dtypes(back, params)  # the run's own tree: paths, shapes, f32
     a, b = jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(back)
     assert [p for p, _ in a] == [p for p, _ in b]
     for (path, x), (_, y) in zip(a, b):
@@ -529,8 +531,9 @@ def test_sft_of_an_imported_llama_resumes_bitwise(sft):
 
 @pytest.mark.slow
 def test_sft_of_an_imported_llama_chat_eval_inspect_export(sft):
-    """bin/chat (batch and streamed), bin/eval and bin/inspect work on the fine-tuned import, and
-    after bin/export transformers gives bin/chat's greedy answers."""
+    """On the fine-tuned import: bin/chat (batch and streamed) and bin/eval give the same answers,
+    bin/eval scores them, and after bin/export transformers gives those greedy answers and
+    bin/inspect's per-token losses."""
     d = sft["dir"]
     rows = write_rows(os.path.join(d, "test20.jsonl"), "test.jsonl", 20)
     proc = run_script("chat", "--checkpoint", sft["run"], "--file", rows, "--out", d / "answers.jsonl",
@@ -543,10 +546,17 @@ def test_sft_of_an_imported_llama_chat_eval_inspect_export(sft):
     proc = run_script("chat", "--checkpoint", sft["run"], question, "--max-new-tokens", 24)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ours[i] + "\n" and "\ufffd" not in proc.stdout  # streamed in whole characters
-    proc = run_script("eval", "--checkpoint", sft["run"], "--data", rows, "--max-new-tokens", 24)
-    assert proc.returncode == 0 and "20 rows" in proc.stdout, proc.stderr
-    proc = run_script("inspect", "--config", sft["config"], "--checkpoint", sft["run"])
-    assert proc.returncode == 0 and "<|assistant|>" in proc.stdout, proc.stderr
+    proc = run_script("eval", "--checkpoint", sft["run"], "--data", rows, "--max-new-tokens", 24, "--json",
+                      d / "eval.json")
+    assert proc.returncode == 0, proc.stderr
+    with open(d / "eval.json", encoding="utf-8") as f:
+        assert [r["answer"] for r in json.load(f)["rows"]] == ours  # bin/chat's answers (transformers', below)
+    scored = read_rows("test.jsonl", 20)
+    figures = evaluate.aggregate([evaluate.score_row(a, r.expected) for a, r in zip(ours, scored)],
+                                 [r.category for r in scored])
+    assert evaluate.score_table(figures) in proc.stdout, proc.stdout
+    inspected = run_script("inspect", "--config", sft["config"], "--checkpoint", sft["run"])
+    assert inspected.returncode == 0, inspected.stderr
     proc = run_script("export", "--checkpoint", sft["run"], "--out", d / "exported")
     assert proc.returncode == 0, proc.stderr
     hf_model, hf_tok = load_export(str(d / "exported"))
@@ -554,6 +564,20 @@ def test_sft_of_an_imported_llama_chat_eval_inspect_export(sft):
     assert hf_tok.convert_ids_to_tokens(hf_tok.bos_token_id) == "<s>"
     convs = [r.prompt_messages for r in read_rows("test.jsonl", 20)]
     assert hf_greedy(hf_model, hf_tok, convs, 24) == ours
+    # bin/inspect's per-token losses on training row 0 are transformers' cross-entropy on the export
+    _, mc, tok = runs.restore(sft["run"])
+    system = load_config(sft["config"]).data.system_prompt
+    ids, mask = chatml.render(read_rows("train.jsonl", 1)[0].messages, tok, system)
+    ids, mask = ids[:mc.max_seq_len + 1], mask[1:mc.max_seq_len + 1]
+    logp = torch.log_softmax(torch.tensor(torch_logits(hf_model, ids[:-1])), -1).numpy()
+    nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+    lines = inspected.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["pos"]) + 1
+    table = [line.split() for line in lines[start:start + len(nll)]]
+    assert lines[start + len(nll)].startswith(f"positions: {len(nll)}, ")
+    assert [r[-2] == "✓" for r in table] == [bool(m) for m in mask]
+    np.testing.assert_allclose([float(r[-1]) for r in table], nll, atol=5e-4 + TOL)  # printed to 3 decimals
+    assert float(lines[-1].split()[4]) == pytest.approx(nll[mask > 0].mean(), abs=5e-5 + TOL)
 
 
 def test_llama_options_are_validated_config_keys():

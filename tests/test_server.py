@@ -178,10 +178,16 @@ def test_openai_client_gets_bin_chats_greedy_answer(server):
     assert r.model == os.path.basename(run["run_dir"]) and r.object == "chat.completion"
     models = client.models.list().data
     assert [m.id for m in models] == [os.path.basename(run["run_dir"])]
-    # sampling: the same seed, the same answer
-    sampled = [client.chat.completions.create(model="tiny", messages=user(QA[0][0]), temperature=1.5, top_p=0.9,
-                                              seed=11, max_tokens=12).choices[0].message.content for _ in range(2)]
-    assert sampled[0] == sampled[1]
+    # sampling at temperature 2: seeds 0..5 draw more than one answer, a seed drawn again gives its answer
+    # again, and top_p 0.01 keeps the most likely token only: the greedy answer at any seed
+    def sample(seed, **kw):
+        return client.chat.completions.create(model="tiny", messages=user(QA[0][0]), temperature=2.0, seed=seed,
+                                              max_tokens=12, **kw).choices[0].message.content
+    sampled = [sample(seed) for seed in range(6)]
+    assert len(set(sampled)) > 1, sampled
+    assert sample(3) == sampled[3]
+    greedy, _ = ask(client, user(QA[0][0]), max_tokens=12)
+    assert [sample(seed, top_p=0.01) for seed in range(3)] == [greedy] * 3, greedy
     assert server["url"].startswith("http://127.0.0.1:")  # bound to this machine only by default
 
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test suite's wall time, before and after, side by side: each run from a fresh clone of this
+# repository (a cold compilation cache, as CI and a new user have), revisions alternating.
+#
+#   bash bench/suite_time.sh [BEFORE [AFTER [RUNS [TIER]]]]   TIER: full (default) or quick (-m "not slow")
+#   bash bench/suite_time.sh 1130368 HEAD 3 quick
+#
+# Prints one line per run (revision, pytest's summary line, wall seconds) and the median of each
+# revision. Run it on a quiet machine: it measures whatever else the cores are doing too.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+before=${1:-HEAD~1}; after=${2:-HEAD}; runs=${3:-3}; tier=${4:-full}
+args=(-q -p no:benchmark)
+[ "$tier" = quick ] && args+=(-m "not slow")
+declare -A times
+for i in $(seq "$runs"); do
+  for rev in "$before" "$after"; do
+    d=$(mktemp -d)
+    git clone -q "$repo" "$d" && git -C "$d" checkout -q "$(git -C "$repo" rev-parse "$rev")"
+    start=$(date +%s.%N)
+    summary=$(cd "$d" && python -m pytest "${args[@]}" 2>&1 | tail -1) || true
+    wall=$(echo "$(date +%s.%N) - $start" | bc)
+    rm -rf "$d"
+    printf "%-10s run %d  %7.1f s  %s\n" "$rev" "$i" "$wall" "$summary"
+    times[$rev]="${times[$rev]:-} $wall"
+  done
+done
+for rev in "$before" "$after"; do
+  median=$(echo "${times[$rev]}" | tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}')
+  printf "%-10s %s tier, median of %d: %.1f s\n" "$rev" "$tier" "$runs" "$median"
+done

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from . import model, ops
-from .config import HF_NAMES, TARGETS, Config, LoraConfig, ModelConfig, UserError, target_names
+from .config import HF_NAMES, Config, LoraConfig, ModelConfig, UserError, target_names
 from .parts import Parts, full
 
 _MODULE = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn", "w1": "mlp", "w3": "mlp", "w2": "mlp"}

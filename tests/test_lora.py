@@ -49,7 +49,7 @@ def _random_b(adapters, seed=2):
     return nnx.from_flat_state(out)
 
 
-@pytest.mark.parametrize("targets", [lora.TARGETS, ("wq", "wv"), ("w1", "w2"), ("up_proj",)],
+@pytest.mark.parametrize("targets", [config.TARGETS, ("wq", "wv"), ("w1", "w2"), ("up_proj",)],
                          ids=["all", "attention", "mlp", "hf-name"])
 def test_fresh_adapters_give_the_base_logits_exactly(targets):
     _, base = _base()
@@ -251,7 +251,7 @@ def test_config_defaults_and_rank_needs_a_base(tmp_path):
                                         r"set model.init_from"):
         _load(str(p))
     cfg = _load(str(p), ["model.init_from=runs/base"])
-    assert lora.target_names(cfg.lora.targets) == ("wq", "wv") and lora.enabled(cfg)
+    assert config.target_names(cfg.lora.targets) == ("wq", "wv") and lora.enabled(cfg)
     assert config.lora_config_from_dict(json.loads(json.dumps(config.to_dict(cfg)))["lora"]) == cfg.lora
     assert config.lora_config_from_dict(None) == LoraConfig()  # a run from before LoRA
 
@@ -433,7 +433,7 @@ def _transformers_llama(params, mc: ModelConfig):
         pre = f"model.layers.{i}"
         sd[f"{pre}.input_layernorm.weight"] = flat[("blocks", i, "norm1", "scale")]
         sd[f"{pre}.post_attention_layernorm.weight"] = flat[("blocks", i, "norm2", "scale")]
-        for ours, theirs in lora.HF_NAMES.items():
+        for ours, theirs in config.HF_NAMES.items():
             module = "self_attn" if ours in ("wq", "wk", "wv", "wo") else "mlp"
             sub = "attn" if module == "self_attn" else "mlp"
             sd[f"{pre}.{module}.{theirs}.weight"] = flat[("blocks", i, sub, ours, "kernel")].T
@@ -443,7 +443,7 @@ def _transformers_llama(params, mc: ModelConfig):
     return m.eval()
 
 
-@pytest.mark.parametrize("targets, n_new, tied", [(lora.TARGETS, 5, True), (("wq", "wv", "w2"), 0, True),
+@pytest.mark.parametrize("targets, n_new, tied", [(config.TARGETS, 5, True), (("wq", "wv", "w2"), 0, True),
                                                   (("wq", "w1"), 3, False)], ids=["all+rows", "some", "untied+rows"])
 def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets, n_new, tied):
     """A real client: peft.PeftModel.from_pretrained on transformers' Llama holding our base and
@@ -498,7 +498,7 @@ def test_bin_export_merged_and_adapter_load_in_transformers_and_peft(lora_refere
     with open(tmp_path / "adapter" / "adapter" / "adapter_config.json") as f:
         cfg = json.load(f)
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["base_model_name_or_path"] == str(tmp_path / "adapter" / "base")
-    assert sorted(cfg["target_modules"]) == sorted(lora.HF_NAMES.values())
+    assert sorted(cfg["target_modules"]) == sorted(config.HF_NAMES.values())
     merged, mc, tok = runs.restore(run)
     tokens = jnp.asarray([tok.encode("3加5等于多少？") + tok.encode("8")], jnp.int32)
     ours = np.asarray(model.apply(model.abstract(mc)[0], merged, tokens)[0])

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoint, hf, lora, model
-from .config import Config, ModelConfig, UserError, lora_config_from_dict, model_config_from_dict
+from .config import (DEFAULT_SYSTEM_PROMPT, Config, ModelConfig, UserError, lora_config_from_dict,
+                     model_config_from_dict)
 from .files import write_json
 from .tokenizer import AnyTokenizer
 
@@ -127,17 +128,23 @@ def base_tokenizer(cfg: Config, texts: list[str]) -> AnyTokenizer:
     run's tokenizer with the new characters appended in sorted order (old ids keep their meaning;
     the same texts always give the same vocabulary, so a resumed run rebuilds it identically), the
     base's model shape checked against this config's; a Llama-format directory's tokenizer.json
-    with the ChatML markers it lacks."""
+    with its own chat template, or the ChatML markers it lacks (data.chat_template, hf.read_tokenizer).
+    A jaxsft run's base keeps its format: ChatML, or the template it was trained on."""
     src = cfg.model.init_from
     if is_llama_base(cfg):
-        return hf.read_tokenizer(src, hf.model_fields(src)["vocab_size"])
+        return hf.read_tokenizer(src, hf.model_fields(src)["vocab_size"], cfg.data.chat_template)
     base_cfg, base_tok = checkpoint.read_meta(src)
+    has = "base" if base_tok.template is not None else "chatml"
+    if cfg.data.chat_template not in (None, has):
+        raise UserError(f"data.chat_template: {cfg.data.chat_template}, but model.init_from {src} is a jaxsft run "
+                        f"trained in {'its base' if has == 'base' else 'ChatML'}'s format; a run keeps its base's")
     base = model_config_from_dict(base_cfg["model"])
     for f in ARCHITECTURE:
         if getattr(base, f) != getattr(cfg.model, f):
             raise UserError(f"model.init_from: {src} has {f}={getattr(base, f)}, "
                             f"this config has {getattr(cfg.model, f)}")
-    return base_tok.extend(list(texts) + [cfg.data.system_prompt])
+    system = DEFAULT_SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt
+    return base_tok.extend(list(texts) + [system])
 
 
 def load_base(src: str, mc: ModelConfig):

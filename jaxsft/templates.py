@@ -112,11 +112,10 @@ def _problem(e: Exception) -> str:
 def render_text(t: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     """The template's text for `messages` ({"role", "content"} dicts), as apply_chat_template(...,
     tokenize=False) gives it; TemplateError naming the template when it fails."""
-    import jinja2
     try:
         return _compiled(t.source).render(messages=list(messages), tools=None, documents=None,
                                           add_generation_prompt=add_generation_prompt, **t.tokens)
-    except jinja2.TemplateError as e:
+    except Exception as e:  # the template's own fault, whatever it raised (jinja's errors, a str + int, ...)
         raise TemplateError(f"{t.origin}: {_problem(e)}") from None
 
 

@@ -136,8 +136,9 @@ def base_tokenizer(cfg: Config, texts: list[str]) -> AnyTokenizer:
     base_cfg, base_tok = checkpoint.read_meta(src)
     has = "base" if base_tok.template is not None else "chatml"
     if cfg.data.chat_template not in (None, has):
+        trained = "on its own base's chat template" if has == "base" else "in ChatML"
         raise UserError(f"data.chat_template: {cfg.data.chat_template}, but model.init_from {src} is a jaxsft run "
-                        f"trained in {'its base' if has == 'base' else 'ChatML'}'s format; a run keeps its base's")
+                        f"trained {trained}; a run keeps its base's format")
     base = model_config_from_dict(base_cfg["model"])
     for f in ARCHITECTURE:
         if getattr(base, f) != getattr(cfg.model, f):

@@ -131,9 +131,13 @@ def conversation(messages, system_prompt: Optional[str]) -> list[dict]:
 
 def render(t: ChatTemplate, messages, system_prompt: Optional[str], add_generation_prompt: bool = False) -> Rendered:
     """A conversation ((role, content) pairs) -> its text and answer spans (see the module's
-    docstring); TemplateError when a prefix is not one or an answer is not in its turn."""
+    docstring); TemplateError when a prefix is not one or an answer is not in its turn. A
+    prompt (add_generation_prompt) has no spans: nothing is learned from it, so a template
+    that rewrites history still answers."""
     msgs = conversation(messages, system_prompt)
     text = render_text(t, msgs, add_generation_prompt)
+    if add_generation_prompt:
+        return Rendered(text, ())
     spans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":

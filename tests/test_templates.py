@@ -17,6 +17,7 @@ Every tokenizer and model is built here; nothing is downloaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -161,14 +162,20 @@ def dicts(conv):
 
 
 def test_prompt_ids_equal_apply_chat_template(style):
+    """What bin/chat, bin/eval and bin/serve prompt with (Generator.prompt_ids, the format's default
+    system prompt) is transformers' add_generation_prompt=True."""
+    from jaxsft.config import ModelConfig
+    from jaxsft.decode import Generator
     name, tok, hf_tok = style
+    gen = Generator(None, ModelConfig(vocab_size=len(tok), max_seq_len=512, d_model=32, n_heads=2, n_layers=1,
+                                      d_ff=64), tok)
     for conv in CONVERSATIONS:
         if conv[-1][0] == "assistant":
             conv = conv[:-1]
-        ids, mask = chatml.render(conv, tok, "", add_generation_prompt=True)
+        ids, truncated = gen.prompt_ids(conv)
         theirs = hf_tok.apply_chat_template(dicts(conv), add_generation_prompt=True, tokenize=True)["input_ids"]
-        assert ids.tolist() == list(theirs), (name, conv)
-        assert not mask.any()
+        assert ids.tolist() == list(theirs) and not truncated, (name, conv)
+        assert not chatml.render(conv, tok, "", add_generation_prompt=True)[1].any()
 
 
 def test_loss_mask_equals_transformers_assistant_mask(style):
@@ -185,7 +192,10 @@ def test_loss_mask_equals_transformers_assistant_mask(style):
         assert ids.tolist() == list(out["input_ids"]), (name, conv)
         tagged = hf_tok.apply_chat_template(dicts(conv), chat_template=masked, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
-        assert list(tagged["input_ids"]) == ids.tolist()  # the tagged template renders the same text
+        assert list(tagged["input_ids"]) == ids.tolist()  # the tagged template renders the same text,
+        tagged_t = dataclasses.replace(tok.template, source=masked)  # in jaxsft's environment too
+        assert templates.render_text(tagged_t, dicts(conv), False) == templates.render_text(tok.template, dicts(conv),
+                                                                                             False)
         assert mask.tolist() == list(tagged["assistant_masks"]), (name, conv)
         # every answer's end of turn is learned, nothing else of the template
         answers = sum(r == "assistant" for r, _ in conv)
@@ -290,7 +300,7 @@ def base(backend, tmp_path_factory):
 
 YAML = """\
 model:
-  max_seq_len: 128
+  max_seq_len: 256
   dropout: 0.0
   init_from: {base}
 data:
@@ -304,14 +314,15 @@ train:
   max_steps: {steps}
   seed: 0
   sample_questions: 0
-  pack_len: 128
-  buckets: [64, 128]
+  pack_len: 256
+  buckets: [128, 256]
 out_dir: {out}
 """
 
 
 def write_run_config(d, base, steps=2, rows=None):
     d = str(d)
+    os.makedirs(d, exist_ok=True)
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows] if rows else None
     with open(os.path.join(REPO, "data", "train.jsonl"), encoding="utf-8") as f:
         lines = lines or [f.readline() for _ in range(16)]

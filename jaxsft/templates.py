@@ -148,7 +148,8 @@ def render(t: ChatTemplate, messages, system_prompt: Optional[str], add_generati
         if not turn.startswith(before) or not text.startswith(turn.rstrip()):
             raise TemplateError(f"{t.origin}: the text before assistant turn {n} changes as the conversation goes "
                                 f"on (the template rewrites earlier turns); jaxsft masks answers by prefixes")
-        at = turn.find(m["content"].strip(), len(before))
+        at = turn.find(m["content"], len(before))  # as written, else as a template that trims it writes it
+        at = turn.find(m["content"].strip(), len(before)) if at < 0 else at
         if at < 0:
             raise TemplateError(f"{t.origin}: assistant turn {n}'s answer is not in the text the template renders "
                                 f"for it (the template changes or leaves out answers)")

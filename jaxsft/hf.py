@@ -45,7 +45,7 @@ from . import templates
 from .config import ModelConfig, UserError, read_text
 from .files import write_json
 from .templates import ChatTemplate
-from .tokenizer import SPECIALS, UNK, AnyTokenizer, HFTokenizer, Tokenizer
+from .tokenizer import ASSISTANT, END, SPECIALS, SYSTEM, UNK, USER, AnyTokenizer, HFTokenizer, Tokenizer
 
 DTYPES = {"F32": np.float32, "BF16": "bfloat16", "F16": np.float16}
 
@@ -312,7 +312,8 @@ def read_chat_template(src: str, tc: dict, backend, cfg: dict) -> Optional[ChatT
 def read_tokenizer(src: str, n_rows: int, chat_template: Optional[str] = None) -> HFTokenizer:
     """src/tokenizer.json as it is, rendering with the base's own chat template (read_chat_template;
     data.chat_template null or "base": "base" without one is a UserError); or with our ChatML markers
-    added ("chatml", or a base without a template). bos, pad and eos are the model's own where its
+    added ("chatml", a base without a template, or by default one whose vocabulary holds our markers: an
+    export of a jaxsft ChatML run). bos, pad and eos are the model's own where its
     tokenizer_config.json (or config.json's ids) names them (pad: else eos; eos: else the template's
     end of turn)."""
     from tokenizers import Tokenizer as Backend
@@ -333,6 +334,9 @@ def read_tokenizer(src: str, n_rows: int, chat_template: Optional[str] = None) -
         i = cfg.get(f"{name}_token_id")
         return backend.id_to_token(i) if isinstance(i, int) and not isinstance(i, bool) else None
 
+    # an export of a jaxsft ChatML run has our markers (and a template writing them): ChatML, as it was trained
+    ours = all(backend.token_to_id(m) is not None for m in (SYSTEM, USER, ASSISTANT, END))
+    chat_template = chat_template or ("chatml" if ours else None)
     template = None if chat_template == "chatml" else read_chat_template(src, tc, backend, cfg)
     if template is None:
         if chat_template == "base":

@@ -28,7 +28,7 @@ from .tokenizer import AnyTokenizer, Tokenizer
 
 @dataclass(frozen=True)
 class Setup:
-    cfg: Config  # as given, with model.vocab_size filled in and data.system_prompt resolved (with_vocabulary)
+    cfg: Config  # as given, with model.vocab_size, data.chat_template and data.system_prompt filled in (with_vocabulary)
     tok: AnyTokenizer
     train_examples: list  # (inputs, targets, loss_mask) per row (or corpus window)
     val_rows: list[Row]  # [] when pretraining
@@ -100,9 +100,10 @@ def _examples(rows, tok, cfg: Config, what: str):
 
 
 def with_vocabulary(cfg: Config, tok: AnyTokenizer) -> Config:
-    """cfg with model.vocab_size from `tok` and data.system_prompt resolved for its format
-    (chatml.default_system_prompt), as the run's config.json keeps them."""
-    data = dataclasses.replace(cfg.data, system_prompt=chatml.default_system_prompt(tok, cfg.data.system_prompt))
+    """cfg with model.vocab_size from `tok`, and data.chat_template and data.system_prompt resolved
+    for its format (chatml.default_system_prompt), as the run's config.json keeps them."""
+    data = dataclasses.replace(cfg.data, system_prompt=chatml.default_system_prompt(tok, cfg.data.system_prompt),
+                               chat_template="chatml" if tok.template is None else "base")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(tok)), data=data)
 
 

@@ -34,7 +34,12 @@ TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", 
 
 
 class TemplateError(UserError):
-    """A chat template that does not compile, raises, or renders turns jaxsft cannot mask."""
+    """A chat template that does not compile, raises, or renders turns jaxsft cannot mask:
+    "<origin>: <problem>" (`problem` alone for a client that should not see the base's path)."""
+
+    def __init__(self, origin: str, problem: str):
+        super().__init__(f"{origin}: {problem}")
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def render_text(t: ChatTemplate, messages: Sequence[dict], add_generation_prompt
         return _compiled(t.source).render(messages=list(messages), tools=None, documents=None,
                                           add_generation_prompt=add_generation_prompt, **t.tokens)
     except Exception as e:  # the template's own fault, whatever it raised (jinja's errors, a str + int, ...)
-        raise TemplateError(f"{t.origin}: {_problem(e)}") from None
+        raise TemplateError(t.origin, _problem(e)) from None
 
 
 def conversation(messages, system_prompt: Optional[str]) -> list[dict]:
@@ -146,13 +151,13 @@ def render(t: ChatTemplate, messages, system_prompt: Optional[str], add_generati
         before = render_text(t, msgs[:i], True)
         turn = render_text(t, msgs[:i + 1], False)
         if not turn.startswith(before) or not text.startswith(turn.rstrip()):
-            raise TemplateError(f"{t.origin}: the text before assistant turn {n} changes as the conversation goes "
-                                f"on (the template rewrites earlier turns); jaxsft masks answers by prefixes")
+            raise TemplateError(t.origin, f"the text before assistant turn {n} changes as the conversation goes "
+                                          "on (the template rewrites earlier turns); jaxsft masks answers by prefixes")
         at = turn.find(m["content"], len(before))  # as written, else as a template that trims it writes it
         at = turn.find(m["content"].strip(), len(before)) if at < 0 else at
         if at < 0:
-            raise TemplateError(f"{t.origin}: assistant turn {n}'s answer is not in the text the template renders "
-                                f"for it (the template changes or leaves out answers)")
+            raise TemplateError(t.origin, f"assistant turn {n}'s answer is not in the text the template renders "
+                                          "for it (the template changes or leaves out answers)")
         spans.append((at, len(turn.rstrip())))
     return Rendered(text, tuple(spans))
 
@@ -165,6 +170,6 @@ def end_of_turn(t: ChatTemplate) -> str:
     start, end = r.spans[0]
     suffix = r.text[start + len(PROBE): end].strip()
     if not suffix:
-        raise TemplateError(f"{t.origin}: the template ends an assistant turn with nothing after the answer, so a "
-                            f"model trained on it would not learn to stop")
+        raise TemplateError(t.origin, "the template ends an assistant turn with nothing after the answer, so a "
+                                      "model trained on it would not learn to stop")
     return suffix

@@ -274,6 +274,29 @@ def test_rewriting_or_changing_templates_are_refused(backend, tmp_path):
         hf.read_tokenizer(src, backend.get_vocab_size())
 
 
+def test_a_list_of_templates_uses_the_default_one(backend, tmp_path):
+    src = write_base_files(tmp_path, backend, "qwen", template="x")
+    tc = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    tc["chat_template"] = [{"name": "tool_use", "template": "{{ raise_exception('tools') }}"},
+                           {"name": "default", "template": QWEN}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert hf.read_tokenizer(src, backend.get_vocab_size()).template.source == QWEN
+
+
+def test_the_server_answers_400_when_the_template_refuses_the_messages(backend, tmp_path):
+    """A request the base's template raises on (here Gemma 1's: no system role) is the client's
+    mistake, named in an OpenAI-style 400, not a server error."""
+    from jaxsft.serve.protocol import ApiError, parse_chat
+    no_system = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    tok = hf.read_tokenizer(write_base_files(tmp_path, backend, "gemma", template=no_system + GEMMA),
+                            backend.get_vocab_size())
+    body = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "你好"}]}
+    with pytest.raises(ApiError) as e:
+        parse_chat(body, tok, 256, "")
+    assert e.value.status == 400 and "System role not supported" in str(e.value) and str(tmp_path) not in str(e.value)
+    assert parse_chat({"messages": body["messages"][1:]}, tok, 256, "").prompt[0] == tok.bos_id
+
+
 # ---------------------------------------------------------------- a Llama-format base: training, bad input
 
 
@@ -346,7 +369,7 @@ def test_training_rows_carry_the_templates_ids(base, tmp_path):
     cfg = load_config(write_run_config(tmp_path, base))
     s = setup.prepare(cfg, parallel.one_device_mesh(), log=lambda *a, **k: None)
     tok = s.tok
-    assert tok.template is not None and s.cfg.data.system_prompt == ""
+    assert tok.template is not None and (s.cfg.data.system_prompt, s.cfg.data.chat_template) == ("", "base")
     assert len(tok) == s.cfg.model.vocab_size == tok.backend.get_vocab_size()  # not grown
     rows = read_jsonl(cfg.data.train)
     for row, (inputs, targets, loss_mask) in zip(rows, s.train_examples):

@@ -230,7 +230,7 @@ def parse_chat(body, tok, context: int, system_prompt: Optional[str]) -> ChatPar
         ids, _ = chatml.render([(m.role, m.content) for m in req.messages], tok, system_prompt,
                                add_generation_prompt=True)
     except TemplateError as e:  # the model's own chat template refuses these messages (e.g. roles out of order)
-        raise ApiError(400, f"the model's chat template refuses these messages: {e}", "messages",
+        raise ApiError(400, f"the model's chat template refuses these messages: {e.problem}", "messages",
                        "invalid_value") from None
     if len(ids) >= context:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {context} tokens, "

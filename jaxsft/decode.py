@@ -1,9 +1,10 @@
 """Answering conversations: `Generator` is what scripts use (bin/chat, bin/eval,
 evaluate.score_rows, the trainer's exact-match hook): it renders conversations in
-ChatML, or the base's own chat template (chatml.render), and answers them with the continuous-batching engine (`engine.Engine`),
-which compiles a bounded set of programs and never makes a batch wait for its
-longest row. (The one-program decoder and the naive one the engine is tested
-against live in tests/reference_decode.py.)
+ChatML or the base's own chat template (chatml.render) and answers them with the
+continuous-batching engine (`engine.Engine`), which compiles a bounded set of
+programs and never makes a batch wait for its longest row. (The one-program
+decoder and the naive one the engine is tested against live in
+tests/reference_decode.py.)
 """
 from __future__ import annotations
 
@@ -117,9 +118,10 @@ class Generator:
         return min(-(-need // 64) * 64, self.cfg.max_seq_len)
 
     def generate_ids(self, prompts: list[np.ndarray], sampling: Sampling = Sampling(), seed: int = 0) -> list[list[int]]:
-        """Token ids of each answer (without the stop token: <|endoftext|>, or tok.stop_ids). All prompts go through one
-        continuous-batching engine (batch_size slots): a slot freed by a short answer takes
-        the next prompt, so no row waits for the longest. Greedy answers to identical
+        """Token ids of each answer (without its stop token: <|endoftext|>, or any of
+        tok.stop_ids). All prompts go through one continuous-batching engine (batch_size
+        slots): a slot freed by a short answer takes the next prompt, so no row waits for
+        the longest. Greedy answers to identical
         prompts are identical, so each distinct prompt is decoded once."""
         if len(prompts) == 0:
             return []
@@ -141,8 +143,8 @@ class Generator:
 
     def stream_ids(self, prompt: np.ndarray, sampling: Sampling = Sampling(), seed: int = 0):
         """Yields the answer's token ids one at a time as they are decoded (until a stop
-        token, <|endoftext|> or tok.stop_ids, which is not yielded). Same tokens as generate_ids([prompt],
-        sampling, seed)[0]: the same engine and key schedule."""
+        token, <|endoftext|> or tok.stop_ids, which is not yielded). Same tokens as
+        generate_ids([prompt], sampling, seed)[0]: the same engine and key schedule."""
         yield from self.engine(1).stream(self.requests([prompt], sampling, seed)[0])
 
 

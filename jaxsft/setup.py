@@ -28,7 +28,7 @@ from .tokenizer import AnyTokenizer, Tokenizer
 
 @dataclass(frozen=True)
 class Setup:
-    cfg: Config  # as given, with model.vocab_size, data.chat_template and data.system_prompt filled in (with_vocabulary)
+    cfg: Config  # as given; vocab_size, chat_template and system_prompt filled in (with_vocabulary)
     tok: AnyTokenizer
     train_examples: list  # (inputs, targets, loss_mask) per row (or corpus window)
     val_rows: list[Row]  # [] when pretraining

@@ -103,7 +103,8 @@ CONVERSATIONS = [
     [SYSTEM, ("user", "1+1等于几？")],
     [("user", "你好"), ("assistant", "你好！有什么可以帮你？")],
     [SYSTEM, ("user", "37小于82，对吗？"), ("assistant", "对。")],
-    [("user", "你好"), ("assistant", "你好！ "), ("user", "什么是过拟合？"), ("assistant", "模型记住了训练数据的噪声。")],
+    [("user", "你好"), ("assistant", "你好！ "), ("user", "什么是过拟合？"),
+     ("assistant", "模型记住了训练数据的噪声。")],
     [SYSTEM, ("user", "Hi there"), ("assistant", " Hello, friend."), ("user", "2*3=?"), ("assistant", "6")],
     [("user", "什么是过拟合？"), ("assistant", "记住噪声。"), ("user", "怎么避免？")],
 ]
@@ -258,8 +259,9 @@ def test_template_rides_with_the_run_tokenizer(style, tmp_path):
 
 def test_rewriting_or_changing_templates_are_refused(backend, tmp_path):
     # a template that changes answers (upper case): found by the probe, naming the template
-    src = write_base_files(tmp_path / "upper", backend, "qwen", template=QWEN.replace("message.content", "message.content | upper"))
-    with pytest.raises(templates.TemplateError, match=r"tokenizer_config.json: chat_template: assistant turn 1's answer"):
+    upper = QWEN.replace("message.content", "message.content | upper")
+    src = write_base_files(tmp_path / "upper", backend, "qwen", template=upper)
+    with pytest.raises(templates.TemplateError, match="tokenizer_config.json: chat_template: assistant turn 1's answer"):
         hf.read_tokenizer(src, backend.get_vocab_size())
     # a template that rewrites earlier turns: shows only the last answer
     rewrite = LLAMA3.replace("message['content'] | trim", "(message['content'] if loop.last or message['role'] != "
@@ -310,8 +312,8 @@ def build_base(path, backend, style="qwen", template=None):
     m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=eos, pad_token_id=backend.token_to_id("<|endoftext|>"),
-        initializer_range=0.1))
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=eos,
+        pad_token_id=backend.token_to_id("<|endoftext|>"), initializer_range=0.1))
     m.save_pretrained(str(path))  # config.json, model.safetensors, generation_config.json (its eos ids)
     return str(path)
 

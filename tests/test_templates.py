@@ -468,11 +468,14 @@ def test_train_export_and_transformers_answer_as_bin_chat(base, tmp_path):
     ours = [json.loads(line)["answer"] for line in open(d / "answers.jsonl", encoding="utf-8")]
     convs = [r.prompt_messages for r in read_jsonl(str(rows))]
     assert hf_answers(str(out), convs, 16) == ours and any(ours)
-    # the run renders without its base: bin/inspect's table shows the template's tokens
+    # the run renders without its base: bin/inspect's table shows the template's tokens, bin/chat answers
     shutil.move(base, str(base) + ".gone")
     try:
         proc = run_script("inspect", "--config", config, "--checkpoint", d / "run")
         assert proc.returncode == 0, proc.stderr
         assert "<|im_start|>" in proc.stdout and "<|user|>" not in proc.stdout
+        row = next(i for i, c in enumerate(convs) if len(c) == 1)
+        proc = run_script("chat", "--checkpoint", d / "run", convs[row][0][1], "--max-new-tokens", 16)
+        assert proc.returncode == 0 and proc.stdout == ours[row] + "\n", proc.stderr
     finally:
         shutil.move(str(base) + ".gone", base)

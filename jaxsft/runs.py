@@ -3,7 +3,8 @@
 
 A run directory (checkpoint.py stores its files):
 
-    config.json, tokenizer.json, best/, latest/   every run
+    config.json, tokenizer.json, best/, latest/   every run (tokenizer.json also keeps a base's own
+                     chat template, its stop ids and the base's generation_config.json: templates.py)
     lora_base.json   a LoRA run (lora.py) only: best/ and latest/ hold its adapters, and this names
                      its base (model.init_from, as given and absolute), the base's vocabulary
                      size and a fingerprint of the base's arrays, checked whenever the adapters

@@ -73,7 +73,7 @@ def main():
     prompts = [gen.prompt_ids(c)[0] for c in convs]
     from jaxsft.chatml import system_prefix
     reqs = gen.requests(prompts, Sampling(), 0)
-    eng = Engine(params, mcfg, tok.end_id, args.batch_size, tok.pad_id, admit_at=8,  # as Generator builds it
+    eng = Engine(params, mcfg, tok.stop_ids, args.batch_size, tok.pad_id, admit_at=8,  # as Generator builds it
                  prefix=system_prefix(tok, gen.system_prompt), context=gen.context(reqs))
     t = time.perf_counter()
     eng.warm_up([len(p) for p in prompts])

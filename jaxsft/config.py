@@ -5,7 +5,7 @@ A config file has four parts (see configs/default.yaml):
 
     model:   d_model, n_heads, n_layers, d_ff, max_seq_len, dropout, init_from
              (and n_kv_heads, head_size, rope_theta, norm_eps, tie_embeddings: Llama's options)
-    data:    train, val, test, system_prompt, corpus
+    data:    train, val, test, system_prompt, chat_template, corpus
     train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
     out_dir: where the run writes checkpoints, metrics.jsonl and curves.png
 
@@ -77,9 +77,15 @@ class DataConfig:
     # held-out rows bin/train answers with the best checkpoint after training, scored per
     # category into test_report.json (null: none)
     test: Optional[str] = "data/test.jsonl"
-    # the system message of every row that has none of its own (empty: no system turn); the run
-    # keeps it, so bin/chat, bin/eval, bin/serve and the export's chat template use it too
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # the system message of every row that has none of its own (empty: no system turn; null: the
+    # format's default, ChatML's DEFAULT_SYSTEM_PROMPT, none with a base's own template, which then
+    # does what it does without one); the run keeps it, so bin/chat, bin/eval, bin/serve and the
+    # export's chat template use it too
+    system_prompt: Optional[str] = None
+    # how rows are rendered: base (the chat template of a Llama-format model.init_from, from its
+    # tokenizer_config.json or chat_template.jinja) or chatml (jaxsft's markers, added to its
+    # vocabulary); null: base when model.init_from has a template, chatml otherwise
+    chat_template: Optional[str] = None
     # plain text for pretraining (bin/pretrain): a directory of *.txt files or one file, one
     # paragraph per line; when set, the run trains on next-token loss over it and train/val are unused
     corpus: Optional[str] = None
@@ -412,6 +418,8 @@ def validate(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('train.dtype')}: expected float32 or bfloat16, got {t.dtype!r}")
     if not t.buckets or any(b <= 0 for b in t.buckets):
         raise UserError(f"{where('train.buckets')}: expected positive lengths, got {list(t.buckets)}")
+    if cfg.data.chat_template not in (None, "base", "chatml"):
+        raise UserError(f"{where('data.chat_template')}: expected base or chatml, got {cfg.data.chat_template!r}")
     if cfg.data.corpus is not None and not cfg.data.corpus.strip():
         raise UserError(f"{where('data.corpus')}: must not be empty (leave it out for fine-tuning)")
     if not cfg.out_dir:

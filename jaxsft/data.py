@@ -209,9 +209,11 @@ def corpus_examples(paragraphs: list[str], tok, max_seq_len: int) -> list[tuple]
     tokens starting every max_seq_len tokens (consecutive windows share one token), so
     every token after the first is a target exactly once. A window may span paragraphs
     (the markers separate them); only the last window is shorter. The loss counts every
-    position: inputs = window[:-1], targets = window[1:], loss_mask = 1.
+    position: inputs = window[:-1], targets = window[1:], loss_mask = 1. (A base with
+    no bos token, as Qwen's, starts paragraphs with nothing.)
     """
-    stream = np.asarray([i for p in paragraphs for i in [tok.bos_id, *tok.encode(p), tok.end_id]], np.int32)
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    stream = np.asarray([i for p in paragraphs for i in [*bos, *tok.encode(p), tok.end_id]], np.int32)
     examples = []
     for start in range(0, len(stream) - 1, max_seq_len):
         w = stream[start:start + max_seq_len + 1]

@@ -1,9 +1,10 @@
 """Answering conversations: `Generator` is what scripts use (bin/chat, bin/eval,
 evaluate.score_rows, the trainer's exact-match hook): it renders conversations in
-ChatML and answers them with the continuous-batching engine (`engine.Engine`),
-which compiles a bounded set of programs and never makes a batch wait for its
-longest row. (The one-program decoder and the naive one the engine is tested
-against live in tests/reference_decode.py.)
+ChatML or the base's own chat template (chatml.render) and answers them with the
+continuous-batching engine (`engine.Engine`), which compiles a bounded set of
+programs and never makes a batch wait for its longest row. (The one-program
+decoder and the naive one the engine is tested against live in
+tests/reference_decode.py.)
 """
 from __future__ import annotations
 
@@ -38,10 +39,9 @@ class Generator:
 
     def __init__(self, params, cfg: ModelConfig, tok: AnyTokenizer, system_prompt: Optional[str] = None,
                  max_new_tokens: int = 100, batch_size: int = 64):
-        from .config import DEFAULT_SYSTEM_PROMPT
         self.params, self.cfg, self.tok = params, cfg, tok
         self.graphdef = model.abstract(cfg)[0]
-        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        self.system_prompt = chatml.default_system_prompt(tok, system_prompt)  # None: the format's default
         # half the context holds the answer, the rest the prompt
         self.max_new_tokens = min(max_new_tokens, cfg.max_seq_len // 2)
         if self.max_new_tokens < max_new_tokens:
@@ -61,7 +61,7 @@ class Generator:
         return cls(params, model_cfg, tok, system_prompt, **kw)
 
     def prompt_ids(self, messages) -> tuple[np.ndarray, bool]:
-        """ChatML prompt ids for a conversation ending with a user turn, cut to fit
+        """Prompt ids (chatml.render) for a conversation ending with a user turn, cut to fit
         the context: oldest user/assistant pairs go first, then the start of the
         last question. Returns (ids, truncated)."""
         budget = self.cfg.max_seq_len - self.max_new_tokens
@@ -92,7 +92,7 @@ class Generator:
         eng = self._engines.get((slots, context))
         if eng is None:  # shapes compiled as needed; freed slots refilled 8 prompts at a time
             eng = self._engines[slots, context] = Engine(
-                self.params, self.cfg, self.tok.end_id, slots, self.tok.pad_id, admit_at=8,
+                self.params, self.cfg, self.tok.stop_ids, slots, self.tok.pad_id, admit_at=8,
                 prefix=chatml.system_prefix(self.tok, self.system_prompt), context=context)
         eng.params = self.params
         return eng
@@ -118,9 +118,10 @@ class Generator:
         return min(-(-need // 64) * 64, self.cfg.max_seq_len)
 
     def generate_ids(self, prompts: list[np.ndarray], sampling: Sampling = Sampling(), seed: int = 0) -> list[list[int]]:
-        """Token ids of each answer (without <|endoftext|>). All prompts go through one
-        continuous-batching engine (batch_size slots): a slot freed by a short answer takes
-        the next prompt, so no row waits for the longest. Greedy answers to identical
+        """Token ids of each answer (without its stop token: <|endoftext|>, or any of
+        tok.stop_ids). All prompts go through one continuous-batching engine (batch_size
+        slots): a slot freed by a short answer takes the next prompt, so no row waits for
+        the longest. Greedy answers to identical
         prompts are identical, so each distinct prompt is decoded once."""
         if len(prompts) == 0:
             return []
@@ -141,9 +142,9 @@ class Generator:
         return [self.tok.decode(ids) for ids in self.generate_ids(prompts, sampling, seed)]
 
     def stream_ids(self, prompt: np.ndarray, sampling: Sampling = Sampling(), seed: int = 0):
-        """Yields the answer's token ids one at a time as they are decoded (until
-        <|endoftext|>, which is not yielded). Same tokens as generate_ids([prompt],
-        sampling, seed)[0]: the same engine and key schedule."""
+        """Yields the answer's token ids one at a time as they are decoded (until a stop
+        token, <|endoftext|> or tok.stop_ids, which is not yielded). Same tokens as
+        generate_ids([prompt], sampling, seed)[0]: the same engine and key schedule."""
         yield from self.engine(1).stream(self.requests([prompt], sampling, seed)[0])
 
 

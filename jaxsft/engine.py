@@ -9,7 +9,8 @@ Each slot holds one request (a prompt and its answer so far) at its own length.
      of shapes (PROMPT_BUCKETS x prefill_rows);
   3. one decode step writes every slot's next token (one compiled program for
      all slots, whatever is in them); a slot is freed the moment its row writes
-     <|endoftext|> or reaches max_tokens.
+     a stop token (<|endoftext|>; a base's template: its eos ids and end of turn)
+     or reaches max_tokens.
 
 So a batch never waits for its longest row: a finished row's slot takes the next
 waiting prompt at the next step. Every computation is row-wise (a row's keys,
@@ -20,10 +21,10 @@ answers are identical alone or among others (tests/test_engine.py).
 Shapes: N slots, S = max_seq_len cache positions, R prompts per prefill,
 P padded prompt length, H heads, K head size, V vocabulary.
 
-    eng = Engine(params, cfg, end_id=tok.end_id, slots=32)
+    eng = Engine(params, cfg, stop_ids=tok.stop_ids, slots=32)
     reqs = [Request(ids, max_tokens=100) for ids in prompts]
     eng.run(reqs)                    # or submit() + step() from a serving loop
-    [r.tokens for r in reqs]         # answers without <|endoftext|>
+    [r.tokens for r in reqs]         # answers without their stop token
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ _ids = itertools.count()
 @dataclass(eq=False)
 class Request:
     """One prompt to answer. The engine fills `tokens` (the answer, without
-    <|endoftext|>) and `finish_reason`: "stop" (<|endoftext|>), "length" (max_tokens
+    its stop token) and `finish_reason`: "stop" (a stop token), "length" (max_tokens
     tokens) or "cancelled" (cancel()). on_token(req, token) and on_finish(req) are
     called from the thread that runs Engine.step, as each token comes out."""
     prompt: np.ndarray
@@ -184,10 +185,11 @@ class Engine:
     called from other threads while one thread calls `step` (serving loops: jaxsft/serve/worker.py).
     """
 
-    def __init__(self, params, cfg: ModelConfig, end_id: int, slots: int = 32, pad_id: int = 0,
+    def __init__(self, params, cfg: ModelConfig, stop_ids: Sequence[int], slots: int = 32, pad_id: int = 0,
                  prefill_rows: Sequence[int] = PREFILL_ROWS, buckets: Sequence[int] = PROMPT_BUCKETS,
                  admit_at: int = 1, prefix: Optional[Sequence[int]] = None, context: Optional[int] = None):
-        """admit_at: waiting prompts are admitted once that many slots are free (or as many
+        """stop_ids: a row ends when it writes any of them (not part of its answer; the tokenizer's
+        stop_ids). admit_at: waiting prompts are admitted once that many slots are free (or as many
         as are waiting, or when nothing is decoding): 1 for the lowest latency (a server),
         more to prefill several prompts per call (batch answering). prefix: token ids most
         prompts start with (the rendered system prompt): a prompt that does is prefilled
@@ -195,7 +197,7 @@ class Engine:
         shorter bucket); any other prompt whole. context: the cache's positions per slot
         (default max_seq_len, at most that): a batch whose prompts and answers are short needs
         fewer, and every decode step reads all of them."""
-        self.params, self.cfg, self.end_id, self.pad_id = params, cfg, end_id, pad_id
+        self.params, self.cfg, self.stop_ids, self.pad_id = params, cfg, tuple(stop_ids), pad_id
         self.prefix = np.asarray(prefix, np.int32)[None] if prefix is not None and len(prefix) else None
         self.graphdef = model.abstract(cfg)[0]
         self.slots, self.S = slots, min(context or cfg.max_seq_len, cfg.max_seq_len)
@@ -459,7 +461,7 @@ class Engine:
             return
         if r.t_first is None:
             r.t_first = time.perf_counter()
-        if t == self.end_id:
+        if t in self.stop_ids:
             self._finish(s, "stop")
             return
         r.tokens.append(t)

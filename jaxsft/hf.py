@@ -5,12 +5,15 @@ AutoTokenizer read and write.
     model.safetensors              the weights (or shards listed in model.safetensors.index.json)
     tokenizer.json                 the `tokenizers` library's file
     tokenizer_config.json, special_tokens_map.json   special tokens and our ChatML chat template
-    generation_config.json         eos = <|endoftext|>
+                                   (a run on a base's own template: that template, the base's tokens)
+    generation_config.json         eos = <|endoftext|> (on a base's own template: the base's file)
 
 `write_llama` writes one from a model's parameters (runs.export: from a jaxsft run). A run whose
 model.init_from is one (runs.py) reads its architecture (`model_fields`), its tokenizer with our markers
 added (`read_tokenizer`) and its weights (`read_params`); a feature jaxsft does not
-compute stops with a UserError naming the file and key.
+compute stops with a UserError naming the file and key. A base's own chat template
+(`read_chat_template`: chat_template.jinja, else tokenizer_config.json's chat_template) goes
+with its tokenizer into the run (tokenizer.HFTokenizer.template) and back out at export.
 
 Weights: transformers' name <- jaxsft's parameter, torch's (out, in) layout = our kernel.T:
 
@@ -30,15 +33,19 @@ K^-0.5; key/value head g serves query heads g*H/G .. (g+1)*H/G - 1 (repeat_kv).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Optional
 
 import jax
 import numpy as np
 
-from .config import ModelConfig, UserError
+from . import templates
+from .config import ModelConfig, UserError, read_text
 from .files import write_json
-from .tokenizer import SPECIALS, UNK, AnyTokenizer, HFTokenizer, Tokenizer
+from .templates import ChatTemplate
+from .tokenizer import ASSISTANT, END, SPECIALS, SYSTEM, UNK, USER, AnyTokenizer, HFTokenizer, Tokenizer
 
 DTYPES = {"F32": np.float32, "BF16": "bfloat16", "F16": np.float16}
 
@@ -117,7 +124,14 @@ def char_backend(tok: Tokenizer):
 
 
 def _tokenizer_files(tok: AnyTokenizer, system_prompt: str, max_seq_len: int):
-    """(tokenizers backend, tokenizer_config.json, special_tokens_map.json)."""
+    """(tokenizers backend, tokenizer_config.json, special_tokens_map.json). A run on a base's own
+    template writes that template and the base's special tokens (and a pad token)."""
+    if tok.template is not None:
+        special = {"pad_token": tok.markers["pad"], **tok.template.tokens}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": False,
+                  "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": max_seq_len,
+                  "chat_template": tok.template.source}
+        return tok.backend, config, special
     if isinstance(tok, Tokenizer):
         backend = char_backend(tok)
         m = {"bos": tok.itos[tok.bos_id], "pad": tok.itos[tok.pad_id], "system": tok.itos[tok.system_id],
@@ -135,6 +149,15 @@ def _tokenizer_files(tok: AnyTokenizer, system_prompt: str, max_seq_len: int):
     return backend, config, special
 
 
+def generation_config(tok: AnyTokenizer) -> dict:
+    """generation_config.json: the base's as it was (a run on its own template), else ours: eos
+    at the tokenizer's stop ids."""
+    if tok.template is not None and tok.template.generation_config:
+        return tok.template.generation_config
+    eos = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": eos, "pad_token_id": tok.pad_id}
+
+
 def write_llama(out_dir: str, params, mc: ModelConfig, tok: AnyTokenizer, system_prompt: str, dtype: str) -> None:
     """The files of a Llama-format model directory (created) for the parameters of `mc`."""
     import ml_dtypes
@@ -150,8 +173,7 @@ def write_llama(out_dir: str, params, mc: ModelConfig, tok: AnyTokenizer, system
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     write_json(os.path.join(out_dir, "config.json"), llama_config(mc, tok, dtype), indent=2)
-    write_json(os.path.join(out_dir, "generation_config.json"),
-               {"bos_token_id": tok.bos_id, "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id}, indent=2)
+    write_json(os.path.join(out_dir, "generation_config.json"), generation_config(tok), indent=2)
     backend.save(os.path.join(out_dir, "tokenizer.json"))
     write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_config, indent=2)
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special, indent=2)
@@ -245,9 +267,55 @@ def model_fields(src: str) -> dict:
     return fields
 
 
-def read_tokenizer(src: str, n_rows: int) -> HFTokenizer:
-    """src/tokenizer.json with our markers added; bos and pad are the model's own where its
-    tokenizer_config.json (or config.json's ids) names them."""
+def _token_text(v) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: its text, or {"content": text, ...}."""
+    v = v.get("content") if isinstance(v, dict) else v
+    return v if isinstance(v, str) else None
+
+
+def read_chat_template(src: str, tc: dict, backend, cfg: dict) -> Optional[ChatTemplate]:
+    """The base's own chat template, as transformers finds it (src/chat_template.jinja, else
+    tokenizer_config.json's chat_template: a string, or a list holding one named "default"), with
+    the special tokens transformers passes it and the stop ids: generation_config.json's
+    eos_token_id (an int or a list; without the file, config.json's) and the template's end of
+    turn (templates.end_of_turn); None when it has none."""
+    jinja, tc_path = os.path.join(src, "chat_template.jinja"), os.path.join(src, "tokenizer_config.json")
+    source, origin = tc.get("chat_template"), f"{tc_path}: chat_template"
+    if os.path.isfile(jinja):
+        source, origin = read_text(jinja), jinja
+    elif isinstance(source, list):
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+        if source is None:
+            raise UserError(f"{origin}: a list of templates, none named 'default'")
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        raise UserError(f"{origin}: expected the template's text, got {json.dumps(source)[:80]}")
+    stm = _read_json(os.path.join(src, "special_tokens_map.json"), required=False)
+    tokens = {n: _token_text(tc.get(n)) or _token_text(stm.get(n)) for n in templates.TOKEN_NAMES}
+    gen_path = os.path.join(src, "generation_config.json")
+    gen = _read_json(gen_path, required=False)
+    t = ChatTemplate(source, origin, {n: v for n, v in tokens.items() if v}, (), gen)
+    suffix = templates.end_of_turn(t)
+    eot = backend.encode(suffix, add_special_tokens=False).ids
+    if len(eot) != 1:
+        raise UserError(f"{origin}: the template ends an answer with {suffix!r}, {len(eot)} tokens of "
+                        f"tokenizer.json; jaxsft stops generating at one token")
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+        raise UserError(f"{gen_path if 'eos_token_id' in gen else os.path.join(src, 'config.json')}: eos_token_id "
+                        f"is {json.dumps(eos)}, expected a token id or a list of them")
+    return dataclasses.replace(t, stop_ids=tuple(dict.fromkeys(eos + eot)))
+
+
+def read_tokenizer(src: str, n_rows: int, chat_template: Optional[str] = None) -> HFTokenizer:
+    """src/tokenizer.json as it is, rendering with the base's own chat template (read_chat_template;
+    data.chat_template null or "base": "base" without one is a UserError); or with our ChatML markers
+    added ("chatml", a base without a template, or by default one whose vocabulary holds our markers: an
+    export of a jaxsft ChatML run). bos, pad and eos are the model's own where its
+    tokenizer_config.json (or config.json's ids) names them (pad: else eos; eos: else the template's
+    end of turn)."""
     from tokenizers import Tokenizer as Backend
     path = os.path.join(src, "tokenizer.json")
     if not os.path.isfile(path):
@@ -260,14 +328,24 @@ def read_tokenizer(src: str, n_rows: int) -> HFTokenizer:
     cfg = _read_json(os.path.join(src, "config.json"))
 
     def token(name):
-        v = tc.get(f"{name}_token")
-        v = v.get("content") if isinstance(v, dict) else v
-        if isinstance(v, str) and backend.token_to_id(v) is not None:
+        v = _token_text(tc.get(f"{name}_token"))
+        if v is not None and backend.token_to_id(v) is not None:
             return v
         i = cfg.get(f"{name}_token_id")
         return backend.id_to_token(i) if isinstance(i, int) and not isinstance(i, bool) else None
 
-    return HFTokenizer.wrap(backend, bos=token("bos"), pad=token("pad"), size=n_rows)
+    # an export of a jaxsft ChatML run has our markers (and a template writing them): ChatML, as it was trained
+    ours = all(backend.token_to_id(m) is not None for m in (SYSTEM, USER, ASSISTANT, END))
+    chat_template = chat_template or ("chatml" if ours else None)
+    template = None if chat_template == "chatml" else read_chat_template(src, tc, backend, cfg)
+    if template is None:
+        if chat_template == "base":
+            raise UserError(f"data.chat_template: base, but {src} has no chat template (no chat_template.jinja, "
+                            f"no chat_template in tokenizer_config.json)")
+        return HFTokenizer.wrap(backend, bos=token("bos"), pad=token("pad"), size=n_rows)
+    end = token("eos") or backend.id_to_token(template.stop_ids[-1])  # (the end of turn, or an eos id)
+    markers = {"bos": token("bos"), "end": end, "pad": token("pad") or end}
+    return HFTokenizer(backend, {k: v for k, v in markers.items() if v}, n_rows, template)
 
 
 def _weight_files(src: str) -> dict:

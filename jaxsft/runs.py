@@ -3,7 +3,8 @@
 
 A run directory (checkpoint.py stores its files):
 
-    config.json, tokenizer.json, best/, latest/   every run
+    config.json, tokenizer.json, best/, latest/   every run (tokenizer.json also keeps a base's own
+                     chat template, its stop ids and the base's generation_config.json: templates.py)
     lora_base.json   a LoRA run (lora.py) only: best/ and latest/ hold its adapters, and this names
                      its base (model.init_from, as given and absolute), the base's vocabulary
                      size and a fingerprint of the base's arrays, checked whenever the adapters
@@ -31,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoint, hf, lora, model
-from .config import Config, ModelConfig, UserError, lora_config_from_dict, model_config_from_dict
+from .config import (DEFAULT_SYSTEM_PROMPT, Config, ModelConfig, UserError, lora_config_from_dict,
+                     model_config_from_dict)
 from .files import write_json
 from .tokenizer import AnyTokenizer
 
@@ -127,17 +129,24 @@ def base_tokenizer(cfg: Config, texts: list[str]) -> AnyTokenizer:
     run's tokenizer with the new characters appended in sorted order (old ids keep their meaning;
     the same texts always give the same vocabulary, so a resumed run rebuilds it identically), the
     base's model shape checked against this config's; a Llama-format directory's tokenizer.json
-    with the ChatML markers it lacks."""
+    with its own chat template, or the ChatML markers it lacks (data.chat_template, hf.read_tokenizer).
+    A jaxsft run's base keeps its format: ChatML, or the template it was trained on."""
     src = cfg.model.init_from
     if is_llama_base(cfg):
-        return hf.read_tokenizer(src, hf.model_fields(src)["vocab_size"])
+        return hf.read_tokenizer(src, hf.model_fields(src)["vocab_size"], cfg.data.chat_template)
     base_cfg, base_tok = checkpoint.read_meta(src)
+    has = "base" if base_tok.template is not None else "chatml"
+    if cfg.data.chat_template not in (None, has):
+        trained = "on its own base's chat template" if has == "base" else "in ChatML"
+        raise UserError(f"data.chat_template: {cfg.data.chat_template}, but model.init_from {src} is a jaxsft run "
+                        f"trained {trained}; a run keeps its base's format")
     base = model_config_from_dict(base_cfg["model"])
     for f in ARCHITECTURE:
         if getattr(base, f) != getattr(cfg.model, f):
             raise UserError(f"model.init_from: {src} has {f}={getattr(base, f)}, "
                             f"this config has {getattr(cfg.model, f)}")
-    return base_tok.extend(list(texts) + [cfg.data.system_prompt])
+    system = DEFAULT_SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt
+    return base_tok.extend(list(texts) + [system])
 
 
 def load_base(src: str, mc: ModelConfig):

@@ -19,7 +19,7 @@ import optax
 
 from . import chatml, hf, lora, runs
 from .batching import BatchPlan, RunPlan
-from .config import Config, ModelConfig, UserError
+from .config import DEFAULT_SYSTEM_PROMPT, Config, ModelConfig, UserError
 from .data import Row, corpus_examples, read_corpus, read_jsonl, row_texts, split_corpus
 from .parts import Parts
 from .steps import make_optimizer, make_schedule
@@ -28,7 +28,7 @@ from .tokenizer import AnyTokenizer, Tokenizer
 
 @dataclass(frozen=True)
 class Setup:
-    cfg: Config  # as given, with model.vocab_size filled in
+    cfg: Config  # as given; vocab_size, chat_template and system_prompt filled in (with_vocabulary)
     tok: AnyTokenizer
     train_examples: list  # (inputs, targets, loss_mask) per row (or corpus window)
     val_rows: list[Row]  # [] when pretraining
@@ -60,12 +60,17 @@ class Setup:
 def tokenizer_for(cfg: Config, texts: list[str]) -> AnyTokenizer:
     """The vocabulary of a run trained on `texts` (reads no weights).
 
-    From scratch: every character of `texts`, the system prompt and "\\n". With
-    model.init_from: the base's (runs.base_tokenizer).
+    From scratch: every character of `texts`, the system prompt and "\\n" (ChatML: a
+    data.chat_template of base is a UserError). With model.init_from: the base's
+    (runs.base_tokenizer: its own chat template or ChatML's markers).
     """
     src = cfg.model.init_from
     if not src:
-        return Tokenizer.build(list(texts) + [cfg.data.system_prompt, "\n"])
+        if cfg.data.chat_template == "base":
+            raise UserError("data.chat_template: base needs model.init_from (a Llama-format directory with a chat "
+                            "template); a run from scratch renders ChatML")
+        system = DEFAULT_SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt
+        return Tokenizer.build(list(texts) + [system, "\n"])
     return runs.base_tokenizer(cfg, texts)
 
 
@@ -88,10 +93,18 @@ def focus_rows(cfg: Config, rows: list[Row], log=print) -> list[Row]:
 
 def _examples(rows, tok, cfg: Config, what: str):
     L = cfg.model.max_seq_len
-    examples, dropped = chatml.encode_rows(rows, tok, cfg.data.system_prompt, L)
+    examples, dropped = chatml.encode_rows(rows, tok, cfg.data.system_prompt, L, what)
     if not examples:
         raise UserError(f"{what}: no row fits max_seq_len={L} with any of its answer")
     return examples, dropped
+
+
+def with_vocabulary(cfg: Config, tok: AnyTokenizer) -> Config:
+    """cfg with model.vocab_size from `tok`, and data.chat_template and data.system_prompt resolved
+    for its format (chatml.default_system_prompt), as the run's config.json keeps them."""
+    data = dataclasses.replace(cfg.data, system_prompt=chatml.default_system_prompt(tok, cfg.data.system_prompt),
+                               chat_template="chatml" if tok.template is None else "base")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(tok)), data=data)
 
 
 def prepare(cfg: Config, mesh, log=print) -> Setup:
@@ -104,7 +117,7 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
     if cfg.data.corpus:
         paragraphs = read_corpus(cfg.data.corpus)
         tok, base = _vocabulary(cfg, paragraphs, log)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(tok)))
+        cfg = with_vocabulary(cfg, tok)
         train_par, val_par = split_corpus(paragraphs)
         L = cfg.model.max_seq_len
         train_ex, val_rows, val_ex = corpus_examples(train_par, tok, L), [], corpus_examples(val_par, tok, L)
@@ -112,7 +125,7 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
     else:
         train_rows, val_rows = read_jsonl(cfg.data.train), read_jsonl(cfg.data.val)
         tok, base = _vocabulary(cfg, row_texts(train_rows), log)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(tok)))
+        cfg = with_vocabulary(cfg, tok)
         train_ex, dropped = _examples(train_rows, tok, cfg, cfg.data.train)
         val_ex, vdropped = _examples(val_rows, tok, cfg, cfg.data.val)
         if dropped or vdropped:
@@ -156,6 +169,7 @@ def _vocabulary(cfg: Config, texts: list[str], log=print):
         _warn(log, f"model.init_from: Llama-format model {src}: d_model {m.d_model}, {m.n_layers} layers, "
                    f"{m.n_heads} heads ({m.kv_heads} key/value), d_ff {m.d_ff}, "
                    f"{'tied' if m.tie_embeddings else 'untied'} head, "
-                   f"vocabulary {rows} rows" + (f" + {len(tok) - rows} for ChatML markers" if len(tok) > rows else ""))
+                   f"vocabulary {rows} rows" + (f" + {len(tok) - rows} for ChatML markers" if len(tok) > rows else "")
+                   + (f"; its own chat template ({tok.template.origin})" if tok.template is not None else ""))
     return tok, runs.load_base(src, cfg.model)
 

@@ -7,12 +7,16 @@ character outside the vocabulary becomes <unk>.
 
 `HFTokenizer`, an imported model's own tokenizer (BPE, byte-level BPE, ...) run
 by the `tokenizers` library, with our ChatML markers added as single tokens where
-its vocabulary lacks them.
+its vocabulary lacks them; or, rendering with the model's own chat template
+(`template`, templates.py), with nothing added.
 
 What the rest of jaxsft uses of either: encode, decode, the ids bos_id, pad_id,
-system_id, user_id, assistant_id, end_id, unknown(text), len(tok), itos (token
-strings by id), extend(texts), save(path); `load(path)` reads either kind back
-and `TextStream` (`stream_text`) turns ids arriving one by one into whole characters.
+end_id, system_id, user_id, assistant_id (ChatML's markers: None where a template
+renders instead, as bos_id is for a base without one), stop_ids (generation stops
+at any), template (None: ChatML),
+unknown(text), len(tok), itos (token strings by id), extend(texts), save(path);
+`load(path)` reads either kind back and `TextStream` (`stream_text`) turns ids
+arriving one by one into whole characters.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import re
 from typing import Iterable, Iterator, Optional, Union
 
 from .files import atomic
+from .templates import ChatTemplate
 
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"
@@ -29,6 +34,8 @@ _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
 
 
 class Tokenizer:
+    template = None  # always ChatML
+
     def __init__(self, chars: Iterable[str]):
         chars = [c for c in dict.fromkeys(chars) if c not in SPECIALS]
         self.itos = list(SPECIALS) + chars
@@ -46,6 +53,10 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.itos)
+
+    @property
+    def stop_ids(self) -> tuple:
+        return (self.end_id,)
 
     def extend(self, texts: Iterable[str]) -> "Tokenizer":
         """A tokenizer with new characters appended; existing ids keep their meaning."""
@@ -100,7 +111,9 @@ class Tokenizer:
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with our markers: bos, pad, system, user, assistant
-    and end (role -> token string in `markers`), each registered as one special token.
+    and end (role -> token string in `markers`), each registered as one special token;
+    or, with a `template` (the base's own chat template), only the base's bos (if it has
+    one), end (its eos) and pad, and no ChatML markers (their ids are None).
 
     encode never adds a bos or eos of its own (chatml.render places every marker), and
     any added token's text in `text` becomes that token, as transformers does when it
@@ -109,14 +122,14 @@ class HFTokenizer:
 
     ROLES = ("bos", "system", "user", "assistant", "end", "pad")
 
-    def __init__(self, backend, markers: dict, size: int = 0):
-        self.backend, self.markers = backend, dict(markers)
-        ids = {role: backend.token_to_id(markers[role]) for role in self.ROLES}
-        missing = [markers[r] for r in self.ROLES if ids[r] is None]
+    def __init__(self, backend, markers: dict, size: int = 0, template: Optional[ChatTemplate] = None):
+        self.backend, self.markers, self.template = backend, dict(markers), template
+        ids = {role: backend.token_to_id(markers[role]) for role in self.ROLES if role in markers}
+        missing = [markers[r] for r in ids if ids[r] is None]
         if missing:
             raise ValueError(f"tokenizer has no token {missing[0]!r}")
-        self.bos_id, self.pad_id, self.system_id = ids["bos"], ids["pad"], ids["system"]
-        self.user_id, self.assistant_id, self.end_id = ids["user"], ids["assistant"], ids["end"]
+        self.bos_id, self.pad_id, self.system_id = ids.get("bos"), ids["pad"], ids.get("system")
+        self.user_id, self.assistant_id, self.end_id = ids.get("user"), ids.get("assistant"), ids["end"]
         unk = getattr(backend.model, "unk_token", None)
         self.unk_id = backend.token_to_id(unk) if unk else None
         self.n_ids = backend.get_vocab_size(with_added_tokens=True)
@@ -143,6 +156,10 @@ class HFTokenizer:
         return self.size
 
     @property
+    def stop_ids(self) -> tuple:
+        return self.template.stop_ids if self.template else (self.end_id,)
+
+    @property
     def itos(self) -> list[str]:
         """Token strings by id ("" for a model row no token uses)."""
         if self._itos is None:
@@ -156,6 +173,12 @@ class HFTokenizer:
     def encode(self, text: str, specials: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list]:
+        """(ids, (start, end) character span of each in `text`), as apply_chat_template(tokenize=True)
+        encodes a rendered conversation."""
+        e = self.backend.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
+
     def unknown(self, text: str) -> list[str]:
         """Characters of `text` that encode as the unknown token (none for byte-level BPE)."""
         if self.unk_id is None or self.unk_id not in self.encode(text):
@@ -168,6 +191,7 @@ class HFTokenizer:
 
     def to_dict(self) -> dict:
         return {"type": "hf", "markers": self.markers, "size": self.size,
+                **({"template": self.template.to_dict()} if self.template else {}),
                 "tokenizer": json.loads(self.backend.to_str())}
 
     def save(self, path: str) -> None:
@@ -177,7 +201,8 @@ class HFTokenizer:
     @classmethod
     def from_dict(cls, d: dict) -> "HFTokenizer":
         from tokenizers import Tokenizer as Backend
-        return cls(Backend.from_str(json.dumps(d["tokenizer"])), d["markers"], d.get("size", 0))
+        template = ChatTemplate.from_dict(d["template"]) if "template" in d else None
+        return cls(Backend.from_str(json.dumps(d["tokenizer"])), d["markers"], d.get("size", 0), template)
 
 
 AnyTokenizer = Union[Tokenizer, HFTokenizer]

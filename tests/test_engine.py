@@ -17,7 +17,7 @@ from jaxsft.config import ModelConfig
 from jaxsft.engine import Engine, Request
 
 N = 6  # answer tokens
-NEVER = -5  # an end id no model emits
+NEVER = (-5,)  # stop ids no model emits
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def _prompts(vocab, lens, seed=0):
     return [rng.integers(7, vocab, n).astype(np.int32) for n in lens]
 
 
-def _answers(eng, prompts, end=NEVER, **kw):
-    eng.end_id = end
+def _answers(eng, prompts, stop=NEVER, **kw):
+    eng.stop_ids = stop
     reqs = [Request(p, N, **kw) for p in prompts]
     eng.run(reqs)
     return [r.tokens for r in reqs], reqs
@@ -71,7 +71,7 @@ def test_rows_alone_equal_rows_among_others_and_the_naive_decoder(scaled, cfg):
     chex.assert_type([eng.tok, eng.pos, eng.i, eng.top_k], np.int32)
     chex.assert_type(eng.keys, np.uint32)
     # the same rows in another order, among others mid-answer: still the same tokens
-    eng.end_id = NEVER
+    eng.stop_ids = NEVER
     first = [eng.submit(Request(p, N)) for p in prompts[:2]]
     eng.step()
     eng.step()
@@ -99,7 +99,7 @@ def test_prompts_after_a_shared_prefix_give_the_same_answers_and_cache(scaled, c
     assert after.stats["prefill_after_prefix"] == 5 and plain.stats["prefill_after_prefix"] == 0
     # the cache a prefixed prompt leaves in its slot: the whole prompt's keys and values
     for eng in (plain, after):
-        eng.end_id = NEVER
+        eng.stop_ids = NEVER
         eng.run([Request(prompts[1], 1)])  # one token: prefilled, never decoded, into slot 0
     for (pk, pv), (ak, av) in zip(plain.cache, after.cache):
         n = len(prompts[1])
@@ -127,17 +127,18 @@ def test_rows_end_on_their_own_and_free_their_slots(scaled, cfg):
     prompts = _prompts(cfg.vocab_size, (3, 8, 5))
     eng = Engine(params, cfg, NEVER, slots=2)
     free, _ = _answers(eng, prompts)
-    # an end token that row 0 writes at step j >= 1: it stops there, the others go on
-    j = next(j for j in range(1, N) if free[0][j] not in free[0][:j])
-    end = free[0][j]
-    out, reqs = _answers(eng, prompts, end=end)
+    # stop ids that rows 0 and 1 write at steps >= 1: each row stops at the first of either it
+    # writes, the others go on
+    stops = tuple(f[next(j for j in range(1, N) if f[j] not in f[:j])] for f in free[:2])
+    out, reqs = _answers(eng, prompts, stop=stops)
+    assert sum(r.finish_reason == "stop" for r in reqs) >= 2
     for row, f, r in zip(out, free, reqs):
-        stop = f.index(end) if end in f else N
+        stop = next((j for j, t in enumerate(f) if t in stops), N)
         assert row == f[:stop]
-        assert r.finish_reason == ("stop" if end in f else "length")
+        assert r.finish_reason == ("stop" if stop < N else "length")
     assert eng.active == 0 and not eng.busy
     # max_tokens and cancel
-    eng.end_id = NEVER
+    eng.stop_ids = NEVER
     short = eng.submit(Request(prompts[0], 2))
     gone = eng.submit(Request(prompts[1], N))
     eng.step()

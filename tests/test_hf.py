@@ -566,7 +566,7 @@ def test_sft_of_an_imported_llama_chat_eval_inspect_export(sft):
     assert hf_greedy(hf_model, hf_tok, convs, 24) == ours
     # bin/inspect's per-token losses on training row 0 are transformers' cross-entropy on the export
     _, mc, tok = runs.restore(sft["run"])
-    system = load_config(sft["config"]).data.system_prompt
+    system = chatml.default_system_prompt(tok, load_config(sft["config"]).data.system_prompt)  # null: ChatML's
     ids, mask = chatml.render(read_rows("train.jsonl", 1)[0].messages, tok, system)
     ids, mask = ids[:mc.max_seq_len + 1], mask[1:mc.max_seq_len + 1]
     logp = torch.log_softmax(torch.tensor(torch_logits(hf_model, ids[:-1])), -1).numpy()

@@ -175,7 +175,7 @@ def test_init_from_keeps_the_base_weights_and_ids(pretrained, tmp_path):
     base_params, base_cfg, base_tok = runs.restore(pretrained["run_dir"])
     n_old = len(base_tok)
     # the vocabulary is the base's, then the new characters in sorted order
-    sft_text = "".join(q + a for q, a in QA) + cfg.data.system_prompt
+    sft_text = "".join(q + a for q, a in QA) + prepared.cfg.data.system_prompt  # (resolved: ChatML's default)
     new = sorted(set(sft_text) - set(base_tok.itos))
     assert new and set("天空颜色晴蓝") <= set(new)
     assert tok.itos == base_tok.itos + new and model_cfg.vocab_size == n_old + len(new)

@@ -369,7 +369,7 @@ def live_app(engine, tok, **kw):
 
 @pytest.fixture(scope="module")
 def slow_engine(tok):
-    """A random tiny model whose rows never end (end id -5), 30 ms a step."""
+    """A random tiny model whose rows never end (stop id -5), 30 ms a step."""
     from jaxsft import model
     from jaxsft.config import ModelConfig
     from jaxsft.engine import Engine
@@ -381,7 +381,7 @@ def slow_engine(tok):
             time.sleep(0.03)
             return super().decode()
 
-    return lambda slots: Slow(params, cfg, -5, slots=slots)
+    return lambda slots: Slow(params, cfg, (-5,), slots=slots)
 
 
 def test_busy_server_answers_503_with_retry_after(slow_engine, tok):

@@ -61,9 +61,10 @@ def compare(gen, sampling, args):
     base = Generator.from_run(args.compare, "", max_new_tokens=args.max_new_tokens)
     model_cfg, tok = base.cfg, base.tok
     budget = model_cfg.max_seq_len - base.max_new_tokens
-    ids = [tok.bos_id] + tok.encode(args.question)
+    bos = [] if tok.bos_id is None else [tok.bos_id]  # a base without a bos token (Qwen's) has none
+    ids = bos + tok.encode(args.question)
     if len(ids) > budget:  # keep <bos> and the end of the text
-        ids = ids[:1] + ids[len(ids) - budget + 1:]
+        ids = bos + ids[len(ids) - budget + len(bos):]
         print("(the text is longer than the base model's context: its start is left out)", file=sys.stderr)
     continuation = tok.decode(base.generate_ids([np.asarray(ids, np.int32)], sampling, args.seed)[0])
     answer = gen.answer([[("user", args.question)]], sampling, args.seed)[0]

@@ -5,9 +5,10 @@
              AutoModelForCausalLM.from_pretrained("exported"); AutoTokenizer.from_pretrained("exported")'
 
 Writes config.json (LlamaForCausalLM), model.safetensors, tokenizer.json, tokenizer_config.json
-(with a chat template that renders our ChatML and the run's system prompt),
-special_tokens_map.json and generation_config.json (eos <|endoftext|>). The best checkpoint
-is exported; --out must not exist or be empty.
+(with a chat template that renders our ChatML and the run's system prompt; a run on a
+base's own template: that template and the base's special tokens), special_tokens_map.json
+and generation_config.json (eos <|endoftext|>; on a base's own template, the base's file).
+The best checkpoint is exported; --out must not exist or be empty.
 
 A LoRA run (lora.rank > 0) is exported merged: W + (alpha/rank) A B. With --adapter it is
 exported as a base and a PEFT adapter beside it instead:

@@ -1,5 +1,6 @@
 """Show how one row is rendered and which tokens the loss is computed on (the
-seed's Part 3 table): position, input token, target token, counted or not.
+seed's Part 3 table): position, input token, target token, counted or not. A run
+on a base's own chat template shows the row in that template.
 
   bin/inspect --config configs/default.yaml                 row 0 of the training file
   bin/inspect --config configs/default.yaml --row 5 --split val
@@ -56,7 +57,7 @@ def main():
     else:
         tok = tokenizer_for(cfg, row_texts(rows if args.split == "train" else read_jsonl(cfg.data.train)))
 
-    ids, mask = chatml.render(row.messages, tok, cfg.data.system_prompt)
+    ids, mask = chatml.render(row.messages, tok, chatml.default_system_prompt(tok, cfg.data.system_prompt))
     cut_ids, loss_mask = ids[: max_seq_len + 1], mask[1: max_seq_len + 1]
     print(f"{path} row {args.row} (line {row.line}{', category ' + row.category if row.category else ''}): "
           f"{len(ids)} tokens, max_seq_len {max_seq_len}")

@@ -61,7 +61,7 @@ def main():
         from ..decode import Generator
         from ..engine import Engine
         gen = Generator.from_run(args.checkpoint, args.system)
-        engine = Engine(gen.params, gen.cfg, gen.tok.end_id, args.slots, gen.tok.pad_id)
+        engine = Engine(gen.params, gen.cfg, gen.tok.stop_ids, args.slots, gen.tok.pad_id)
         name = args.name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
         return Model(engine, gen.tok, gen.system_prompt, name)
 

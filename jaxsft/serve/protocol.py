@@ -24,6 +24,7 @@ from pydantic import (BaseModel, BeforeValidator, Field, ValidationError, Valida
 from pydantic_core import PydanticCustomError
 
 from .. import chatml
+from ..templates import TemplateError
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -225,8 +226,12 @@ def parse_chat(body, tok, context: int, system_prompt: Optional[str]) -> ChatPar
         req = ChatRequest.model_validate(body)
     except ValidationError as e:
         raise api_error(e) from None
-    ids, _ = chatml.render([(m.role, m.content) for m in req.messages], tok, system_prompt,
-                           add_generation_prompt=True)
+    try:
+        ids, _ = chatml.render([(m.role, m.content) for m in req.messages], tok, system_prompt,
+                               add_generation_prompt=True)
+    except TemplateError as e:  # the model's own chat template refuses these messages (e.g. roles out of order)
+        raise ApiError(400, f"the model's chat template refuses these messages: {e.problem}", "messages",
+                       "invalid_value") from None
     if len(ids) >= context:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {context} tokens, "
                             f"so the messages may take at most {context - 1}", "messages", "context_length_exceeded")

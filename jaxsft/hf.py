@@ -305,7 +305,8 @@ def _rope(path: str, c: dict, get) -> dict:
         if kind not in ROPE_TYPES:
             raise UserError(f"{path}: {key}.{name} {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
         fields = ROPE_KEYS[kind]
-        extra = sorted(set(rope) - {"rope_type", "type", "rope_theta", *fields})
+        whole = {"partial_rotary_factor"} if rope.get("partial_rotary_factor") == 1 else set()  # every pair
+        extra = sorted(set(rope) - {"rope_type", "type", "rope_theta", *fields} - whole)
         if extra:
             raise UserError(f"{path}: {key}.{extra[0]} is not supported (rope_type {kind!r} takes "
                             f"{', '.join(['rope_theta', *fields])})")

@@ -183,7 +183,8 @@ def test_export_is_the_family_transformers_loads(case, family_dirs, tmp_path):
         ids = ids + [tok.user_id, tok.end_id]  # the new rows too
         assert np.abs(jax_logits(graphdef, params, ids) - torch_logits(hf_model, ids)).max() < TOL
     back = hf.read_params(out, mc)
-    for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(back)):
+    leaves = jax.tree_util.tree_leaves_with_path
+    for (path, x), (_, y) in zip(leaves(params), leaves(back)):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), path
 
 

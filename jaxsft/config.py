@@ -471,10 +471,10 @@ def validate_family(m: ModelConfig, where=lambda k: k) -> None:
         raise UserError(f"{where('model.attn_bias')}: expected one of {', '.join(ATTN_BIAS)}, got {m.attn_bias!r}")
     cls, biases, qk_norm = FAMILIES[m.family]
     if m.attn_bias not in biases:
-        raise UserError(f"{where('model.attn_bias')}: {m.attn_bias!r} is not what family {m.family} has "
-                        f"({cls}: {' or '.join(biases)})")
+        raise UserError(f"{where('model.family')}: {m.family} ({cls}) has model.attn_bias "
+                        f"{' or '.join(biases)}, not {m.attn_bias}")
     if m.qk_norm != qk_norm:
-        raise UserError(f"{where('model.qk_norm')}: family {m.family} has qk_norm={str(qk_norm).lower()} ({cls})")
+        raise UserError(f"{where('model.family')}: {m.family} ({cls}) has model.qk_norm={str(qk_norm).lower()}")
     if m.rope_type not in ROPE_TYPES:
         raise UserError(f"{where('model.rope_type')}: {m.rope_type!r} is not supported "
                         f"(supported: {', '.join(ROPE_TYPES)})")

@@ -57,7 +57,7 @@ CASES = {
               dict(family="qwen3", kv_heads=2, tie_embeddings=False, head_dim=24, attn_bias="all", qk_norm=True)),
 }
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, initializer_range=0.1)
+              max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, initializer_range=0.2)
 
 
 @functools.cache
@@ -78,8 +78,8 @@ def build(path: str, case: str, seed: int = 0):
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(1.0, 0.3)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.3)
+            elif name.endswith(".bias"):  # larger ones would make every continuation repeat one token
+                p.normal_(0.0, 0.1)
     m.save_pretrained(path)
     return m.eval()
 
@@ -156,7 +156,7 @@ def test_engine_greedy_continuations_are_transformers(case, family_dirs):
         new = out[0, len(p):].tolist()
         theirs.append(new[:new.index(1)] if 1 in new else new)
     ours = [r.tokens for r in reqs]
-    assert len(set(sum(ours, []))) > 4  # not one token over and over
+    assert len(set(sum(ours, []))) > 8  # not one token over and over
     assert ours == theirs
 
 
@@ -279,10 +279,12 @@ def test_unsupported_base_is_one_line_exit_2_nothing_written(case, family_dirs, 
 
 @pytest.mark.parametrize("sets, message", [
     (["model.family=gemma"], "--set model.family: 'gemma' is not supported (supported: llama, mistral, qwen2, qwen3)"),
-    (["model.family=qwen2"], "--set model.attn_bias: 'none' is not what family qwen2 has (Qwen2ForCausalLM: qkv)"),
-    (["model.family=qwen3", "model.attn_bias=qkv"], "--set model.attn_bias: 'qkv' is not what family qwen3 has"),
-    (["model.family=qwen3"], "--set model.qk_norm: family qwen3 has qk_norm=true (Qwen3ForCausalLM)"),
-    (["model.qk_norm=true"], "--set model.qk_norm: family llama has qk_norm=false"),
+    (["model.family=qwen2"], "--set model.family: qwen2 (Qwen2ForCausalLM) has model.attn_bias qkv, not none"),
+    (["model.family=qwen3", "model.attn_bias=qkv"],
+     "--set model.family: qwen3 (Qwen3ForCausalLM) has model.attn_bias none or all, not qkv"),
+    (["model.family=qwen3"], "--set model.family: qwen3 (Qwen3ForCausalLM) has model.qk_norm=true"),
+    (["model.qk_norm=true"], "<defaults>: model.family: llama (LlamaForCausalLM) has model.qk_norm=false"),
+    (["model.attn_bias=maybe"], "--set model.attn_bias: expected one of none, qkv, all, got 'maybe'"),
     (["model.rope_type=yarn"], "--set model.rope_type: 'yarn' is not supported (supported: default, linear, llama3)"),
     (["model.rope_type=linear", "model.rope_factor=0"], "--set model.rope_factor: must be positive, got 0.0"),
     (["model.rope_type=llama3", "model.rope_high_freq_factor=1"], "--set model.rope_high_freq_factor: must be above"),

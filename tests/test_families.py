@@ -9,6 +9,8 @@ scales too, which transformers starts at 0 and 1) with a BPE tokenizer trained h
 - export: hf.write_llama writes the family's class (model_type, architectures, keys its config
   class knows), which transformers loads with the same logits, and which reads back bitwise;
 - LoRA: adapters on a qwen2 / qwen3 base (its biases and norms frozen) load in PEFT with our logits;
+  end to end (slow): bin/train with LoRA on qwen2 and in full on qwen3 (its norms and biases train),
+  then bin/export, merged and --adapter, give the run's logits in transformers and PEFT;
 - bad input: another model_type or rope type, a sliding window on: one line, exit 2, nothing written.
 
 Nothing is downloaded.
@@ -248,6 +250,32 @@ def test_lora_run_on_a_qwen2_base_exports_for_transformers_and_peft(family_dirs,
         base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter" / "base"))
         adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter" / "adapter")).eval()
         np.testing.assert_allclose(adapted(ids).logits.numpy(), ours, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_full_sft_of_a_qwen3_base_trains_its_norms_and_biases_and_exports(family_dirs, tmp_path):
+    """bin/train (every parameter) on the qwen3 base: its q/k norms and biases train too, and bin/export
+    gives Qwen3ForCausalLM with the run's logits."""
+    run, src = tmp_path / "run", family_dirs["qwen3"]["path"]
+    config = write_config(str(tmp_path), run, steps=4, model_extra=f"  init_from: {json.dumps(src)}\n", n_train=40)
+    p = run_script("train", "--config", config, "--no-progress", timeout=600)
+    assert p.returncode == 0, p.stderr
+    p = run_script("export", "--checkpoint", run, "--out", tmp_path / "exported")
+    assert p.returncode == 0, p.stderr
+    params, mc, tok = runs.restore(str(run))
+    start = hf.read_params(src, dataclasses.replace(mc, vocab_size=backend().get_vocab_size()))
+    for name in ("q_norm", "bias"):
+        moved = [not np.array_equal(x, y) for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(params),
+                                                                       jax.tree_util.tree_leaves_with_path(start))
+                 if name in jax.tree_util.keystr(path)]
+        assert moved and all(moved), name
+    tokens = jnp.asarray([tok.encode("3加5等于多少？") + [tok.user_id, tok.assistant_id]], jnp.int32)
+    ours = np.asarray(model.apply(model.abstract(mc)[0], params, tokens)[0])
+    hf_model, _ = load_export(str(tmp_path / "exported"))
+    assert type(hf_model).__name__ == "Qwen3ForCausalLM"
+    with torch.no_grad():
+        theirs = hf_model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=TOL, rtol=0)
 
 
 # ---------------------------------------------------------------- bad input

@@ -97,15 +97,19 @@ def hf_config(mc: ModelConfig, tok: AnyTokenizer, dtype: str = "float32") -> dic
     rope = {"rope_type": mc.rope_type, "rope_theta": mc.rope_theta}
     if mc.rope_type != "default":
         rope["factor"] = mc.rope_factor
+    context = mc.max_seq_len
     if mc.rope_type == "llama3":
         rope.update(low_freq_factor=mc.rope_low_freq_factor, high_freq_factor=mc.rope_high_freq_factor,
                     original_max_position_embeddings=mc.rope_original_max_len)
+        # the context the scaling stretches the pretrained one to (transformers warns at loading when
+        # max_position_embeddings is not above the original; it computes the same function either way)
+        context = max(context, round(mc.rope_original_max_len * mc.rope_factor))
     c = {
         "architectures": [FAMILIES[mc.family][0]], "model_type": mc.family,
         "vocab_size": mc.vocab_size, "hidden_size": mc.d_model, "intermediate_size": mc.d_ff,
         "num_hidden_layers": mc.n_layers, "num_attention_heads": mc.n_heads,
         "num_key_value_heads": mc.kv_heads, "head_dim": mc.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": mc.max_seq_len, "initializer_range": 0.02, "rms_norm_eps": mc.norm_eps,
+        "max_position_embeddings": context, "initializer_range": 0.02, "rms_norm_eps": mc.norm_eps,
         "rope_parameters": rope, "tie_word_embeddings": mc.tie_embeddings, "attention_dropout": 0.0,
         "use_cache": True, "dtype": dtype,
         "bos_token_id": tok.bos_id, "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id,

@@ -4,7 +4,8 @@
 A config file has four parts (see configs/default.yaml):
 
     model:   d_model, n_heads, n_layers, d_ff, max_seq_len, dropout, init_from
-             (and n_kv_heads, head_size, rope_theta, norm_eps, tie_embeddings: Llama's options)
+             (and n_kv_heads, head_size, rope_theta, norm_eps, tie_embeddings: Llama's options;
+             family, attn_bias, qk_norm, rope_type and rope_*: the families, FAMILIES)
     data:    train, val, test, system_prompt, chat_template, corpus
     train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
     out_dir: where the run writes checkpoints, metrics.jsonl and curves.png
@@ -58,6 +59,26 @@ class ModelConfig:
     norm_eps: float = 1e-5
     # the output head is the token embedding (true), or a matrix of its own
     tie_embeddings: bool = True
+    # the model family, transformers' model_type: llama, mistral, qwen2 or qwen3 (FAMILIES); bin/export
+    # writes that family's class, so the features below must be ones it has
+    family: str = "llama"
+    # attention projection biases: none, qkv (query, key and value: Qwen2) or all (and the output
+    # projection: Qwen3's attention_bias)
+    attn_bias: str = "none"
+    # RMSNorm over each head's queries and keys before the rotary embedding (Qwen3's q_norm, k_norm)
+    qk_norm: bool = False
+    # rotary frequencies theta^(-2i/K) as they are (default), all divided by rope_factor (linear), or
+    # Llama 3.1's scaling (llama3): the low ones divided by rope_factor, the high ones kept, between them
+    # a smooth mix (ops.rope_freqs)
+    rope_type: str = "default"
+    # linear and llama3: what the (low) frequencies are divided by
+    rope_factor: float = 1.0
+    # llama3: wavelengths above rope_original_max_len / rope_low_freq_factor are divided by rope_factor
+    rope_low_freq_factor: float = 1.0
+    # llama3: wavelengths below rope_original_max_len / rope_high_freq_factor are kept as they are
+    rope_high_freq_factor: float = 4.0
+    # llama3: the context length the model was pretrained with (original_max_position_embeddings)
+    rope_original_max_len: int = 8192
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +87,28 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def rope_scaling(self) -> tuple:
+        """ops.rotary's scaling: () by default, (linear, factor) or (llama3, factor, low, high, original)."""
+        if self.rope_type == "linear":
+            return ("linear", self.rope_factor)
+        if self.rope_type == "llama3":
+            return ("llama3", self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                    self.rope_original_max_len)
+        return ()
+
+
+# the model families: each is the Llama core plus named features (ModelConfig's attn_bias, qk_norm), and
+# the values of those features its transformers class can hold. family -> (class, attn_bias values, qk_norm)
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", ("none",), False),
+    "mistral": ("MistralForCausalLM", ("none",), False),
+    "qwen2": ("Qwen2ForCausalLM", ("qkv",), False),
+    "qwen3": ("Qwen3ForCausalLM", ("none", "all"), True),
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+ATTN_BIAS = ("none", "qkv", "all")
 
 
 @dataclass(frozen=True)
@@ -394,6 +437,7 @@ def validate(cfg: Config, where=lambda k: k) -> None:
     for key, v in [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps)]:
         if v <= 0:
             raise UserError(f"{where(key)}: must be positive, got {v}")
+    validate_family(m, where)
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"{where('model.dropout')}: must be in [0, 1), got {m.dropout}")
     for key, v in [("train.weight_decay", t.weight_decay), ("train.warmup_steps", t.warmup_steps),
@@ -425,6 +469,29 @@ def validate(cfg: Config, where=lambda k: k) -> None:
     if not cfg.out_dir:
         raise UserError(f"{where('out_dir')}: must not be empty")
     validate_lora(cfg, where)
+
+
+def validate_family(m: ModelConfig, where=lambda k: k) -> None:
+    """The family and its features agree (FAMILIES); the rotary scaling's values are usable."""
+    if m.family not in FAMILIES:
+        raise UserError(f"{where('model.family')}: {m.family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    if m.attn_bias not in ATTN_BIAS:
+        raise UserError(f"{where('model.attn_bias')}: expected one of {', '.join(ATTN_BIAS)}, got {m.attn_bias!r}")
+    cls, biases, qk_norm = FAMILIES[m.family]
+    if m.attn_bias not in biases:
+        raise UserError(f"{where('model.family')}: {m.family} ({cls}) has model.attn_bias "
+                        f"{' or '.join(biases)}, not {m.attn_bias}")
+    if m.qk_norm != qk_norm:
+        raise UserError(f"{where('model.family')}: {m.family} ({cls}) has model.qk_norm={str(qk_norm).lower()}")
+    if m.rope_type not in ROPE_TYPES:
+        raise UserError(f"{where('model.rope_type')}: {m.rope_type!r} is not supported "
+                        f"(supported: {', '.join(ROPE_TYPES)})")
+    for key in ("rope_factor", "rope_low_freq_factor", "rope_original_max_len"):
+        if getattr(m, key) <= 0:
+            raise UserError(f"{where('model.' + key)}: must be positive, got {getattr(m, key)}")
+    if m.rope_type == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        raise UserError(f"{where('model.rope_high_freq_factor')}: must be above rope_low_freq_factor="
+                        f"{m.rope_low_freq_factor}, got {m.rope_high_freq_factor}")
 
 
 def validate_lora(cfg: Config, where=lambda k: k) -> None:

@@ -1,7 +1,7 @@
-"""Llama-format models in and out: the directory transformers' LlamaForCausalLM and
-AutoTokenizer read and write.
+"""transformers-format models in and out: the directory transformers' LlamaForCausalLM (and
+MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) and AutoTokenizer read and write.
 
-    config.json                    LlamaForCausalLM's configuration (transformers 5 keys)
+    config.json                    the family's configuration (transformers 5 keys)
     model.safetensors              the weights (or shards listed in model.safetensors.index.json)
     tokenizer.json                 the `tokenizers` library's file
     tokenizer_config.json, special_tokens_map.json   special tokens and our ChatML chat template
@@ -15,21 +15,39 @@ compute stops with a UserError naming the file and key. A base's own chat templa
 (`read_chat_template`: chat_template.jinja, else tokenizer_config.json's chat_template) goes
 with its tokenizer into the run (tokenizer.HFTokenizer.template) and back out at export.
 
+The families (config.json's model_type; config.FAMILIES), each the Llama core plus named
+ModelConfig features, exported as the class of the family it came from:
+
+    family   difference from Llama (ModelConfig)                        transformers class
+    llama    none; rope_type linear or llama3 (rope scaling)             LlamaForCausalLM
+    mistral  none (sliding_window must be null)                         MistralForCausalLM
+    qwen2    q/k/v projection biases (attn_bias: qkv); use_sliding_window false   Qwen2ForCausalLM
+    qwen3    RMSNorm over each head's queries and keys before rope (qk_norm), its own head_dim;
+             attention_bias: q/k/v/o biases (attn_bias: all)             Qwen3ForCausalLM
+
+Every family takes rope_parameters (transformers 5) or rope_scaling (4) of rope_type default,
+linear (factor) or llama3 (factor, low_freq_factor, high_freq_factor,
+original_max_position_embeddings), grouped-query attention and a tied or untied head.
+
 Weights: transformers' name <- jaxsft's parameter, torch's (out, in) layout = our kernel.T:
 
     model.embed_tokens.weight                   embed.embedding          (V, D)  as is
     model.layers.N.input_layernorm.weight       blocks.N.norm1.scale     (D,)
     model.layers.N.self_attn.{q,k,v,o}_proj.weight   blocks.N.attn.w{q,k,v,o}.kernel.T
+    model.layers.N.self_attn.{q,k,v,o}_proj.bias     blocks.N.attn.w{q,k,v,o}.bias (attn_bias)
+    model.layers.N.self_attn.{q,k}_norm.weight       blocks.N.attn.{q,k}_norm.scale  (K,) (qk_norm)
     model.layers.N.post_attention_layernorm.weight   blocks.N.norm2.scale
     model.layers.N.mlp.{gate,up,down}_proj.weight    blocks.N.mlp.w{1,3,2}.kernel.T
     model.norm.weight                           norm.scale
     lm_head.weight                              lm_head.kernel.T (untied; tied models have none)
 
-The conventions behind these (checked against transformers' modeling_llama.py, and
-settled by the logits tests in tests/test_hf.py): rotary embedding rotates the pairs
-(x[i], x[i + K/2]) (rotate_half) with inverse frequencies theta^(-2i/K); RMSNorm is
-x * rsqrt(mean(x^2) + eps) * weight in float32; attention scores are scaled by
-K^-0.5; key/value head g serves query heads g*H/G .. (g+1)*H/G - 1 (repeat_kv).
+The conventions behind these (checked against transformers' modeling_llama.py, modeling_qwen2.py,
+modeling_qwen3.py, modeling_mistral.py and modeling_rope_utils.py, and settled by the logits tests
+in tests/test_hf.py and tests/test_families.py): rotary embedding rotates the pairs
+(x[i], x[i + K/2]) (rotate_half) with inverse frequencies theta^(-2i/K) (scaled: ops.rope_freqs);
+RMSNorm is x * rsqrt(mean(x^2) + eps) * weight in float32, Qwen3's q/k norms over each head's K
+values with rms_norm_eps; attention scores are scaled by K^-0.5; key/value head g serves query
+heads g*H/G .. (g+1)*H/G - 1 (repeat_kv).
 """
 from __future__ import annotations
 
@@ -42,7 +60,7 @@ import jax
 import numpy as np
 
 from . import templates
-from .config import ModelConfig, UserError, read_text
+from .config import FAMILIES, ROPE_TYPES, ModelConfig, UserError, read_text
 from .files import write_json
 from .templates import ChatTemplate
 from .tokenizer import ASSISTANT, END, SPECIALS, SYSTEM, UNK, USER, AnyTokenizer, HFTokenizer, Tokenizer
@@ -51,7 +69,8 @@ DTYPES = {"F32": np.float32, "BF16": "bfloat16", "F16": np.float16}
 
 
 def _names(mc: ModelConfig) -> dict:
-    """jaxsft parameter path ('blocks.0.attn.wq.kernel') -> (transformers name, transposed)."""
+    """jaxsft parameter path ('blocks.0.attn.wq.kernel') -> (transformers name, transposed), for every
+    parameter a model of mc's shape may have (biases and q/k norms too: only the tree's are looked up)."""
     names = {"embed.embedding": ("model.embed_tokens.weight", False), "norm.scale": ("model.norm.weight", False)}
     if not mc.tie_embeddings:
         names["lm_head.kernel"] = ("lm_head.weight", True)
@@ -61,6 +80,9 @@ def _names(mc: ModelConfig) -> dict:
         names[ours + "norm2.scale"] = (theirs + "post_attention_layernorm.weight", False)
         for w, proj in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
             names[f"{ours}attn.{w}.kernel"] = (f"{theirs}self_attn.{proj}.weight", True)
+            names[f"{ours}attn.{w}.bias"] = (f"{theirs}self_attn.{proj}.bias", False)  # attn_bias only
+        for w in ("q_norm", "k_norm"):  # qk_norm only
+            names[f"{ours}attn.{w}.scale"] = (f"{theirs}self_attn.{w}.weight", False)
         for w, proj in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
             names[f"{ours}mlp.{w}.kernel"] = (f"{theirs}mlp.{proj}.weight", True)
     return names
@@ -75,19 +97,43 @@ def _path(path) -> str:
 # ---------------------------------------------------------------- export
 
 
-def llama_config(mc: ModelConfig, tok: AnyTokenizer, dtype: str = "float32") -> dict:
-    """config.json of LlamaForCausalLM for a jaxsft model (keys as transformers 5 writes them)."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+def hf_config(mc: ModelConfig, tok: AnyTokenizer, dtype: str = "float32") -> dict:
+    """config.json of the model family's class (config.FAMILIES: LlamaForCausalLM, ...) for a jaxsft
+    model, keys as transformers 5 writes them, each one that class knows."""
+    rope = {"rope_type": mc.rope_type, "rope_theta": mc.rope_theta}
+    if mc.rope_type != "default":
+        rope["factor"] = mc.rope_factor
+    context = mc.max_seq_len
+    if mc.rope_type == "llama3":
+        rope.update(low_freq_factor=mc.rope_low_freq_factor, high_freq_factor=mc.rope_high_freq_factor,
+                    original_max_position_embeddings=mc.rope_original_max_len)
+        # the context the scaling stretches the pretrained one to (transformers warns at loading when
+        # max_position_embeddings is not above the original; it computes the same function either way)
+        context = max(context, round(mc.rope_original_max_len * mc.rope_factor))
+    c = {
+        "architectures": [FAMILIES[mc.family][0]], "model_type": mc.family,
         "vocab_size": mc.vocab_size, "hidden_size": mc.d_model, "intermediate_size": mc.d_ff,
         "num_hidden_layers": mc.n_layers, "num_attention_heads": mc.n_heads,
         "num_key_value_heads": mc.kv_heads, "head_dim": mc.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": mc.max_seq_len, "initializer_range": 0.02, "rms_norm_eps": mc.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": mc.rope_theta},
-        "tie_word_embeddings": mc.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
-        "mlp_bias": False, "pretraining_tp": 1, "use_cache": True, "dtype": dtype,
+        "max_position_embeddings": context, "initializer_range": 0.02, "rms_norm_eps": mc.norm_eps,
+        "rope_parameters": rope, "tie_word_embeddings": mc.tie_embeddings, "attention_dropout": 0.0,
+        "use_cache": True, "dtype": dtype,
         "bos_token_id": tok.bos_id, "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id,
     }
+    full = ["full_attention"] * mc.n_layers  # Qwen's layer types: no sliding-window layers
+    no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": mc.n_layers,
+                 "layer_types": full}
+    if mc.family == "llama":
+        c.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif mc.family == "mistral":
+        c.update(sliding_window=None)
+    elif mc.family == "qwen2":
+        c.update(no_window)
+        if mc.head_dim * mc.n_heads == mc.d_model:
+            del c["head_dim"]  # Qwen2Config has no such field; Qwen2Attention reads one that is there
+    else:  # qwen3
+        c.update(no_window, attention_bias=mc.attn_bias == "all")
+    return c
 
 
 def chat_template(system_prompt: str, m: dict) -> str:
@@ -159,7 +205,8 @@ def generation_config(tok: AnyTokenizer) -> dict:
 
 
 def write_llama(out_dir: str, params, mc: ModelConfig, tok: AnyTokenizer, system_prompt: str, dtype: str) -> None:
-    """The files of a Llama-format model directory (created) for the parameters of `mc`."""
+    """The files of a transformers-format model directory (created) for the parameters of `mc`, as
+    its family's class (hf_config) holds them."""
     import ml_dtypes
     from safetensors.numpy import save_file
     cast = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
@@ -172,7 +219,7 @@ def write_llama(out_dir: str, params, mc: ModelConfig, tok: AnyTokenizer, system
     backend, tok_config, special = _tokenizer_files(tok, system_prompt, mc.max_seq_len)
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    write_json(os.path.join(out_dir, "config.json"), llama_config(mc, tok, dtype), indent=2)
+    write_json(os.path.join(out_dir, "config.json"), hf_config(mc, tok, dtype), indent=2)
     write_json(os.path.join(out_dir, "generation_config.json"), generation_config(tok), indent=2)
     backend.save(os.path.join(out_dir, "tokenizer.json"))
     write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_config, indent=2)
@@ -207,11 +254,100 @@ def _read_json(path: str, required: bool = True):
     return d
 
 
-# config.json keys whose other values ask for computations jaxsft does not do: (key, fine values, what)
-UNSUPPORTED = [("attention_bias", (None, False), "attention biases"), ("mlp_bias", (None, False), "MLP biases"),
-               ("sliding_window", (None,), "sliding-window attention"),
-               ("use_sliding_window", (None, False), "sliding-window attention"),
-               ("hidden_act", (None, "silu"), "jaxsft's MLP is SwiGLU with silu")]
+# config.json keys whose other values ask for computations jaxsft does not do, in the families whose
+# transformers class reads them: (families, key, fine values, what)
+UNSUPPORTED = [(("llama",), "attention_bias", (None, False), "attention biases"),
+               (("llama",), "mlp_bias", (None, False), "MLP biases"),
+               (("llama", "mistral"), "sliding_window", (None,), "sliding-window attention"),
+               (("llama", "qwen2", "qwen3"), "use_sliding_window", (None, False), "sliding-window attention"),
+               (tuple(FAMILIES), "hidden_act", (None, "silu"), "jaxsft's MLP is SwiGLU with silu"),
+               (tuple(FAMILIES), "partial_rotary_factor", (None, 1, 1.0), "rotary embedding on part of a head")]
+# what transformers' config classes assume for keys a config.json leaves out (LlamaConfig's, and where
+# a family's class differs); num_key_value_heads and head_dim None: num_attention_heads, hidden / heads
+DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32,
+            "intermediate_size": 11008, "num_key_value_heads": None, "head_dim": None, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False, "rope_theta": 10000.0, "max_position_embeddings": 2048}
+FAMILY_DEFAULTS = {
+    "llama": {},
+    "mistral": {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 131072},
+    "qwen2": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+              "max_position_embeddings": 32768},
+    "qwen3": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32, "head_dim": 128,
+              "max_position_embeddings": 32768},
+}
+# each rope_type's keys besides rope_type and rope_theta -> the ModelConfig field they set
+ROPE_KEYS = {"default": {}, "linear": {"factor": "rope_factor"},
+             "llama3": {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+                        "high_freq_factor": "rope_high_freq_factor",
+                        "original_max_position_embeddings": "rope_original_max_len"}}
+
+
+def _getter(path: str, c: dict, defaults: dict):
+    """get(key, kind): config.json's value of key (defaults[key] where it is absent or null; a None
+    default stays None), checked to be of `kind` (bool, int, or (int, float): a number); UserError
+    naming the key otherwise."""
+    def get(key, kind):
+        v = defaults[key] if c.get(key) is None else c[key]
+        if v is None:
+            return None
+        ok = isinstance(v, bool) if kind is bool else isinstance(v, kind) and not isinstance(v, bool)
+        if not ok:
+            want = {bool: "true or false", int: "an integer"}.get(kind, "a number")
+            raise UserError(f"{path}: {key} is {json.dumps(v)}, expected {want}")
+        return v
+    return get
+
+
+def _family(path: str, c: dict) -> dict:
+    """The ModelConfig features of config.json's model_type (family, attn_bias, qk_norm); UserError for
+    another model_type or a key (UNSUPPORTED) asking for what jaxsft does not compute."""
+    family = c.get("model_type")
+    if family not in FAMILIES:
+        raise UserError(f"{path}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    for families, key, fine, what in UNSUPPORTED:
+        if family in families and c.get(key) not in fine:
+            raise UserError(f"{path}: {key}={json.dumps(c[key])} is not supported ({what})")
+    kinds = c.get("layer_types") or []
+    if family in ("qwen2", "qwen3") and any(k != "full_attention" for k in kinds):
+        raise UserError(f"{path}: layer_types={json.dumps(kinds)} is not supported (only full_attention layers)")
+    bias = {"qwen2": "qkv", "qwen3": "all" if c.get("attention_bias") else "none"}.get(family, "none")
+    return dict(family=family, attn_bias=bias, qk_norm=family == "qwen3")
+
+
+def _rope(path: str, c: dict, get) -> dict:
+    """The rotary ModelConfig fields (rope_theta, rope_type, rope_factor, ...) of config.json's
+    rope_theta and rope_scaling (transformers 4) or rope_parameters (5; it wins where both are set)."""
+    default = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("rope_")}
+    out = dict(default, rope_theta=get("rope_theta", (int, float)))
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = c.get(key) or {}
+        if not isinstance(rope, dict):
+            raise UserError(f"{path}: {key}={json.dumps(rope)} is not supported (expected an object)")
+        if not rope:
+            continue
+        name = "rope_type" if "rope_type" in rope or "type" not in rope else "type"
+        kind = rope.get(name, "default")
+        if kind not in ROPE_TYPES:
+            raise UserError(f"{path}: {key}.{name} {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        fields = ROPE_KEYS[kind]
+        whole = {"partial_rotary_factor"} if rope.get("partial_rotary_factor") == 1 else set()  # every pair
+        extra = sorted(set(rope) - {"rope_type", "type", "rope_theta", *fields} - whole)
+        if extra:
+            raise UserError(f"{path}: {key}.{extra[0]} is not supported (rope_type {kind!r} takes "
+                            f"{', '.join(['rope_theta', *fields])})")
+        out = dict(default, rope_type=kind, rope_theta=rope.get("rope_theta", out["rope_theta"]))
+        for k, field in fields.items():
+            v = rope.get(k, get("max_position_embeddings", int) if k.startswith("original") else None)
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise UserError(f"{path}: {key}.{k} is {json.dumps(v)}, expected a positive number")
+            out[field] = int(v) if field == "rope_original_max_len" else float(v)
+    if out["rope_type"] == "llama3" and out["rope_high_freq_factor"] <= out["rope_low_freq_factor"]:
+        raise UserError(f"{path}: rope high_freq_factor {out['rope_high_freq_factor']} must be above "
+                        f"low_freq_factor {out['rope_low_freq_factor']}")
+    theta = out["rope_theta"]
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise UserError(f"{path}: rope_theta is {theta!r}, expected a positive number")
+    return dict(out, rope_theta=float(theta))
 
 
 def model_fields(src: str) -> dict:
@@ -220,46 +356,18 @@ def model_fields(src: str) -> dict:
     jaxsft does not compute."""
     path = os.path.join(src, "config.json")
     c = _read_json(path)
-
-    def get(key, kind, default):
-        v = default if c.get(key) is None else c[key]
-        ok = isinstance(v, bool) if kind is bool else isinstance(v, kind) and not isinstance(v, bool)
-        if not ok:
-            want = {bool: "true or false", int: "an integer"}.get(kind, "a number")
-            raise UserError(f"{path}: {key} is {json.dumps(v)}, expected {want}")
-        return v
-
-    if c.get("model_type") != "llama":
-        raise UserError(f"{path}: model_type {c.get('model_type')!r} is not supported (only 'llama')")
-    for key, fine, what in UNSUPPORTED:
-        if c.get(key) not in fine:
-            raise UserError(f"{path}: {key}={json.dumps(c[key])} is not supported ({what})")
-    theta = get("rope_theta", (int, float), 10000.0)  # transformers 4's key; 5 writes rope_parameters
-    for key in ("rope_scaling", "rope_parameters"):  # 4's scaling, 5's rotary settings
-        rope = c.get(key) or {}
-        if not isinstance(rope, dict):
-            raise UserError(f"{path}: {key}={json.dumps(rope)} is not supported (expected an object)")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise UserError(f"{path}: {key}={json.dumps(rope)} is not supported (rope scaling)" if key == "rope_scaling"
-                            else f"{path}: {key}.rope_type={json.dumps(kind)} is not supported (rope scaling; only "
-                                 f"'default')")
-        extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
-        if extra:
-            raise UserError(f"{path}: {key}.{extra[0]} is not supported (only rope_type and rope_theta)")
-        theta = rope.get("rope_theta", theta)
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise UserError(f"{path}: rope_theta is {theta!r}, expected a positive number")
-    rows, d, h = get("vocab_size", int, 32000), get("hidden_size", int, 4096), get("num_attention_heads", int, 32)
-    layers, ff = get("num_hidden_layers", int, 32), get("intermediate_size", int, 11008)
+    features = _family(path, c)
+    get = _getter(path, c, {**DEFAULTS, **FAMILY_DEFAULTS[features["family"]]})
+    rows, d, h = get("vocab_size", int), get("hidden_size", int), get("num_attention_heads", int)
+    layers, ff = get("num_hidden_layers", int), get("intermediate_size", int)
     if min(rows, d, h, layers, ff) <= 0:
         raise UserError(f"{path}: vocab_size, hidden_size, num_attention_heads, num_hidden_layers and "
                         f"intermediate_size must be positive")
-    kv, hd = get("num_key_value_heads", int, h), get("head_dim", int, d // h)
+    kv, hd = get("num_key_value_heads", int), get("head_dim", int)
+    kv, hd = h if kv is None else kv, d // h if hd is None else hd
     fields = dict(vocab_size=rows, d_model=d, n_heads=h, n_layers=layers, d_ff=ff, n_kv_heads=0 if kv == h else kv,
-                  head_size=0 if hd * h == d else hd, rope_theta=float(theta),
-                  norm_eps=float(get("rms_norm_eps", (int, float), 1e-6)),
-                  tie_embeddings=get("tie_word_embeddings", bool, False))
+                  head_size=0 if hd * h == d else hd, norm_eps=float(get("rms_norm_eps", (int, float))),
+                  tie_embeddings=get("tie_word_embeddings", bool), **_rope(path, c, get), **features)
     if kv <= 0 or h % kv or hd <= 0 or hd % 2:
         key = "num_key_value_heads" if kv <= 0 or h % kv else "head_dim"
         raise UserError(f"{path}: {key}={c.get(key)} is not supported (key/value heads must divide "

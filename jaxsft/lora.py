@@ -16,7 +16,8 @@ to the adapters only, so the backward pass computes no weight gradient for the b
 (x^T dy, a third of full fine-tuning's matmul work) and the optimizer holds state for the
 adapters alone. The embedding rows of characters the base lacks (appended to its
 vocabulary by model.init_from) are no part of the base: they train with the adapters
-(`embed.new_rows`, and an untied head's `lm_head.new_cols`).
+(`embed.new_rows`, and an untied head's `lm_head.new_cols`). A family's projection biases and
+q/k norms (Qwen2, Qwen3: model.py) are base parameters like the kernels: frozen, never adapted.
 
 `merge` folds the adapters into the kernels (W + (alpha/r) A B): evaluation, bin/chat,
 bin/eval and any exporter see a plain model. `transform` gives the split the trainer runs
@@ -59,11 +60,12 @@ def scale(lc: LoraConfig) -> float:
 
 
 class LoraLinear(nnx.Module):
-    """x @ kernel + scale * (x @ lora_a) @ lora_b; the kernel is the base's, unchanged."""
+    """x @ kernel + scale * (x @ lora_a) @ lora_b (+ bias); the kernel and a bias (Qwen2's q/k/v
+    projections) are the base's, unchanged and frozen."""
 
-    def __init__(self, kernel: nnx.Param, rank: int, scale: float):
+    def __init__(self, kernel: nnx.Param, rank: int, scale: float, bias: nnx.Param | None = None):
         d_in, d_out = kernel.shape
-        self.kernel = kernel
+        self.kernel, self.bias = kernel, bias
         self.lora_a = nnx.LoRAParam(jnp.zeros((d_in, rank), jnp.float32))  # set by init_adapters
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
         self.scale = scale
@@ -71,7 +73,7 @@ class LoraLinear(nnx.Module):
     def __call__(self, x):  # (..., in) -> (..., out)
         k, a, b = (v[...].astype(x.dtype) for v in (self.kernel, self.lora_a, self.lora_b))
         y = linear_lora(self.scale, x.reshape(-1, x.shape[-1]), k, a, b)
-        return y.reshape(x.shape[:-1] + (k.shape[1],))
+        return model.with_bias(y.reshape(x.shape[:-1] + (k.shape[1],)), self.bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -175,8 +177,8 @@ def attach(gpt: model.GPT, lc: LoraConfig) -> model.GPT:
         if any(_MODULE[t] == "mlp" for t in targets):
             blk.mlp = LoraSwiGLU(blk.mlp)
         for t in targets:
-            parent = getattr(blk, _MODULE[t])
-            setattr(parent, t, LoraLinear(getattr(parent, t).kernel, lc.rank, scale(lc)))
+            parent, old = getattr(blk, _MODULE[t]), getattr(getattr(blk, _MODULE[t]), t)
+            setattr(parent, t, LoraLinear(old.kernel, lc.rank, scale(lc), old.bias))
     return gpt
 
 

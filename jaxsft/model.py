@@ -5,6 +5,12 @@ untied head, grouped-query attention, rope_theta, norm eps, head size) are
 ModelConfig keys; transformers' LlamaForCausalLM computes the same function
 (tests/test_hf.py compares logits), and hf.py converts the weights.
 
+The families (config.FAMILIES) are this model plus named features, each off by default:
+attention biases (`attn_bias`: Qwen2's on wq wk wv; Qwen3's attention_bias on wo too), RMSNorm
+over each head's queries and keys before the rotary embedding (`qk_norm`: Qwen3), and scaled
+rotary frequencies (`rope_type` linear or llama3: ops.rope_freqs). Mistral is Llama's function.
+transformers' Mistral, Qwen2 and Qwen3 classes compute the same (tests/test_families.py).
+
 This module holds the nnx.Modules (Linear, RMSNorm, Attention, SwiGLU, Block, GPT)
 and the functions over a whole model (init, abstract, apply, prefix_cache,
 count_params, flops_per_token); the numerical kernels they call (dropout, the
@@ -33,18 +39,25 @@ from .config import ModelConfig
 _init = nnx.initializers.normal(stddev=0.02)
 
 
-def _linear(d_in, d_out, rngs):
-    return Linear(d_in, d_out, rngs)
+def _linear(d_in, d_out, rngs, bias: bool = False):
+    return Linear(d_in, d_out, rngs, bias)
 
 
 class Linear(nnx.Module):
-    """A bias-free linear layer, x @ kernel through `ops.dense`. Its parameters and their
-    initialisation are nnx.Linear's (use_bias=False): the same tree, the same values per seed."""
-    def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs):
+    """A linear layer, x @ kernel through `ops.dense`, plus a bias where the family has one (Qwen2's
+    q/k/v projections; the bias starts at 0 and draws no random numbers). Bias-free, its parameters
+    and their initialisation are nnx.Linear's (use_bias=False): the same tree, the same values per seed."""
+    def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs, bias: bool = False):
         self.kernel = nnx.Param(_init(rngs.params(), (d_in, d_out), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if bias else None
 
     def __call__(self, x):  # (..., d_in) -> (..., d_out)
-        return ops.dense(x, self.kernel[...].astype(x.dtype))
+        return with_bias(ops.dense(x, self.kernel[...].astype(x.dtype)), self.bias)
+
+
+def with_bias(y, bias):
+    """y (..., out) + bias (out,), or y where the layer has none (None)."""
+    return y if bias is None else y + bias[...].astype(y.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -68,11 +81,17 @@ def _write(cache, x, index):
 
 
 class Attention(nnx.Module):
+    """Grouped-query attention with rotary embedding; the families' differences are ModelConfig's
+    attn_bias (biases on wq wk wv, and wo with "all") and qk_norm (q_norm, k_norm: RMSNorm over each
+    head's K values of the queries and keys, before the rotary embedding)."""
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, G, K
-        self.wq, self.wk, self.wv = _linear(d, H * K, rngs), _linear(d, G * K, rngs), _linear(d, G * K, rngs)
-        self.wo = _linear(H * K, d, rngs)
+        qkv = cfg.attn_bias != "none"
+        self.wq, self.wk, self.wv = (_linear(d, H * K, rngs, qkv), _linear(d, G * K, rngs, qkv),
+                                     _linear(d, G * K, rngs, qkv))
+        self.wo = _linear(H * K, d, rngs, cfg.attn_bias == "all")
+        self.q_norm, self.k_norm = (RMSNorm(K, cfg.norm_eps), RMSNorm(K, cfg.norm_eps)) if cfg.qk_norm else (None, None)
         self.recompute = False  # ops.attend_recomputed in the backward pass (LoRA's step sets it)
 
     def __call__(self, x, angles, mask, cache=None, index=None, keep=None):
@@ -82,8 +101,10 @@ class Attention(nnx.Module):
         B, T, D = x.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
         heads = lambda y, n: y.reshape(B, T, n, K).transpose(0, 2, 1, 3)  # noqa: E731  (B, n, T, K)
-        q = heads(ops.rotate(self.wq(x).reshape(B, T, H, K), *angles), H)
-        k = heads(ops.rotate(self.wk(x).reshape(B, T, G, K), *angles), G)
+        q, k = self.wq(x).reshape(B, T, H, K), self.wk(x).reshape(B, T, G, K)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = heads(ops.rotate(q, *angles), H), heads(ops.rotate(k, *angles), G)
         v = heads(self.wv(x), G)
         if cache is not None:
             k, v = _write(cache[0], k, index), _write(cache[1], v, index)
@@ -154,7 +175,8 @@ class GPT(nnx.Module):
             keys = list(jax.random.split(dropout_key, len(keys)))
         emb = self.embed.embedding[...]
         x = ops.dropout(jnp.take(emb, tokens, axis=0), rate, keys[0])  # (B, T, D)
-        angles = ops.rotary(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_seq_len)
+        angles = ops.rotary(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_seq_len,
+                            self.cfg.rope_scaling)
         # the positions the head reads, taken inside the last layer: past its keys and values
         # (which every position's query reads), nothing at the other positions reaches the output
         keep = None

@@ -4,7 +4,8 @@
 - the dropout mask: a counter-based hash of each element's index (`dropout`)
 - mixed-precision products: `products_in` (autocast for train.dtype=bfloat16), `mm`,
   `transposed`, `dense` (a bias-free linear layer with a hand-written gradient under autocast)
-- rotary position embedding: `rotary` (the angles), `rotate`, `rope`
+- rotary position embedding: `rope_freqs` (default, linear or llama3), `rotary` (the angles),
+  `rotate`, `rope`
 - attention: `attend`, and `attend_recomputed`, whose gradient recomputes the probabilities;
   `after`, which keeps a backward pass's recomputation in the backward pass
 - SwiGLU with a hand-written gradient: `swiglu`
@@ -129,8 +130,28 @@ _dense_cast.defvjp(_dense_cast_fwd, _dense_cast_bwd)
 ROTARY_TABLE_MAX = 8192  # positions; larger contexts compute their angles where they are used
 
 
-def rotary(positions, head_dim: int, base: float = 10000.0, table: int = 0):
-    """The rotary angles' (sin, cos), each (B, T, 1, K/2) float32, for positions (B, T) int.
+def rope_freqs(head_dim: int, base: float, scaling: tuple = ()):
+    """The rotary inverse frequencies (K/2,) float32: base^(-2i/K), then, as transformers'
+    modeling_rope_utils scales them, with scaling ("linear", factor) all divided by factor, and with
+    ("llama3", factor, low, high, original) (Llama 3.1): those whose wavelength 2 pi / f is above
+    original / low divided by factor, those below original / high kept, and between them the mix
+    (1 - s) f / factor + s f, s = (original / wavelength - low) / (high - low)."""
+    half = head_dim // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (K/2,)
+    if not scaling:
+        return freqs
+    if scaling[0] == "linear":
+        return freqs / scaling[1]
+    _, factor, low, high, original = scaling
+    wavelen = 2 * math.pi / freqs
+    s = (original / wavelen - low) / (high - low)
+    mixed = (1 - s) * freqs / factor + s * freqs
+    return jnp.where(wavelen < original / high, freqs, jnp.where(wavelen > original / low, freqs / factor, mixed))
+
+
+def rotary(positions, head_dim: int, base: float = 10000.0, table: int = 0, scaling: tuple = ()):
+    """The rotary angles' (sin, cos), each (B, T, 1, K/2) float32, for positions (B, T) int;
+    the frequencies are `rope_freqs(head_dim, base, scaling)`.
 
     table (the model's max_seq_len; up to ROTARY_TABLE_MAX): sin and cos are looked up in a
     (table, K/2) table computed when the function is traced, the same values bit for bit.
@@ -138,13 +159,12 @@ def rotary(positions, head_dim: int, base: float = 10000.0, table: int = 0):
     per element, for each head and layer and again in the backward pass (bench/README.md).
     Every real token's position is below max_seq_len (data, decoder and engine keep sequences
     within it); a padding token's larger one takes the last row."""
-    half = head_dim // 2
     if 0 < table <= ROTARY_TABLE_MAX:
         with jax.ensure_compile_time_eval():  # a constant of the program, not ops in it
-            sin, cos = rotary(jnp.arange(table)[None], head_dim, base)
+            sin, cos = rotary(jnp.arange(table)[None], head_dim, base, scaling=scaling)
         take = lambda t: jnp.take(t[0, :, 0], positions, axis=0, mode="clip")[:, :, None, :]  # noqa: E731
         return take(sin), take(cos)
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (K/2,)
+    freqs = rope_freqs(head_dim, base, scaling)  # (K/2,)
     angles = positions.astype(jnp.float32)[..., None] * freqs  # (B, T, K/2)
     return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
 

@@ -40,7 +40,8 @@ from .tokenizer import AnyTokenizer
 BASE_REF = "lora_base.json"
 # the model keys a base run and the config fine-tuning it must agree on
 ARCHITECTURE = ("d_model", "n_heads", "n_layers", "d_ff", "n_kv_heads", "head_size", "rope_theta", "norm_eps",
-                "tie_embeddings")
+                "tie_embeddings", "family", "attn_bias", "qk_norm", "rope_type", "rope_factor", "rope_low_freq_factor",
+                "rope_high_freq_factor", "rope_original_max_len")
 
 
 # restoring a run

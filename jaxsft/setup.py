@@ -166,7 +166,7 @@ def _vocabulary(cfg: Config, texts: list[str], log=print):
     if runs.is_llama_base(cfg):
         rows = hf.model_fields(src)["vocab_size"]
         m = cfg.model
-        _warn(log, f"model.init_from: Llama-format model {src}: d_model {m.d_model}, {m.n_layers} layers, "
+        _warn(log, f"model.init_from: Llama-format model {src} ({m.family}): d_model {m.d_model}, {m.n_layers} layers, "
                    f"{m.n_heads} heads ({m.kv_heads} key/value), d_ff {m.d_ff}, "
                    f"{'tied' if m.tie_embeddings else 'untied'} head, "
                    f"vocabulary {rows} rows" + (f" + {len(tok) - rows} for ChatML markers" if len(tok) > rows else "")

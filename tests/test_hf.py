@@ -11,7 +11,8 @@
 - round trip: a native run exported and imported back has bitwise-identical parameters;
 - bad input: one-line errors naming the file and key, exit 2, nothing written.
 
-Nothing is downloaded: every model and tokenizer is built here.
+The other families (Mistral, Qwen2, Qwen3, rope scaling) have tests/test_families.py, which
+reuses this file's builders. Nothing is downloaded: every model and tokenizer is built here.
 """
 from __future__ import annotations
 
@@ -413,14 +414,18 @@ BAD = {
                     "{d}/model.safetensors: model.layers.0.self_attn.k_proj.weight has shape [64, 64], "
                     "config.json needs [32, 64]"),
     "model-type": (dict(edit_config=lambda c: c.update(model_type="gpt2")),
-                   "{d}/config.json: model_type 'gpt2' is not supported (only 'llama')"),
-    "rope-scaling": (dict(edit_config=lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                   "{d}/config.json: model_type 'gpt2' is not supported (supported: llama, mistral, qwen2, qwen3)"),
+    "rope-scaling": (dict(edit_config=lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 2.0,
                                                                           "rope_theta": 10000.0})),
-                     '{d}/config.json: rope_parameters.rope_type="linear" is not supported (rope scaling; only '
-                     "'default')"),
+                     "{d}/config.json: rope_parameters.rope_type 'yarn' is not supported (supported: default, "
+                     "linear, llama3)"),
     "rope-scaling-legacy": (dict(edit_config=lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0})),
-                            '{d}/config.json: rope_scaling={"type": "dynamic", "factor": 2.0} is not supported '
-                            "(rope scaling)"),
+                            "{d}/config.json: rope_scaling.type 'dynamic' is not supported (supported: default, "
+                            "linear, llama3)"),
+    "rope-extra-key": (dict(edit_config=lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                            "rope_theta": 10000.0, "beta": 1.0})),
+                       "{d}/config.json: rope_parameters.beta is not supported (rope_type 'linear' takes "
+                       "rope_theta, factor)"),
     "attention-bias": (dict(edit_config=lambda c: c.update(attention_bias=True)),
                        "{d}/config.json: attention_bias=true is not supported (attention biases)"),
     "no-tokenizer": (dict(remove="tokenizer.json"),

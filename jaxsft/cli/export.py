@@ -4,7 +4,8 @@
   python -c 'from transformers import AutoModelForCausalLM, AutoTokenizer; \
              AutoModelForCausalLM.from_pretrained("exported"); AutoTokenizer.from_pretrained("exported")'
 
-Writes config.json (LlamaForCausalLM), model.safetensors, tokenizer.json, tokenizer_config.json
+Writes config.json (the class of the run's family: LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM or Qwen3ForCausalLM), model.safetensors, tokenizer.json, tokenizer_config.json
 (with a chat template that renders our ChatML and the run's system prompt; a run on a
 base's own template: that template and the base's special tokens), special_tokens_map.json
 and generation_config.json (eos <|endoftext|>; on a base's own template, the base's file).

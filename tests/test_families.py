@@ -148,7 +148,7 @@ def test_engine_greedy_continuations_are_transformers(case, family_dirs):
     prompts = [[0] + backend().encode("问题：" + r.question).ids[:40] for r in read_rows("test.jsonl", 4)]
     prefix = prompts[0][:3]
     assert sum(p[:3] == prefix for p in prompts) >= 2 and len({len(p) for p in prompts}) > 1
-    reqs = Engine(base, mc, end_id=1, slots=4, pad_id=0, admit_at=4, prefix=prefix).run(
+    reqs = Engine(base, mc, stop_ids=(1,), slots=4, pad_id=0, admit_at=4, prefix=prefix).run(
         [Request(np.asarray(p, np.int32), 16) for p in prompts])
     theirs = []
     for p in prompts:

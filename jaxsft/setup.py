@@ -144,9 +144,11 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
 def run_plan(cfg: Config, tok: AnyTokenizer, train_ex: list, focus_ex: list, multiple: int = 1) -> RunPlan:
     """The batches of every step: packing geometry fixed from the first batches, the
     shared system prompt (train.share_prefix), and the curriculum first. The output head
-    runs at answer positions only when one device holds each whole batch (multiple 1)."""
+    runs at answer positions only when one device holds each whole batch (multiple 1). The
+    system prompt is the format's default where data.system_prompt is null, as the examples'."""
     tc = cfg.train
-    prefix = chatml.system_prefix(tok, cfg.data.system_prompt) if tc.pack_len and tc.share_prefix else None
+    system = chatml.default_system_prompt(tok, cfg.data.system_prompt)
+    prefix = chatml.system_prefix(tok, system) if tc.pack_len and tc.share_prefix else None
 
     def plan(examples):
         return BatchPlan(examples, tc.batch_size, tc.seed, tc.buckets, cfg.model.max_seq_len, tc.pack_len,

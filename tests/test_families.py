@@ -9,8 +9,9 @@ scales too, which transformers starts at 0 and 1) with a BPE tokenizer trained h
 - export: hf.write_llama writes the family's class (model_type, architectures, keys its config
   class knows), which transformers loads with the same logits, and which reads back bitwise;
 - LoRA: adapters on a qwen2 / qwen3 base (its biases and norms frozen) load in PEFT with our logits;
-  end to end (slow): bin/train with LoRA on qwen2 and in full on qwen3 (its norms and biases train),
-  then bin/export, merged and --adapter, give the run's logits in transformers and PEFT;
+  end to end (slow), each family with the chat template its models ship with: bin/train (LoRA on
+  qwen2), bin/export as the base's class with its template and generation_config.json, and
+  transformers' greedy answers through the export's apply_chat_template equal bin/chat's;
 - bad input: another model_type or rope type, a sliding window on: one line, exit 2, nothing written.
 
 Nothing is downloaded.
@@ -225,57 +226,97 @@ def test_peft_adapter_on_a_family_base_gives_our_logits(case, family_dirs, tmp_p
     np.testing.assert_allclose(theirs, ours, atol=TOL, rtol=0)  # ... as PEFT applies it too
 
 
-@pytest.mark.slow
-def test_lora_run_on_a_qwen2_base_exports_for_transformers_and_peft(family_dirs, tmp_path):
-    """bin/train with LoRA on the qwen2 base, then bin/export merged (Qwen2ForCausalLM with its biases)
-    and --adapter (the base plus PEFT's files): both give the run's logits in transformers / PEFT."""
-    peft = pytest.importorskip("peft")
-    run = tmp_path / "run"
-    config = write_config(str(tmp_path), run, steps=4,
-                          model_extra=f"  init_from: {json.dumps(family_dirs['qwen2']['path'])}\n", n_train=40)
-    p = run_script("train", "--config", config, "--no-progress", "--set", "lora.rank=4", timeout=600)
-    assert p.returncode == 0, p.stderr
-    for extra in ([], ["--adapter"]):
-        p = run_script("export", "--checkpoint", run, "--out", tmp_path / ("adapter" if extra else "merged"), *extra)
-        assert p.returncode == 0, p.stderr
-    merged, mc, tok = runs.restore(str(run))
-    assert (mc.family, mc.attn_bias) == ("qwen2", "qkv")
-    tokens = jnp.asarray([tok.encode("3加5等于多少？") + [tok.user_id, tok.assistant_id]], jnp.int32)
-    ours = np.asarray(model.apply(model.abstract(mc)[0], merged, tokens)[0])
-    ids = torch.from_numpy(np.asarray(tokens, np.int64))
+# each family in the chat template its models ship with (test_templates.STYLES; mistral's stands for
+# a template that folds the system prompt into the first user turn, as Mistral's and Gemma's do)
+STYLE_OF = {"llama-llama3": "llama3", "llama-linear": "llama3", "mistral": "gemma", "qwen2": "qwen", "qwen3": "qwen"}
+
+
+def build_styled(path: str, case: str) -> str:
+    """The base of `case` (every tensor random, as `build`) with its style's tokenizer files, chat
+    template and eos ids (generation_config.json), as a downloaded model's directory has them."""
+    import test_templates as tt
+    style = STYLE_OF[case]
+    backend = styled_backend()
+    tt.write_base_files(path, backend, style, generation=False)
+    tokens, eos = tt.STYLES[style][2], [backend.token_to_id(t) for t in tt.STYLES[style][3]]
+    ids = {k: backend.token_to_id(tokens[f"{k}_token"]) if f"{k}_token" in tokens else None for k in ("bos", "pad")}
+    cls, settings, _ = CASES[case]
+    cfg = getattr(transformers, cls)(**{**COMMON, "bos_token_id": ids["bos"], "eos_token_id": eos,
+                                        "pad_token_id": ids["pad"]}, vocab_size=backend.get_vocab_size(), **settings)
+    torch.manual_seed(1)
+    m = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
-        plain, _ = load_export(str(tmp_path / "merged"))
-        assert type(plain).__name__ == "Qwen2ForCausalLM"
-        np.testing.assert_allclose(plain(ids).logits.numpy(), ours, atol=TOL, rtol=0)
-        base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter" / "base"))
-        adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter" / "adapter")).eval()
-        np.testing.assert_allclose(adapted(ids).logits.numpy(), ours, atol=TOL, rtol=0)
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.3)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    m.save_pretrained(path)  # config.json, model.safetensors, generation_config.json (its eos ids)
+    return path
+
+
+@functools.cache
+def styled_backend():
+    import test_templates
+    return test_templates.bpe_backend()
+
+
+def _moved(params, start, name):
+    """Whether every parameter whose path holds `name` differs from its start."""
+    pairs = zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(start))
+    moved = [not np.array_equal(x, y) for (path, x), y in pairs if name in jax.tree_util.keystr(path)]
+    return bool(moved) and all(moved)
 
 
 @pytest.mark.slow
-def test_full_sft_of_a_qwen3_base_trains_its_norms_and_biases_and_exports(family_dirs, tmp_path):
-    """bin/train (every parameter) on the qwen3 base: its q/k norms and biases train too, and bin/export
-    gives Qwen3ForCausalLM with the run's logits."""
-    run, src = tmp_path / "run", family_dirs["qwen3"]["path"]
-    config = write_config(str(tmp_path), run, steps=4, model_extra=f"  init_from: {json.dumps(src)}\n", n_train=40)
-    p = run_script("train", "--config", config, "--no-progress", timeout=600)
-    assert p.returncode == 0, p.stderr
-    p = run_script("export", "--checkpoint", run, "--out", tmp_path / "exported")
-    assert p.returncode == 0, p.stderr
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_family_trains_in_its_own_template_and_exports_as_itself(case, tmp_path, capsys, monkeypatch):
+    """bin/train (LoRA on qwen2, every parameter otherwise) on the family's base with its own chat
+    template, then bin/export: config.json's model_type and architectures, the chat template and
+    generation_config.json are the base's; transformers' greedy answers through the export's
+    apply_chat_template equal bin/chat's on every row; on qwen3 the q/k norms and biases trained;
+    on qwen2, PEFT's base + adapter gives the merged export's logits."""
+    import test_templates as tt
+    base = build_styled(str(tmp_path / "base"), case)
+    config = tt.write_run_config(tmp_path, base, steps=4)
+    run, out = tmp_path / "run", tmp_path / "exported"
+    lora_args = ["--set", "lora.rank=4"] if case == "qwen2" else []
+    code, _, err = run_main("train", ["--config", config, "--no-progress", *lora_args], capsys, monkeypatch)
+    assert code == 0 and "its own chat template" in err, err
+    exports = {out: []} | ({tmp_path / "adapter": ["--adapter"]} if lora_args else {})
+    for where, extra in exports.items():
+        code, _, err = run_main("export", ["--checkpoint", run, "--out", where, *extra], capsys, monkeypatch)
+        assert code == 0, err
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        with open(os.path.join(base, name)) as f, open(out / name) as g:
+            theirs, ours = json.load(f), json.load(g)
+        if name == "config.json":
+            assert (ours["model_type"], ours["architectures"]) == (theirs["model_type"], theirs["architectures"])
+        elif name == "generation_config.json":
+            assert ours == theirs
+        else:
+            assert ours["chat_template"] == theirs["chat_template"]
+    rows = tmp_path / "rows.jsonl"
+    with open(os.path.join(tt.REPO, "data", "test.jsonl"), encoding="utf-8") as f:
+        rows.write_text("".join(f.readline() for _ in range(4)), encoding="utf-8")
+    code, _, err = run_main("chat", ["--checkpoint", run, "--file", rows, "--out", tmp_path / "answers.jsonl",
+                                     "--max-new-tokens", 12], capsys, monkeypatch)
+    assert code == 0, err
+    ours = [json.loads(line)["answer"] for line in open(tmp_path / "answers.jsonl", encoding="utf-8")]
+    convs = [r.prompt_messages for r in tt.read_jsonl(str(rows))]
+    assert tt.hf_answers(str(out), convs, 12) == ours and len(set(ours)) > 1, ours
     params, mc, tok = runs.restore(str(run))
-    start = hf.read_params(src, dataclasses.replace(mc, vocab_size=backend().get_vocab_size()))
-    for name in ("q_norm", "bias"):
-        moved = [not np.array_equal(x, y) for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(params),
-                                                                       jax.tree_util.tree_leaves_with_path(start))
-                 if name in jax.tree_util.keystr(path)]
-        assert moved and all(moved), name
-    tokens = jnp.asarray([tok.encode("3加5等于多少？") + [tok.user_id, tok.assistant_id]], jnp.int32)
-    ours = np.asarray(model.apply(model.abstract(mc)[0], params, tokens)[0])
-    hf_model, _ = load_export(str(tmp_path / "exported"))
-    assert type(hf_model).__name__ == "Qwen3ForCausalLM"
-    with torch.no_grad():
-        theirs = hf_model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
-    np.testing.assert_allclose(theirs, ours, atol=TOL, rtol=0)
+    if case == "qwen3":
+        start = hf.read_params(base, dataclasses.replace(mc, vocab_size=len(tok)))
+        assert _moved(params, start, "q_norm") and _moved(params, start, "bias")
+    if case == "qwen2":
+        peft = pytest.importorskip("peft")
+        ids = torch.tensor([tok.encode("3加5等于多少？")])
+        with torch.no_grad():
+            merged = load_export(str(out))[0](ids).logits.numpy()
+            plain = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter" / "base"))
+            adapted = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter" / "adapter")).eval()
+            np.testing.assert_allclose(adapted(ids).logits.numpy(), merged, atol=TOL, rtol=0)
 
 
 # ---------------------------------------------------------------- bad input

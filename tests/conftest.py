@@ -37,6 +37,11 @@ os.environ.setdefault("JAXSFT_HUGE_PAGES", "0")
 # hid that a SIGKILLed bin/train lost its last printed lines (the trainer now flushes each one)
 os.environ.pop("PYTHONUNBUFFERED", None)
 
+# bytecode written as usual (these machines set PYTHONDONTWRITEBYTECODE=1): the workers' rewritten
+# test modules and the programs' jaxsft imports compile once, not in every process (2.3 s a worker)
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # plain `pytest` (not `python -m pytest`) from any directory
     sys.path.insert(0, REPO)

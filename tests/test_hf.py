@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, run_main, run_script
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -535,35 +535,35 @@ def test_sft_of_an_imported_llama_resumes_bitwise(sft):
 
 
 @pytest.mark.slow
-def test_sft_of_an_imported_llama_chat_eval_inspect_export(sft):
+def test_sft_of_an_imported_llama_chat_eval_inspect_export(sft, capsys, monkeypatch):
     """On the fine-tuned import: bin/chat (batch and streamed) and bin/eval give the same answers,
     bin/eval scores them, and after bin/export transformers gives those greedy answers and
-    bin/inspect's per-token losses."""
+    bin/inspect's per-token losses. The programs run in this process (each one's own process is
+    tested elsewhere)."""
     d = sft["dir"]
     rows = write_rows(os.path.join(d, "test20.jsonl"), "test.jsonl", 20)
-    proc = run_script("chat", "--checkpoint", sft["run"], "--file", rows, "--out", d / "answers.jsonl",
-                      "--max-new-tokens", 24)
-    assert proc.returncode == 0, proc.stderr
+
+    def run(name, *args):
+        code, out, err = run_main(name, args, capsys, monkeypatch)
+        assert code == 0, err
+        return out
+
+    run("chat", "--checkpoint", sft["run"], "--file", rows, "--out", d / "answers.jsonl", "--max-new-tokens", 24)
     with open(d / "answers.jsonl", encoding="utf-8") as f:
         ours = [json.loads(line)["answer"] for line in f]
     i, question = next((i, r.question) for i, r in enumerate(read_rows("test.jsonl", 20))
                        if [role for role, _ in r.prompt_messages] == ["user"])  # a one-question row
-    proc = run_script("chat", "--checkpoint", sft["run"], question, "--max-new-tokens", 24)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == ours[i] + "\n" and "\ufffd" not in proc.stdout  # streamed in whole characters
-    proc = run_script("eval", "--checkpoint", sft["run"], "--data", rows, "--max-new-tokens", 24, "--json",
-                      d / "eval.json")
-    assert proc.returncode == 0, proc.stderr
+    out = run("chat", "--checkpoint", sft["run"], question, "--max-new-tokens", 24)
+    assert out == ours[i] + "\n" and "\ufffd" not in out  # streamed in whole characters
+    out = run("eval", "--checkpoint", sft["run"], "--data", rows, "--max-new-tokens", 24, "--json", d / "eval.json")
     with open(d / "eval.json", encoding="utf-8") as f:
         assert [r["answer"] for r in json.load(f)["rows"]] == ours  # bin/chat's answers (transformers', below)
     scored = read_rows("test.jsonl", 20)
     figures = evaluate.aggregate([evaluate.score_row(a, r.expected) for a, r in zip(ours, scored)],
                                  [r.category for r in scored])
-    assert evaluate.score_table(figures) in proc.stdout, proc.stdout
-    inspected = run_script("inspect", "--config", sft["config"], "--checkpoint", sft["run"])
-    assert inspected.returncode == 0, inspected.stderr
-    proc = run_script("export", "--checkpoint", sft["run"], "--out", d / "exported")
-    assert proc.returncode == 0, proc.stderr
+    assert evaluate.score_table(figures) in out, out
+    inspected = run("inspect", "--config", sft["config"], "--checkpoint", sft["run"])
+    run("export", "--checkpoint", sft["run"], "--out", d / "exported")
     hf_model, hf_tok = load_export(str(d / "exported"))
     assert hf_model.config.num_key_value_heads == 2 and not hf_model.config.tie_word_embeddings
     assert hf_tok.convert_ids_to_tokens(hf_tok.bos_token_id) == "<s>"
@@ -576,7 +576,7 @@ def test_sft_of_an_imported_llama_chat_eval_inspect_export(sft):
     ids, mask = ids[:mc.max_seq_len + 1], mask[1:mc.max_seq_len + 1]
     logp = torch.log_softmax(torch.tensor(torch_logits(hf_model, ids[:-1])), -1).numpy()
     nll = -logp[np.arange(len(ids) - 1), ids[1:]]
-    lines = inspected.stdout.splitlines()
+    lines = inspected.splitlines()
     start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["pos"]) + 1
     table = [line.split() for line in lines[start:start + len(nll)]]
     assert lines[start + len(nll)].startswith(f"positions: {len(nll)}, ")

@@ -514,14 +514,15 @@ def test_bin_export_merged_and_adapter_load_in_transformers_and_peft(lora_refere
 
 
 @pytest.mark.slow
-def test_lora_on_an_imported_llama_trains_chats_and_exports_for_peft(tmp_path):
+def test_lora_on_an_imported_llama_trains_chats_and_exports_for_peft(tmp_path, capsys, monkeypatch):
     """LoRA on a Llama-format base (transformers-built: grouped-query attention, untied head, BPE
     with the ChatML markers appended): the new markers' embedding rows and head columns train
-    with the adapters, bin/chat answers, and bin/export --adapter gives PEFT the run's logits."""
+    with the adapters, bin/chat answers, and bin/export --adapter gives PEFT the run's logits.
+    The programs run in this process (each one's own process is tested elsewhere)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     import transformers
-    from conftest import run_script
+    from conftest import run_main
     from test_hf import build_llama, write_config
     src = tmp_path / "llama"
     src.mkdir()
@@ -529,19 +530,21 @@ def test_lora_on_an_imported_llama_trains_chats_and_exports_for_peft(tmp_path):
     run = tmp_path / "run"
     config = write_config(str(tmp_path), run, steps=6, model_extra=f"  init_from: {json.dumps(str(src))}\n",
                           n_train=100)
-    p = run_script("train", "--config", config, "--no-progress", "--set", "lora.rank=4", "--set",
-                   "lora.targets=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]", timeout=600)
-    assert p.returncode == 0, p.stderr
-    assert "(with the 4 new characters' embedding rows)" in p.stdout, p.stdout
+    code, out, err = run_main("train", ["--config", config, "--no-progress", "--set", "lora.rank=4", "--set",
+                                        "lora.targets=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"],
+                              capsys, monkeypatch)
+    assert code == 0, err
+    assert "(with the 4 new characters' embedding rows)" in out, out
     best = saved_steps(run / "best")[-1]
     stored = load_tree(str(run / "best"), best)
     assert any("new_cols" in k for k in stored) and any("new_rows" in k for k in stored)
-    p = run_script("chat", "--checkpoint", run, "--max-new-tokens", "8", "你好")
-    assert p.returncode == 0, p.stderr
+    code, out, err = run_main("chat", ["--checkpoint", run, "--max-new-tokens", "8", "你好"], capsys, monkeypatch)
+    assert code == 0, err
     from jaxsft.decode import Generator
-    assert p.stdout == Generator.from_run(str(run), max_new_tokens=8).answer([[("user", "你好")]])[0] + "\n"
-    p = run_script("export", "--checkpoint", run, "--out", tmp_path / "exported", "--adapter")
-    assert p.returncode == 0, p.stderr
+    assert out == Generator.from_run(str(run), max_new_tokens=8).answer([[("user", "你好")]])[0] + "\n"
+    code, _, err = run_main("export", ["--checkpoint", run, "--out", tmp_path / "exported", "--adapter"],
+                            capsys, monkeypatch)
+    assert code == 0, err
     with open(tmp_path / "exported" / "adapter" / "adapter_config.json") as f:
         ids = json.load(f)["trainable_token_indices"]
     merged, mc, tok = runs.restore(str(run))

@@ -10,8 +10,8 @@
   vocabulary not grown (data.chat_template=chatml: today's markers);
 - the shared prefix (packing, the engine) is one every rendered row starts with;
 - bad input: one line naming the template (or the row), exit 2, nothing written;
-- end to end (slow): bin/train, bin/export, then transformers' greedy answers through the
-  exported tokenizer's chat template equal bin/chat's.
+- end to end (slow): a template run answers, inspects and exports without its base (transformers'
+  greedy answers through an export's template equal bin/chat's: test_families, for each family).
 
 Every tokenizer and model is built here; nothing is downloaded.
 """
@@ -25,7 +25,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO, one_line_error, run_main, run_script
+from conftest import REPO, one_line_error, run_main
 
 transformers = pytest.importorskip("transformers")
 
@@ -446,36 +446,30 @@ def hf_answers(out, convs, max_new_tokens):
 
 
 @pytest.mark.slow
-def test_train_export_and_transformers_answer_as_bin_chat(base, tmp_path):
-    d = tmp_path
-    config = write_run_config(d, base, steps=6)
-    proc = run_script("train", "--config", config, "--no-progress", timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "its own chat template" in proc.stderr and "ChatML markers" not in proc.stderr
-    out = d / "exported"
-    proc = run_script("export", "--checkpoint", d / "run", "--out", out)
-    assert proc.returncode == 0, proc.stderr
-    with open(os.path.join(base, "tokenizer_config.json")) as f:
-        assert json.load(open(out / "tokenizer_config.json"))["chat_template"] == json.load(f)["chat_template"]
-    with open(os.path.join(base, "generation_config.json")) as f:
-        assert json.load(open(out / "generation_config.json")) == json.load(f)
-    rows = d / "rows.jsonl"
-    with open(os.path.join(REPO, "data", "test.jsonl"), encoding="utf-8") as f:
-        rows.write_text("".join(f.readline() for _ in range(6)), encoding="utf-8")
-    proc = run_script("chat", "--checkpoint", d / "run", "--file", rows, "--out", d / "answers.jsonl",
-                      "--max-new-tokens", 16)
-    assert proc.returncode == 0, proc.stderr
-    ours = [json.loads(line)["answer"] for line in open(d / "answers.jsonl", encoding="utf-8")]
-    convs = [r.prompt_messages for r in read_jsonl(str(rows))]
-    assert hf_answers(str(out), convs, 16) == ours and any(ours)
-    # the run renders without its base: bin/inspect's table shows the template's tokens, bin/chat answers
+def test_a_template_run_answers_inspects_and_exports_without_its_base(base, tmp_path, capsys, monkeypatch):
+    """bin/train on a base with its own template; then, with the base moved away, bin/chat answers as
+    it did beside it, bin/inspect's table shows the template's tokens, and bin/export writes the base's
+    template and generation_config.json. (transformers' answers through an export's template equal
+    bin/chat's: test_families' end-to-end test, for each family.) In this process: each program's
+    own process is tested elsewhere."""
+    config = write_run_config(tmp_path, base, steps=6)
+    run = tmp_path / "run"
+    code, _, err = run_main("train", ["--config", config, "--no-progress"], capsys, monkeypatch)
+    assert code == 0 and "its own chat template" in err and "ChatML markers" not in err, err
+    chat = ["--checkpoint", run, "1+1等于几？", "--max-new-tokens", 16]
+    code, beside, err = run_main("chat", chat, capsys, monkeypatch)
+    assert code == 0 and beside.strip(), err
+    with open(os.path.join(base, "tokenizer_config.json")) as f, open(os.path.join(base, "generation_config.json")) as g:
+        template, generation = json.load(f)["chat_template"], json.load(g)
     shutil.move(base, str(base) + ".gone")
     try:
-        proc = run_script("inspect", "--config", config, "--checkpoint", d / "run")
-        assert proc.returncode == 0, proc.stderr
-        assert "<|im_start|>" in proc.stdout and "<|user|>" not in proc.stdout
-        row = next(i for i, c in enumerate(convs) if len(c) == 1)
-        proc = run_script("chat", "--checkpoint", d / "run", convs[row][0][1], "--max-new-tokens", 16)
-        assert proc.returncode == 0 and proc.stdout == ours[row] + "\n", proc.stderr
+        code, out, err = run_main("inspect", ["--config", config, "--checkpoint", run], capsys, monkeypatch)
+        assert code == 0 and "<|im_start|>" in out and "<|user|>" not in out, err
+        code, alone, err = run_main("chat", chat, capsys, monkeypatch)
+        assert code == 0 and alone == beside, err
+        code, _, err = run_main("export", ["--checkpoint", run, "--out", tmp_path / "exported"], capsys, monkeypatch)
+        assert code == 0, err
+        assert json.load(open(tmp_path / "exported" / "tokenizer_config.json"))["chat_template"] == template
+        assert json.load(open(tmp_path / "exported" / "generation_config.json")) == generation
     finally:
         shutil.move(str(base) + ".gone", base)

@@ -39,10 +39,6 @@ from .config import ModelConfig
 _init = nnx.initializers.normal(stddev=0.02)
 
 
-def _linear(d_in, d_out, rngs, bias: bool = False):
-    return Linear(d_in, d_out, rngs, bias)
-
-
 class Linear(nnx.Module):
     """A linear layer, x @ kernel through `ops.dense`, plus a bias where the family has one (Qwen2's
     q/k/v projections; the bias starts at 0 and draws no random numbers). Bias-free, its parameters
@@ -88,9 +84,9 @@ class Attention(nnx.Module):
         d, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, G, K
         qkv = cfg.attn_bias != "none"
-        self.wq, self.wk, self.wv = (_linear(d, H * K, rngs, qkv), _linear(d, G * K, rngs, qkv),
-                                     _linear(d, G * K, rngs, qkv))
-        self.wo = _linear(H * K, d, rngs, cfg.attn_bias == "all")
+        self.wq, self.wk, self.wv = (Linear(d, H * K, rngs, qkv), Linear(d, G * K, rngs, qkv),
+                                     Linear(d, G * K, rngs, qkv))
+        self.wo = Linear(H * K, d, rngs, cfg.attn_bias == "all")
         self.q_norm, self.k_norm = (RMSNorm(K, cfg.norm_eps), RMSNorm(K, cfg.norm_eps)) if cfg.qk_norm else (None, None)
         self.recompute = False  # ops.attend_recomputed in the backward pass (LoRA's step sets it)
 
@@ -118,9 +114,9 @@ class Attention(nnx.Module):
 
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.w1 = _linear(cfg.d_model, cfg.d_ff, rngs)
-        self.w3 = _linear(cfg.d_model, cfg.d_ff, rngs)
-        self.w2 = _linear(cfg.d_ff, cfg.d_model, rngs)
+        self.w1 = Linear(cfg.d_model, cfg.d_ff, rngs)
+        self.w3 = Linear(cfg.d_model, cfg.d_ff, rngs)
+        self.w2 = Linear(cfg.d_ff, cfg.d_model, rngs)
 
     def __call__(self, x):  # (B, T, D) -> (B, T, D)
         B, T, D = x.shape
@@ -143,7 +139,7 @@ class GPT(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:  # a tied model's parameter tree has no such entry
-            self.lm_head = _linear(cfg.d_model, cfg.vocab_size, rngs)
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, rngs)
 
     def __call__(self, tokens, positions=None, mask=None, cache=None, index=None,
                  dropout_key: Optional[jax.Array] = None, last_only: bool = False,

@@ -208,3 +208,15 @@ def pytest_configure(config):
     # reported at whichever test happens to be running then
     config.addinivalue_line(
         "filterwarnings", r"ignore:(?s).*RuntimeError. Event loop is closed:pytest.PytestUnraisableExceptionWarning")
+
+
+# The files that take longest go to the workers first, so that none is left running one long file
+# while the others wait (xdist hands out whole files, --dist loadfile, in collection order with
+# --no-loadscope-reorder). Measured per file, quick tier and full suite (session 9); the rest keep
+# pytest's order after these.
+LONGEST_FIRST = ("test_train.py", "test_lora.py", "test_families.py", "test_model.py", "test_engine.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

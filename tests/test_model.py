@@ -364,7 +364,7 @@ def test_model_matches_per_projection_reference(kv_heads):
     ours = lambda p: model.apply(graphdef, p, tokens)[0]  # noqa: E731
     np.testing.assert_allclose(ours(params), _unfused_logits(cfg, params, tokens), rtol=1e-5, atol=1e-5)
     weights = jax.random.normal(jax.random.PRNGKey(5), (B, T, cfg.vocab_size))
-    got = jax.grad(lambda p: jnp.sum(ours(p) * weights))(params)
-    want = jax.grad(lambda p: jnp.sum(_unfused_logits(cfg, p, tokens) * weights))(params)
+    got = jax.jit(jax.grad(lambda p: jnp.sum(ours(p) * weights)))(params)
+    want = jax.jit(jax.grad(lambda p: jnp.sum(_unfused_logits(cfg, p, tokens) * weights)))(params)
     for (name, a), (_, b) in zip(_leaves(got), _leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 from flax import struct
 
@@ -48,9 +49,22 @@ class Batch:
     def rows(self, lo: int, hi: int) -> "Batch":
         """Rows [lo, hi) (answer_at, a position list, cannot be split: it must be None)."""
         assert self.answer_at is None, "a batch with answer_at cannot be split by rows"
-        return Batch(*(None if a is None else a[lo:hi] for a in
-                       (self.inputs, self.targets, self.loss_mask, self.positions, self.segments, self.shared,
-                        self.prefix)))
+        return jax.tree.map(lambda a: a[lo:hi], self)
+
+
+@struct.dataclass
+class PairBatch(Batch):
+    """A step's preference pairs: both answers of each of its K pairs as examples of a `Batch`
+    (packed or padded as any), and per token (N, L), 0 off the answers:
+
+    pair       int32: the pair (0..K-1) of the answer this token belongs to
+    sign       float32: +1 on the chosen answer's loss tokens, -1 on the rejected one's
+    reference  float32: the reference model's log-probability of the whole answer, on the
+               answer's first loss token (so a sum over a pair's tokens gives its sum)
+    """
+    pair: Optional[np.ndarray] = None
+    sign: Optional[np.ndarray] = None
+    reference: Optional[np.ndarray] = None
 
 
 def bucket_length(n: int, buckets: Sequence[int], max_seq_len: int) -> int:
@@ -65,13 +79,20 @@ def make_batch(examples: Sequence, batch_size: int, length: int) -> Batch:
     Missing rows (a short last batch) and padding get loss_mask 0, so they
     change neither the loss nor its gradient.
     """
+    return _padded(examples, batch_size, length)[0]
+
+
+def _padded(examples: Sequence, batch_size: int, length: int) -> tuple[Batch, np.ndarray]:
+    """(make_batch's batch, source (batch_size, length) int32: the index in `examples` of each
+    token's example, -1 on padding)."""
     inputs = np.zeros((batch_size, length), np.int32)
     targets = np.zeros((batch_size, length), np.int32)
     loss_mask = np.zeros((batch_size, length), np.float32)
+    source = np.full((batch_size, length), -1, np.int32)
     for i, (x, y, m) in enumerate(examples):
         n = len(x)
-        inputs[i, :n], targets[i, :n], loss_mask[i, :n] = x, y, m
-    return Batch(inputs, targets, loss_mask)
+        inputs[i, :n], targets[i, :n], loss_mask[i, :n], source[i, :n] = x, y, m, i
+    return Batch(inputs, targets, loss_mask), source
 
 
 def strip_prefix(example, prefix: Optional[np.ndarray]):
@@ -105,12 +126,20 @@ def pack_batch(examples: Sequence, length: int, multiple: int = 1,
     answer_slots (`answer_slots`): when the batch has at most that many tokens
     with loss, under 3/4 of its N * length, it also has answer_at.
     """
+    return _packed(examples, length, multiple, prefix, min_rows, answer_slots)[0]
+
+
+def _packed(examples: Sequence, length: int, multiple: int = 1, prefix: Optional[np.ndarray] = None,
+            min_rows: int = 0, answer_slots: int = 0) -> tuple[Batch, np.ndarray]:
+    """(pack_batch's batch, source (N, length) int32: the index in `examples` of each token's
+    example, -1 on padding)."""
     stripped = [strip_prefix(e, prefix) for e in examples]
     examples = [e for e, _ in stripped]
     rows = _first_fit_decreasing([len(x) for x, _, _ in examples], length)
     N = -(-max(len(rows), min_rows, 1) // multiple) * multiple
     inputs, targets, positions, segments = (np.zeros((N, length), np.int32) for _ in range(4))
     loss_mask = np.zeros((N, length), np.float32)
+    source = np.full((N, length), -1, np.int32)
     shared = pre = None
     if prefix is not None:
         shared = np.zeros((N, length), np.int32)
@@ -123,12 +152,12 @@ def pack_batch(examples: Sequence, length: int, multiple: int = 1,
             sl = slice(at, at + n)
             inputs[r, sl], targets[r, sl], loss_mask[r, sl] = x, y, m
             positions[r, sl] = np.arange(n) + (len(prefix) if is_shared else 0)
-            segments[r, sl] = seg
+            segments[r, sl], source[r, sl] = seg, i
             if is_shared:
                 shared[r, sl] = 1
             at += n
     answer_at = _answer_positions(loss_mask, answer_slots)
-    return Batch(inputs, targets, loss_mask, positions, segments, shared, pre, answer_at)
+    return Batch(inputs, targets, loss_mask, positions, segments, shared, pre, answer_at), source
 
 
 def _first_fit_decreasing(sizes: Sequence[int], length: int) -> list[list[int]]:
@@ -198,20 +227,33 @@ class BatchPlan:
     min_rows: int = 0
     answer_slots: int = 0
 
+    pairs: bool = False  # examples are (chosen, rejected) example pairs, batches PairBatch (batch_size pairs)
+    reference: Optional[np.ndarray] = None  # pairs: (len(examples), 2) float32, the reference's log-prob sums
+
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.examples) / self.batch_size)
 
     def batch(self, step: int) -> Batch:
         """The batch of step `step` (counted from this plan's first step)."""
-        chosen = [self.examples[j] for j in batch_indices(len(self.examples), step, self.batch_size, self.seed)]
+        return self.batch_of(batch_indices(len(self.examples), step, self.batch_size, self.seed))
+
+    def batch_of(self, indices: np.ndarray) -> Batch:
+        """The batch of examples[indices] (at most batch_size of them; pairs: a PairBatch of
+        their 2 x batch_size answers, chosen then rejected, pair by pair)."""
+        items = [self.examples[j] for j in indices]
+        chosen = [e for pair in items for e in pair] if self.pairs else items
         if self.pack_len:
             longest = max(len(strip_prefix(e, self.prefix)[0][0]) for e in chosen)
             length = bucket_length(longest, self.buckets, self.max_seq_len)
-            return pack_batch(chosen, max(self.pack_len, length), self.multiple, self.prefix, self.min_rows,
-                              self.answer_slots)
-        length = bucket_length(max(len(x) for x, _, _ in chosen), self.buckets, self.max_seq_len)
-        return make_batch(chosen, self.batch_size, length)
+            batch, source = _packed(chosen, max(self.pack_len, length), self.multiple, self.prefix, self.min_rows,
+                                    self.answer_slots)
+        else:
+            length = bucket_length(max(len(x) for x, _, _ in chosen), self.buckets, self.max_seq_len)
+            batch, source = _padded(chosen, self.batch_size * (2 if self.pairs else 1), length)
+        if not self.pairs:
+            return batch
+        return pair_batch(batch, source, None if self.reference is None else self.reference[indices].reshape(-1))
 
     def settled(self, steps: int = 200, head_only_at_answers: bool = True) -> "BatchPlan":
         """This plan with the packing geometry of its first `steps` batches fixed: at
@@ -229,12 +271,33 @@ class BatchPlan:
         return replace(self, min_rows=typical, answer_slots=slots)
 
 
+def pair_batch(batch: Batch, source: np.ndarray, reference: Optional[np.ndarray] = None) -> PairBatch:
+    """A batch of answers 2k (chosen) and 2k + 1 (rejected) of pair k (source (N, L): each token's
+    answer, -1 on padding) -> PairBatch; reference (2K,): each answer's reference log-prob sum
+    (None: zeros, as when the reference itself is being computed)."""
+    on = source >= 0
+    pair = np.where(on, source // 2, 0).astype(np.int32)
+    sign = (np.where(on, 1 - 2 * (source % 2), 0) * batch.loss_mask).astype(np.float32)
+    ref = np.zeros(source.shape, np.float32)
+    if reference is not None:
+        flat = np.flatnonzero(batch.loss_mask.reshape(-1) > 0)  # every loss token, in order
+        answers, first = np.unique(source.reshape(-1)[flat], return_index=True)
+        ref.reshape(-1)[flat[first]] = reference[answers]  # on each answer's first loss token
+    fields = {f: getattr(batch, f) for f in Batch.__dataclass_fields__}
+    return PairBatch(**fields, pair=pair, sign=sign, reference=ref)
+
+
+def _loss_tokens(item) -> int:
+    """Tokens with loss of an example, or of both answers of a pair."""
+    return sum(_loss_tokens(e) for e in item) if len(item) == 2 else int(np.count_nonzero(item[2]))
+
+
 def answer_slots(examples: Sequence, batch_size: int, seed: int, steps: int = 200, quantum: int = 64) -> int:
     """Room for the tokens with loss of a run's batches (`pack_batch`): the most that
     any of the first `steps` batches holds, rounded up to a multiple of `quantum`.
     One fixed size is one compiled shape; a later batch holding more runs the
     output head everywhere instead."""
-    counts = np.array([int(np.count_nonzero(m)) for _, _, m in examples])
+    counts = np.array([_loss_tokens(e) for e in examples])
     most = max(int(counts[batch_indices(len(examples), step, batch_size, seed)].sum()) for step in range(steps))
     return -(-most // quantum) * quantum
 

@@ -127,6 +127,39 @@ def encode_rows(rows, tok: AnyTokenizer, system_prompt: Optional[str], max_seq_l
     return examples, dropped
 
 
+def last_answer_only(mask: np.ndarray) -> np.ndarray:
+    """An answer mask (T,) with every answer but the last zeroed (its last run of ones kept):
+    a preference pair's loss is on its own answer, not on earlier turns of the context."""
+    at = np.flatnonzero(mask)
+    if not len(at):
+        return mask
+    breaks = np.flatnonzero(np.diff(at) > 1)
+    start = at[breaks[-1] + 1] if len(breaks) else at[0]
+    out = np.zeros_like(mask)
+    out[start:] = mask[start:]
+    return out
+
+
+def encode_pairs(pairs, tok: AnyTokenizer, system_prompt: Optional[str], max_seq_len: int, where: str = "pairs"):
+    """Preference pairs -> list of (chosen example, rejected example), each the pair's context
+    followed by that answer (`to_example`, the loss on the answer and its end of turn only),
+    and the number of pairs dropped because an answer does not fit max_seq_len."""
+    examples, dropped = [], 0
+    for pair in pairs:
+        two = []
+        for answer in (pair.chosen, pair.rejected):
+            try:
+                ids, mask = render(pair.prompt + (("assistant", answer),), tok, system_prompt)
+            except templates.TemplateError as e:
+                raise UserError(f"{where}:{pair.line}: {e}") from None
+            two.append(to_example(ids, last_answer_only(mask), max_seq_len))
+        if None in two:
+            dropped += 1
+        else:
+            examples.append(tuple(two))
+    return examples, dropped
+
+
 # user texts unlike one another, so a template's shared start ends where theirs begin
 _PROBES = ("Hi", "你好", "1+1=?", "\n- x")
 

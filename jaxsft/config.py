@@ -10,7 +10,8 @@ A config file has four parts (see configs/default.yaml):
     train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
     out_dir: where the run writes checkpoints, metrics.jsonl and curves.png
 
-and optionally `mesh` (devices) and `lora` (adapters on a frozen model.init_from).
+and optionally `mesh` (devices), `lora` (adapters on a frozen model.init_from) and `dpo`
+(preference tuning, train.objective: dpo).
 """
 from __future__ import annotations
 
@@ -183,6 +184,20 @@ class TrainConfig:
     focus_categories: tuple[str, ...] = ()
     # the curriculum's length in steps (0: off)
     focus_steps: int = 0
+    # what the run minimises: sft (cross-entropy on the answers of data rows) or dpo (preference
+    # pairs {prompt, chosen, rejected}: the dpo section's loss against the model.init_from start)
+    objective: str = "sft"
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    # the implicit reward's scale: reward = beta * (log p(answer) - log p_reference(answer))
+    beta: float = 0.1
+    # sigmoid: -log sigmoid(beta * h), h the chosen answer's log-ratio minus the rejected one's
+    # (Rafailov et al. 2023); ipo: (h - 1 / (2 beta))^2 with log-probs averaged per token (Azar et al.)
+    loss: str = "sigmoid"
+    # sigmoid only: the probability that a pair's labels are swapped (conservative DPO); 0: off
+    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -245,11 +260,14 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     # LoRA adapters on a frozen model.init_from (off at rank 0)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # preference tuning (train.objective: dpo)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     # the run directory: config.json, tokenizer.json, best/, latest/, metrics.jsonl, curves.png
     out_dir: str = "runs/default"
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig, "lora": LoraConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig, "lora": LoraConfig,
+            "dpo": DpoConfig}
 
 
 def read_text(path: str) -> str:
@@ -383,7 +401,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             out_dir = _coerce(body, out_dir, where("out_dir"), "str")
             continue
         if sec not in SECTIONS:
-            raise UserError(f"{where(sec)}: unknown section (expected one of model, data, train, mesh, lora, out_dir)")
+            raise UserError(f"{where(sec)}: unknown section (expected one of model, data, train, mesh, lora, dpo, out_dir)")
         if body is None:
             continue
         if not isinstance(body, dict):
@@ -403,7 +421,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             continue
         sec, _, k = key.partition(".")
         if sec not in SECTIONS or not k:
-            raise UserError(f"--set {key}: no such key (sections: model, data, train, mesh, lora, out_dir)")
+            raise UserError(f"--set {key}: no such key (sections: model, data, train, mesh, lora, dpo, out_dir)")
         fields = _field_types(SECTIONS[sec])
         if k not in fields or k == "vocab_size":
             raise UserError(f"--set {key}: no such key in section {sec}")
@@ -469,6 +487,33 @@ def validate(cfg: Config, where=lambda k: k) -> None:
     if not cfg.out_dir:
         raise UserError(f"{where('out_dir')}: must not be empty")
     validate_lora(cfg, where)
+    validate_dpo(cfg, where)
+
+
+def validate_dpo(cfg: Config, where=lambda k: k) -> None:
+    t, d = cfg.train, cfg.dpo
+    if t.objective not in ("sft", "dpo"):
+        raise UserError(f"{where('train.objective')}: expected sft or dpo, got {t.objective!r}")
+    if d.beta <= 0:
+        raise UserError(f"{where('dpo.beta')}: must be positive, got {d.beta}")
+    if d.loss not in ("sigmoid", "ipo"):
+        raise UserError(f"{where('dpo.loss')}: expected sigmoid or ipo, got {d.loss!r}")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise UserError(f"{where('dpo.label_smoothing')}: must be in [0, 0.5), got {d.label_smoothing}")
+    if d.label_smoothing and d.loss != "sigmoid":
+        raise UserError(f"{where('dpo.label_smoothing')}: applies to dpo.loss sigmoid only")
+    if t.objective != "dpo":
+        return
+    if not cfg.model.init_from:
+        raise UserError(f"{where('train.objective')}: dpo tunes a trained model against itself; set "
+                        f"model.init_from (an SFT run or a Llama-format directory)")
+    if cfg.data.corpus is not None:
+        raise UserError(f"{where('train.objective')}: dpo trains on preference pairs, not a data.corpus")
+    if t.grad_accum_steps != 1:
+        raise UserError(f"{where('train.grad_accum_steps')}: dpo keeps a pair's two answers in one batch; "
+                        f"only 1 is supported")
+    if t.focus_steps:
+        raise UserError(f"{where('train.focus_steps')}: the curriculum is for sft; dpo has none")
 
 
 def validate_family(m: ModelConfig, where=lambda k: k) -> None:

@@ -10,12 +10,21 @@ Every row becomes a `Row`: a list of messages (user/assistant alternating, an
 optional leading system turn) plus its category and expected answer. A mistake
 raises UserError naming the file, the line and the problem.
 
+Preference pairs (train.objective: dpo) are read by `read_pairs`, one object per line:
+
+    {"prompt": "...", "chosen": "...", "rejected": "...", "system": "...", "category": "..."}
+    {"messages": [...the context, ending with a user turn...], "chosen": ..., "rejected": ...}
+
+chosen and rejected are answer strings, or an assistant message ({"role": "assistant",
+"content": ...}, alone or as a list of one). Each becomes a `Pair`.
+
 A pretraining corpus (data.corpus) is plain UTF-8 text, one paragraph per line:
 `read_corpus`, `split_corpus` and `corpus_examples` turn it into the same
 (inputs, targets, loss_mask) examples that chatml makes of rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -127,6 +136,82 @@ def _instruction(obj: dict, where: str, need_answer: bool) -> tuple:
     return ("user", ins), ("assistant", resp)
 
 
+@dataclass(frozen=True)
+class Pair:
+    """A preference pair: two answers to one conversation, the first preferred."""
+    prompt: tuple  # ((role, content), ...): an optional system turn, then user/assistant, ending with user
+    chosen: str
+    rejected: str
+    category: str = ""
+    line: int = 0
+
+    @property
+    def question(self) -> str:
+        return self.prompt[-1][1]
+
+
+def _completion(obj: dict, key: str, where: str) -> str:
+    """A pair's `chosen` or `rejected`: a string, or one assistant message -> its text."""
+    if key not in obj:
+        raise UserError(f"{where}: missing {key!r}")
+    v = obj[key]
+    if isinstance(v, list):
+        if len(v) != 1:
+            raise UserError(f"{where}: {key!r} must be one assistant message, got a list of {len(v)}")
+        v = v[0]
+    if isinstance(v, dict):
+        if v.get("role") != "assistant" or "content" not in v:
+            raise UserError(f"{where}: {key!r} must be an answer string or an assistant message "
+                            f"{{\"role\": \"assistant\", \"content\": ...}}")
+        v = v["content"]
+    if not isinstance(v, str):
+        raise UserError(f"{where}: {key!r} must be a string, got {type(v).__name__}")
+    if not v.strip():
+        raise UserError(f"{where}: empty {key!r}")
+    return v
+
+
+def parse_pair(obj, where: str) -> Pair:
+    """One decoded JSON value -> Pair, or UserError mentioning `where` ("file:line")."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    category = obj.get("category", "")
+    if not isinstance(category, str):
+        raise UserError(f"{where}: 'category' must be a string")
+    if "messages" in obj:
+        if "prompt" in obj:
+            raise UserError(f"{where}: give the context as 'prompt' or as 'messages', not both")
+        prompt = _conversation(obj["messages"], where, need_answer=False)
+        if prompt[-1][0] != "user":
+            raise UserError(f"{where}: 'messages' must end with a user turn (the answers are 'chosen' and 'rejected')")
+    elif "prompt" in obj:
+        q = obj["prompt"]
+        if not isinstance(q, str):
+            raise UserError(f"{where}: 'prompt' must be a string")
+        if not q.strip():
+            raise UserError(f"{where}: empty 'prompt'")
+        prompt = (("user", q),)
+    else:
+        raise UserError(f"{where}: missing 'prompt' (or 'messages'); a preference pair is "
+                        f"{{\"prompt\", \"chosen\", \"rejected\"}}")
+    system = obj.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise UserError(f"{where}: 'system' must be a string")
+        if prompt[0][0] == "system":
+            raise UserError(f"{where}: a system turn in 'messages' and a 'system' key: give one")
+        prompt = (("system", system),) + prompt
+    chosen, rejected = _completion(obj, "chosen", where), _completion(obj, "rejected", where)
+    if chosen == rejected:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are the same answer")
+    return Pair(prompt, chosen, rejected, category)
+
+
+def read_pairs(path: str) -> list[Pair]:
+    """Reads and validates every preference pair of a JSONL file."""
+    return [dataclasses.replace(parse_pair(obj, where), line=n) for n, where, obj in _json_lines(path)]
+
+
 def _has_lone_surrogate(obj) -> bool:
     """True when a string in obj holds an unpaired UTF-16 surrogate (e.g. from "\\ud800")."""
     try:
@@ -136,12 +221,13 @@ def _has_lone_surrogate(obj) -> bool:
         return True
 
 
-def read_jsonl(path: str, need_answer: bool = True) -> list[Row]:
-    """Reads and validates every row of a JSONL file."""
+def _json_lines(path: str):
+    """(line number, "file:line", decoded object) of every non-blank line of a JSONL file;
+    UserError for a missing or empty file, a line that is not JSON, or half a surrogate pair."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
     text = read_text(path)
-    rows = []
+    out = []
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -152,16 +238,31 @@ def read_jsonl(path: str, need_answer: bool = True) -> list[Row]:
             raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if "\\u" in line and _has_lone_surrogate(obj):
             raise UserError(f"{where}: a \\u escape encodes half a surrogate pair, which is not text")
+        out.append((n, where, obj))
+    if not out:
+        raise UserError(f"{path}: no rows (the file is empty)")
+    return out
+
+
+def read_jsonl(path: str, need_answer: bool = True) -> list[Row]:
+    """Reads and validates every row of a JSONL file."""
+    rows = []
+    for n, where, obj in _json_lines(path):
+        if isinstance(obj, dict) and "chosen" in obj and "rejected" in obj:
+            raise UserError(f"{where}: a preference pair (chosen/rejected); train on pairs with train.objective: dpo")
         row = parse_row(obj, where, need_answer)
         rows.append(Row(row.messages, row.category, row.expected, n))
-    if not rows:
-        raise UserError(f"{path}: no rows (the file is empty)")
     return rows
 
 
 def row_texts(rows: list[Row]) -> list[str]:
     """All message contents, for building a vocabulary."""
     return [c for r in rows for _, c in r.messages]
+
+
+def pair_texts(pairs: list[Pair]) -> list[str]:
+    """Every text of preference pairs (prompts and both answers), for building a vocabulary."""
+    return [t for p in pairs for t in [c for _, c in p.prompt] + [p.chosen, p.rejected]]
 
 
 VAL_EVERY = 20  # split_corpus holds out every 20th paragraph for the validation loss

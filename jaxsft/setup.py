@@ -20,7 +20,7 @@ import optax
 from . import chatml, hf, lora, runs
 from .batching import BatchPlan, RunPlan
 from .config import DEFAULT_SYSTEM_PROMPT, Config, ModelConfig, UserError
-from .data import Row, corpus_examples, read_corpus, read_jsonl, row_texts, split_corpus
+from .data import Row, corpus_examples, pair_texts, read_corpus, read_jsonl, read_pairs, row_texts, split_corpus
 from .parts import Parts
 from .steps import make_optimizer, make_schedule
 from .tokenizer import AnyTokenizer, Tokenizer
@@ -30,8 +30,8 @@ from .tokenizer import AnyTokenizer, Tokenizer
 class Setup:
     cfg: Config  # as given; vocab_size, chat_template and system_prompt filled in (with_vocabulary)
     tok: AnyTokenizer
-    train_examples: list  # (inputs, targets, loss_mask) per row (or corpus window)
-    val_rows: list[Row]  # [] when pretraining
+    train_examples: list  # (inputs, targets, loss_mask) per row (or corpus window); dpo: (chosen, rejected) pairs
+    val_rows: list[Row]  # [] when pretraining; dpo: each pair's prompt (no answer)
     val_examples: list
     plan: RunPlan  # the batch of every step
     tx: optax.GradientTransformation  # steps.AdamW: optax's init and update, and the fused apply
@@ -45,6 +45,10 @@ class Setup:
     @property
     def pretraining(self) -> bool:
         return bool(self.cfg.data.corpus)
+
+    @property
+    def dpo(self) -> bool:
+        return self.cfg.train.objective == "dpo"
 
     def init_params(self):
         """(graphdef, parameters at step 0): fresh, or the base's (`runs.init_params_from`)."""
@@ -122,6 +126,22 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
         L = cfg.model.max_seq_len
         train_ex, val_rows, val_ex = corpus_examples(train_par, tok, L), [], corpus_examples(val_par, tok, L)
         focus = []
+    elif tc.objective == "dpo":
+        train_pairs, val_pairs = read_pairs(cfg.data.train), read_pairs(cfg.data.val)
+        tok, base = _vocabulary(cfg, pair_texts(train_pairs), log)
+        cfg = with_vocabulary(cfg, tok)
+        system, L = cfg.data.system_prompt, cfg.model.max_seq_len
+        train_ex, dropped = chatml.encode_pairs(train_pairs, tok, system, L, cfg.data.train)
+        val_ex, vdropped = chatml.encode_pairs(val_pairs, tok, system, L, cfg.data.val)
+        for what, ex in ((cfg.data.train, train_ex), (cfg.data.val, val_ex)):
+            if not ex:
+                raise UserError(f"{what}: no pair fits max_seq_len={L} with some of both answers")
+        if dropped or vdropped:
+            _warn(log, f"warning: dropped {dropped} training and {vdropped} validation pairs with an answer that "
+                       f"does not fit max_seq_len={L}")
+        _note_unknown(tok, pair_texts(val_pairs), log)
+        val_rows = [Row(p.prompt, p.category, None, p.line) for p in val_pairs]
+        focus = []
     else:
         train_rows, val_rows = read_jsonl(cfg.data.train), read_jsonl(cfg.data.val)
         tok, base = _vocabulary(cfg, row_texts(train_rows), log)
@@ -131,14 +151,18 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
         if dropped or vdropped:
             _warn(log, f"warning: dropped {dropped} training and {vdropped} validation rows whose answer does not "
                        f"fit max_seq_len={cfg.model.max_seq_len}")
-        unk = sum(len(tok.unknown(t)) for t in row_texts(val_rows))
-        if unk:
-            _warn(log, f"note: {unk} validation characters are not in the training vocabulary (they become <unk>)")
+        _note_unknown(tok, row_texts(val_rows), log)
         focus = focus_rows(cfg, train_rows, log) if tc.focus_steps else []
         focus = _examples(focus, tok, cfg, f"train.focus_categories: {cfg.data.train}")[0] if focus else []
     plan = run_plan(cfg, tok, train_ex, focus, multiple=tc.grad_accum_steps * mesh.size)
     return Setup(cfg, tok, train_ex, val_rows, val_ex, plan, make_optimizer(tc, plan.total_steps),
                  make_schedule(tc, plan.total_steps), base)
+
+
+def _note_unknown(tok: AnyTokenizer, val_texts: list[str], log) -> None:
+    unk = sum(len(tok.unknown(t)) for t in val_texts)
+    if unk:
+        _warn(log, f"note: {unk} validation characters are not in the training vocabulary (they become <unk>)")
 
 
 def run_plan(cfg: Config, tok: AnyTokenizer, train_ex: list, focus_ex: list, multiple: int = 1) -> RunPlan:
@@ -152,7 +176,7 @@ def run_plan(cfg: Config, tok: AnyTokenizer, train_ex: list, focus_ex: list, mul
 
     def plan(examples):
         return BatchPlan(examples, tc.batch_size, tc.seed, tc.buckets, cfg.model.max_seq_len, tc.pack_len,
-                         multiple, prefix).settled(head_only_at_answers=multiple == 1)
+                         multiple, prefix, pairs=tc.objective == "dpo").settled(head_only_at_answers=multiple == 1)
 
     return RunPlan(plan(train_ex), tc.epochs, tc.max_steps, plan(focus_ex) if focus_ex else None,
                    tc.focus_steps if focus_ex else 0)
@@ -173,5 +197,11 @@ def _vocabulary(cfg: Config, texts: list[str], log=print):
                    f"{'tied' if m.tie_embeddings else 'untied'} head, "
                    f"vocabulary {rows} rows" + (f" + {len(tok) - rows} for ChatML markers" if len(tok) > rows else "")
                    + (f"; its own chat template ({tok.template.origin})" if tok.template is not None else ""))
-    return tok, runs.load_base(src, cfg.model)
+    base = runs.load_base(src, cfg.model)
+    new = [] if runs.is_llama_base(cfg) else tok.itos[base[1]:]
+    if new:  # a jaxsft run's character vocabulary, grown
+        shown = "".join(new[:40]) + (" ..." if len(new) > 40 else "")
+        _warn(log, f"model.init_from: {src}'s vocabulary of {base[1]} gains {len(new)} characters its data never "
+                   f"had, each a new embedding row: {shown}")
+    return tok, base
 

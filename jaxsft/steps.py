@@ -135,6 +135,13 @@ def loss_sums(params, graphdef, batch: Batch, dropout_key=None, dtype=jnp.float3
     return jnp.sum(nll * m), jnp.sum(m)
 
 
+def sft_objective(params, graphdef, batch: Batch, dropout_key=None, dtype=jnp.float32):
+    """SFT as an objective (make_train_step's `objective`): (summed loss, answer tokens, {}), the
+    empty dict holding the further per-step metrics an objective may sum (dpo.loss_sums)."""
+    s, n = loss_sums(params, graphdef, batch, dropout_key, dtype)
+    return s, n, {}
+
+
 class TrainStep:
     """(state, batch, key) -> (state, metrics): the jitted step (`jitted`, which takes the frozen
     parameters as a fourth argument, never donated) with the frozen parameters bound."""
@@ -150,8 +157,12 @@ class TrainStep:
 
 
 def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=None,
-                    combine=keep_trainable) -> TrainStep:
+                    combine=keep_trainable, objective=sft_objective) -> TrainStep:
     """(state, batch, key) -> (state, metrics), jitted on `mesh` with the state donated.
+
+    objective: (params, graphdef, batch, dropout_key, dtype) -> (summed loss, count, {name:
+    summed metric}); the step minimises the loss divided by the batch's count (answer tokens,
+    or dpo's pairs) and reports loss, count ("tokens") and each metric divided by the count.
 
     mesh: default one device. state_shardings (parallel.state_shardings): default
     every array whole on every device.
@@ -175,14 +186,18 @@ def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=No
         return jax.lax.with_sharding_constraint(p, whole) if gather else p
 
     # the gradient with respect to p alone: the frozen part is a constant, its weight gradients never computed
-    grad_fn = jax.value_and_grad(lambda p, fz, *a: loss_sums(model_params(p, fz), *a), has_aux=True)
+    def loss(p, fz, *a):
+        s, n, extras = objective(model_params(p, fz), *a)
+        return s, (n, extras)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     micro_rows = NamedSharding(mesh, PartitionSpec(None, *rows.spec))  # each micro-batch split over all devices
     gradients = _gradients(grad_fn, graphdef, tc.grad_accum_steps, micro_rows, dtype)
 
     def step(state: TrainState, batch: Batch, key, frozen):
         key = jax.random.fold_in(key, state.step)
-        s, n, g = gradients(state.params, frozen, batch, key)
-        return _update(tx, state, s, n, g)
+        s, n, g, extras = gradients(state.params, frozen, batch, key)
+        return _update(tx, state, s, n, g, extras)
 
     state_shardings = whole if state_shardings is None else state_shardings
     frozen = {} if frozen is None else frozen
@@ -193,29 +208,33 @@ def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=No
 
 
 def _gradients(grad_fn, graphdef, k: int, micro_rows, dtype) -> Callable:
-    """(params, frozen, batch, key) -> (summed loss, answer tokens, summed gradient) over the batch's
-    k micro-batches (scanned; k = 1: the batch at once)."""
+    """(params, frozen, batch, key) -> (summed loss, count, summed gradient, summed metrics) over the
+    batch's k micro-batches (scanned; k = 1: the batch at once)."""
     def gradients(params, frozen, batch, key):
         if k == 1:
-            (s, n), g = grad_fn(params, frozen, graphdef, batch, key, dtype)
-            return s, n, g
+            (s, (n, extras)), g = grad_fn(params, frozen, graphdef, batch, key, dtype)
+            return s, n, g, extras
         micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
         micro = jax.lax.with_sharding_constraint(micro, micro_rows)
 
         def accumulate(carry, xs):
             i, mb = xs
-            (s, n), g = grad_fn(params, frozen, graphdef, mb, jax.random.fold_in(key, i), dtype)
-            return jax.tree.map(jnp.add, carry, (s, n, g)), None
+            (s, (n, extras)), g = grad_fn(params, frozen, graphdef, mb, jax.random.fold_in(key, i), dtype)
+            return jax.tree.map(jnp.add, carry, (s, n, g, extras)), None
 
-        zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
-        (s, n, g), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-        return s, n, g
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, (_, extras)), _ = jax.eval_shape(grad_fn, params, frozen, graphdef, first, key, dtype)
+        zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params),
+                 jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), extras))
+        (s, n, g, extras), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+        return s, n, g, extras
     return gradients
 
 
-def _update(tx, state: TrainState, s, n, g):
+def _update(tx, state: TrainState, s, n, g, extras):
     """(the state after one optimizer update with the mean gradient g / max(n, 1), the step's
-    metrics); a non-finite loss or gradient norm leaves the state as it was (ok False)."""
+    metrics, extras / max(n, 1) among them); a non-finite loss or gradient norm leaves the state
+    as it was (ok False)."""
     denom = jnp.maximum(n, 1.0)
     loss = s / denom
     gnorm = optax.tree.norm(g) / denom  # of the mean gradient g / denom
@@ -228,13 +247,14 @@ def _update(tx, state: TrainState, s, n, g):
                                          (optax.apply_updates(state.params, updates), opt_state),
                                          (state.params, state.opt_state))
     new = TrainState(jnp.where(ok, state.step + 1, state.step), params, opt_state)
-    return new, {"loss": loss, "tokens": n, "grad_norm": gnorm, "ok": ok}
+    return new, {"loss": loss, "tokens": n, "grad_norm": gnorm, "ok": ok,
+                 **{k: v / denom for k, v in extras.items()}}
 
 
-def make_eval_step(graphdef, mesh=None) -> Callable:
-    """(params, host batch) -> (summed loss, answer tokens), no dropout; the batch's
-    rows are split over the mesh's devices (default one)."""
-    step = jax.jit(lambda params, batch: loss_sums(params, graphdef, batch))
+def make_eval_step(graphdef, mesh=None, loss=loss_sums) -> Callable:
+    """(params, host batch) -> loss(params, graphdef, batch): (summed loss, answer tokens) for SFT,
+    no dropout; the batch's rows are split over the mesh's devices (default one)."""
+    step = jax.jit(lambda params, batch: loss(params, graphdef, batch))
     rows = parallel.batch_sharding(parallel.one_device_mesh() if mesh is None else mesh)
     return lambda params, batch: step(params, parallel.host_batch_to_global(batch, rows))
 

@@ -10,6 +10,7 @@ metadata; the others get no-op loggers.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import signal
@@ -22,11 +23,12 @@ from typing import Callable
 import jax
 import numpy as np
 
-from . import checkpoint, model, parallel, runs
+from . import checkpoint, dpo, model, parallel, runs
 from .config import Config, UserError, lora_config_from_dict, model_config_from_dict, target_names, to_dict
 from .metrics import MetricsLog, NullLog
+from .batching import BatchPlan
 from .setup import Setup, prepare
-from .steps import TrainState, make_eval_step, make_train_step, validation_loss
+from .steps import TrainState, loss_sums, make_eval_step, make_train_step, sft_objective, validation_loss
 
 
 class TrainingDiverged(Exception):
@@ -74,6 +76,8 @@ class Trainer:
         cfg, tc = setup.cfg, setup.cfg.train
         self.setup, self.mesh, self.log, self.run_dir = setup, mesh, log, cfg.out_dir
         self.main = jax.process_index() == 0
+        self.progress = progress and self.main
+        self.rows = parallel.batch_sharding(mesh)
         check_run_dir(setup, resume, log)
         parallel.sync("jaxsft: run directory checked")  # before process 0 creates anything in it
         parts = setup.init_model()  # what trains (every parameter, or LoRA's adapters) and what stays frozen
@@ -86,20 +90,25 @@ class Trainer:
             runs.verify_base(self.run_dir, cfg, setup.base)
         elif self.main:  # before the checkpoint dirs: a run dir without config.json holds no run
             runs.write_meta(self.run_dir, cfg, setup.tok, setup.base)
+        self.plan, self.val_plan = setup.plan, None
+        self._for_eval = parts.for_eval(self.frozen)  # evaluation sees the plain model (LoRA: the adapters merged)
+        if setup.dpo:  # the starting model's log-probs, before any step changes it
+            self.plan, self.val_plan = self._with_reference(parts.plain_graphdef)
         self.ckpt = checkpoint.RunCheckpoints(self.run_dir)
         if resume:
             self._restore()
         self.start = int(self.state.step)
         self.metrics = (MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), keep_until=self.start if resume
                                    else None) if self.main else NullLog())
+        objective = dpo.objective(cfg.dpo, tc.batch_size) if setup.dpo else sft_objective
         self.train_step = make_train_step(parts.graphdef, setup.tx, tc, mesh, self.state_shardings, self.frozen,
-                                          parts.combine)
-        self._for_eval = parts.for_eval(self.frozen)  # evaluation sees the plain model (LoRA: the adapters merged)
-        self.eval_step = make_eval_step(parts.plain_graphdef, mesh)
+                                          parts.combine, objective)
+        self.eval_step = make_eval_step(parts.plain_graphdef, mesh, dpo.objective(cfg.dpo, tc.batch_size)
+                                        if setup.dpo else loss_sums)
         self.key = parallel.shard_tree(jax.random.PRNGKey(tc.seed), parallel.replicated(mesh))
-        self.rows = parallel.batch_sharding(mesh)
         self.steplog = StepLog(self.metrics, setup.schedule, self.run_dir,
-                               progress and self.main, setup.plan.total_steps, self.start)
+                               self.progress, setup.plan.total_steps, self.start,
+                               "pairs" if setup.dpo else "tokens")
         self.measures, self.after_eval = eval_hooks(self)
         self.t_start = self.last_save = time.time()
         self._describe(parts.notes)
@@ -140,7 +149,7 @@ class Trainer:
 
     def batch_at(self, step: int):
         """The global batch of `step` on the mesh (each process transfers its own rows)."""
-        return parallel.host_batch_to_global(self.setup.plan.batch(step), self.rows)
+        return parallel.host_batch_to_global(self.plan.batch(step), self.rows)
 
     def evaluate(self, step: int) -> None:
         """Validation loss (best checkpoint when it improves), the measure hooks, one
@@ -149,16 +158,24 @@ class Trainer:
         s, tc = self.setup, self.setup.cfg.train
         eval_rows = tc.batch_size * -(-64 // tc.batch_size)  # >= 64 rows (no gradients kept): fewer, fuller calls
         params = self.model_params()
-        val_loss = validation_loss(self.eval_step, params, s.val_examples, eval_rows, tc.buckets,
-                                   s.model_cfg.max_seq_len)
+        if s.dpo:
+            figures = dpo.validation(self.eval_step, params, self.val_plan, tc.batch_size)
+            val_loss = figures["val_loss"]
+        else:
+            val_loss = validation_loss(self.eval_step, params, s.val_examples, eval_rows, tc.buckets,
+                                       s.model_cfg.max_seq_len)
+            figures = {"val_loss": val_loss}
         improved = val_loss < self.best_val
         if improved:
             self.best_val = float(np.float32(val_loss))  # as the latest state keeps it: a resumed run compares alike
             self.ckpt.save_best(step, self.state.params, val_loss)
-        record = {"step": step, "val_loss": val_loss, "best": improved}
+        record = {"step": step, **figures, "best": improved}
         notes = "".join(measure(params, record) for measure in self.measures)
         record["elapsed_s"] = round(time.time() - self.t_start, 2)  # wall time of this session, evaluations included
         self.metrics.write([record])
+        if s.dpo:
+            notes = (f", preference accuracy {100 * figures['val_rewards/accuracy']:.1f}%, margin "
+                     f"{figures['val_rewards/margin']:.3f}") + notes
         self.log(f"step {step}: val_loss {val_loss:.4f}"
                  + (" (best, saved)" if improved else f" (best {self.best_val:.4f})") + notes)
         for hook in self.after_eval:
@@ -194,6 +211,33 @@ class Trainer:
         # every process must agree to save: process 0's clock decides, asked every 10 steps
         return done % 10 == 0 and parallel.agree(time.time() - self.last_save >= tc.save_every_s)
 
+    def _with_reference(self, graphdef):
+        """(the run plan, the validation pairs' plan), each pair with its reference log-probs: the
+        starting model's (dpo.py), read from the run directory when it has them (--resume),
+        else computed now, once, and written there."""
+        s, tc = self.setup, self.setup.cfg.train
+        val = BatchPlan(s.val_examples, tc.batch_size, tc.seed, tc.buckets, s.model_cfg.max_seq_len, pairs=True)
+        found = dpo.load_reference(self.run_dir, len(s.train_examples), len(s.val_examples))
+        if found is None:
+            from tqdm import tqdm
+            self.log(f"reference: the log-probs of {len(s.train_examples)} training and {len(s.val_examples)} "
+                     f"validation pairs under the starting model, computed once (kept in "
+                     f"{self.run_dir}/{dpo.REFERENCE_FILE})")
+            step = dpo.make_logps_step(graphdef, tc.batch_size,
+                                       lambda b: parallel.host_batch_to_global(b, self.rows))
+            params = self.model_params()
+            with tqdm(total=len(s.train_examples) + len(s.val_examples), disable=not self.progress,
+                      unit="pair", dynamic_ncols=True) as bar:
+                found = tuple(dpo.reference_logps(step, params, plan, tc.batch_size, bar.update)
+                              for plan in (s.plan.main, val))
+            del params
+            if self.main:
+                dpo.save_reference(self.run_dir, *found)
+            parallel.sync("jaxsft: reference written")
+        train_ref, val_ref = found
+        plan = dataclasses.replace(s.plan, main=dataclasses.replace(s.plan.main, reference=train_ref))
+        return plan, dataclasses.replace(val, reference=val_ref)
+
     def _restore(self) -> None:
         best = parallel.shard_tree(np.float32(0), parallel.replicated(self.mesh))
         restored = self.ckpt.restore_latest({"state": self.state, "best_val_loss": best})
@@ -206,7 +250,7 @@ class Trainer:
 
     def _describe(self, notes) -> None:
         s, tc, plan = self.setup, self.setup.cfg.train, self.setup.plan
-        what = "windows" if s.pretraining else "rows"
+        what = "windows" if s.pretraining else "pairs" if s.dpo else "rows"
         n = model.count_params(model.abstract(s.model_cfg)[1])
         self.log(f"model: {n / 1e6:.2f}M parameters, vocab {len(s.tok)} | "
                  f"train {len(s.train_examples)} {what}, val {len(s.val_examples)} | {plan.total_steps} steps "
@@ -226,7 +270,7 @@ class Trainer:
 # train keys whose change makes a resumed run differ from an uninterrupted one
 TRAJECTORY_KEYS = ("batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
                    "seed", "grad_accum_steps", "dtype", "pack_len", "share_prefix", "focus_categories",
-                   "focus_steps", "buckets", "eval_every")
+                   "focus_steps", "buckets", "eval_every", "objective")
 
 
 def check_run_dir(setup: Setup, resume: bool, log) -> None:
@@ -316,9 +360,10 @@ class StepLog:
     """Per-step metrics, fetched from the device every 10 steps (a fetch waits for the
     step): metrics.jsonl records, the progress bar, and the divergence check."""
 
-    def __init__(self, metrics, schedule, run_dir: str, progress: bool, total: int, start: int):
+    def __init__(self, metrics, schedule, run_dir: str, progress: bool, total: int, start: int,
+                 count: str = "tokens"):
         from tqdm import tqdm
-        self.metrics, self.schedule, self.run_dir = metrics, schedule, run_dir
+        self.metrics, self.schedule, self.run_dir, self.count = metrics, schedule, run_dir, count
         self.pending, self.t_last, self.tokens = [], time.time(), 0.0
         self.bar = tqdm(total=total, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
 
@@ -337,13 +382,18 @@ class StepLog:
                 self.metrics.write(records)  # the good steps before it
                 raise TrainingDiverged(f"non-finite loss or gradient norm at step {s}; stopped, the last good "
                                        f"checkpoints in {self.run_dir} are kept")
+            extras = {k: float(v) for k, v in m.items() if k not in ("loss", "tokens", "grad_norm", "ok")}
             records.append({"step": s, "loss": float(m["loss"]), "lr": float(self.schedule(s - 1)),
-                            "grad_norm": float(m["grad_norm"]), "tokens": int(m["tokens"])})
-        self.tokens += sum(r["tokens"] for r in records)
+                            "grad_norm": float(m["grad_norm"]), self.count: int(m["tokens"]), **extras})
+        self.tokens += sum(r[self.count] for r in records)
         now = time.time()
-        # answer_tok_s: tokens with loss (the answers) per second, not every token the model reads
-        self.bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}",
-                             answer_tok_s=f"{self.tokens / max(now - self.t_last, 1e-9):.0f}")
+        rate = self.tokens / max(now - self.t_last, 1e-9)
+        if self.count == "pairs":
+            self.bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}",
+                                 acc=f"{records[-1]['rewards/accuracy']:.2f}", pairs_s=f"{rate:.1f}")
+        else:  # answer_tok_s: tokens with loss (the answers) per second, not every token the model reads
+            self.bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}",
+                                 answer_tok_s=f"{rate:.0f}")
         self.t_last, self.tokens = now, 0.0
         self.metrics.write(records)
         self.pending = []

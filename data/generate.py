@@ -2,7 +2,8 @@
 """Generate the jaxsft instruction-tuning data set (Chinese, char-level).
 
 Run from anywhere:  python data/generate.py
-Writes (next to this script): train.jsonl, val.jsonl, test.jsonl, corpus/*.txt
+Writes (next to this script): train.jsonl, val.jsonl, test.jsonl, corpus/*.txt,
+prefs_{train,val,test}.jsonl (preference pairs for DPO, built from the rows)
 and refreshes the generated sections of README.md (between the markers).
 
 The material is in sources/ beside this script (UTF-8), read at start:
@@ -240,34 +241,51 @@ def cmp_answer(a, fa, b, fb):
     return "%s%s，%s%s。" % (a, fa, b, fb)
 
 
-def arith(a, b, op):
+def arith(a, b, op, slip=(0, 0), carry=True):
     """The worked answer: the operands restated, then units column first
     (a, b in 0..99; for "-", a >= b):
     27+15：个位7+5=12，十位2+1+1=4，得42。  /  85-49：个位15-9=6，十位8-4-1=3，得36。
     Every step is a one-digit fact or a copy, so a held-out pair needs no
     table entry that train lacks; restating the operands first puts the digits
-    each step copies at a fixed spot in the answer, whatever the question's wording."""
+    each step copies at a fixed spot in the answer, whatever the question's wording.
+
+    The rejected answers of prefs (wrong_arith) are worked the same way with
+    one slip, every later step consistent with it: slip=(u, t) adds u to the
+    units result and t to the tens result, carry=False drops the carry/borrow:
+    27+15：个位7+5=12，十位2+1+0=3，得32。"""
     a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
     if op == "+":
-        s0 = a0 + b0
-        return "%d+%d：个位%d+%d=%d，十位%d+%d+%d=%d，得%d。" % (a, b, a0, b0, s0, a1, b1, s0 // 10,
-                                                           a1 + b1 + s0 // 10, a + b)
+        s0 = a0 + b0 + slip[0]
+        c = s0 // 10 if carry else 0
+        s1 = a1 + b1 + c + slip[1]
+        return "%d+%d：个位%d+%d=%d，十位%d+%d+%d=%d，得%d。" % (a, b, a0, b0, s0, a1, b1, c, s1,
+                                                           10 * s1 + s0 % 10)
     borrow = int(a0 < b0)
-    return "%d-%d：个位%d-%d=%d，十位%d-%d-%d=%d，得%d。" % (a, b, a0 + 10 * borrow, b0, a0 + 10 * borrow - b0,
-                                                       a1, b1, borrow, a1 - b1 - borrow, a - b)
+    d0 = a0 + 10 * borrow - b0 + slip[0]
+    c = borrow if carry else 0
+    d1 = a1 - b1 - c + slip[1]
+    return "%d-%d：个位%d-%d=%d，十位%d-%d-%d=%d，得%d。" % (a, b, a0 + 10 * borrow, b0, d0,
+                                                       a1, b1, c, d1, 10 * d1 + d0)
 
 
-def judge(a, b, r):
+def judge(a, b, r, turned=False):
     """The operands restated, tens digits first, units only on a tie, then the
     true relation, the relation the question claims, and the verdict:
     62和25：十位6>2，所以62大于25；问的是大于，对。
-    43和47：十位4=4，个位3<7，所以43小于47；问的是大于，不对。"""
-    sym = lambda x, y: ">" if x > y else ("<" if x < y else "=")
-    truth = "大于" if a > b else ("小于" if a < b else "等于")
+    43和47：十位4=4，个位3<7，所以43小于47；问的是大于，不对。
+
+    turned=True is the rejected answer of prefs: every comparison turned
+    around, so the verdict flips with it (62和25：十位6<2，所以62小于25；问的是大于，不对。);
+    a tie (a == b) has nothing to turn and flips only the verdict."""
+    def sym(x, y):
+        x, y = (y, x) if turned else (x, y)
+        return ">" if x > y else ("<" if x < y else "=")
+    truth = {">": "大于", "<": "小于", "=": "等于"}[sym(a, b)]
     work = "十位%d%s%d，" % (a // 10, sym(a // 10, b // 10), b // 10)
     if a // 10 == b // 10:
         work += "个位%d%s%d，" % (a % 10, sym(a % 10, b % 10), b % 10)
-    return "%d和%d：%s所以%d%s%d；问的是%s，%s。" % (a, b, work, a, truth, b, r, "对" if truth == r else "不对")
+    right = (truth == r) != (turned and a == b)
+    return "%d和%d：%s所以%d%s%d；问的是%s，%s。" % (a, b, work, a, truth, b, r, "对" if right else "不对")
 
 
 def str_op(s, op, c):
@@ -281,12 +299,13 @@ def str_op(s, op, c):
     return s.upper()
 
 
-def str_answer(s, op, c):
+def str_answer(s, op, c, result=None):
     """The answer restates the quoted operand, so every letter of the result is
     copied from a fixed spot nearby instead of being found in a question whose
     wording varies:
-    “abc”倒过来是“cba”。  “abc”的大写是“ABC”。  “abc”有3个字母。  “abca”中有2个a。"""
-    r = str_op(s, op, c)
+    “abc”倒过来是“cba”。  “abc”的大写是“ABC”。  “abc”有3个字母。  “abca”中有2个a。
+    `result` replaces the right result (the rejected answers of prefs)."""
+    r = str_op(s, op, c) if result is None else result
     if op == "rev":
         return "“%s”倒过来是“%s”。" % (s, r)
     if op == "up":
@@ -296,10 +315,11 @@ def str_answer(s, op, c):
     return "“%s”中有%s个%s。" % (s, r, c)
 
 
-def parity(n):
+def parity(n, flip=False):
     """The number restated, its units digit, the verdict: 96的个位是6，是偶数。
-    The units digit is a copy from a fixed spot; its parity is one of 10 facts."""
-    return "%d的个位是%d，是%s。" % (n, n % 10, "偶数" if n % 2 == 0 else "奇数")
+    The units digit is a copy from a fixed spot; its parity is one of 10 facts.
+    flip=True gives the other verdict (the rejected answer of prefs)."""
+    return "%d的个位是%d，是%s。" % (n, n % 10, "偶数" if (n % 2 == 0) != flip else "奇数")
 
 
 # --------------------------------------------------------------------------
@@ -686,6 +706,162 @@ def build_corpus(rng, src, P):
 
 
 # --------------------------------------------------------------------------
+# Preference pairs (DPO): prefs_{train,val,test}.jsonl.  Each pair's prompt
+# is a row of the same split (so prefs_test asks only test questions, never
+# a train or val one), "chosen" is that row's answer and "rejected" a
+# plausible wrong answer of the same shape.  They draw from their own RNG
+# (seeded like split_templates), so the other files do not change.
+# --------------------------------------------------------------------------
+PREFS_TRAIN = 4000   # a per-category sample of train; val and test use every row
+FACT_NEIGHBOURS = 5  # a wrong fact comes from this many lines around it in facts.txt
+# the category of a multi-turn row's second question, by its meta kind
+SECOND_TURN = {"add": "算术", "sub": "算术", "rev": "字符串", "len": "字符串", "cnt": "字符串",
+               "up": "字符串", "pair": "判断", "word": "分类", "parity": "分类"}
+
+
+def near(items, i):
+    """The items within FACT_NEIGHBOURS places of items[i], itself excluded:
+    facts.txt is ordered by topic, so these are mostly related terms."""
+    return items[max(0, i - FACT_NEIGHBOURS):i] + items[i + 1:i + 1 + FACT_NEIGHBOURS]
+
+
+def wrong_fact(category, term, rng, src):
+    """知识问答: the term with a related term's body; 定义: a related term."""
+    i = [t for t, _ in src.facts].index(term)
+    if category == "定义":
+        return rng.choice(near([t for t, _ in src.facts], i))
+    bodies = [fact_answer(term, b) for _, b in near(src.facts, i)]
+    return rng.choice([a for a in bodies if len(a) <= MAX_FACT] or bodies)
+
+
+def wrong_compare(answer, meta, rng, src):
+    """Two items: the comparison turned around, each item with the other's
+    feature.  One item (train only): the feature of another item of its group."""
+    if meta[0] == "single":
+        group = next(g for g in src.groups if meta[1] in dict(g))
+        return "%s%s。" % (meta[1], rng.choice([f for n, f in group if n != meta[1]]))
+    x, y = meta[1]
+    a, b = (x, y) if answer == cmp_answer(x, src.feats[x], y, src.feats[y]) else (y, x)
+    return cmp_answer(a, src.feats[b], b, src.feats[a])
+
+
+def wrong_arith(answer, rng):
+    """A dropped carry/borrow (half the time, when there is one) or one
+    column's digit off by one, the later steps worked from the slip."""
+    a, op, b = re.match(r"(\d+)([+-])(\d+)：", answer).groups()
+    a, b = int(a), int(b)
+    if op == "+":   # the units and tens results as arith writes them
+        units = a % 10 + b % 10
+        carry = units >= 10
+        tens = a // 10 + b // 10 + carry
+    else:
+        carry = a % 10 < b % 10
+        units = a % 10 + 10 * carry - b % 10
+        tens = a // 10 - b // 10 - carry
+    if carry and rng.random() < 0.5:
+        return arith(a, b, op, carry=False)
+    top = 18 if op == "+" else 9   # the largest units result a column can have
+    slips = [(d, 0) for d in (-1, 1) if 0 <= units + d <= top]
+    slips += [(0, d) for d in (-1, 1) if tens + d >= 0]
+    return arith(a, b, op, slip=rng.choice(slips))
+
+
+def slip_letters(r, rng, avoid):
+    """r with a copying slip a small model makes: two neighbouring (different)
+    letters swapped, or, where every such swap is a string in `avoid` (the
+    operand pools: a rejected answer brings no held-out string into another
+    split), one letter dropped."""
+    swaps = [r[:i] + r[i + 1] + r[i] + r[i + 2:] for i in range(len(r) - 1) if r[i] != r[i + 1]]
+    drops = [r[:i] + r[i + 1:] for i in range(len(r))]
+    for outs in (swaps, drops):
+        outs = [o for o in outs if o.lower() not in avoid]
+        if outs:
+            return rng.choice(outs)
+    return None
+
+
+def wrong_string(answer, meta, rng, avoid):
+    """Length or count off by one (a miscount); reversal or upper case with a
+    copying slip (slip_letters)."""
+    op, s = meta[0], meta[1]
+    c = answer[-2] if op == "cnt" else ""
+    r = str_op(s, op, c)
+    if op in ("len", "cnt"):
+        wrong = str(rng.choice([n for n in (int(r) - 1, int(r) + 1) if n >= (1 if op == "len" else 0)]))
+    else:
+        wrong = slip_letters(r, rng, avoid)
+    return None if wrong is None else str_answer(s, op, c, wrong)
+
+
+def wrong_answer(category, answer, meta, rng, src, avoid):
+    """A plausible wrong answer in the shape of `answer` (the right one), or
+    None where none can be made.  meta: the row's meta from build(); for
+    多轮对话 the wrong answer is to the second question."""
+    kind, key = meta[0], meta[1]
+    if category == "多轮对话":
+        return wrong_answer(SECOND_TURN[key[1][0]], answer, key[1], rng, src, avoid)
+    if category in ("知识问答", "定义"):
+        return wrong_fact(category, key, rng, src)
+    if category == "比较":
+        return wrong_compare(answer, meta, rng, src)
+    if category == "判断":
+        a, b, r = re.match(r"(\d+)和(\d+)：.*问的是(大于|小于)", answer).groups()
+        return judge(int(a), int(b), r, turned=True)
+    if category == "算术":
+        return wrong_arith(answer, rng)
+    if category == "字符串":
+        return wrong_string(answer, meta, rng, avoid)
+    if kind == "parity":
+        return parity(key, flip=True)
+    return rng.choice(sorted(set(cls for _, cls in src.words) - {answer}))   # 分类 (word)
+
+
+def pref_row(row, rejected):
+    """The pair of one SFT row: its question (for 多轮对话 the messages up to
+    the last user turn), its answer as chosen, and the rejected answer."""
+    if "messages" in row:
+        head = {"messages": row["messages"][:-1]}
+    else:
+        head = {"prompt": row["instruction"]}
+    return dict(head, chosen=row["expected"], rejected=rejected, category=row["category"])
+
+
+def asked_elsewhere(splits, split):
+    """The questions (user turns) of every split but `split`."""
+    return set(u for other in SPLITS if other != split for row, _ in splits[other] for u in user_turns(row))
+
+
+def build_prefs(splits, pools, src):
+    """split -> preference pairs, in the split's (shuffled) row order: every
+    val/test row, and PREFS_TRAIN train rows sampled per category in
+    proportion to the category's share of train.  A row that asks a question
+    another split asks too gets no pair: val and test share 3 knowledge
+    questions (through the first turns of dialogues), so 3 rows of each go."""
+    rng = random.Random("%d-prefs" % SEED)
+    avoid = set(s for P in pools.values() for s in P["st"])
+    avoid |= set(s[::-1] for s in avoid)
+    prefs = {}
+    for split in SPLITS:
+        rows, elsewhere = splits[split], asked_elsewhere(splits, split)
+        keep = range(len(rows))
+        if split == "train":
+            keep = []
+            for cat in CATEGORIES:
+                idx = [i for i, (r, _) in enumerate(rows) if r["category"] == cat]
+                keep += rng.sample(idx, PREFS_TRAIN * len(idx) // len(rows))
+            keep = sorted(keep)
+        prefs[split] = []
+        for i in keep:
+            row, meta = rows[i]
+            if any(u in elsewhere for u in user_turns(row)):
+                continue
+            rejected = wrong_answer(row["category"], row["expected"], meta, rng, src, avoid)
+            if rejected is not None:
+                prefs[split].append(pref_row(row, rejected))
+    return prefs
+
+
+# --------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------
 def row_texts(row):
@@ -704,9 +880,24 @@ def rendered_len(row):
 
 
 def user_turns(row):
+    """The questions of an SFT row or a preference pair."""
     if "messages" in row:
         return [m["content"] for m in row["messages"] if m["role"] == "user"]
-    return [row["instruction"]]
+    return [row["instruction"] if "instruction" in row else row["prompt"]]
+
+
+def train_charset(splits):
+    """Every character of train (and the system prompt): the tokenizer's alphabet."""
+    return set(ch for row, _ in splits["train"] for t in row_texts(row) for ch in t) | set(SYSTEM_PROMPT)
+
+
+def prompt_key(item):
+    """The question of an SFT row or a preference pair as one string: the
+    instruction, or the messages up to the last user turn."""
+    if "messages" not in item:
+        return item.get("prompt", item.get("instruction"))
+    msgs = item["messages"]
+    return json.dumps(msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs, ensure_ascii=False)
 
 
 def check(splits, corpus):
@@ -809,8 +1000,7 @@ def check(splits, corpus):
         if bad:
             die("held-out arithmetic pairs in corpus: %s" % sorted(bad)[:5])
     # character coverage: everything in val/test/corpus must appear in train
-    train_chars = set(ch for row, _ in splits["train"] for t in row_texts(row) for ch in t)
-    train_chars |= set(SYSTEM_PROMPT)
+    train_chars = train_charset(splits)
     for name, texts in (("val", [t for r, _ in splits["val"] for t in row_texts(r)]),
                         ("test", [t for r, _ in splits["test"] for t in row_texts(r)]),
                         ("corpus", [l for v in corpus.values() for l in v])):
@@ -820,9 +1010,33 @@ def check(splits, corpus):
     return len(train_chars)
 
 
+def check_prefs(splits, prefs):
+    """Every pair asks a question of its own split and of no other (so
+    prefs_test never asks a train or val question), chosen is that row's
+    answer, and rejected differs from it, is short and uses only train
+    characters."""
+    chars = train_charset(splits)
+    for split, pairs in prefs.items():
+        answers = {prompt_key(row): row["expected"] for row, _ in splits[split]}
+        elsewhere = asked_elsewhere(splits, split)
+        for p in pairs:
+            if answers.get(prompt_key(p)) != p["chosen"]:
+                die("prefs_%s pair is not a %s row: %r" % (split, split, p))
+            if any(u in elsewhere for u in user_turns(p)):
+                die("prefs_%s asks a question of another split: %r" % (split, p))
+            bad = p["rejected"] == p["chosen"] or not 0 < len(p["rejected"]) <= MAX_RESPONSE
+            if bad or set(p["rejected"]) - chars or p["category"] not in CATEGORIES:
+                die("bad rejected answer in prefs_%s: %r" % (split, p))
+
+
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
+def jsonl(obj):
+    """One line of a .jsonl file: UTF-8 text, compact separators."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 def write_lines(path, lines):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for line in lines:
@@ -847,7 +1061,7 @@ def subtype(row, meta, group_of):
     return None
 
 
-def counts_markdown(splits, corpus_sizes, n_chars, src):
+def counts_markdown(splits, corpus_sizes, n_chars, src, prefs):
     names = ("train", "val", "test")
     C = {s: Counter(r["category"] for r, _ in splits[s]) for s in names}
     out = ["| 类别 | train | val | test |", "| --- | ---: | ---: | ---: |"]
@@ -878,6 +1092,12 @@ def counts_markdown(splits, corpus_sizes, n_chars, src):
     out.append("语料 corpus/：" + "，".join("%s %d 行 %d 字节" % (k, v[0], v[1])
                                           for k, v in sorted(corpus_sizes.items()))
                + "，共 %d 字节。" % sum(v[1] for v in corpus_sizes.values()))
+    out += ["", "偏好对 prefs_*.jsonl（DPO，见下文“偏好对”）：", "",
+            "| 类别 | prefs_train | prefs_val | prefs_test |", "| --- | ---: | ---: | ---: |"]
+    P = {s: Counter(p["category"] for p in prefs[s]) for s in names}
+    for cat in CATEGORIES:
+        out.append("| %s | %d | %d | %d |" % ((cat,) + tuple(P[s][cat] for s in names)))
+    out.append("| **合计** | %d | %d | %d |" % tuple(len(prefs[s]) for s in names))
     return "\n".join(out)
 
 
@@ -936,11 +1156,13 @@ def main(argv=None):
     splits = data.splits
     corpus = build_corpus(rng, src, data.pools["train"])
     n_chars = check(splits, corpus)
+    prefs = build_prefs(splits, data.pools, src)
+    check_prefs(splits, prefs)
 
     os.makedirs(out, exist_ok=True)
     for split in ("train", "val", "test"):
-        write_lines(os.path.join(out, split + ".jsonl"),
-                    [json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r, _ in splits[split]])
+        write_lines(os.path.join(out, split + ".jsonl"), [jsonl(r) for r, _ in splits[split]])
+        write_lines(os.path.join(out, "prefs_%s.jsonl" % split), [jsonl(p) for p in prefs[split]])
     cdir = os.path.join(out, "corpus")
     os.makedirs(cdir, exist_ok=True)
     corpus_sizes = {}
@@ -952,7 +1174,7 @@ def main(argv=None):
         print("all checks passed; wrote %s in %.1fs" % (out, time.time() - t0))
         return
 
-    counts = counts_markdown(splits, corpus_sizes, n_chars, src)
+    counts = counts_markdown(splits, corpus_sizes, n_chars, src, prefs)
     readme = os.path.join(HERE, "README.md")
     if os.path.exists(readme):
         with open(readme, encoding="utf-8") as f:

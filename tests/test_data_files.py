@@ -155,7 +155,86 @@ def test_held_out_number_pairs_and_strings_never_occur_in_train():
 def test_generate_reproduces_the_committed_files(tmp_path):
     subprocess.run([sys.executable, os.path.join(DATA, "generate.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True)
-    names = ["train.jsonl", "val.jsonl", "test.jsonl"] + [
+    names = ["train.jsonl", "val.jsonl", "test.jsonl"] + ["prefs_%s.jsonl" % s for s in SPLITS] + [
         os.path.join("corpus", f) for f in sorted(os.listdir(os.path.join(DATA, "corpus")))]
     match, mismatch, errors = filecmp.cmpfiles(DATA, tmp_path, names, shallow=False)
     assert mismatch == [] and errors == [] and len(match) == len(names)
+
+
+PREFS = {s: _rows("prefs_" + s) for s in SPLITS}
+
+
+def _prompt_turns(pair):
+    """The user turns of a preference pair's prompt."""
+    if "messages" in pair:
+        return [m["content"] for m in pair["messages"] if m["role"] == "user"]
+    return [pair["prompt"]]
+
+
+def _prompt_key(item):
+    """A question as one string: an instruction / prompt, or the messages up
+    to the last user turn (an SFT row's without its last answer)."""
+    if "messages" not in item:
+        return item.get("prompt", item.get("instruction"))
+    msgs = item["messages"][:-1] if item["messages"][-1]["role"] == "assistant" else item["messages"]
+    return json.dumps(msgs, ensure_ascii=False)
+
+
+def test_prefs_rows_are_well_formed_and_rejected_differs():
+    for split, pairs in PREFS.items():
+        assert pairs
+        for p in pairs:
+            assert set(p) in ({"prompt", "chosen", "rejected", "category"},
+                              {"messages", "chosen", "rejected", "category"}), p
+            assert p["category"] in G.CATEGORIES, p
+            assert p["rejected"] and p["rejected"] != p["chosen"], p
+            if "messages" in p:
+                assert p["category"] == "多轮对话" and p["messages"][-1]["role"] == "user", p
+    # every val/test row has a pair but the 3 in each that share a question
+    # with the other split; train a 20% per-category sample
+    assert (len(PREFS["val"]), len(PREFS["test"])) == (len(SPLITS["val"]) - 3, len(SPLITS["test"]) - 3)
+    assert len(PREFS["train"]) == G.PREFS_TRAIN
+
+
+def test_prefs_prompts_are_held_out_like_their_split():
+    """prefs_test asks only test questions, never a train or val one; prefs_val
+    only val questions, prefs_train only train ones (and neither a question of
+    another split either)."""
+    user = {s: {q for row in rows for q, _ in _qa(row)} for s, rows in SPLITS.items()}
+    for split, pairs in PREFS.items():
+        for p in pairs:
+            for q in _prompt_turns(p):
+                assert q in user[split], (split, q)
+                assert not any(q in user[o] for o in SPLITS if o != split), (split, q)
+
+
+def test_prefs_chosen_is_the_sft_answer():
+    for split, pairs in PREFS.items():
+        answers = {_prompt_key(row): row["expected"] for row in SPLITS[split]}
+        for p in pairs:
+            assert answers[_prompt_key(p)] == p["chosen"], (split, p)
+
+
+def test_prefs_rejected_answers_are_wrong_the_planned_way():
+    """Arithmetic: the same operands, worked steps consistent with a wrong
+    result; judgement and parity: the verdict flipped; counts off by one."""
+    n = 0
+    for p in (p for pairs in PREFS.values() for p in pairs):
+        c, r = p["chosen"], p["rejected"]
+        if re.match(r"\d+[+-]\d+：", c):
+            m = re.match(r"(\d+)([+-])(\d+)：个位\d+[+-]\d+=(\d+)，十位\d+[+-]\d+[+-]\d+=(\d+)，得(\d+)。$", r)
+            assert m and c.startswith("%s%s%s：" % m.group(1, 2, 3)), p
+            units, tens, result = int(m.group(4)), int(m.group(5)), int(m.group(6))
+            assert result == 10 * tens + units % 10 and not c.endswith("得%d。" % result), p
+            n += 1
+        elif c.endswith("对。"):
+            assert r.split("：")[0] == c.split("：")[0] and r.endswith("不对。") != c.endswith("不对。"), p
+            n += 1
+        elif "的个位是" in c:
+            assert r[:-3] == c[:-3] and {r[-3:], c[-3:]} == {"奇数。", "偶数。"}, p
+            n += 1
+        elif re.match(r"“[a-z]+”(有|中有)\d+个", c):
+            nc, nr = (int(re.search(r"有(\d+)个", x).group(1)) for x in (c, r))
+            assert abs(nc - nr) == 1, p
+            n += 1
+    assert n > 2000

@@ -6,7 +6,9 @@ metrics.jsonl (`jaxsft.metrics`) holds one JSON object per line, so anyone can r
     {"step": 250, "val_loss": 1.92, "best": true}                             an evaluation
 
 Three panels: training loss per step with a moving average, validation loss
-per evaluation (best marked), learning rate per step. Uses matplotlib's Agg
+per evaluation (best marked), learning rate per step; a DPO run (its records hold
+rewards/chosen) has a fourth: the chosen and rejected answers' rewards (moving
+averages) and the validation preference accuracy. Uses matplotlib's Agg
 canvas directly (no pyplot, no global backend) and replaces the file
 atomically, so a viewer never sees half a PNG.
 
@@ -35,11 +37,14 @@ def smoothing_window(n: int) -> int:
 
 
 def draw(train: list[dict], val: list[dict]):
-    """A matplotlib Figure with the three panels (axes: training loss, validation loss, lr)."""
+    """A matplotlib Figure with the three panels (axes: training loss, validation loss, lr), and
+    DPO's rewards as a fourth."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 4), layout="tight")
-    ax_loss, ax_val, ax_lr = fig.subplots(1, 3, sharex=True)  # one step axis for all three
+    dpo = any("rewards/chosen" in r for r in train)
+    fig = Figure(figsize=(20 if dpo else 15, 4), layout="tight")
+    axes = fig.subplots(1, 4 if dpo else 3, sharex=True)  # one step axis for all
+    ax_loss, ax_val, ax_lr = axes[:3]
     if train:
         steps = np.array([r["step"] for r in train])
         loss = np.array([r["loss"] for r in train])
@@ -56,14 +61,35 @@ def draw(train: list[dict], val: list[dict]):
             ax_val.plot([r["step"] for r in best], [r["val_loss"] for r in best], "k*", markersize=10,
                         label="new best")
         ax_val.legend()
-    for ax, title, ylabel in ((ax_loss, "SFT Training Loss", "Loss"), (ax_val, "SFT Val Loss", "Loss"),
-                              (ax_lr, "Learning Rate", "lr")):
+    panels = [(ax_loss, f"{'DPO' if dpo else 'SFT'} Training Loss", "Loss"),
+              (ax_val, f"{'DPO' if dpo else 'SFT'} Val Loss", "Loss"), (ax_lr, "Learning Rate", "lr")]
+    if dpo:
+        panels.append((_rewards(axes[3], train, val), "Rewards", "beta * log-ratio"))
+    for ax, title, ylabel in panels:
         ax.set_title(title)
         ax.set_xlabel("Step")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     return fig
+
+
+def _rewards(ax, train: list[dict], val: list[dict]):
+    """DPO's panel: the chosen and rejected rewards per step (moving averages), the validation
+    preference accuracy on a second axis."""
+    steps = np.array([r["step"] for r in train])
+    w = smoothing_window(len(steps))
+    for key, style in (("rewards/chosen", "g-"), ("rewards/rejected", "r-")):
+        y = np.array([r[key] for r in train])
+        ax.plot(steps[w - 1:], moving_average(y, w), style, linewidth=2, label=key.split("/")[1])
+    ax.legend(loc="upper left")
+    scored = [r for r in val if "val_rewards/accuracy" in r]
+    if scored:
+        acc = ax.twinx()
+        acc.plot([r["step"] for r in scored], [r["val_rewards/accuracy"] for r in scored], "k--o", label="val accuracy")
+        acc.set_ylim(0, 1.05)
+        acc.legend(loc="lower right")
+    return ax
 
 
 def write_curves(run_dir: str) -> Optional[str]:

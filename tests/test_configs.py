@@ -74,8 +74,9 @@ def _write_data(d) -> dict:
     rows += [{"instruction": f"把{w}倒过来写", "response": w[::-1], "category": "字符串"}
              for w in ("abc", "jax", "hello", "tiny")]
     paths = {"train": os.path.join(d, "train.jsonl"), "val": os.path.join(d, "val.jsonl"),
-             "corpus": os.path.join(d, "corpus.txt")}
-    for name, chosen in (("train", rows), ("val", rows[::3])):
+             "corpus": os.path.join(d, "corpus.txt"), "pairs": os.path.join(d, "pairs.jsonl")}
+    pairs = [{"prompt": r["instruction"], "chosen": r["response"], "rejected": r["response"] + "0"} for r in rows]
+    for name, chosen in (("train", rows), ("val", rows[::3]), ("pairs", pairs)):
         with open(paths[name], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen)
     with open(paths["corpus"], "w", encoding="utf-8") as f:
@@ -106,8 +107,9 @@ def two_step_run(tmp_path_factory):
             cfg, name = load_config(path), os.path.basename(path)
             out = os.path.join(tmp, name, "run")
             sets = TINY + [f"out_dir={out}"]
+            rows = data["pairs"] if cfg.train.objective == "dpo" else data["train"]
             sets += [f"data.corpus={data['corpus']}"] if cfg.data.corpus else [
-                f"data.train={data['train']}", f"data.val={data['val']}"]
+                f"data.train={rows}", f"data.val={rows}" if cfg.train.objective == "dpo" else f"data.val={data['val']}"]
             if cfg.model.init_from:
                 base = next(p for p in CONFIGS if load_config(p).out_dir == cfg.model.init_from)
                 sets.append(f"model.init_from={run(base)}")

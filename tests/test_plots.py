@@ -56,6 +56,20 @@ def test_draw_plots_every_point(tmp_path):
     assert [a.get_title() for a in (ax_loss, ax_val, ax_lr)] == ["SFT Training Loss", "SFT Val Loss", "Learning Rate"]
 
 
+def test_a_dpo_run_gets_a_rewards_panel():
+    train = [{"step": s, "loss": 0.7, "lr": 1e-4, "rewards/chosen": s / 10, "rewards/rejected": -s / 10}
+             for s in range(1, 41)]
+    val = [{"step": s, "val_loss": 0.5, "val_rewards/accuracy": s / 40, "best": True} for s in (20, 40)]
+    fig = draw(train, val)
+    ax_loss, ax_val, ax_lr, ax_rw, ax_acc = fig.axes  # the accuracy on the rewards panel's twin axis
+    assert [a.get_title() for a in (ax_loss, ax_val, ax_rw)] == ["DPO Training Loss", "DPO Val Loss", "Rewards"]
+    chosen, rejected = ax_rw.lines
+    np.testing.assert_allclose(chosen.get_xdata(), np.arange(8, 41))  # window 8, as for the loss
+    np.testing.assert_allclose(chosen.get_ydata(), (np.arange(8, 41) - 3.5) / 10)
+    np.testing.assert_allclose(rejected.get_ydata(), -(np.arange(8, 41) - 3.5) / 10)
+    assert list(ax_acc.lines[0].get_xdata()) == [20, 40] and list(ax_acc.lines[0].get_ydata()) == [0.5, 1.0]
+
+
 def test_write_curves_writes_a_png_atomically(tmp_path):
     assert write_curves(str(tmp_path)) is None  # no metrics.jsonl yet
     write_metrics(tmp_path / "metrics.jsonl", torn=True)

@@ -198,6 +198,10 @@ class DpoConfig:
     loss: str = "sigmoid"
     # sigmoid only: the probability that a pair's labels are swapped (conservative DPO); 0: off
     label_smoothing: float = 0.0
+    # > 0: adds sft_weight x the chosen answer's per-token negative log-likelihood to each pair's
+    # loss (RPO, Pang et al. 2024; TRL's rpo_alpha): DPO alone may push the rejected answer down
+    # without making the chosen one what the model writes; 0: plain DPO
+    sft_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -500,6 +504,8 @@ def validate_dpo(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('dpo.loss')}: expected sigmoid or ipo, got {d.loss!r}")
     if not 0.0 <= d.label_smoothing < 0.5:
         raise UserError(f"{where('dpo.label_smoothing')}: must be in [0, 0.5), got {d.label_smoothing}")
+    if d.sft_weight < 0:
+        raise UserError(f"{where('dpo.sft_weight')}: must not be negative, got {d.sft_weight}")
     if d.label_smoothing and d.loss != "sigmoid":
         raise UserError(f"{where('dpo.label_smoothing')}: applies to dpo.loss sigmoid only")
     if t.objective != "dpo":

@@ -7,7 +7,8 @@ log-probabilities of each whole answer (summed over its loss tokens) give
     sigmoid:  loss_k = -(1 - eps) log sigmoid(beta h_k) - eps log sigmoid(-beta h_k)   (eps: label_smoothing)
     ipo:      loss_k = (h_k - 1 / (2 beta))^2, the log-probabilities averaged per answer token
 
-and the implicit rewards beta (log p(c) - log p_ref(c)) and beta (log p(r) - log p_ref(r)); a
+plus, with sft_weight > 0, sft_weight x (-log p(c) / |c|), the chosen answer's per-token
+negative log-likelihood (RPO), and the implicit rewards beta (log p(c) - log p_ref(c)) and beta (log p(r) - log p_ref(r)); a
 pair is ranked right when the chosen reward is the larger. As TRL's DPOTrainer computes them.
 
 The reference is the run's starting model (model.init_from; with LoRA the base with the
@@ -62,6 +63,7 @@ def loss_sums(params, graphdef, batch: PairBatch, dropout_key=None, dtype=jnp.fl
     batch) count for nothing. dropout_key is ignored (no dropout: see the module's note)."""
     pc, pr, rc, rr, nc, nr = answer_logps(params, graphdef, batch, pairs, dtype)
     real = ((nc > 0) & (nr > 0)).astype(jnp.float32)
+    nll = -pc / jnp.maximum(nc, 1)  # the chosen answer's, per token
     if dc.loss == "ipo":  # per-token means (nc, nr >= 1 where real)
         pc, pr, rc, rr = pc / jnp.maximum(nc, 1), pr / jnp.maximum(nr, 1), rc / jnp.maximum(nc, 1), rr / jnp.maximum(nr, 1)
     chosen, rejected = pc - rc, pr - rr
@@ -71,6 +73,8 @@ def loss_sums(params, graphdef, batch: PairBatch, dropout_key=None, dtype=jnp.fl
     else:
         eps = dc.label_smoothing
         loss = -(1 - eps) * jax.nn.log_sigmoid(dc.beta * h) - eps * jax.nn.log_sigmoid(-dc.beta * h)
+    if dc.sft_weight:
+        loss = loss + dc.sft_weight * nll
     rw_c, rw_r = dc.beta * chosen, dc.beta * rejected
     values = (rw_c, rw_r, (rw_c > rw_r).astype(jnp.float32), rw_c - rw_r, pc, pr)
     extras = {name: jnp.sum(real * v) for name, v in zip(METRICS, values)}

@@ -64,9 +64,10 @@ def _log_sigmoid(z):
     return -np.logaddexp(0.0, -z)
 
 
-@pytest.mark.parametrize("pack_len,loss,eps", [(0, "sigmoid", 0.0), (48, "sigmoid", 0.2), (48, "ipo", 0.0)],
-                         ids=["padded", "packed-smoothed", "packed-ipo"])
-def test_loss_rewards_and_accuracy_equal_a_hand_computation(pack_len, loss, eps):
+@pytest.mark.parametrize("pack_len,loss,eps,sft", [(0, "sigmoid", 0.0, 0.0), (48, "sigmoid", 0.2, 0.0),
+                                                   (48, "ipo", 0.0, 0.0), (48, "sigmoid", 0.0, 0.7)],
+                         ids=["padded", "packed-smoothed", "packed-ipo", "packed-sft-weight"])
+def test_loss_rewards_and_accuracy_equal_a_hand_computation(pack_len, loss, eps, sft):
     _, mc, graphdef, params, examples = _setup()
     hand = np.array([[_hand_logps(graphdef, params, e) for e in pair] for pair in examples])  # (4, 2)
     # a reference that ranks pairs 1 and 3 right, 0 and 2 wrong
@@ -79,19 +80,20 @@ def test_loss_rewards_and_accuracy_equal_a_hand_computation(pack_len, loss, eps)
     if pack_len:  # several answers share a row
         assert batch.inputs.shape[0] < 2 * len(examples)
     chex.assert_equal_shape([batch.inputs, batch.pair, batch.sign, batch.reference])
-    dc = DpoConfig(beta=0.5, loss=loss, label_smoothing=eps)
+    dc = DpoConfig(beta=0.5, loss=loss, label_smoothing=eps, sft_weight=sft)
     s, n, extras = jax.jit(lambda p, b: dpo.loss_sums(p, graphdef, b, dc=dc, pairs=5))(params, batch)
 
     pol, ref = hand, reference.astype(np.float64)
+    lengths = np.array([[np.sum(e[2]) for e in pair] for pair in examples])
+    nll = -hand[:, 0] / lengths[:, 0]  # the chosen answer's, per token
     if loss == "ipo":  # per-token means
-        lengths = np.array([[np.sum(e[2]) for e in pair] for pair in examples])
         pol, ref = pol / lengths, ref / lengths
     chosen, rejected = pol[:, 0] - ref[:, 0], pol[:, 1] - ref[:, 1]
     h = chosen - rejected
     if loss == "ipo":
         want = (h - 1 / (2 * 0.5)) ** 2
     else:
-        want = -(1 - eps) * _log_sigmoid(0.5 * h) - eps * _log_sigmoid(-0.5 * h)
+        want = -(1 - eps) * _log_sigmoid(0.5 * h) - eps * _log_sigmoid(-0.5 * h) + sft * nll
     assert float(n) == 4
     np.testing.assert_allclose(float(s), want.sum(), rtol=1e-5)
     np.testing.assert_allclose(float(extras["rewards/chosen"]), 0.5 * chosen.sum(), rtol=1e-5, atol=1e-4)

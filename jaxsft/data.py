@@ -212,6 +212,13 @@ def read_pairs(path: str) -> list[Pair]:
     return [dataclasses.replace(parse_pair(obj, where), line=n) for n, where, obj in _json_lines(path)]
 
 
+def holds_pairs(path: str) -> bool:
+    """Whether a JSONL file holds preference pairs (its first row has 'prompt', 'chosen' or
+    'rejected') rather than rows; UserError for a file that is missing, empty or not JSON."""
+    first = _json_lines(path)[0][2]
+    return isinstance(first, dict) and any(k in first for k in ("prompt", "chosen", "rejected"))
+
+
 def _has_lone_surrogate(obj) -> bool:
     """True when a string in obj holds an unpaired UTF-16 surrogate (e.g. from "\\ud800")."""
     try:

@@ -49,6 +49,19 @@ def score_row(answer: str, reference: str) -> dict:
             "answer_len": len(normalize(answer))}
 
 
+def distinct_n(answers: Sequence[Sequence], n: int) -> float:
+    """Distinct-n of generated answers: the number of different n-grams over the total number of
+    n-grams, counted within each answer (none spans two answers) over all of them; 0.0 when there
+    are none. An answer is a sequence of units: bin/eval passes the run's tokens (characters, for
+    jaxsft's character vocabulary; pieces for an imported BPE tokenizer).
+
+        distinct_n(["abab", "ab"], 1) -> 2 / 6      (a, b, a, b, a, b)
+        distinct_n(["abab", "ab"], 2) -> 2 / 4      (ab, ba, ab, ab)
+    """
+    grams = [tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -80,6 +93,17 @@ def pad(text: str, width: int, right: bool = False) -> str:
     return fill + text if right else text + fill
 
 
+def table(head: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """Rows of strings in columns two spaces apart, each as wide as its widest cell in terminal
+    columns (`display_width`): the first column left-aligned, the others right-aligned."""
+    widths = [max(display_width(r[i]) for r in [head, *cells]) for i in range(len(head))]
+
+    def fmt(row):
+        return "  ".join(pad(v, w, right=i > 0) for i, (v, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([fmt(head)] + [fmt(r) for r in cells])
+
+
 def score_table(report: dict) -> str:
     """The compact table bin/eval prints: one line per category, then all rows.
 
@@ -87,16 +111,55 @@ def score_table(report: dict) -> str:
     算术          3  66.7%    0.889        2.0
     all           3  66.7%    0.889        2.0
     """
-    head = ["category", "rows", "exact", "char-F1", "answer len"]
     lines = [(c, f) for c, f in report["by_category"].items()] + [("all", report["overall"])]
-    cells = [[c, str(f["n"]), f"{100 * f['exact_match']:.1f}%", f"{f['char_f1']:.3f}", f"{f['answer_len']:.1f}"]
-             for c, f in lines]
-    widths = [max(display_width(r[i]) for r in cells + [head]) for i in range(len(head))]
+    return table(["category", "rows", "exact", "char-F1", "answer len"],
+                 [[c, str(f["n"]), f"{100 * f['exact_match']:.1f}%", f"{f['char_f1']:.3f}", f"{f['answer_len']:.1f}"]
+                  for c, f in lines])
 
-    def fmt(row):
-        return "  ".join(pad(v, w, right=i > 0) for i, (v, w) in enumerate(zip(row, widths)))
 
-    return "\n".join([fmt(head)] + [fmt(r) for r in cells])
+def preference_table(report: dict) -> str:
+    """bin/eval --pairs's table (`preference.report`'s figures): one line per category, then all pairs.
+
+    category  pairs  accuracy  margin
+    算术          2     50.0%  -0.125
+    all           2     50.0%  -0.125
+    """
+    lines = list(report["per_category"].items()) + [("all", report)]
+    return table(["category", "pairs", "accuracy", "margin"],
+                 [[c, str(f["n"]), f"{100 * f['preference_accuracy']:.1f}%", f"{f['margin']:.3f}"]
+                  for c, f in lines])
+
+
+def comparison_table(names: Sequence[str], runs: Sequence[dict]) -> str:
+    """bin/eval's table of several runs: a column per run (`names`), a line per figure; the
+    figures a run lacks (no rows file, no pairs file) are left out. Each of `runs` may hold
+    `by_category` and `overall` (score_rows), `perplexity`, `distinct_1`, `distinct_2` and
+    `preference` (preference.report, raw log-probs marked *).
+
+    figure            base    sft
+    exact 算术 (2)    0.0%  50.0%
+    exact all (2)     0.0%  50.0%
+    perplexity      31.200  1.520
+    distinct-1       0.500  0.500
+    distinct-2       0.750  0.750
+    """
+    first = runs[0]  # every run scored on the same files: the same categories and counts
+    lines = []
+    if "overall" in first:
+        for c, f in first["by_category"].items():
+            lines.append((f"exact {c} ({f['n']})", [f"{100 * r['by_category'][c]['exact_match']:.1f}%" for r in runs]))
+        lines.append((f"exact all ({first['overall']['n']})",
+                      [f"{100 * r['overall']['exact_match']:.1f}%" for r in runs]))
+        lines.append(("perplexity", [f"{r['perplexity']:.3f}" for r in runs]))
+        lines += [(f"distinct-{k}", [f"{r[f'distinct_{k}']:.3f}" for r in runs]) for k in (1, 2)]
+    if "preference" in first:
+        marked = any(r["preference"]["raw"] for r in runs)  # unmarked cells get a space: the digits align
+        raw = ["*" if r["preference"]["raw"] else " " if marked else "" for r in runs]
+        lines.append((f"preference ({first['preference']['n']} pairs)",
+                      [f"{100 * r['preference']['preference_accuracy']:.1f}%{m}" for r, m in zip(runs, raw)]))
+        lines.append(("margin", [f"{r['preference']['margin']:.3f}{m}" for r, m in zip(runs, raw)]))
+    return "\n".join(line.rstrip() for line in table(["figure", *names], [[label, *cells] for label, cells in lines])
+                     .splitlines())
 
 
 def show_token(text: str) -> str:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoint, hf, lora, model
-from .config import (DEFAULT_SYSTEM_PROMPT, Config, ModelConfig, UserError, lora_config_from_dict,
+from .config import (DEFAULT_SYSTEM_PROMPT, Config, ModelConfig, TrainConfig, UserError, lora_config_from_dict,
                      model_config_from_dict)
 from .files import write_json
 from .tokenizer import AnyTokenizer
@@ -90,9 +90,7 @@ def restore_parts(run_dir: str):
     if lc.rank <= 0:
         raise UserError(f"{run_dir}: not a LoRA run (its config has no lora.rank)")
     mc = model_config_from_dict(cfg_dict["model"])
-    ref = read_base_ref(run_dir)
-    base_params, n_old = load_base(base_source(run_dir, ref), mc)
-    check_base(run_dir, base_params, ref)
+    base_params, n_old = lora_base(run_dir, mc)
     _, base = init_params_from(mc, cfg_dict.get("train", {}).get("seed", 0), (base_params, n_old))
     abstract = lora.abstract_adapters(mc, lc, n_old)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -180,6 +178,29 @@ def init_params_from(model_cfg: ModelConfig, seed: int, base=None):
     return graphdef, params
 
 
+def reference_params(run_dir: str):
+    """The parameters a DPO run (train.objective dpo) is measured against: its starting model,
+    rebuilt exactly as training began: model.init_from (a LoRA run's base as lora_base.json names
+    it, checked against its fingerprint: the base with the adapters off) with the embedding rows
+    of the characters the base lacked initialised from the run's train.seed (`init_params_from`).
+    None for any other run (SFT, or a config.json older than train.objective): it is its own
+    reference."""
+    cfg_dict, _ = checkpoint.read_meta(run_dir)
+    train = cfg_dict.get("train", {})
+    if train.get("objective", "sft") != "dpo":
+        return None
+    mc = model_config_from_dict(cfg_dict["model"])
+    if lora_config_from_dict(cfg_dict.get("lora")).rank > 0:
+        base = lora_base(run_dir, mc)
+    else:
+        src = cfg_dict["model"].get("init_from")
+        if not src or not os.path.exists(src):
+            raise UserError(f"{run_dir}: its starting model (model.init_from {src}) is missing; a DPO run is "
+                            f"measured against it")
+        base = load_base(src, mc)
+    return init_params_from(mc, train.get("seed", TrainConfig.seed), base)[1]
+
+
 # the base a LoRA run's adapters belong to
 
 
@@ -227,6 +248,15 @@ def read_base_ref(run_dir: str) -> dict:
         raise UserError(f"{run_dir}: a LoRA run without {BASE_REF} (the reference to its base)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: unreadable ({e})") from None
+
+
+def lora_base(run_dir: str, mc: ModelConfig):
+    """(parameters, vocabulary size) of the base a LoRA run's adapters belong to, as lora_base.json
+    names it, checked against its fingerprint."""
+    ref = read_base_ref(run_dir)
+    base = load_base(base_source(run_dir, ref), mc)
+    check_base(run_dir, base[0], ref)
+    return base
 
 
 def check_base(run_dir: str, base_params, ref: dict | None = None) -> None:

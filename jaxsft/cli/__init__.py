@@ -88,10 +88,11 @@ def run_training(cfg, args: argparse.Namespace, score_test: bool = False) -> Non
 
     score_test (bin/train): data.test, read and checked before training, is then answered
     with the best checkpoint and scored per category (as bin/eval does); the table is
-    printed and written to out_dir/test_report.json."""
-    from .. import evaluate, trainer
-    from ..files import write_json
-    test_rows = evaluate.read_scored_rows(cfg.data.test) if score_test and cfg.data.test else None
+    printed and written to out_dir/test_report.json. A DPO run whose data.test holds
+    preference pairs reports its preference figures on them instead (as bin/eval --pairs),
+    and prints greedy answers to three of their prompts."""
+    from .. import trainer
+    test = read_test(cfg) if score_test and cfg.data.test else None
     try:
         summary = trainer.train(cfg, resume=args.resume, progress=not args.no_progress)
     except trainer.TrainingDiverged as e:
@@ -109,10 +110,42 @@ def run_training(cfg, args: argparse.Namespace, score_test: bool = False) -> Non
               f"{cfg.out_dir} are kept", file=sys.stderr)
         sys.exit(1)
     import jax
-    if test_rows and jax.process_count() == 1:
-        from ..decode import Generator
-        report = evaluate.score_rows(Generator.from_run(summary.run_dir, cfg.data.system_prompt), test_rows)
-        print(f"best checkpoint on {cfg.data.test}: {report['n']} rows, greedy\n{evaluate.score_table(report)}")
-        write_json(os.path.join(summary.run_dir, "test_report.json"), {"data": cfg.data.test, **report})
+    if test and jax.process_count() == 1:
+        report_test(summary.run_dir, cfg, test)
     print(f"done: {summary.steps} steps in {summary.seconds:.0f} s, best validation loss "
           f"{summary.best_val_loss:.4f}, checkpoint in {summary.run_dir}")
+
+
+def read_test(cfg):
+    """data.test, read and checked before training: ("pairs", preference pairs) for a DPO run
+    whose file holds pairs, else ("rows", rows with reference answers)."""
+    from .. import evaluate
+    from ..data import holds_pairs, read_pairs
+    if cfg.train.objective == "dpo" and holds_pairs(cfg.data.test):
+        return "pairs", read_pairs(cfg.data.test)
+    return "rows", evaluate.read_scored_rows(cfg.data.test)
+
+
+SAMPLES = 3  # greedy answers printed after a DPO run's test pairs
+
+
+def report_test(run_dir: str, cfg, test) -> None:
+    """The best checkpoint on data.test (read_test's): the table printed and written to
+    run_dir/test_report.json; after pairs, greedy answers to the first SAMPLES prompts."""
+    from .. import evaluate, preference
+    from ..decode import Generator
+    from ..files import write_json
+    kind, items = test
+    gen = Generator.from_run(run_dir, cfg.data.system_prompt)
+    if kind == "rows":
+        report = evaluate.score_rows(gen, items)
+        print(f"best checkpoint on {cfg.data.test}: {report['n']} rows, greedy\n{evaluate.score_table(report)}")
+    else:
+        report = preference.report(run_dir, items, gen.system_prompt, (gen.params, gen.cfg, gen.tok))
+        print(f"best checkpoint on {cfg.data.test}: {report['n']} pairs\n{preference.describe(report)}\n"
+              f"{evaluate.preference_table(report)}")
+        samples = items[:SAMPLES]
+        print("greedy answers:")
+        for p, a in zip(samples, gen.answer([p.prompt for p in samples])):
+            print(f"  {p.question} -> {a}")
+    write_json(os.path.join(run_dir, "test_report.json"), {"data": cfg.data.test, **report})

@@ -265,3 +265,32 @@ def test_dpo_run_sigkill_then_resume_is_bitwise_and_keeps_its_reference(tmp_path
     resumed = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
     assert strip(resumed) == strip(records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_dpo_on_an_imported_llama_base(lora_rank, tmp_path, capsys, monkeypatch):
+    """A Llama-format directory (transformers-built, a BPE tokenizer: nothing new to embed but
+    ChatML's markers) as model.init_from: the first step's loss is ln 2 (the reference is the
+    start: the base, LoRA's with the adapters off) and the run learns to rank the pairs."""
+    pytest.importorskip("torch")
+    from test_hf import build_llama
+    (tmp_path / "llama").mkdir()
+    build_llama(str(tmp_path / "llama"))
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    out = tmp_path / "run"
+    yaml = tmp_path / "dpo.yaml"
+    yaml.write_text(f"""model: {{init_from: {json.dumps(str(tmp_path / 'llama'))}, max_seq_len: 64, dropout: 0.0}}
+data: {{train: {json.dumps(pairs)}, val: {json.dumps(pairs)}, test: null}}
+train: {{objective: dpo, batch_size: 4, epochs: null, max_steps: 12, lr: 3.0e-3, warmup_steps: 2, pack_len: 64,
+        sample_questions: 0, eval_every: 12}}
+lora: {{rank: {lora_rank}, alpha: 8.0}}
+out_dir: {json.dumps(str(out))}
+""", "utf-8")
+    code, stdout, err = run_main("train", ["--config", str(yaml), "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "reference: the log-probs of 24 training and 24 validation pairs" in stdout
+    records = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert abs(records[0]["loss"] - np.log(2)) < 1e-4 and abs(records[0]["rewards/margin"]) < 1e-3
+    final = records[-1]
+    assert final["step"] == 12 and final["val_rewards/accuracy"] > 0.9 and final["val_loss"] < np.log(2)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import QA, one_line_error, run_main
+from conftest import QA, one_line_error, run_main, write_tiny_config
 from jaxsft import chatml, dpo, lora, model
 from jaxsft.batching import BatchPlan, PairBatch
 from jaxsft.config import Config, DataConfig, DpoConfig, LoraConfig, ModelConfig, TrainConfig, UserError
@@ -176,14 +176,16 @@ BAD_PAIRS = [
 
 
 @pytest.mark.parametrize("row,message", BAD_PAIRS, ids=[m for _, m in BAD_PAIRS])
-def test_bad_pair_rows_are_one_line_naming_file_and_line(row, message, trained_run, tmp_path, capsys, monkeypatch):
+def test_bad_pair_rows_are_one_line_naming_file_and_line(row, message, tmp_path, capsys, monkeypatch):
+    """The pairs are read before the base (which is not there) is looked at."""
     good = json.dumps({"prompt": "你好", "chosen": "你好！", "rejected": "走开"}, ensure_ascii=False)
     path = tmp_path / "pairs.jsonl"
     path.write_text(good + "\n" + json.dumps(row, ensure_ascii=False) + "\n", "utf-8")
     out = tmp_path / "run"
-    code, _, err = run_main("train", ["--config", trained_run["config"], "--set", "train.objective=dpo", "--set",
-                                      f"model.init_from={trained_run['run_dir']}", "--set", f"data.train={path}",
-                                      "--set", f"data.val={path}", "--set", f"out_dir={out}"], capsys, monkeypatch)
+    config = write_tiny_config(str(tmp_path), out)
+    code, _, err = run_main("train", ["--config", config, "--set", "train.objective=dpo", "--set",
+                                      f"model.init_from={tmp_path / 'base'}", "--set", f"data.train={path}",
+                                      "--set", f"data.val={path}"], capsys, monkeypatch)
     one_line_error(code, err, f"{path}:2", message)
     assert not out.exists()  # nothing written
 

@@ -11,7 +11,8 @@ packed rows of 128 tokens:
     dpo  B pairs    data/prefs_train.jsonl (configs/dpo.yaml), batch_size B (pairs: 2B answers)
 
 each with every parameter training and with LoRA rank 8 on every projection. s/step: the mean of
---steps steps after 3 warm-up steps (compilation excluded). DPO also pays, once per run, the
+--steps steps, run a second time (the first pass compiles each packed shape); tokens/step: the
+non-padding tokens a step reads. DPO also pays, once per run, the
 reference pass over every training and validation pair (Trainer set-up, reported as `setup s`).
 """
 from __future__ import annotations
@@ -50,11 +51,12 @@ def one(objective: str, rows: int, lora: bool, steps: int, base: str) -> dict:
     t0 = time.time()
     trainer = Trainer(prepare(cfg, mesh, log=quiet), mesh, log=quiet, progress=False)
     setup_s = time.time() - t0
-    state, warm = trainer.state, 3
-    for s in range(warm):
-        state, _ = trainer.train_step(state, trainer.batch_at(s), trainer.key)
+    state = trainer.state
+    batches = [trainer.batch_at(s) for s in range(steps)]  # prepared outside the timing
+    tokens = sum(int((trainer.plan.batch(s).inputs > 0).sum()) for s in range(steps)) / steps
+    for b in batches:  # every packed shape compiled before the timing
+        state, _ = trainer.train_step(state, b, trainer.key)
     jax.block_until_ready(state)
-    batches = [trainer.batch_at(s) for s in range(warm, warm + steps)]  # prepared outside the timing
     t0 = time.time()
     for b in batches:
         state, metrics = trainer.train_step(state, b, trainer.key)
@@ -62,7 +64,7 @@ def one(objective: str, rows: int, lora: bool, steps: int, base: str) -> dict:
     step_s = (time.time() - t0) / steps
     trainer.state = state
     trainer.close()
-    return {"step_s": step_s, "setup_s": setup_s, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"step_s": step_s, "setup_s": setup_s, "tokens": tokens, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             / 2 ** 20}
 
 
@@ -81,7 +83,7 @@ def main():
         sys.exit(f"{args.base}: no such run (bin/train --config configs/default.yaml first)")
     B = args.batch_size
     cases = [("sft", B, f"{B} rows"), ("sft", 2 * B, f"{2 * B} rows"), ("dpo", B, f"{B} pairs")]
-    print(f"{'':5} {'objective':9} {'batch':>9} {'s/step':>8} {'setup s':>8} {'peak RSS':>9}")
+    print(f"{'':5} {'objective':9} {'batch':>9} {'tokens/step':>11} {'s/step':>8} {'setup s':>8} {'peak RSS':>9}")
     for mode in ("full", "lora"):
         for objective, rows, label in cases:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", objective, str(rows), mode,
@@ -91,7 +93,7 @@ def main():
                 print(f"{mode:5} {objective:9} {label:>9} failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{mode:5} {objective:9} {label:>9} {r['step_s']:8.3f} {r['setup_s']:8.1f} "
+            print(f"{mode:5} {objective:9} {label:>9} {r['tokens']:11.0f} {r['step_s']:8.3f} {r['setup_s']:8.1f} "
                   f"{r['peak_rss_gib']:7.2f} GiB", flush=True)
 
 

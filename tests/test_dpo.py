@@ -52,12 +52,28 @@ def _setup(seed=0):
     return tok, mc, graphdef, params, examples
 
 
-def _hand_logps(graphdef, params, example) -> float:
-    """log p of an answer: the example run alone, log-softmax at its targets summed over its loss mask."""
-    x, y, m = example
-    logits = np.asarray(model.apply(graphdef, params, jnp.asarray(x)[None])[0][0], np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-    return float(np.sum(logp[np.arange(len(y)), y] * m))
+def _hand_logps(graphdef, params, examples, length=48) -> np.ndarray:
+    """log p of each answer (K, 2): each example in a row of its own (right-padded: the causal
+    model's logits at its positions are its own), log-softmax in float64 at its targets, summed
+    over its loss mask in numpy."""
+    flat = [e for pair in examples for e in pair]
+    x = np.zeros((len(flat), length), np.int32)
+    for i, (xi, _, _) in enumerate(flat):
+        x[i, :len(xi)] = xi
+    logits = np.asarray(jax.jit(lambda p, t: model.apply(graphdef, p, t)[0])(params, x), np.float64)
+    out = []
+    for row, (xi, y, m) in zip(logits, flat):
+        z = row[:len(xi)] - row[:len(xi)].max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        out.append(np.sum(logp[np.arange(len(y)), y] * m))
+    return np.array(out).reshape(len(examples), 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(tokenizer, model config, graphdef, parameters, examples of PAIRS, their hand log-probs)."""
+    tok, mc, graphdef, params, examples = _setup()
+    return tok, mc, graphdef, params, examples, _hand_logps(graphdef, params, examples)
 
 
 def _log_sigmoid(z):
@@ -67,11 +83,11 @@ def _log_sigmoid(z):
 @pytest.mark.parametrize("pack_len,loss,eps,sft", [(0, "sigmoid", 0.0, 0.0), (48, "sigmoid", 0.2, 0.0),
                                                    (48, "ipo", 0.0, 0.0), (48, "sigmoid", 0.0, 0.7)],
                          ids=["padded", "packed-smoothed", "packed-ipo", "packed-sft-weight"])
-def test_loss_rewards_and_accuracy_equal_a_hand_computation(pack_len, loss, eps, sft):
-    _, mc, graphdef, params, examples = _setup()
-    hand = np.array([[_hand_logps(graphdef, params, e) for e in pair] for pair in examples])  # (4, 2)
+def test_loss_rewards_and_accuracy_equal_a_hand_computation(pack_len, loss, eps, sft, tiny):
+    _, mc, graphdef, params, examples, hand = tiny  # hand: (4, 2)
     # a reference that ranks pairs 1 and 3 right, 0 and 2 wrong
-    reference = (hand + [[1, -1], [-1, 1], [0.5, 0], [0, 0.5]]).astype(np.float32)
+    # (log-ratio differences -2, 3, -0.5, 0.25: not symmetric, so a sign error changes the sum)
+    reference = (hand + [[1, -1], [-1, 2], [0.5, 0], [0, 0.25]]).astype(np.float32)
     # batch of 5 pairs holding 4: the fifth slot is empty and must count for nothing
     plan = BatchPlan(examples, 5, 0, (16, 32, 48), mc.max_seq_len, pack_len=pack_len, pairs=True,
                      reference=reference)
@@ -104,8 +120,8 @@ def test_loss_rewards_and_accuracy_equal_a_hand_computation(pack_len, loss, eps,
     np.testing.assert_allclose(float(extras["logps/chosen"]), pol[:, 0].sum(), rtol=1e-5)
 
 
-def test_only_the_last_answer_of_a_context_has_loss():
-    tok, mc, _, _, examples = _setup()
+def test_only_the_last_answer_of_a_context_has_loss(tiny):
+    tok, mc, _, _, examples, _ = tiny
     chosen = examples[2][0]  # the two-turn context: "蓝色" is in it, "绿色的。" is the answer
     ids = np.concatenate([chosen[0], chosen[1][-1:]])
     masked = tok.decode(ids[1:][chosen[2] == 1])
@@ -114,11 +130,11 @@ def test_only_the_last_answer_of_a_context_has_loss():
     np.testing.assert_array_equal(chatml.last_answer_only(mask), [0, 0, 0, 0, 0, 1, 1, 1, 0])
 
 
-def test_precomputed_reference_equals_the_frozen_model_on_every_training_batch():
+def test_precomputed_reference_equals_the_frozen_model_on_every_training_batch(tiny):
     """The reference pass (padded, pairs in length order) and the training batches (packed, the
     answer-only head) compute the same log-probs: at step 0 the policy's equal the reference's,
     so each pair's log-ratio is 0 (within float32 summation order)."""
-    _, mc, graphdef, params, examples = _setup()
+    _, mc, graphdef, params, examples, _ = tiny
     examples = examples * 3
     plan = BatchPlan(examples, 4, 0, (16, 32, 48), mc.max_seq_len, pack_len=48, pairs=True).settled(steps=3)
     step = dpo.make_logps_step(graphdef, 2)
@@ -136,8 +152,8 @@ def test_precomputed_reference_equals_the_frozen_model_on_every_training_batch()
     np.testing.assert_allclose(float(s) / float(n), np.log(2), rtol=1e-5)  # the first step's loss: ln 2
 
 
-def test_lora_reference_with_the_adapters_off_is_the_base_exactly():
-    _, mc, graphdef, base, examples = _setup()
+def test_lora_reference_with_the_adapters_off_is_the_base_exactly(tiny):
+    _, mc, graphdef, base, examples, _ = tiny
     cfg = Config(model=dataclasses.replace(mc, init_from="base"), lora=LoraConfig(rank=4, alpha=8.0))
     parts = lora.transform(cfg, graphdef, base)
     start = parts.for_eval(parts.frozen)(parts.trainable)  # the plain model at step 0: the trainer's reference

@@ -152,6 +152,7 @@ def test_held_out_number_pairs_and_strings_never_occur_in_train():
         assert not s & tr_s and not {x[::-1] for x in s} & tr_s
 
 
+@pytest.mark.slow  # runs the whole generator (2 s); the committed files' own checks stay quick
 def test_generate_reproduces_the_committed_files(tmp_path):
     subprocess.run([sys.executable, os.path.join(DATA, "generate.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True)

@@ -209,6 +209,8 @@ def _random_b(adapters, seed=2):
     return nnx.from_flat_state(out)
 
 
+# slow: importing peft costs each process ~4 s; the quick tier checks PEFT on the Llama base (test_lora.py)
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["qwen2", "qwen3"])
 def test_peft_adapter_on_a_family_base_gives_our_logits(case, family_dirs, tmp_path):
     """LoRA on a base with biases and q/k norms: those stay frozen base parameters (none is an

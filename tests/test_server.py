@@ -384,6 +384,7 @@ def slow_engine(tok):
     return lambda slots: Slow(params, cfg, (-5,), slots=slots)
 
 
+@pytest.mark.slow  # a server behaviour, not a numerical check: the full suite runs it
 def test_busy_server_answers_503_with_retry_after(slow_engine, tok):
     with live_app(slow_engine(1), tok, max_waiting=1) as (url, state):
         body = {"messages": user("你好"), "max_tokens": 20, "temperature": 0}

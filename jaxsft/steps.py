@@ -223,7 +223,8 @@ def _gradients(grad_fn, graphdef, k: int, micro_rows, dtype) -> Callable:
             return jax.tree.map(jnp.add, carry, (s, n, g, extras)), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        (_, (_, extras)), _ = jax.eval_shape(grad_fn, params, frozen, graphdef, first, key, dtype)
+        (_, (_, extras)), _ = jax.eval_shape(lambda p, fz, mb, k_: grad_fn(p, fz, graphdef, mb, k_, dtype),
+                                             params, frozen, first, key)
         zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params),
                  jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), extras))
         (s, n, g, extras), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))

@@ -231,51 +231,56 @@ def test_sft_rows_refuse_a_pairs_file(tmp_path):
 # end to end
 
 
-def _pairs_file(path) -> str:
+def _pairs_file(path, repeats=6) -> str:
     """QA's questions, each with its answer preferred to another question's answer."""
     with open(path, "w", encoding="utf-8") as f:
-        for i, (q, a) in enumerate(QA * 6):
+        for i, (q, a) in enumerate(QA * repeats):
             f.write(json.dumps({"prompt": q, "chosen": a, "rejected": QA[(i + 1) % len(QA)][1],
                                 "category": f"c{i % 2}"}, ensure_ascii=False) + "\n")
     return str(path)
 
 
 @pytest.mark.slow
-def test_dpo_run_sigkill_then_resume_is_bitwise_and_keeps_its_reference(tmp_path, trained_run):
+def test_dpo_run_sigkill_then_resume_is_bitwise_and_keeps_its_reference(tmp_path, trained_run, capsys, monkeypatch):
     from test_reliability import DRIVER, _env, assert_bitwise_equal, load_tree, steps
     pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    train = _pairs_file(tmp_path / "train_pairs.jsonl", repeats=20)  # 80 pairs: 10 steps an epoch
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     from conftest import REPO
 
-    def run(out, *extra, hook=("none", 0)):
+    def args(out, *extra):
+        return ["--config", trained_run["config"], "--set", "train.objective=dpo", "--set",
+                f"model.init_from={trained_run['run_dir']}", "--set", f"data.train={train}", "--set",
+                f"data.val={pairs}", "--set", "train.max_steps=20", "--set", "train.epochs=null", "--set",
+                "train.lr=1e-3", "--set", "train.pack_len=64", "--set", "train.eval_every=10", "--set",
+                "train.save_every=5", "--set", "train.sample_questions=1", "--set", f"out_dir={out}",
+                "--no-progress", *extra]
+
+    def killed(out, at):  # bin/train in its own process, SIGKILLed while step `at` runs
         import subprocess
         import sys
-        args = [sys.executable, str(driver), REPO, hook[0], str(hook[1]), "--config", trained_run["config"],
-                "--set", "train.objective=dpo", "--set", f"model.init_from={trained_run['run_dir']}",
-                "--set", f"data.train={pairs}", "--set", f"data.val={pairs}", "--set", "train.max_steps=20", "--set", "train.epochs=null",
-                "--set", "train.lr=1e-3", "--set", "train.pack_len=64", "--set", "train.eval_every=8",
-                "--set", "train.save_every=5", "--set", "train.sample_questions=1", "--set", f"out_dir={out}",
-                "--no-progress", *extra]
-        return subprocess.run(args, env=_env(os.environ["JAX_COMPILATION_CACHE_DIR"]), capture_output=True,
+        cmd = [sys.executable, str(driver), REPO, "sigkill_at", str(at), *args(out)]
+        return subprocess.run(cmd, env=_env(os.environ["JAX_COMPILATION_CACHE_DIR"]), capture_output=True,
                               text=True, timeout=300)
 
-    ref = run(tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr
-    assert "reference: the log-probs of 24 training and 24 validation pairs" in ref.stdout
+    # the uninterrupted run and the resumed one in this process (bin/train's main)
+    code, stdout, err = run_main("train", args(tmp_path / "ref"), capsys, monkeypatch)
+    assert code == 0, err
+    assert "reference: the log-probs of 80 training and 24 validation pairs" in stdout
     records = [json.loads(l) for l in open(tmp_path / "ref" / "metrics.jsonl")]
     first = records[0]
     assert first["pairs"] == 8 and abs(first["loss"] - np.log(2)) < 1e-4 and abs(first["rewards/margin"]) < 1e-3
     evals = [r for r in records if "val_loss" in r]
-    assert {8, 16, 20} <= {r["step"] for r in evals}  # eval_every, and each epoch's end (3 steps)
+    assert [r["step"] for r in evals] == [10, 20]
     assert evals[-1]["val_rewards/accuracy"] == 1.0 and evals[-1]["val_loss"] < 0.5  # it learned (ln 2 = 0.69 at the start)
 
-    p = run(tmp_path / "run", hook=("sigkill_at", 12))
+    p = killed(tmp_path / "run", 12)
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert 8 <= steps(tmp_path / "run" / "latest")[-1] < 12  # killed mid-run, after a save
-    p = run(tmp_path / "run", "--resume")
-    assert p.returncode == 0, p.stderr
-    assert "resumed" in p.stdout and "reference:" not in p.stdout  # read back, not computed again
+    assert steps(tmp_path / "run" / "latest")[-1] in (5, 10)  # killed mid-run, after a save
+    code, stdout, err = run_main("train", args(tmp_path / "run", "--resume"), capsys, monkeypatch)
+    assert code == 0, err
+    assert "resumed" in stdout and "reference:" not in stdout  # read back, not computed again
     assert_bitwise_equal(load_tree(str(tmp_path / "run" / "latest"), 20), load_tree(str(tmp_path / "ref" / "latest"), 20))
     assert_bitwise_equal(load_tree(str(tmp_path / "run" / "best"), steps(tmp_path / "ref" / "best")[-1]),
                          load_tree(str(tmp_path / "ref" / "best"), steps(tmp_path / "ref" / "best")[-1]))
@@ -307,7 +312,7 @@ out_dir: {json.dumps(str(out))}
 """, "utf-8")
     code, stdout, err = run_main("train", ["--config", str(yaml), "--no-progress"], capsys, monkeypatch)
     assert code == 0, err
-    assert "reference: the log-probs of 24 training and 24 validation pairs" in stdout
+    assert "reference: the log-probs of 80 training and 24 validation pairs" in stdout
     records = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert abs(records[0]["loss"] - np.log(2)) < 1e-4 and abs(records[0]["rewards/margin"]) < 1e-3
     final = records[-1]

@@ -1,13 +1,17 @@
 """bin/eval --pairs (preference accuracy against a run's reference), the comparison of several
 runs, and a DPO run's report on its test pairs: figures checked against log-probs computed here
 by hand (model.apply on each rendered answer alone, log-softmax summed at its tokens, numpy)."""
+import contextlib
+import importlib
+import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import one_line_error, run_main, run_script, write_tiny_config
+from conftest import one_line_error, run_main, write_tiny_config
 from jaxsft import chatml, model, runs
 from jaxsft.evaluate import NO_CATEGORY, comparison_table, distinct_n, preference_table
 from jaxsft.preference import SELF, figures
@@ -169,10 +173,12 @@ def train_dpo(tmp, init_from: str, *sets) -> dict:
     config = write_tiny_config(str(tmp), tmp / "run")
     args = ["train.objective=dpo", f"model.init_from={init_from}", f"data.train={train}", f"data.val={pairs}",
             "train.max_steps=10", f"train.seed={DPO_SEED}", *sets]
-    proc = run_script("train", "--config", config, *[a for kv in args for a in ("--set", kv)], "--no-progress",
-                      timeout=600)
-    assert proc.returncode == 0, f"bin/train failed:\n{proc.stdout}\n{proc.stderr}"
-    return {"run_dir": str(tmp / "run"), "pairs": pairs, "proc": proc}
+    argv = ["train", "--config", config, *[a for kv in args for a in ("--set", kv)], "--no-progress"]
+    out = io.StringIO()  # bin/train's main in this process (its own process is tested in test_dpo.py)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setattr(sys, "argv", argv)
+        importlib.import_module("jaxsft.cli.train").main()
+    return {"run_dir": str(tmp / "run"), "pairs": pairs, "stdout": out.getvalue()}
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +235,7 @@ def test_bin_eval_pairs_on_a_dpo_run_measures_rewards_against_its_start(dpo_run,
     test_report = json.loads(open(os.path.join(dpo_run["run_dir"], "test_report.json"), encoding="utf-8").read())
     assert test_report["preference_accuracy"] == report["preference_accuracy"]
     assert test_report["margin"] == pytest.approx(report["margin"], rel=1e-5)
-    lines = dpo_run["proc"].stdout.splitlines()
+    lines = dpo_run["stdout"].splitlines()
     at = lines.index("greedy answers:")
     assert lines[at - 1].split()[:2] == ["all", "6"] and lines[at + 4].startswith("done: ")
     assert [line.split(" -> ")[0].strip() for line in lines[at + 1:at + 4]] == ["什么是机器学习？", "你好", "1+1等于几？"]

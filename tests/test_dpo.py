@@ -312,7 +312,7 @@ out_dir: {json.dumps(str(out))}
 """, "utf-8")
     code, stdout, err = run_main("train", ["--config", str(yaml), "--no-progress"], capsys, monkeypatch)
     assert code == 0, err
-    assert "reference: the log-probs of 80 training and 24 validation pairs" in stdout
+    assert "reference: the log-probs of 24 training and 24 validation pairs" in stdout
     records = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert abs(records[0]["loss"] - np.log(2)) < 1e-4 and abs(records[0]["rewards/margin"]) < 1e-3
     final = records[-1]

@@ -212,14 +212,11 @@ def pytest_configure(config):
 
 # The files that take longest go to the workers first, so that none is left running one long file
 # while the others wait (xdist hands out whole files, --dist loadfile, in collection order with
-# --no-loadscope-reorder). Measured per file from a cold cache (session 9): the quick tier's
-# longest files, and the full suite's; the rest keep pytest's order after these.
-LONGEST_QUICK = ("test_train.py", "test_lora.py", "test_families.py", "test_model.py", "test_engine.py")
-LONGEST_FULL = ("test_reliability.py", "test_lora.py", "test_families.py", "test_hf.py", "test_dpo.py",
-                "test_damaged_checkpoints.py", "test_pretrain.py", "test_preference_eval.py", "test_cli.py")
+# --no-loadscope-reorder). Measured per file, quick tier and full suite (session 9); the rest keep
+# pytest's order after these.
+LONGEST_FIRST = ("test_train.py", "test_lora.py", "test_families.py", "test_model.py", "test_engine.py")
 
 
-def pytest_collection_modifyitems(config, items):
-    quick = "not slow" in (config.getoption("markexpr") or "")
-    rank = {name: i for i, name in enumerate(LONGEST_QUICK if quick else LONGEST_FULL)}
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

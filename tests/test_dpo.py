@@ -291,11 +291,10 @@ def test_dpo_run_sigkill_then_resume_is_bitwise_and_keeps_its_reference(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
-def test_dpo_on_an_imported_llama_base(lora_rank, tmp_path, capsys, monkeypatch):
+def test_dpo_on_an_imported_llama_base(tmp_path, capsys, monkeypatch):
     """A Llama-format directory (transformers-built, a BPE tokenizer: nothing new to embed but
     ChatML's markers) as model.init_from: the first step's loss is ln 2 (the reference is the
-    start: the base, LoRA's with the adapters off) and the run learns to rank the pairs."""
+    start) and the run learns to rank the pairs. (LoRA-DPO: test_preference_eval.py, on a jaxsft base.)"""
     pytest.importorskip("torch")
     from test_hf import build_llama
     (tmp_path / "llama").mkdir()
@@ -307,7 +306,6 @@ def test_dpo_on_an_imported_llama_base(lora_rank, tmp_path, capsys, monkeypatch)
 data: {{train: {json.dumps(pairs)}, val: {json.dumps(pairs)}, test: null}}
 train: {{objective: dpo, batch_size: 4, epochs: null, max_steps: 12, lr: 3.0e-3, warmup_steps: 2, pack_len: 64,
         sample_questions: 0, eval_every: 12}}
-lora: {{rank: {lora_rank}, alpha: 8.0}}
 out_dir: {json.dumps(str(out))}
 """, "utf-8")
     code, stdout, err = run_main("train", ["--config", str(yaml), "--no-progress"], capsys, monkeypatch)

@@ -2,12 +2,14 @@
 runs, and a DPO run's report on its test pairs: figures checked against log-probs computed here
 by hand (model.apply on each rendered answer alone, log-softmax summed at its tokens, numpy)."""
 import contextlib
+import functools
 import importlib
 import io
 import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -46,13 +48,22 @@ def context(p) -> tuple:
     return ((("system", p["system"]),) if "system" in p else ()) + tuple(msgs)
 
 
+@functools.lru_cache(maxsize=None)
+def _apply(mc):
+    """The model's logits, jitted once per model config (one padded shape)."""
+    graphdef = model.abstract(mc)[0]
+    return jax.jit(lambda p, x: model.apply(graphdef, p, x)[0])
+
+
 def hand_logp(params, mc, tok, system, messages, answer) -> float:
     """log p(answer | messages): the conversation rendered with the answer, model.apply over it once,
     log-softmax in float64, summed at the answer's tokens and its closing <|endoftext|> (the last
     len(answer) + 1 tokens: a character vocabulary)."""
     ids, _ = chatml.render(tuple(messages) + (("assistant", answer),), tok, system)
     assert ids[-1] == tok.end_id and len(ids) <= mc.max_seq_len + 1
-    logits = np.asarray(model.apply(model.abstract(mc)[0], params, ids[None, :-1])[0][0], np.float64)
+    x = np.zeros((1, mc.max_seq_len), np.int32)  # right-padded: a causal model's logits before the padding are its own
+    x[0, :len(ids) - 1] = ids[:-1]
+    logits = np.asarray(_apply(mc)(params, x)[0], np.float64)[:len(ids) - 1]
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     n = len(answer) + 1

@@ -31,6 +31,7 @@ import optax
 from . import ops
 from .batching import BatchPlan, PairBatch
 from .config import DpoConfig, UserError
+from .files import atomic
 from .steps import forward
 
 REFERENCE_FILE = "reference.npz"
@@ -65,7 +66,8 @@ def loss_sums(params, graphdef, batch: PairBatch, dropout_key=None, dtype=jnp.fl
     real = ((nc > 0) & (nr > 0)).astype(jnp.float32)
     nll = -pc / jnp.maximum(nc, 1)  # the chosen answer's, per token
     if dc.loss == "ipo":  # per-token means (nc, nr >= 1 where real)
-        pc, pr, rc, rr = pc / jnp.maximum(nc, 1), pr / jnp.maximum(nr, 1), rc / jnp.maximum(nc, 1), rr / jnp.maximum(nr, 1)
+        mc, mr = jnp.maximum(nc, 1), jnp.maximum(nr, 1)
+        pc, pr, rc, rr = pc / mc, pr / mr, rc / mc, rr / mr
     chosen, rejected = pc - rc, pr - rr
     h = chosen - rejected
     if dc.loss == "ipo":
@@ -116,11 +118,9 @@ def reference_logps(logps_step, params, plan: BatchPlan, pairs: int, progress=No
 
 
 def save_reference(run_dir: str, train: np.ndarray, val: np.ndarray) -> None:
-    """The reference's log-probs, written whole or not at all (a temporary file renamed)."""
-    path = os.path.join(run_dir, REFERENCE_FILE)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, train=train, val=val)
-    os.replace(tmp, path)
+    """The reference's log-probs, written whole or not at all (files.atomic)."""
+    with atomic(os.path.join(run_dir, REFERENCE_FILE), "wb") as f:
+        np.savez(f, train=train, val=val)
 
 
 def load_reference(run_dir: str, n_train: int, n_val: int):

@@ -2,15 +2,11 @@
 (the tiny trained model) driven by the official `openai` client, 16 concurrent streams,
 every bad request, a headless Chromium on the chat page, and SIGTERM; busy and
 disconnecting clients against an in-process server whose engine is slowed down."""
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import QA, REPO
+from conftest import QA
+from live import chromium, free_server, live_app, never_ending_engine, openai_client, tiny_tokenizer, user
 from jaxsft import chatml
 from jaxsft.serve.protocol import ApiError, parse_chat
 from jaxsft.tokenizer import TextStream, Tokenizer
@@ -28,11 +25,7 @@ CONTEXT = 64  # the tiny run's max_seq_len
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.build([q + a for q, a in QA] + ["\n", "你是一个有帮助的AI助手。"])
-
-
-def user(text):
-    return [{"role": "user", "content": text}]
+    return tiny_tokenizer()
 
 
 # -- pure functions
@@ -102,38 +95,6 @@ def test_text_stream_releases_whole_characters_and_never_a_stop_string():
 
 # -- a live bin/serve on the tiny trained model
 
-# bin/serve with every decode step (the worker's per-token call) 30 ms slower, so that answers are still running when a test acts
-SLOW_SERVE = ("import time; from jaxsft import engine; decode = engine.Engine.decode; "
-              "engine.Engine.decode = lambda self: time.sleep(0.03) or decode(self); "
-              "from jaxsft.cli.serve import main; main()")
-
-
-def free_server(run_dir, log_path, *args, deadline=300, slow=False):
-    """Starts bin/serve on a free port (--port 0), its output to `log_path`; returns
-    (process, base url) once /health answers 200."""
-    env = dict(os.environ, PYTHONPATH=REPO, PYTHONIOENCODING="utf-8")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    log = open(log_path, "w", encoding="utf-8")
-    cmd = ["-c", SLOW_SERVE] if slow else [os.path.join(REPO, "bin", "serve")]
-    proc = subprocess.Popen([sys.executable, *cmd, "--checkpoint", run_dir, "--port", "0", *map(str, args)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    end, url = time.time() + deadline, None
-    while time.time() < end:
-        text = open(log_path, encoding="utf-8").read()
-        if proc.poll() is not None:
-            raise AssertionError(f"bin/serve exited with {proc.returncode}:\n{text}")
-        m = url or re.search(r"listening on (http://\S+)", text)
-        if m:
-            url = url or m.group(1)
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    return proc, url
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"bin/serve not ready after {deadline} s:\n{open(log_path, encoding='utf-8').read()}")
-
-
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
     log = str(tmp_path_factory.mktemp("serve") / "serve.log")
@@ -142,11 +103,6 @@ def server(trained_run, tmp_path_factory):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-
-
-def openai_client(url):
-    from openai import OpenAI
-    return OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def ask(client, messages, stream=False, **kw):
@@ -247,26 +203,6 @@ def test_page_health_and_no_recompilation(server):
                      log)
 
 
-def chromium():
-    """A headless Chromium through selenium (Debian's chromium + chromium-driver), or skip."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (binary and driver):
-        pytest.skip("needs chromium and chromedriver: sudo apt-get install chromium chromium-driver")
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--no-first-run", "--window-size=1000,700"):
-        opts.add_argument(a)
-    import tempfile
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    opts.add_argument(f"--user-data-dir={profile}")
-    return webdriver.Chrome(service=Service(driver), options=opts), profile
-
-
 @pytest.mark.slow
 def test_chat_page_in_headless_chromium(server, tmp_path):
     from selenium.webdriver.common.by import By
@@ -341,47 +277,9 @@ def test_sigterm_finishes_the_streams_in_flight_and_exits_0(trained_run, tmp_pat
 
 # -- in-process: an engine slowed down so that requests overlap for sure
 
-@contextlib.contextmanager
-def live_app(engine, tok, **kw):
-    """The app on a free port in this process (uvicorn in a thread); yields (url, state)."""
-    import uvicorn
-    from jaxsft.serve.app import create_app
-    from jaxsft.serve.serving import Model
-    app = create_app(lambda: Model(engine, tok, "", "slow"), warm_up=False, **kw)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        end = time.time() + 120
-        while time.time() < end:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.05)
-        yield url, app.app.state.jaxsft
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def slow_engine(tok):
-    """A random tiny model whose rows never end (stop id -5), 30 ms a step."""
-    from jaxsft import model
-    from jaxsft.config import ModelConfig
-    from jaxsft.engine import Engine
-    cfg = ModelConfig(vocab_size=len(tok), max_seq_len=CONTEXT, d_model=32, n_heads=2, n_layers=1, d_ff=64)
-    _, params = model.init(cfg, 0)
-
-    class Slow(Engine):
-        def decode(self):  # the worker's per-token call
-            time.sleep(0.03)
-            return super().decode()
-
-    return lambda slots: Slow(params, cfg, (-5,), slots=slots)
+    return never_ending_engine(tok)
 
 
 @pytest.mark.slow  # a server behaviour, not a numerical check: the full suite runs it

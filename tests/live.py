@@ -54,9 +54,9 @@ def free_server(run_dir, log_path, *args, deadline=300, slow=False):
     raise AssertionError(f"bin/serve not ready after {deadline} s:\n{open(log_path, encoding='utf-8').read()}")
 
 
-def openai_client(url):
+def openai_client(url, api_key="none"):
     from openai import OpenAI
-    return OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
 @contextlib.contextmanager
@@ -79,7 +79,7 @@ def live_app(engine, tok, **kw):
                 if httpx.get(url + "/health", timeout=5).status_code == 200:
                     break
             time.sleep(0.05)
-        yield url, app.app.state.jaxsft
+        yield url, app.state.jaxsft
     finally:
         server.should_exit = True
         thread.join(30)

@@ -8,8 +8,11 @@ Routes (each a few lines: the work is in protocol.py, serving.py and worker.py):
                               (server-sent `chat.completion.chunk` events, then `data: [DONE]`)
   GET  /v1/models             the one model served
   GET  /health                200 when ready; 503 while loading or compiling
+  GET  /metrics               Prometheus's text format (metrics.py)
   GET  /                      the chat page (jaxsft/static/chat.html, no external resources)
 
+Before any route: guard.py (API keys on /v1/* and /metrics, or local Host names only; POST
+bodies must be JSON), inside access_log.py (the request's id, its log line, its metrics).
 A bad request gets an OpenAI-style error {"error": {"message", "type", "param",
 "code"}} with a 4xx status; a full server gets 503 with Retry-After.
 """
@@ -24,14 +27,19 @@ import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from fastapi import APIRouter, FastAPI, Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from ..engine import compiled_programs
-from .access_log import AccessLog
+from .access_log import AccessLog, note, request_id
+from .guard import Guard
+from .metrics import CONTENT_TYPE, Metrics
 from .protocol import ApiError, parse_chat
 from .serving import Answer, Model
 from .worker import Worker
@@ -51,6 +59,7 @@ class State:
     worker: Optional[Worker] = None
     compiled: int = 0
     started: float = field(default_factory=time.time)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def ready_model(self) -> Model:
         if self.status != "ready":
@@ -80,23 +89,67 @@ def load_model(state: State, load: Callable[[], Model], loop, warm_up: bool, on_
             on_fatal()
 
 
+MAX_DEPTH = 32  # JSON nesting: a chat body needs 5 (body, messages, message, content parts, part)
+BODY_SECONDS = 60  # the whole body must arrive in this time (a client trickling bytes holds a connection)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request body was whole."""
+
+
+def _depth(v, limit: int) -> int:
+    """How deeply `v` nests (a scalar 0), counting no further than limit + 1."""
+    deepest, todo = 0, [(v, 1)]
+    while todo:
+        x, d = todo.pop()
+        if isinstance(x, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= limit:
+                todo.extend((y, d + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
+def parse_json(raw: bytes):
+    """The body's JSON (in a worker thread: a 1 MiB body takes a while), or ApiError 400 when it
+    is not JSON or nests deeper than MAX_DEPTH."""
+    deep = ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels", None, "invalid_json")
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise deep from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    if _depth(body, MAX_DEPTH) > MAX_DEPTH:
+        raise deep
+    return body
+
+
 async def read_json(request: HttpRequest, limit: int):
     """The request body parsed, or ApiError: 413 as soon as it is known to exceed `limit`
-    bytes, 400 when it is not JSON."""
+    bytes, 408 when it takes over BODY_SECONDS to arrive, 400 when it is not JSON;
+    ClientGone when the client leaves first."""
     too_big = ApiError(413, f"the request body exceeds {limit} bytes", None, "request_too_large")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+
+    async def whole():
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json")
+        raw = await asyncio.wait_for(whole(), BODY_SECONDS)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_SECONDS} s", None,
+                       "request_timeout") from None
+    return await run_in_threadpool(parse_json, raw)
 
 
 # -- routes
@@ -139,6 +192,11 @@ async def models(request: HttpRequest):
                                         "owned_by": "jaxsft", "context_length": m.engine.S}]}
 
 
+@router.get("/metrics")
+async def metrics(request: HttpRequest):
+    return Response(_state(request).metrics.text(), media_type=CONTENT_TYPE)
+
+
 @router.get("/", response_class=HTMLResponse)
 async def page():
     return HTMLResponse(resources.files("jaxsft").joinpath("static/chat.html").read_text(encoding="utf-8"))
@@ -160,17 +218,26 @@ async def http_error(request, e: HTTPException):
     return error_response(ApiError(e.status_code, msg.get(e.status_code, str(e.detail)), None, code))
 
 
+async def client_gone(request, e: ClientGone):
+    note(request.scope, "the client left before its request body was whole")
+    return Response(status_code=499)  # nginx's "client closed request": no one reads it
+
+
 async def server_error(request, e):
-    log.error("unhandled error:\n%s", traceback.format_exc())
-    return error_response(ApiError(500, "internal server error", None, None, "server_error"))
+    rid = request_id(request.scope)
+    log.error("request %s: unhandled error:\n%s", rid, traceback.format_exc())
+    return error_response(ApiError(500, f"internal server error (request id {rid}: see the server log)", None,
+                                   None, "server_error"))
 
 
 def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int = DEFAULT_MAX_BODY,
-               on_fatal: Optional[Callable[[], None]] = None, warm_up: bool = True):
-    """The app, inside its access log. load() runs in a background thread at start-up (the
-    checkpoint, then the engine's compiles); until both are done /health and the chat route
-    answer 503."""
+               on_fatal: Optional[Callable[[], None]] = None, warm_up: bool = True, api_keys: Sequence[str] = (),
+               allow_hosts: Sequence[str] = ()):
+    """The app, inside its guard (API keys or local Host names; JSON bodies: guard.py) and its
+    access log. load() runs in a background thread at start-up (the checkpoint, then the
+    engine's compiles); until both are done /health and the chat route answer 503."""
     state = State(max_waiting, max_body)
+    state.metrics.watch(lambda: state.worker.status() if state.worker else None)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -185,6 +252,9 @@ def create_app(load: Callable[[], Model], max_waiting: int = 64, max_body: int =
     app.state.jaxsft = state
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(Exception, server_error)
     app.include_router(router)
-    return AccessLog(app)
+    app.add_middleware(Guard, api_keys=api_keys, allow_hosts=allow_hosts)
+    app.add_middleware(AccessLog, metrics=state.metrics)  # outermost: refusals are logged and counted too
+    return app

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Optional
 from ..engine import Engine, Request
 from ..tokenizer import TextStream
 from . import protocol
-from .access_log import note
+from .access_log import accepted_at, note
 from .protocol import ApiError, ChatParams
 from .worker import Busy, Worker
 
@@ -116,6 +116,8 @@ class Answer:
         self.watcher.cancel()
         self.worker.cancel(self.req)
         req = self.req
-        ttft = f" ttft={1000 * (req.t_first - req.t_submit):.0f}ms" if req.t_first else ""
+        first = req.t_first - accepted_at(self.http.scope) if req.t_first else None  # from acceptance
+        self.http.app.state.jaxsft.metrics.answer(len(self.p.prompt), len(req.tokens), first)
+        ttft = f" ttft={1000 * first:.0f}ms" if first is not None else ""
         note(self.http.scope, f"prompt={len(self.p.prompt)} completion={len(req.tokens)} "
                               f"{req.finish_reason or 'unfinished'}{' stream' if self.p.stream else ''}{ttft}")

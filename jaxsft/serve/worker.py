@@ -13,7 +13,7 @@ import logging
 import threading
 import traceback
 
-from ..engine import Engine, Request, Status
+from ..engine import Engine, Request, Status, describe
 
 log = logging.getLogger("jaxsft.serve")
 
@@ -77,9 +77,9 @@ class Worker:
                 eng.admit()
                 self._flush()  # first tokens out before the decode step
                 eng.decode()
-            except Exception:  # a bug must not hang every client: fail what is in flight, keep serving
+            except Exception as e:  # a bug must not hang every client: fail what is in flight, keep serving
                 log.error("engine step failed:\n%s", traceback.format_exc())
-                eng.fail_all()
+                eng.fail_all(f"the engine step failed: {describe(e)}")
             self._flush()
 
     def _flush(self):

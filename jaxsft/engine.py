@@ -13,7 +13,18 @@ Each slot holds one request (a prompt and its answer so far) at its own length.
      or reaches max_tokens.
 
 So a batch never waits for its longest row: a finished row's slot takes the next
-waiting prompt at the next step. Every computation is row-wise (a row's keys,
+waiting prompt at the next step.
+
+A step that fails never loses a request. A prefill that raises ends the requests it
+held (its own and those taken off the queue with it, not yet prefilled) with
+finish_reason "error" and `Request.error`; a decode step that raises ends every
+running request that way. Either way the engine then checks its KV cache: the
+programs donate it, so a failure inside one may leave it deleted or unreadable; if
+so, every running request is ended too and the cache is allocated afresh. The step
+raises `StepFailed` once every request it held has ended; the engine can go on
+(waiting requests stay queued). If the fresh cache cannot be allocated it raises
+`EngineBroken`: the engine cannot go on (a server fails what is still queued and
+exits, jaxsft/serve/worker.py). Every computation is row-wise (a row's keys,
 mask, position and sampling key are its own) and every program has a fixed
 shape, so a row's tokens do not depend on what the other slots hold: greedy
 answers are identical alone or among others (tests/test_engine.py).
@@ -33,7 +44,7 @@ import functools
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,11 +155,29 @@ def compiled_programs() -> int:
 _ids = itertools.count()
 
 
+class StepFailed(RuntimeError):
+    """A prefill or decode step raised; every request it held has ended with finish_reason
+    "error" (and every running one, when the KV cache was lost with it). The engine can go on."""
+
+
+class EngineBroken(RuntimeError):
+    """A step failed and the engine cannot go on: its KV cache was lost and allocating
+    another failed. The running requests have ended with finish_reason "error"."""
+
+
+def describe(e: BaseException) -> str:
+    """An exception in one line, no traceback (what a client may be told)."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 @dataclass(eq=False)
 class Request:
     """One prompt to answer. The engine fills `tokens` (the answer, without
     its stop token) and `finish_reason`: "stop" (a stop token), "length" (max_tokens
-    tokens) or "cancelled" (cancel()). on_token(req, token) and on_finish(req) are
+    tokens), "cancelled" (cancel()) or "error" (a step that held it failed: `error` says
+    what, in one line). on_token(req, token) and on_finish(req) are
     called from the thread that runs Engine.step, as each token comes out."""
     prompt: np.ndarray
     max_tokens: int
@@ -164,6 +193,7 @@ class Request:
     t_submit: float = 0.0
     t_first: Optional[float] = None  # when the first token came out (perf_counter)
     cancelled: bool = False
+    error: Optional[str] = None  # why it ended with finish_reason "error"
 
     @property
     def done(self) -> bool:
@@ -251,22 +281,31 @@ class Engine:
         for r in list(self.waiting) + [r for r in self.req if r is not None]:
             self.cancel(r)
 
-    def fail_all(self) -> None:
-        """Ends every running request now with finish_reason "error" (a step failed: their
-        cache rows cannot be trusted); waiting requests stay, to be admitted later."""
-        for s, r in enumerate(self.req):
-            if r is not None:
-                self.cancel(r)
-                self._finish(s, "error")
+    def fail_all(self, error: str, waiting: bool = False) -> None:
+        """Ends every running request now with finish_reason "error" and `error` (their cache rows
+        cannot be trusted), and with `waiting` every waiting one too (the engine will not go on);
+        otherwise waiting requests stay, to be admitted later."""
+        doomed = [r for r in self.req if r is not None]
+        if waiting:
+            while self.waiting:
+                doomed.append(self.waiting.popleft())
+        callback = self._end_all([(r, error) for r in doomed])
+        if callback:
+            raise callback
 
     def has_room(self, max_waiting: int) -> bool:
         """Whether one more request may be submitted: fewer than slots + max_waiting are
-        running or waiting."""
-        return self.active + len(self.waiting) < self.slots + max_waiting
+        running or waiting (cancelled ones not counted: their clients are gone)."""
+        return self.active + self.queued < self.slots + max_waiting
 
     def status(self) -> "Status":
         """What is running and waiting now (a server's /health)."""
-        return Status(self.slots, self.active, len(self.waiting), self.S)
+        return Status(self.slots, self.active, self.queued, self.S)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot, cancelled ones not counted."""
+        return sum(not r.cancelled for r in list(self.waiting))
 
     @property
     def active(self) -> int:
@@ -292,16 +331,19 @@ class Engine:
         live = [s for s, r in enumerate(self.req) if r is not None]
         if not live:
             return 0
-        t = time.perf_counter()
-        nxt, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
-                                  self.temperature, self.top_k, self.top_p, graphdef=self.graphdef)
-        nxt = np.asarray(nxt)
-        self.stats["decode_s"] += time.perf_counter() - t
-        self.stats["decode_steps"] += 1
-        self.stats["busy_slot_steps"] += len(live)
-        for s in live:
-            self.pos[s] += 1
-            self._emit(s, int(nxt[s]))
+        try:
+            t = time.perf_counter()
+            nxt, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
+                                      self.temperature, self.top_k, self.top_p, graphdef=self.graphdef)
+            nxt = np.asarray(nxt)
+            self.stats["decode_s"] += time.perf_counter() - t
+            self.stats["decode_steps"] += 1
+            self.stats["busy_slot_steps"] += len(live)
+            for s in live:
+                self.pos[s] += 1
+                self._emit(s, int(nxt[s]))
+        except BaseException as e:  # every running row was in the step (a callback's error included)
+            self._failed("decode", [r for r in self.req if r is not None], e)
         return len(live)
 
     def run(self, reqs: Sequence[Request]) -> list[Request]:
@@ -387,23 +429,29 @@ class Engine:
         free = self.free_slots()
         if len(free) < min(self.admit_at, len(self.waiting)) and len(free) < self.slots:
             return 0  # let a few more rows end first, then prefill them together
-        taken = []
-        while free and self.waiting:
-            r = self.waiting.popleft()
-            if r.cancelled:
-                r.finish_reason = "cancelled"
-                if r.on_finish:
-                    r.on_finish(r)
-                continue
-            taken.append((free.pop(0), r))
-        by_bucket: dict[tuple, list] = {}
-        for s, r in taken:
-            L = self._after(r.prompt)
-            by_bucket.setdefault((L, bucket(len(r.prompt) - L, self.buckets)), []).append((s, r))
-        most = self.prefill_rows[-1]
-        for (L, P), group in sorted(by_bucket.items()):
-            for start in range(0, len(group), most):
-                self._prefill(L, P, group[start:start + most])
+        taken = []  # (slot, request): off the queue, so only this call can end them
+        calls: list[tuple[int, int, list]] = []
+        done = 0  # calls that went through
+        try:
+            while free and self.waiting:
+                r = self.waiting.popleft()
+                if r.cancelled:
+                    self._end(r, "cancelled")
+                    continue
+                taken.append((free.pop(0), r))
+            by_bucket: dict[tuple, list] = {}
+            for s, r in taken:
+                L = self._after(r.prompt)
+                by_bucket.setdefault((L, bucket(len(r.prompt) - L, self.buckets)), []).append((s, r))
+            most = self.prefill_rows[-1]
+            calls = [(L, P, group[start:start + most]) for (L, P), group in sorted(by_bucket.items())
+                     for start in range(0, len(group), most)]
+            for L, P, group in calls:
+                self._prefill(L, P, group)
+                done += 1
+        except BaseException as e:  # this call's rows and the later calls' are held here alone
+            held = [r for _, _, group in calls[done:] for _, r in group] if calls else [r for _, r in taken]
+            self._failed("prefill", held, e)
         return len(taken)
 
     def _after(self, prompt) -> int:
@@ -449,10 +497,13 @@ class Engine:
             self._emit(s, int(first[j]))
 
     def _reap(self):
-        """Frees the slots of cancelled requests."""
+        """Frees the slots of cancelled requests and drops cancelled ones from the queue."""
         for s, r in enumerate(self.req):
             if r is not None and r.cancelled:
                 self._finish(s, "cancelled")
+        for r in [r for r in list(self.waiting) if r.cancelled]:
+            self.waiting.remove(r)  # atomic, as submit's append in another thread is
+            self._end(r, "cancelled")
 
     def _emit(self, s: int, t: int):
         r = self.req[s]
@@ -485,6 +536,71 @@ class Engine:
         r.finish_reason = reason
         if r.on_finish:
             r.on_finish(r)
+
+    # -- failures
+
+    def _failed(self, what: str, held: list, e: BaseException) -> NoReturn:
+        """After step `what` raised `e`: ends the requests it held with an error, checks the cache
+        and, if it was lost, ends every running request too and allocates a fresh one. Raises
+        StepFailed, EngineBroken (no fresh cache), or `e` itself when it is no Exception (an
+        interrupt or an exit ends its own way, after the requests it held)."""
+        error = f"{what} failed: {describe(e)}"
+        ends = [(r, error) for r in held]
+        lost = not self._cache_ok()
+        broken = None
+        if lost:
+            ends += [(r, f"the KV cache was lost when a {error}") for r in self.req
+                     if r is not None and r not in held]
+            self.cache = None  # a later admit tries again if this allocation fails
+            try:
+                self._allocate()
+            except Exception as e2:
+                broken = EngineBroken(f"{error}; the KV cache was lost and allocating another failed: "
+                                      f"{describe(e2)}")
+        callback = self._end_all(ends)
+        if not isinstance(e, Exception):
+            raise e
+        if broken:
+            raise broken from e
+        if callback:  # a bug in a callback: the caller learns of it as of any other
+            raise callback
+        raise StepFailed(error + (" (the KV cache was lost and allocated again)" if lost else "")) from e
+
+    def _cache_ok(self) -> bool:
+        """Whether the KV cache can still be read: a program that raised after it took its
+        donated cache leaves it deleted, or (dispatched) failing when read."""
+        leaves = jax.tree.leaves(self.cache)
+        if not leaves or any(a.is_deleted() for a in leaves):
+            return False
+        try:
+            jax.block_until_ready(leaves)
+        except Exception:
+            return False
+        return True
+
+    def _end(self, r: Request, reason: str, error: Optional[str] = None):
+        """Ends `r` wherever it is: in a slot (freed) or off the queue. Nothing if it has ended."""
+        if r.done:
+            return
+        r.error = error
+        s = next((s for s, q in enumerate(self.req) if q is r), None)
+        if s is not None:
+            self._finish(s, reason)
+            return
+        r.finish_reason = reason
+        if r.on_finish:
+            r.on_finish(r)
+
+    def _end_all(self, ends: Sequence[tuple[Request, str]]) -> Optional[BaseException]:
+        """Ends each (request, error) with finish_reason "error": every one, even when another's
+        on_finish raises. Returns the first such exception."""
+        first = None
+        for r, error in ends:
+            try:
+                self._end(r, "error", error)
+            except BaseException as e:
+                first = first or e
+        return first
 
     def occupancy(self) -> float:
         """Mean fraction of slots decoding a live row, over the decode steps so far."""

@@ -28,13 +28,14 @@ SLOW_SERVE = ("import time; from jaxsft import engine; decode = engine.Engine.de
               "from jaxsft.cli.serve import main; main()")
 
 
-def free_server(run_dir, log_path, *args, deadline=300, slow=False):
+def free_server(run_dir, log_path, *args, deadline=300, slow=False, code=None):
     """Starts bin/serve on a free port (--port 0), its output to `log_path`; returns
-    (process, base url) once /health answers 200."""
+    (process, base url) once /health answers 200. code: a `python -c` program to run
+    instead (one that patches jaxsft, then calls jaxsft.cli.serve.main)."""
     env = dict(os.environ, PYTHONPATH=REPO, PYTHONIOENCODING="utf-8")
     env.setdefault("JAX_PLATFORMS", "cpu")
     log = open(log_path, "w", encoding="utf-8")
-    cmd = ["-c", SLOW_SERVE] if slow else [os.path.join(REPO, "bin", "serve")]
+    cmd = ["-c", code] if code else ["-c", SLOW_SERVE] if slow else [os.path.join(REPO, "bin", "serve")]
     proc = subprocess.Popen([sys.executable, *cmd, "--checkpoint", run_dir, "--port", "0", *map(str, args)],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import reference_decode
+from faults import Flaky
 from jaxsft import engine, masks, model
 from jaxsft.config import ModelConfig
 from jaxsft.engine import Engine, Request
@@ -197,3 +198,133 @@ def test_requests_beyond_the_context_are_refused(scaled, cfg):
         eng.submit(Request(np.ones(60, np.int32), 5))
     with pytest.raises(ValueError, match="empty"):
         eng.submit(Request(np.zeros(0, np.int32), 5))
+
+
+# -- failures: a step that raises ends exactly the requests it held, and the engine goes on
+
+class Boom(BaseException):
+    """What a buggy callback might raise: no Exception, so no `except Exception` stops it."""
+
+
+def _fault(monkeypatch, name):
+    flaky = Flaky(getattr(engine, name))
+    monkeypatch.setattr(engine, name, flaky)
+    return flaky
+
+
+def _cache_alive(eng):
+    return not any(a.is_deleted() for a in jax.tree.leaves(eng.cache))
+
+
+def test_a_failed_prefill_ends_the_requests_it_held_and_the_others_go_on(scaled, cfg, monkeypatch):
+    _, params = scaled
+    pa, pc, px, pe = _prompts(cfg.vocab_size, (5, 4, 6, 3))
+    pd = _prompts(cfg.vocab_size, (20,), seed=1)[0]  # a longer bucket: its own prefill call, after c's and x's
+    eng = Engine(params, cfg, NEVER, slots=4)
+    want = {k: _answers(eng, [p])[0][0] for k, p in dict(a=pa, e=pe).items()}
+    prefill = _fault(monkeypatch, "_prefill")
+    a = eng.submit(Request(pa, N))
+    eng.step()
+    c, x, d, e = (eng.submit(Request(p, N)) for p in (pc, px, pd, pe))  # 3 free slots: e waits
+    prefill.arm()
+    with pytest.raises(engine.StepFailed, match="prefill failed: RuntimeError: injected failure 1$"):
+        eng.step()
+    # c and x were in the failed call, d taken off the queue for the next one: each ended, none lost
+    assert [r.finish_reason for r in (c, x, d)] == ["error"] * 3
+    assert all(r.error == "prefill failed: RuntimeError: injected failure 1" for r in (c, x, d))
+    # the cache was never handed over: a keeps its row, e stays queued
+    assert _cache_alive(eng) and eng.req.count(a) == 1 and eng.active == 1 and list(eng.waiting) == [e]
+    while eng.busy:
+        eng.step()
+    assert (a.finish_reason, a.tokens, e.tokens) == ("length", want["a"], want["e"])
+
+
+def test_a_prefill_that_lost_the_cache_ends_every_running_request_and_allocates_another(scaled, cfg, monkeypatch):
+    graphdef, params = scaled
+    pa, pc = _prompts(cfg.vocab_size, (5, 4))
+    eng = Engine(params, cfg, NEVER, slots=2)
+    want, _ = _answers(eng, [pa])
+    prefill = _fault(monkeypatch, "_prefill")
+    a = eng.submit(Request(pa, N))
+    eng.step()
+    c = eng.submit(Request(pc, N))
+    lost = [kv[0] for kv in eng.cache]
+    prefill.arm(consume=True)  # the program ran (JAX deleted the donated cache), then failed
+    with pytest.raises(engine.StepFailed, match="the KV cache was lost and allocated again"):
+        eng.step()
+    assert all(k.is_deleted() for k in lost)  # a real loss: JAX took the donated cache
+    assert c.finish_reason == a.finish_reason == "error" and eng.active == 0
+    assert c.error.startswith("prefill failed") and a.error.startswith("the KV cache was lost when a prefill failed")
+    assert _cache_alive(eng)
+    n = engine.compiled_programs()
+    assert _answers(eng, [pa])[0] == want  # the fresh cache serves, with the programs compiled already
+    assert engine.compiled_programs() == n
+
+
+def test_a_failed_decode_ends_the_running_requests_and_the_queued_ones_are_answered(scaled, cfg, monkeypatch):
+    _, params = scaled
+    pa, pb, pe = _prompts(cfg.vocab_size, (5, 4, 3))
+    eng = Engine(params, cfg, NEVER, slots=2)
+    want = _answers(eng, [pe])[0][0]
+    decode = _fault(monkeypatch, "_decode")
+    a, b, e = (eng.submit(Request(p, N)) for p in (pa, pb, pe))
+    eng.step()
+    decode.arm(consume=True)
+    with pytest.raises(engine.StepFailed, match="decode failed: RuntimeError: injected failure 1 "):
+        eng.step()
+    assert a.finish_reason == b.finish_reason == "error" and len(a.tokens) == 2
+    assert a.error == b.error == "decode failed: RuntimeError: injected failure 1"
+    assert _cache_alive(eng) and list(eng.waiting) == [e]
+    while eng.busy:
+        eng.step()
+    assert (e.finish_reason, e.tokens) == ("length", want)
+
+
+def test_a_lost_cache_that_cannot_be_allocated_again_breaks_the_engine(scaled, cfg, monkeypatch):
+    _, params = scaled
+    eng = Engine(params, cfg, NEVER, slots=2)
+    a = eng.submit(Request(_prompts(cfg.vocab_size, (5,))[0], N))
+    eng.step()
+    _fault(monkeypatch, "_decode").arm(consume=True)
+
+    def no_memory(self):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    monkeypatch.setattr(Engine, "_allocate", no_memory)
+    with pytest.raises(engine.EngineBroken, match="allocating another failed: RuntimeError: RESOURCE_EXHAUSTED"):
+        eng.step()
+    assert a.finish_reason == "error" and a.error.startswith("decode failed")
+
+
+def test_a_callback_that_raises_ends_every_request_its_prefill_held(scaled, cfg):
+    """A BaseException from on_token (a bug) goes through, but only after the requests the
+    prefill held have ended: those of its call and those taken for the next call."""
+    _, params = scaled
+    pc, px = _prompts(cfg.vocab_size, (4, 6))
+    pd = _prompts(cfg.vocab_size, (20,), seed=1)[0]
+    eng = Engine(params, cfg, NEVER, slots=4)
+    ended = []
+
+    def boom(r, t):
+        raise Boom("a bug in a callback")
+
+    c = eng.submit(Request(pc, N, on_token=boom, on_finish=ended.append))
+    x, d = (eng.submit(Request(p, N, on_finish=ended.append)) for p in (px, pd))
+    with pytest.raises(Boom):
+        eng.step()
+    assert ended == [c, x, d] and all(r.error == "prefill failed: Boom: a bug in a callback" for r in ended)
+    assert eng.active == 0 and not eng.busy
+
+
+def test_cancelled_waiting_requests_leave_the_queue(scaled, cfg):
+    _, params = scaled
+    eng = Engine(params, cfg, NEVER, slots=1)
+    pa, pw = _prompts(cfg.vocab_size, (5, 4))
+    a = eng.submit(Request(pa, N))
+    eng.step()
+    w = eng.submit(Request(pw, N))
+    assert not eng.has_room(1) and eng.status().waiting == 1
+    eng.cancel(w)  # its client went away: it no longer takes a place in the queue
+    assert eng.has_room(1) and eng.status().waiting == 0
+    eng.step()  # ... and it ends at the next step, though no slot is free
+    assert w.finish_reason == "cancelled" and not a.done and not eng.waiting

@@ -163,6 +163,7 @@ def test_metrics_count_requests_tokens_and_steps(tok):
         assert metric(m, "jaxsft_time_to_first_token_seconds_count") == 3
         assert metric(m, "jaxsft_request_seconds_count", path="/v1/chat/completions") == 4
         assert metric(m, "jaxsft_requests_running") == 0 and metric(m, "jaxsft_requests_waiting") == 0
+        assert metric(m, "jaxsft_engine_step_seconds_count") >= 3 * 2  # each answer: a prefill, then 2 steps
 
 
 @pytest.mark.parametrize("args,env,words", [

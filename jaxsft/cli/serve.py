@@ -15,7 +15,9 @@ clients will use (--allow-host '*': any, i.e. anyone who can reach the port uses
 /health answers 503 while the model loads and compiles, then 200; /metrics is Prometheus's
 text format. One log line per request on stderr (request id, status, tokens, milliseconds).
 SIGTERM (or Ctrl-C) stops taking requests, lets the answers in flight finish (for at most
---grace seconds, then cancels them) and exits 0 (130 after Ctrl-C).
+--grace seconds, then cancels them) and exits 0 (130 after Ctrl-C). An engine that fails for
+good (jaxsft/serve/worker.py: every request in flight gets an error, /health 503) makes it
+exit 1, for a supervisor to restart it.
 """
 import argparse
 import ipaddress

@@ -7,14 +7,18 @@ Routes (each a few lines: the work is in protocol.py, serving.py and worker.py):
   POST /v1/chat/completions   OpenAI chat completions, plain or `stream: true`
                               (server-sent `chat.completion.chunk` events, then `data: [DONE]`)
   GET  /v1/models             the one model served
-  GET  /health                200 when ready; 503 while loading or compiling
+  GET  /health                200 when ready (with the engine thread's liveness and the age of
+                              its last step: null when idle); 503 while loading or compiling,
+                              and {"status": "failed", "reason": ...} once the engine has failed
   GET  /metrics               Prometheus's text format (metrics.py)
   GET  /                      the chat page (jaxsft/static/chat.html, no external resources)
 
 Before any route: guard.py (API keys on /v1/* and /metrics, or local Host names only; POST
 bodies must be JSON), inside access_log.py (the request's id, its log line, its metrics).
 A bad request gets an OpenAI-style error {"error": {"message", "type", "param",
-"code"}} with a 4xx status; a full server gets 503 with Retry-After.
+"code"}} with a 4xx status; a full server gets 503 with Retry-After; a request whose
+engine step failed gets 500 saying what failed. When the engine fails for good (worker.py)
+on_fatal is called: bin/serve stops and exits 1.
 """
 from __future__ import annotations
 
@@ -76,7 +80,8 @@ def load_model(state: State, load: Callable[[], Model], loop, warm_up: bool, on_
         state.status = "compiling"
         if warm_up:
             model.engine.warm_up()
-        state.worker = Worker(model.engine, state.max_waiting, loop)
+        state.worker = Worker(model.engine, state.max_waiting, loop, on_fatal=on_fatal,
+                              on_step=state.metrics.step.observe)
         state.worker.start()
         state.compiled = compiled_programs()
         state.status = "ready"
@@ -178,10 +183,15 @@ async def health(request: HttpRequest):
     state = _state(request)
     if state.status != "ready":
         return JSONResponse({"status": state.status}, status_code=503, headers={"Retry-After": "2"})
+    live = state.worker.liveness()
+    if live.failure or not live.alive:
+        reason = live.failure or "the engine thread is not running"
+        return JSONResponse({"status": "failed", "reason": reason, "engine_alive": live.alive}, status_code=503)
     s = state.worker.status()
+    age = None if live.step_age is None else round(live.step_age, 3)
     return {"status": state.status, "model": state.model.name, "slots": s.slots, "active": s.active,
             "waiting": s.waiting, "context": s.context, "compiled_programs": compiled_programs(),
-            "compiled_at_ready": state.compiled}
+            "compiled_at_ready": state.compiled, "engine_alive": live.alive, "last_step_age_s": age}
 
 
 @router.get("/v1/models")

@@ -13,9 +13,9 @@ from typing import AsyncIterator, Optional
 from ..engine import Engine, Request
 from ..tokenizer import TextStream
 from . import protocol
-from .access_log import accepted_at, note
+from .access_log import accepted_at, note, request_id
 from .protocol import ApiError, ChatParams
-from .worker import Busy, Worker
+from .worker import Busy, Failed, Worker
 
 
 @dataclass
@@ -39,6 +39,9 @@ class Answer:
                            on_finish=lambda r: worker.post(self.tokens, None))
         try:
             worker.submit(self.req)
+        except Failed as e:
+            raise ApiError(503, f"the engine has failed: {e}; this server answers no more requests", None,
+                           "engine_failed", "server_error")
         except Busy as e:
             raise ApiError(503, f"the server is busy: {e}; retry shortly", None, "server_busy", "server_error",
                            {"Retry-After": "1"})
@@ -86,8 +89,9 @@ class Answer:
             new = ""
             for t in batch:
                 if t is None:
-                    if self.req.finish_reason == "error":
-                        raise ApiError(500, "decoding failed; see the server log", None, None, "server_error")
+                    if self.req.finish_reason == "error":  # the request's error is one line, no traceback
+                        raise ApiError(500, f"the answer failed: {self.req.error or 'see the server log'} "
+                                            f"(request id {request_id(self.http.scope)})", None, None, "server_error")
                     new += self.text.flush()
                     if new:
                         yield new

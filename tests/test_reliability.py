@@ -170,6 +170,8 @@ BAD_INPUTS = [
      ["<no line>", "train.focus_steps: 5 focus steps need train.focus_categories"]),
     ("set-epochs-null-no-budget", "train", T + ["--set", "train.epochs=null"], {}, None,
      ["<no line>", "train.epochs: null (train for max_steps) needs train.max_steps"]),
+    ("set-tensorboard-not-bool", "train", T + ["--set", "train.tensorboard=1"], {}, None,
+     ["--set train.tensorboard: expected true or false, got 1"]),
     ("set-data-path-missing", "train", T + ["--set", "data.val=nope.jsonl"], {}, None,
      ["nope.jsonl: file not found"]),
     ("set-init-from-missing", "train", T + ["--set", "model.init_from=nowhere"], {}, None,

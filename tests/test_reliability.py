@@ -32,7 +32,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import once_per_session, run_main
+from conftest import assert_events_are_metrics, once_per_session, read_events, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,11 +256,14 @@ def run_ok(name, args, capsys, monkeypatch):
 def test_a_curriculum_of_absent_categories_is_skipped_and_resume_warns_of_changes(tmp_path, capsys, monkeypatch):
     """configs/default.yaml's curriculum names categories of data/; on a user's rows without
     them the run trains after a one-line note. --resume with another lr or max_steps says
-    that the run will differ from an uninterrupted one."""
+    that the run will differ from an uninterrupted one (train.tensorboard, which changes no
+    step, is not named: the first session wrote no events, the resumed one writes its own)."""
     write_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     focus = ["--set", "train.focus_categories=[字符串,算术]", "--set", "train.focus_steps=5"]
-    out, err = run_ok("train", T + focus + ["--set", "train.max_steps=3"], capsys, monkeypatch)
+    out, err = run_ok("train", T + focus + ["--set", "train.max_steps=3", "--set", "train.tensorboard=false"],
+                      capsys, monkeypatch)
+    assert not os.path.exists("run/tensorboard")
     assert [l for l in err.splitlines() if "focus" in l] == [
         "note: train.focus_categories: train.jsonl has no row of category '字符串', '算术'; the curriculum is skipped"]
     assert "curriculum" not in out and "done: 3 steps" in out
@@ -272,6 +275,8 @@ def test_a_curriculum_of_absent_categories_is_skipped_and_resume_warns_of_change
         "warning: train.max_steps was 3 in run, is 4 now: the resumed run will not match an uninterrupted one",
         "warning: train.lr was 0.001 in run, is 0.002 now: the resumed run will not match an uninterrupted one"]
     assert "resumed run at step 3" in out and "done: 4 steps" in out
+    scalars, texts = read_events("run")
+    assert {s for series in scalars.values() for s, _ in series} == {4} and [s for s, _ in texts] == [4]
 
 
 def test_rows_too_long_are_dropped_with_one_warning(tmp_path, capsys, monkeypatch):
@@ -532,6 +537,10 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     assert p.returncode == 0, p.stderr
     assert "resumed run at step 15" in p.stdout
     assert_same_as_reference(r, reference, 15)
+    # TensorBoard shows those metrics, each step once: the steps the killed sessions wrote past
+    # the states the next ones resumed from (11-12, then 16-20) are dropped by their restart markers
+    assert len(os.listdir(r.path("tensorboard"))) == 3
+    assert_events_are_metrics(r.path())
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest")))
 
 

@@ -11,7 +11,9 @@ to the nearest float32.
 
 Each session (a new run, or a --resume from step S) starts an event file of its own with a
 restart marker at step S + 1: TensorBoard's reader then drops the steps past S that an
-earlier session wrote (metrics.jsonl drops the same lines: metrics.MetricsLog).
+earlier session wrote (metrics.jsonl drops the same lines: metrics.MetricsLog). Its fast
+loader (the default of `tensorboard`) ignores the marker; it drops a tag's points from the
+step a later event of that tag has, so the resumed run's own events replace them as it goes.
 """
 from __future__ import annotations
 

@@ -598,7 +598,8 @@ def test_runs_under_other_hash_seeds_are_bitwise_alike(tmp_path, cache, prod_ref
 
 def assert_interrupted(p, r: Runs, saves=SAVES) -> int:
     """A run stopped by a signal while step 7 ran: it stopped after that step (or the next),
-    saved, and exited 130 with the resume command and no traceback. Returns the step."""
+    saved, its TensorBoard events complete, and exited 130 with the resume command and no
+    traceback. Returns the step."""
     assert p.returncode == 130, p.stderr
     assert "Traceback" not in p.stderr
     m = re.search(r"interrupted at step (\d+)", p.stderr)
@@ -607,6 +608,7 @@ def assert_interrupted(p, r: Runs, saves=SAVES) -> int:
     assert step in (7, 8)  # the step in flight when the signal came, or the next
     assert steps(r.path("latest")) == kept_latest(step, saves=saves)
     assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
+    assert_events_are_metrics(r.path())
     assert p.stderr.strip().splitlines()[-1] == "resume with: " + shlex.join(
         [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *r.args, "--resume"])
     return step

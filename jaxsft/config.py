@@ -8,7 +8,7 @@ A config file has four parts (see configs/default.yaml):
              family, attn_bias, qk_norm, rope_type and rope_*: the families, FAMILIES)
     data:    train, val, test, system_prompt, chat_template, corpus
     train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
-    out_dir: where the run writes checkpoints, metrics.jsonl and curves.png
+    out_dir: where the run writes checkpoints, metrics.jsonl, tensorboard/ and curves.png
 
 and optionally `mesh` (devices), `lora` (adapters on a frozen model.init_from) and `dpo`
 (preference tuning, train.objective: dpo).
@@ -187,6 +187,9 @@ class TrainConfig:
     # what the run minimises: sft (cross-entropy on the answers of data rows) or dpo (preference
     # pairs {prompt, chosen, rejected}: the dpo section's loss against the model.init_from start)
     objective: str = "sft"
+    # also write every number of metrics.jsonl as TensorBoard events, at its step, and the config
+    # as text, under out_dir/tensorboard/ (`tensorboard --logdir runs/` shows every run); false: off
+    tensorboard: bool = True
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # preference tuning (train.objective: dpo)
     dpo: DpoConfig = field(default_factory=DpoConfig)
-    # the run directory: config.json, tokenizer.json, best/, latest/, metrics.jsonl, curves.png
+    # the run directory: config.json, tokenizer.json, best/, latest/, metrics.jsonl, tensorboard/, curves.png
     out_dir: str = "runs/default"
 
 

@@ -32,11 +32,33 @@ class MetricsLog:
             for r in records:
                 f.write(json.dumps(r) + "\n")
 
+    def close(self) -> None:
+        """(each write closes the file)"""
+
+
+class Tee:
+    """Records written to several logs at once (metrics.jsonl, TensorBoard's events): the
+    trainer writes each record once, wherever it goes."""
+
+    def __init__(self, logs: list):
+        self.logs = logs
+
+    def write(self, records: list[dict]) -> None:
+        for log in self.logs:
+            log.write(records)
+
+    def close(self) -> None:
+        for log in self.logs:
+            log.close()
+
 
 class NullLog:
     """What processes other than 0 write: nothing."""
 
     def write(self, records: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

@@ -4,8 +4,9 @@ log, evaluate or save. Evaluation extras (exact match, sample answers, curves)
 are small hooks; Ctrl-C and SIGTERM are handled by `GracefulStop`.
 
 A run directory (out_dir) holds config.json, tokenizer.json, best/ and latest/
-(checkpoint.py) and metrics.jsonl (metrics.py). Only process 0 writes logs and
-metadata; the others get no-op loggers.
+(checkpoint.py), metrics.jsonl (metrics.py) and the same records as TensorBoard events
+in tensorboard/ (tensorboard_log.py). Only process 0 writes logs and metadata; the
+others get no-op loggers.
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ import numpy as np
 
 from . import checkpoint, dpo, model, parallel, runs
 from .config import Config, UserError, lora_config_from_dict, model_config_from_dict, target_names, to_dict
-from .metrics import MetricsLog, NullLog
+from .metrics import MetricsLog, NullLog, Tee
 from .batching import BatchPlan
 from .setup import Setup, prepare
 from .steps import TrainState, loss_sums, make_eval_step, make_train_step, sft_objective, validation_loss
+from .tensorboard_log import TensorBoardLog
 
 
 class TrainingDiverged(Exception):
@@ -98,8 +100,7 @@ class Trainer:
         if resume:
             self._restore()
         self.start = int(self.state.step)
-        self.metrics = (MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), keep_until=self.start if resume
-                                   else None) if self.main else NullLog())
+        self.metrics = metric_logs(cfg, self.start, resume) if self.main else NullLog()
         objective = dpo.objective(cfg.dpo, tc.batch_size) if setup.dpo else sft_objective
         self.train_step = make_train_step(parts.graphdef, setup.tx, tc, mesh, self.state_shardings, self.frozen,
                                           parts.combine, objective)
@@ -199,6 +200,7 @@ class Trainer:
     def close(self) -> None:
         self.steplog.close()
         self.ckpt.close()
+        self.metrics.close()
 
     def _save_due(self, done: int) -> bool:
         tc = self.setup.cfg.train
@@ -302,6 +304,15 @@ def check_run_dir(setup: Setup, resume: bool, log) -> None:
 
 
 # the pieces the loop calls
+
+
+def metric_logs(cfg: Config, start: int, resume: bool) -> Tee:
+    """Where process 0's records go: metrics.jsonl and, with train.tensorboard, TensorBoard's
+    events. A resumed run keeps their records up to `start` (the latest state) and drops the rest."""
+    logs = [MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), keep_until=start if resume else None)]
+    if cfg.train.tensorboard:
+        logs.append(TensorBoardLog(os.path.join(cfg.out_dir, "tensorboard"), to_dict(cfg), start))
+    return Tee(logs)
 
 
 class GracefulStop:

@@ -83,6 +83,38 @@ TINY_REPEATS = 50  # 4 pairs x 50 = 200 rows = 25 steps per epoch (few evaluatio
 TINY_STEPS = 150
 
 
+def read_events(run_dir) -> tuple[dict, list]:
+    """What TensorBoard shows of a run: its own reader (EventAccumulator, which drops the steps
+    a restarted session replaces) on run_dir/tensorboard. Returns ({tag: [(step, value)]},
+    [(step, config text)])."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(str(run_dir), "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    texts = [(e.step, e.tensor_proto.string_val[0].decode("utf-8")) for e in acc.Tensors("config/text_summary")]
+    return scalars, texts
+
+
+def assert_events_are_metrics(run_dir) -> dict:
+    """TensorBoard's scalars of a run are its metrics.jsonl: tag for tag (each key of a record
+    whose value is a number; `best`, a flag, is none), step for step in order, none twice, and
+    value for value with no tolerance beyond float32's rounding: an event holds a float32, so
+    each value read back must be exactly the JSON value rounded to float32 (a relative error of
+    at most 2^-24; anything else, e.g. a value of another step or row, fails). Returns the scalars."""
+    import numpy as np
+    expected = {}
+    with open(os.path.join(str(run_dir), "metrics.jsonl"), encoding="utf-8") as f:
+        for r in map(json.loads, f):
+            for k, v in r.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    expected.setdefault(k, []).append((r["step"], float(np.float32(v))))
+    scalars, _ = read_events(run_dir)
+    assert expected and sorted(scalars) == sorted(expected)
+    for tag in expected:
+        assert scalars[tag] == expected[tag], tag
+    return scalars
+
+
 def write_jsonl(path, pairs) -> str:
     with open(path, "w", encoding="utf-8") as f:
         for q, a in pairs:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import QA, one_line_error, run_main, write_tiny_config
+from conftest import QA, assert_events_are_metrics, one_line_error, run_main, write_tiny_config
 from jaxsft import chatml, dpo, lora, model
 from jaxsft.batching import BatchPlan, PairBatch
 from jaxsft.config import Config, DataConfig, DpoConfig, LoraConfig, ModelConfig, TrainConfig, UserError
@@ -288,6 +288,9 @@ def test_dpo_run_sigkill_then_resume_is_bitwise_and_keeps_its_reference(tmp_path
     resumed = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
     assert strip(resumed) == strip(records)
+    # TensorBoard shows the same figures (pairs, rewards/*, logps/*, val_rewards/*), each step once
+    assert {"pairs", "rewards/margin", "val_rewards/accuracy"} <= set(assert_events_are_metrics(tmp_path / "ref"))
+    assert_events_are_metrics(tmp_path / "run")
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from conftest import assert_events_are_metrics
 from test_parallel import STEPS, tiny_config, write_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,6 +198,8 @@ def test_two_processes_give_the_losses_of_one(runs):
     loss1, val1 = read_metrics(runs["one"])
     assert len(loss1) == STEPS and loss1[-1] < loss1[0] - 0.05  # training moved
     assert len(loss2) == STEPS  # process 1 wrote nothing (else every step would appear twice)
+    assert len(os.listdir(os.path.join(runs["two"], "tensorboard"))) == 1  # nor TensorBoard events
+    assert_events_are_metrics(runs["two"])
     print(f"max |loss diff| {np.max(np.abs(np.asarray(loss2) - loss1)):.2e}, val {abs(val2[0] - val1[0]):.2e}")
     assert np.max(np.abs(np.asarray(loss2) - loss1)) < TOL
     assert len(val2) == len(val1) == 1 and abs(val2[0] - val1[0]) < TOL

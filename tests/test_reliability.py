@@ -32,7 +32,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import once_per_session, run_main
+from conftest import assert_events_are_metrics, once_per_session, read_events, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,6 +170,8 @@ BAD_INPUTS = [
      ["<no line>", "train.focus_steps: 5 focus steps need train.focus_categories"]),
     ("set-epochs-null-no-budget", "train", T + ["--set", "train.epochs=null"], {}, None,
      ["<no line>", "train.epochs: null (train for max_steps) needs train.max_steps"]),
+    ("set-tensorboard-not-bool", "train", T + ["--set", "train.tensorboard=1"], {}, None,
+     ["--set train.tensorboard: expected true or false, got 1"]),
     ("set-data-path-missing", "train", T + ["--set", "data.val=nope.jsonl"], {}, None,
      ["nope.jsonl: file not found"]),
     ("set-init-from-missing", "train", T + ["--set", "model.init_from=nowhere"], {}, None,
@@ -254,11 +256,14 @@ def run_ok(name, args, capsys, monkeypatch):
 def test_a_curriculum_of_absent_categories_is_skipped_and_resume_warns_of_changes(tmp_path, capsys, monkeypatch):
     """configs/default.yaml's curriculum names categories of data/; on a user's rows without
     them the run trains after a one-line note. --resume with another lr or max_steps says
-    that the run will differ from an uninterrupted one."""
+    that the run will differ from an uninterrupted one (train.tensorboard, which changes no
+    step, is not named: the first session wrote no events, the resumed one writes its own)."""
     write_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     focus = ["--set", "train.focus_categories=[字符串,算术]", "--set", "train.focus_steps=5"]
-    out, err = run_ok("train", T + focus + ["--set", "train.max_steps=3"], capsys, monkeypatch)
+    out, err = run_ok("train", T + focus + ["--set", "train.max_steps=3", "--set", "train.tensorboard=false"],
+                      capsys, monkeypatch)
+    assert not os.path.exists("run/tensorboard")
     assert [l for l in err.splitlines() if "focus" in l] == [
         "note: train.focus_categories: train.jsonl has no row of category '字符串', '算术'; the curriculum is skipped"]
     assert "curriculum" not in out and "done: 3 steps" in out
@@ -270,6 +275,8 @@ def test_a_curriculum_of_absent_categories_is_skipped_and_resume_warns_of_change
         "warning: train.max_steps was 3 in run, is 4 now: the resumed run will not match an uninterrupted one",
         "warning: train.lr was 0.001 in run, is 0.002 now: the resumed run will not match an uninterrupted one"]
     assert "resumed run at step 3" in out and "done: 4 steps" in out
+    scalars, texts = read_events("run")
+    assert {s for series in scalars.values() for s, _ in series} == {4} and [s for s, _ in texts] == [4]
 
 
 def test_rows_too_long_are_dropped_with_one_warning(tmp_path, capsys, monkeypatch):
@@ -530,6 +537,10 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     assert p.returncode == 0, p.stderr
     assert "resumed run at step 15" in p.stdout
     assert_same_as_reference(r, reference, 15)
+    # TensorBoard shows those metrics, each step once: the steps the killed sessions wrote past
+    # the states the next ones resumed from (11-12, then 16-20) are dropped by their restart markers
+    assert len(os.listdir(r.path("tensorboard"))) == 3
+    assert_events_are_metrics(r.path())
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest")))
 
 
@@ -587,7 +598,8 @@ def test_runs_under_other_hash_seeds_are_bitwise_alike(tmp_path, cache, prod_ref
 
 def assert_interrupted(p, r: Runs, saves=SAVES) -> int:
     """A run stopped by a signal while step 7 ran: it stopped after that step (or the next),
-    saved, and exited 130 with the resume command and no traceback. Returns the step."""
+    saved, its TensorBoard events complete, and exited 130 with the resume command and no
+    traceback. Returns the step."""
     assert p.returncode == 130, p.stderr
     assert "Traceback" not in p.stderr
     m = re.search(r"interrupted at step (\d+)", p.stderr)
@@ -596,6 +608,7 @@ def assert_interrupted(p, r: Runs, saves=SAVES) -> int:
     assert step in (7, 8)  # the step in flight when the signal came, or the next
     assert steps(r.path("latest")) == kept_latest(step, saves=saves)
     assert int(load_tree(r.path("latest"), step)["['state']['step']"]) == step
+    assert_events_are_metrics(r.path())
     assert p.stderr.strip().splitlines()[-1] == "resume with: " + shlex.join(
         [os.path.relpath(os.path.join(REPO, "bin", "train"), r.d), *r.args, "--resume"])
     return step

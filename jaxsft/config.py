@@ -162,9 +162,11 @@ class TrainConfig:
     save_every_s: int = 60
     # split each batch into k micro-batches whose gradients are summed by token count
     grad_accum_steps: int = 1
-    # the products' operand dtype: float32, or bfloat16 (autocast: float32 accumulation; parameters,
-    # activations, gradients and optimizer state stay float32; docs/distributed.md)
-    dtype: str = "float32"
+    # the products' operand dtype: float32, bfloat16 (autocast: float32 accumulation; parameters,
+    # activations, gradients and optimizer state stay float32; docs/distributed.md), or auto:
+    # bfloat16 where the hardware multiplies it natively (a GPU from Ampere on, a TPU, a CPU with
+    # AMX), float32 elsewhere (ops.choose_dtype); the run's first lines and config.json say which
+    dtype: str = "auto"
     # greedy answers to this many validation questions are printed at each evaluation
     sample_questions: int = 3
     # per-row sequence lengths a batch is padded to (each compiles once); capped by max_seq_len
@@ -483,8 +485,8 @@ def validate(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('train.focus_steps')}: {t.focus_steps} focus steps need train.focus_categories")
     if t.focus_steps and cfg.data.corpus is not None:
         raise UserError(f"{where('train.focus_steps')}: pretraining has no categories to focus on")
-    if t.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"{where('train.dtype')}: expected float32 or bfloat16, got {t.dtype!r}")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"{where('train.dtype')}: expected auto, float32 or bfloat16, got {t.dtype!r}")
     if not t.buckets or any(b <= 0 for b in t.buckets):
         raise UserError(f"{where('train.buckets')}: expected positive lengths, got {list(t.buckets)}")
     if cfg.data.chat_template not in (None, "base", "chatml"):

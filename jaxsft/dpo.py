@@ -100,9 +100,10 @@ def ordered_batches(plan: BatchPlan, pairs: int):
         yield indices, plan.batch_of(indices)
 
 
-def make_logps_step(graphdef, pairs: int, place=lambda b: b) -> Callable:
-    """(params, host PairBatch) -> (K, 2) float32: each pair's chosen and rejected log-prob sums."""
-    step = jax.jit(lambda p, b: jnp.stack(answer_logps(p, graphdef, b, pairs)[:2], axis=1))
+def make_logps_step(graphdef, pairs: int, place=lambda b: b, dtype=jnp.float32) -> Callable:
+    """(params, host PairBatch) -> (K, 2) float32: each pair's chosen and rejected log-prob sums,
+    the products in `dtype` (the trainer's: the reference then scores as the policy's first step does)."""
+    step = jax.jit(lambda p, b: jnp.stack(answer_logps(p, graphdef, b, pairs, dtype)[:2], axis=1))
     return lambda params, batch: step(params, place(batch))
 
 

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -308,3 +309,47 @@ def _swiglu_cast_bwd(low, res, g):
 
 
 _swiglu_cast.defvjp(_swiglu_cast_fwd, _swiglu_cast_bwd)
+
+
+# train.dtype: auto -- bfloat16 products where the hardware multiplies bfloat16 natively
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def choose_dtype(backend: str, compute_capability: str | None, flags: frozenset) -> tuple[str, str]:
+    """(dtype, why) for train.dtype=auto: bfloat16 where the products have native bfloat16
+    units (a GPU from Ampere on, compute capability >= 8.0; a TPU; a CPU with AMX, whose
+    bfloat16 tile products run several times faster than float32: bench/README.md), else float32
+    (bfloat16 operands on other CPUs are converted and multiplied no faster)."""
+    if backend == "tpu":
+        return "bfloat16", "a TPU"
+    if backend in ("gpu", "cuda", "rocm"):
+        major = int(str(compute_capability or "0").split(".")[0] or 0)
+        if backend == "rocm" or major >= 8:
+            return "bfloat16", f"a GPU with bfloat16 units (compute capability {compute_capability})"
+        return "float32", f"a GPU without bfloat16 units (compute capability {compute_capability})"
+    if "amx_bf16" in flags:
+        return "bfloat16", "this CPU has AMX bfloat16 products (amx_bf16)"
+    return "float32", "this CPU has no AMX bfloat16 products (no amx_bf16 in /proc/cpuinfo)"
+
+
+def resolve_dtype(name: str) -> tuple[str, str]:
+    """train.dtype as the run uses it: float32 and bfloat16 as given, auto chosen for this
+    machine's first device (choose_dtype), or as $JAXSFT_AUTO_DTYPE says (the tests pin it to
+    float32, so that their figures do not depend on the CPU); (dtype, why)."""
+    if name != "auto":
+        return name, "as configured"
+    forced = os.environ.get("JAXSFT_AUTO_DTYPE")
+    if forced in ("float32", "bfloat16"):
+        return forced, "JAXSFT_AUTO_DTYPE"
+    dev = jax.devices()[0]
+    return choose_dtype(jax.default_backend(), getattr(dev, "compute_capability", None), cpu_flags())

@@ -176,7 +176,7 @@ def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=No
     the same masks as an uninterrupted one. A non-finite loss or gradient norm
     leaves the state unchanged and reports ok=False.
     """
-    dtype = jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32
+    dtype = jnp.bfloat16 if ops.resolve_dtype(tc.dtype)[0] == "bfloat16" else jnp.float32
     mesh = parallel.one_device_mesh() if mesh is None else mesh
     rows, whole = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     gather = mesh.shape["fsdp"] > 1  # weights are gathered where used, their gradients reduce-scattered back

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, dpo, model, parallel, runs
+from . import checkpoint, dpo, model, ops, parallel, runs
 from .config import Config, UserError, lora_config_from_dict, model_config_from_dict, target_names, to_dict
 from .metrics import MetricsLog, NullLog, Tee
 from .batching import BatchPlan
@@ -63,6 +64,10 @@ def train(cfg: Config, resume: bool = False, log=info, progress: bool = True) ->
     """Runs SFT (or, with data.corpus, pretraining) as configured."""
     mesh = parallel.setup(cfg.mesh)
     log = log if jax.process_index() == 0 else quiet
+    dtype, why = ops.resolve_dtype(cfg.train.dtype)  # config.json keeps what the run used
+    if cfg.train.dtype == "auto":
+        log(f"train.dtype auto: {dtype} ({why})")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype=dtype))
     parallel.check_batch(cfg.train.batch_size, cfg.train.grad_accum_steps, mesh)
     trainer = Trainer(prepare(cfg, mesh, log), mesh, resume, log, progress)
     try:
@@ -225,8 +230,8 @@ class Trainer:
             self.log(f"reference: the log-probs of {len(s.train_examples)} training and {len(s.val_examples)} "
                      f"validation pairs under the starting model, computed once (kept in "
                      f"{self.run_dir}/{dpo.REFERENCE_FILE})")
-            step = dpo.make_logps_step(graphdef, tc.batch_size,
-                                       lambda b: parallel.host_batch_to_global(b, self.rows))
+            step = dpo.make_logps_step(graphdef, tc.batch_size, lambda b: parallel.host_batch_to_global(b, self.rows),
+                                       jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32)
             params = self.model_params()
             with tqdm(total=len(s.train_examples) + len(s.val_examples), disable=not self.progress,
                       unit="pair", dynamic_ncols=True) as bar:

@@ -28,6 +28,10 @@ for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitter
 # tolerance checks here would mistake for bugs (no effect on CPU)
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+# train.dtype auto is float32 here on every CPU (an AMX CPU would pick bfloat16), so that the
+# tests' exact figures do not depend on the machine; test_train.py checks auto's choice itself
+os.environ.setdefault("JAXSFT_AUTO_DTYPE", "float32")
+
 # the programs the tests start (bin/train, bin/chat, drivers that import jaxsft first) would
 # restart themselves for huge pages (cli.huge_pages), paying the interpreter and any JAX import
 # twice; test_huge_pages.py clears this to check the restart itself

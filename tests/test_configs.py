@@ -125,3 +125,32 @@ def test_two_steps_of_the_config_run(path, two_step_run):
     with open(os.path.join(two_step_run(path), "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+def test_train_dtype_auto_picks_bfloat16_where_the_products_are_native(monkeypatch):
+    """ops.choose_dtype's rule, and resolve_dtype on this machine with the CPU's flags forced."""
+    from jaxsft import ops
+    amx = frozenset({"avx512f", "amx_bf16", "amx_tile"})
+    assert ops.choose_dtype("cpu", None, amx)[0] == "bfloat16"
+    assert ops.choose_dtype("cpu", None, frozenset({"avx2", "avx512f", "avx512_bf16"}))[0] == "float32"
+    assert ops.choose_dtype("cpu", None, frozenset())[0] == "float32"
+    assert ops.choose_dtype("gpu", "9.0", frozenset())[0] == "bfloat16"  # H100
+    assert ops.choose_dtype("gpu", "8.0", frozenset())[0] == "bfloat16"  # A100
+    assert ops.choose_dtype("gpu", "7.5", frozenset())[0] == "float32"  # T4: no bfloat16 units
+    assert ops.choose_dtype("tpu", None, frozenset())[0] == "bfloat16"
+    assert ops.resolve_dtype("float32") == ("float32", "as configured")
+    assert ops.resolve_dtype("bfloat16")[0] == "bfloat16"
+    assert ops.resolve_dtype("auto") == ("float32", "JAXSFT_AUTO_DTYPE")  # tests/conftest.py pins it
+    monkeypatch.delenv("JAXSFT_AUTO_DTYPE")
+    monkeypatch.setattr(ops, "cpu_flags", lambda: amx)
+    assert ops.resolve_dtype("auto") == ("bfloat16", "this CPU has AMX bfloat16 products (amx_bf16)")
+    monkeypatch.setattr(ops, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert ops.resolve_dtype("auto")[0] == "float32"
+
+
+def test_train_dtype_auto_is_the_default_and_a_run_records_its_choice(trained_run):
+    from jaxsft.config import TrainConfig
+    assert TrainConfig().dtype == "auto"
+    with open(os.path.join(trained_run["run_dir"], "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["train"]["dtype"] == "float32"  # auto, resolved (pinned to float32 in the tests)
+    assert trained_run["proc"].stdout.splitlines()[0] == "train.dtype auto: float32 (JAXSFT_AUTO_DTYPE)"

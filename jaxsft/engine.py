@@ -33,7 +33,7 @@ import functools
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ from .config import ModelConfig
 # few shapes: a server compiles them all at start-up, and each costs seconds to compile
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 PREFILL_ROWS = (1, 8)  # prompts per prefill call
+TOP_LOGPROBS = 20  # alternatives computed per token when a row asks (OpenAI's most); static: one program
 
 
 def bucket(n: int, sizes: Sequence[int]) -> int:
@@ -91,6 +92,33 @@ def pick_rows(logits, keys, temperature, top_k, top_p):
     return jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)
 
 
+class Logprobs(NamedTuple):
+    """What `token_logprobs` gives: chosen (B,) f32, top_ids (B, K) int32, top (B, K) f32."""
+    chosen: jax.Array
+    top_ids: jax.Array
+    top: jax.Array
+
+
+def token_logprobs(logits, chosen, want) -> Logprobs:
+    """logits (B, V), chosen (B,) int32 (the tokens picked), want (B,) bool -> each row's chosen
+    token's log-probability and its K = min(TOP_LOGPROBS, V) most likely tokens (ids and
+    log-probabilities, most likely first), under log_softmax(logits): the model's own
+    distribution, before temperature, top-k and top-p. Computed only when some row wants them
+    (zeros otherwise), so that a step of plain requests costs what it did."""
+    B, V = logits.shape
+    K = min(TOP_LOGPROBS, V)
+
+    def compute():
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top, ids = jax.lax.top_k(lp, K)
+        return Logprobs(jnp.take_along_axis(lp, chosen[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top)
+
+    def skip():
+        return Logprobs(jnp.zeros(B, jnp.float32), jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32))
+
+    return jax.lax.cond(jnp.any(want), compute, skip)
+
+
 def _step_keys(keys, i):
     """Per-row base keys (B, 2) and answer-token index (B,) -> this step's keys: token i of
     a request's answer is drawn with fold_in(PRNGKey(seed), i), as tests/reference_decode.generate does."""
@@ -98,12 +126,13 @@ def _step_keys(keys, i):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
-def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top_k, top_p, *, graphdef):
+def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top_k, top_p, want, *, graphdef):
     """prompts (R, P) int32, right-padded (row r's is prompts[r, :lens[r]]), written into cache
     rows `slots` (R,); a slot index N (out of range) is a filler row and writes nothing. prefix:
     None (each row is its whole prompt, at positions [0, P)) or (1, L), the tokens every row's
     prompt starts with (the shared system prompt), run once for all R rows: each row's rest,
-    at [L, L + P), sees it and itself. Returns each prompt's first answer token (R,) and the cache."""
+    at [L, L + P), sees it and itself. want (R,) bool: rows that asked for log-probabilities.
+    Returns each prompt's first answer token (R,), its Logprobs (`token_logprobs`) and the cache."""
     R, P = prompts.shape
     if prefix is None:
         L = 0
@@ -122,18 +151,20 @@ def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top
     cache = [(ck.at[slots, :, :L + P].set(k, mode="drop"), cv.at[slots, :, :L + P].set(v, mode="drop"))
              for (ck, cv), (k, v) in zip(cache, kv)]
     first = pick_rows(logits, _step_keys(keys, jnp.zeros_like(lens)), temperature, top_k, top_p)
-    return first, cache
+    return first, token_logprobs(logits, first, want), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
-def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, *, graphdef):
+def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, want, *, graphdef):
     """One token for every slot: tok (N,) the last token of each row, at position pos (N,)
-    (written to the cache there); i (N,) the index of the token to draw. Returns the
-    next tokens (N,) and the cache. Free slots compute too (on garbage) and are ignored."""
+    (written to the cache there); i (N,) the index of the token to draw; want (N,) bool: rows
+    that asked for log-probabilities. Returns the next tokens (N,), their Logprobs and the
+    cache. Free slots compute too (on garbage) and are ignored."""
     S = cache[0][0].shape[2]
     logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos[:, None],
                                 mask=masks.slot_step(pos, S), cache=cache, index=pos)
-    return pick_rows(logits[:, -1], _step_keys(keys, i), temperature, top_k, top_p), cache
+    nxt = pick_rows(logits[:, -1], _step_keys(keys, i), temperature, top_k, top_p)
+    return nxt, token_logprobs(logits[:, -1], nxt, want), cache
 
 
 def compiled_programs() -> int:
@@ -144,18 +175,38 @@ def compiled_programs() -> int:
 _ids = itertools.count()
 
 
+def _host(lps: Logprobs, want: np.ndarray) -> Optional[Logprobs]:
+    """A step's Logprobs as numpy when some row wanted them; else None, never copied off the device."""
+    return Logprobs(*map(np.asarray, lps)) if want.any() else None
+
+
+def _row(lps: Optional[Logprobs], j: int) -> Optional["TokenLogprobs"]:
+    return None if lps is None else TokenLogprobs(float(lps.chosen[j]), lps.top_ids[j], lps.top[j])
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One answer token's log-probabilities under the model (before temperature, top-k and
+    top-p): the token's own, and the TOP_LOGPROBS most likely tokens', most likely first."""
+    logprob: float
+    top_ids: np.ndarray  # (K,) int32
+    top_logprobs: np.ndarray  # (K,) float32
+
+
 @dataclass(eq=False)
 class Request:
     """One prompt to answer. The engine fills `tokens` (the answer, without
     its stop token) and `finish_reason`: "stop" (a stop token), "length" (max_tokens
-    tokens) or "cancelled" (cancel()). on_token(req, token) and on_finish(req) are
-    called from the thread that runs Engine.step, as each token comes out."""
+    tokens) or "cancelled" (cancel()). on_token(req, token, logprobs) and on_finish(req)
+    are called from the thread that runs Engine.step, as each token comes out; logprobs
+    is the token's TokenLogprobs when the request set `logprobs`, else None."""
     prompt: np.ndarray
     max_tokens: int
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    logprobs: bool = False
     on_token: Optional[Callable] = None
     on_finish: Optional[Callable] = None
     tokens: list = field(default_factory=list)
@@ -214,6 +265,7 @@ class Engine:
         self.temperature = np.zeros(N, np.float32)
         self.top_k = np.zeros(N, np.int32)
         self.top_p = np.ones(N, np.float32)
+        self.want = np.zeros(N, bool)  # slots whose request asked for log-probabilities
         self.waiting: collections.deque[Request] = collections.deque()
         # figures: steps run, slot-steps that decoded a live row, prefill calls and rows (those
         # after the prefix), the positions the prefills computed (padding and prefixes included),
@@ -293,15 +345,16 @@ class Engine:
         if not live:
             return 0
         t = time.perf_counter()
-        nxt, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
-                                  self.temperature, self.top_k, self.top_p, graphdef=self.graphdef)
+        nxt, lps, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
+                                       self.temperature, self.top_k, self.top_p, self.want, graphdef=self.graphdef)
         nxt = np.asarray(nxt)
+        lps = _host(lps, self.want)
         self.stats["decode_s"] += time.perf_counter() - t
         self.stats["decode_steps"] += 1
         self.stats["busy_slot_steps"] += len(live)
         for s in live:
             self.pos[s] += 1
-            self._emit(s, int(nxt[s]))
+            self._emit(s, int(nxt[s]), _row(lps, s))
         return len(live)
 
     def run(self, reqs: Sequence[Request]) -> list[Request]:
@@ -345,8 +398,8 @@ class Engine:
         before = compiled_programs()
         N = self.slots
         zeros = np.zeros(N, np.int32)
-        _, self.cache = _decode(self.params, self.cache, zeros, zeros, self.keys, zeros, self.temperature,
-                                self.top_k, self.top_p, graphdef=self.graphdef)
+        _, _, self.cache = _decode(self.params, self.cache, zeros, zeros, self.keys, zeros, self.temperature,
+                                   self.top_k, self.top_p, self.want, graphdef=self.graphdef)
         lens = prompt_lens or self.buckets
         shapes = {(False, bucket(n, self.buckets)) for n in lens}
         if self.prefix is not None:  # prompts after the prefix, where one that long would fit
@@ -356,10 +409,11 @@ class Engine:
         for after, P in sorted(shapes):
             for R in self.prefill_rows:
                 one = np.ones(R, np.int32)
-                _, self.cache = _prefill(self.params, self.cache, self.prefix if after else None,
-                                         np.zeros((R, P), np.int32), one, np.full(R, N, np.int32),
-                                         np.zeros((R, 2), np.uint32), np.zeros(R, np.float32),
-                                         np.zeros(R, np.int32), np.ones(R, np.float32), graphdef=self.graphdef)
+                _, _, self.cache = _prefill(self.params, self.cache, self.prefix if after else None,
+                                            np.zeros((R, P), np.int32), one, np.full(R, N, np.int32),
+                                            np.zeros((R, 2), np.uint32), np.zeros(R, np.float32),
+                                            np.zeros(R, np.int32), np.ones(R, np.float32), np.zeros(R, bool),
+                                            graphdef=self.graphdef)
         jax.block_until_ready(self.cache)
         return compiled_programs() - before
 
@@ -427,18 +481,21 @@ class Engine:
         slots = np.full(R, N, np.int32)  # filler rows write nowhere
         keys = np.zeros((R, 2), np.uint32)
         temp, top_k, top_p = np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32)
+        want = np.zeros(R, bool)
         for j, (s, r) in enumerate(group):
             prompts[j, :len(r.prompt) - L] = r.prompt[L:]
             lens[j], slots[j] = len(r.prompt) - L, s
             keys[j] = np.asarray(jax.random.key_data(jax.random.PRNGKey(r.seed)))
-            temp[j], top_k[j], top_p[j] = r.temperature, r.top_k, r.top_p
+            temp[j], top_k[j], top_p[j], want[j] = r.temperature, r.top_k, r.top_p, r.logprobs
             self.req[s] = r
             self.pos[s], self.i[s], self.keys[s] = len(r.prompt), 1, keys[j]
             self.temperature[s], self.top_k[s], self.top_p[s] = r.temperature, r.top_k, r.top_p
+            self.want[s] = r.logprobs
         t = time.perf_counter()
-        first, self.cache = _prefill(self.params, self.cache, self.prefix if L else None, prompts, lens, slots, keys,
-                                     temp, top_k, top_p, graphdef=self.graphdef)
+        first, lps, self.cache = _prefill(self.params, self.cache, self.prefix if L else None, prompts, lens, slots,
+                                          keys, temp, top_k, top_p, want, graphdef=self.graphdef)
         first = np.asarray(first)
+        lps = _host(lps, want)
         self.stats["prefill_s"] += time.perf_counter() - t
         self.stats["prefill_positions"] += R * P + L
         self.stats["prefill_after_prefix"] += n if L else 0
@@ -446,7 +503,7 @@ class Engine:
         self.stats["prefill_rows"] += n
         self.stats["prefill_pad_rows"] += R - n
         for j, (s, r) in enumerate(group):
-            self._emit(s, int(first[j]))
+            self._emit(s, int(first[j]), _row(lps, j))
 
     def _reap(self):
         """Frees the slots of cancelled requests."""
@@ -454,7 +511,7 @@ class Engine:
             if r is not None and r.cancelled:
                 self._finish(s, "cancelled")
 
-    def _emit(self, s: int, t: int):
+    def _emit(self, s: int, t: int, lp: Optional[TokenLogprobs]):
         r = self.req[s]
         if r.cancelled:
             self._finish(s, "cancelled")
@@ -467,7 +524,7 @@ class Engine:
         r.tokens.append(t)
         self.stats["tokens"] += 1
         if r.on_token:
-            r.on_token(r, t)
+            r.on_token(r, t, lp if r.logprobs else None)
         if r.cancelled:  # the callback may cancel (a stop string)
             self._finish(s, "cancelled")
         elif len(r.tokens) >= r.max_tokens:
@@ -481,7 +538,8 @@ class Engine:
         self.req[s] = None
         self.tok[s] = self.pad_id
         self.pos[s] = 0
-        self.temperature[s] = 0.0  # a free slot never makes the step sample
+        self.temperature[s] = 0.0  # a free slot never makes the step sample ...
+        self.want[s] = False  # ... nor compute log-probabilities
         r.finish_reason = reason
         if r.on_finish:
             r.on_finish(r)

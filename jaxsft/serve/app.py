@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 from fastapi import APIRouter, FastAPI, Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..engine import compiled_programs
@@ -113,7 +114,9 @@ async def chat(request: HttpRequest):
     state = _state(request)
     body = await read_json(request, state.max_body)
     m = state.ready_model()
-    answer = Answer(state.worker, m, parse_chat(body, m.tok, m.engine.S, m.system_prompt), request)
+    # tokenising and the chat template take milliseconds: off the event loop, which streams every answer
+    p = await run_in_threadpool(parse_chat, body, m.tok, m.engine.S, m.system_prompt, m.name)
+    answer = Answer(state.worker, m, p, request)
     if not answer.p.stream:
         return await answer.whole()
     return StreamingResponse(answer.events(), media_type="text/event-stream",

@@ -99,24 +99,21 @@ class Logprobs(NamedTuple):
     top: jax.Array
 
 
-def token_logprobs(logits, chosen, want) -> Logprobs:
-    """logits (B, V), chosen (B,) int32 (the tokens picked), want (B,) bool -> each row's chosen
-    token's log-probability and its K = min(TOP_LOGPROBS, V) most likely tokens (ids and
+def token_logprobs(logits, chosen) -> Logprobs:
+    """logits (B, V), chosen (B,) int32 (the tokens picked) -> each row's chosen token's
+    log-probability and its K = min(TOP_LOGPROBS, V) most likely tokens (ids and
     log-probabilities, most likely first), under log_softmax(logits): the model's own
-    distribution, before temperature, top-k and top-p. Computed only when some row wants them
-    (zeros otherwise), so that a step of plain requests costs what it did."""
-    B, V = logits.shape
-    K = min(TOP_LOGPROBS, V)
+    distribution, before temperature, top-k and top-p."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top, ids = jax.lax.top_k(lp, min(TOP_LOGPROBS, logits.shape[-1]))
+    return Logprobs(jnp.take_along_axis(lp, chosen[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top)
 
-    def compute():
-        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        top, ids = jax.lax.top_k(lp, K)
-        return Logprobs(jnp.take_along_axis(lp, chosen[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top)
 
-    def skip():
-        return Logprobs(jnp.zeros(B, jnp.float32), jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32))
-
-    return jax.lax.cond(jnp.any(want), compute, skip)
+def _logprobs_if(want, logits, chosen) -> Logprobs:
+    """token_logprobs when some row wants them (want (B,) bool), zeros otherwise."""
+    B, K = logits.shape[0], min(TOP_LOGPROBS, logits.shape[-1])
+    zeros = Logprobs(jnp.zeros(B, jnp.float32), jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32))
+    return jax.lax.cond(jnp.any(want), lambda: token_logprobs(logits, chosen), lambda: zeros)
 
 
 def _step_keys(keys, i):
@@ -132,7 +129,8 @@ def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top
     None (each row is its whole prompt, at positions [0, P)) or (1, L), the tokens every row's
     prompt starts with (the shared system prompt), run once for all R rows: each row's rest,
     at [L, L + P), sees it and itself. want (R,) bool: rows that asked for log-probabilities.
-    Returns each prompt's first answer token (R,), its Logprobs (`token_logprobs`) and the cache."""
+    Returns each prompt's first answer token (R,), its Logprobs (`token_logprobs`; zeros when no
+    row wants them: a cond on the last positions' logits, small beside the prompts' pass) and the cache."""
     R, P = prompts.shape
     if prefix is None:
         L = 0
@@ -151,20 +149,21 @@ def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top
     cache = [(ck.at[slots, :, :L + P].set(k, mode="drop"), cv.at[slots, :, :L + P].set(v, mode="drop"))
              for (ck, cv), (k, v) in zip(cache, kv)]
     first = pick_rows(logits, _step_keys(keys, jnp.zeros_like(lens)), temperature, top_k, top_p)
-    return first, token_logprobs(logits, first, want), cache
+    return first, _logprobs_if(want, logits, first), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
-def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, want, *, graphdef):
+@functools.partial(jax.jit, static_argnames=("graphdef", "logprobs"), donate_argnums=(1,))
+def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, *, graphdef, logprobs=False):
     """One token for every slot: tok (N,) the last token of each row, at position pos (N,)
-    (written to the cache there); i (N,) the index of the token to draw; want (N,) bool: rows
-    that asked for log-probabilities. Returns the next tokens (N,), their Logprobs and the
-    cache. Free slots compute too (on garbage) and are ignored."""
+    (written to the cache there); i (N,) the index of the token to draw. Returns the next
+    tokens (N,), their Logprobs (None unless `logprobs`) and the cache. Free slots compute too
+    (on garbage) and are ignored. Two programs: a step where no row asked for log-probabilities
+    runs the one without them, the plain step as it was."""
     S = cache[0][0].shape[2]
     logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos[:, None],
                                 mask=masks.slot_step(pos, S), cache=cache, index=pos)
     nxt = pick_rows(logits[:, -1], _step_keys(keys, i), temperature, top_k, top_p)
-    return nxt, token_logprobs(logits[:, -1], nxt, want), cache
+    return nxt, token_logprobs(logits[:, -1], nxt) if logprobs else None, cache
 
 
 def compiled_programs() -> int:
@@ -175,9 +174,9 @@ def compiled_programs() -> int:
 _ids = itertools.count()
 
 
-def _host(lps: Logprobs, want: np.ndarray) -> Optional[Logprobs]:
+def _host(lps: Optional[Logprobs], want) -> Optional[Logprobs]:
     """A step's Logprobs as numpy when some row wanted them; else None, never copied off the device."""
-    return Logprobs(*map(np.asarray, lps)) if want.any() else None
+    return Logprobs(*map(np.asarray, lps)) if np.any(want) else None
 
 
 def _row(lps: Optional[Logprobs], j: int) -> Optional["TokenLogprobs"]:
@@ -345,10 +344,12 @@ class Engine:
         if not live:
             return 0
         t = time.perf_counter()
+        want = bool(self.want.any())
         nxt, lps, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
-                                       self.temperature, self.top_k, self.top_p, self.want, graphdef=self.graphdef)
+                                       self.temperature, self.top_k, self.top_p, graphdef=self.graphdef,
+                                       logprobs=want)
         nxt = np.asarray(nxt)
-        lps = _host(lps, self.want)
+        lps = _host(lps, want)
         self.stats["decode_s"] += time.perf_counter() - t
         self.stats["decode_steps"] += 1
         self.stats["busy_slot_steps"] += len(live)
@@ -391,15 +392,17 @@ class Engine:
                     req.finish_reason = "cancelled"
 
     def warm_up(self, prompt_lens: Optional[Sequence[int]] = None) -> int:
-        """Compiles the decode step and a prefill for every prompt bucket (or those of
-        `prompt_lens`) and row count, writing nothing; returns the programs compiled."""
+        """Compiles the decode step (with and without log-probabilities) and a prefill for every
+        prompt bucket (or those of `prompt_lens`) and row count, writing nothing; returns the
+        programs compiled."""
         if self.cache is None:
             self._allocate()
         before = compiled_programs()
         N = self.slots
         zeros = np.zeros(N, np.int32)
-        _, _, self.cache = _decode(self.params, self.cache, zeros, zeros, self.keys, zeros, self.temperature,
-                                   self.top_k, self.top_p, self.want, graphdef=self.graphdef)
+        for logprobs in (False, True):
+            _, _, self.cache = _decode(self.params, self.cache, zeros, zeros, self.keys, zeros, self.temperature,
+                                       self.top_k, self.top_p, graphdef=self.graphdef, logprobs=logprobs)
         lens = prompt_lens or self.buckets
         shapes = {(False, bucket(n, self.buckets)) for n in lens}
         if self.prefix is not None:  # prompts after the prefix, where one that long would fit

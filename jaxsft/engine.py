@@ -12,6 +12,10 @@ Each slot holds one request (a prompt and its answer so far) at its own length.
      a stop token (<|endoftext|>; a base's template: its eos ids and end of turn)
      or reaches max_tokens.
 
+A request with `logprobs` also gets, through on_token, each answer token's log-probability
+and the TOP_LOGPROBS most likely tokens' (`TokenLogprobs`, the model's distribution before
+temperature); a decode step where no row asks runs the plain program.
+
 So a batch never waits for its longest row: a finished row's slot takes the next
 waiting prompt at the next step. Every computation is row-wise (a row's keys,
 mask, position and sampling key are its own) and every program has a fixed

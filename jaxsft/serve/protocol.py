@@ -182,13 +182,12 @@ def _text_parts(v):
     nothing is put between them); any other part is refused, naming it."""
     texts = []
     for i, part in enumerate(v):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
-            at = f"[{i}].type" if isinstance(part, dict) else f"[{i}]"
-            what = f"{json.dumps(kind)} parts are not supported" if kind is not None else "a part must be an object"
-            raise PydanticCustomError("not_supported" if kind is not None else "invalid_type",
-                                      f"{{param}}: {what}; only text parts ({{\"type\": \"text\", \"text\": ...}})",
-                                      {"at": at})
+        if not isinstance(part, dict):
+            raise PydanticCustomError("invalid_type", "{param} must be an object: {\"type\": \"text\", \"text\": ...}",
+                                      {"at": f"[{i}]"})
+        if part.get("type") != "text":
+            raise PydanticCustomError("not_supported", f"{{param}}: {json.dumps(part.get('type'))} parts are not "
+                                                       f"supported, only \"text\"", {"at": f"[{i}].type"})
         if not isinstance(part.get("text"), str):
             raise PydanticCustomError("invalid_type", "{param} must be a string", {"at": f"[{i}].text"})
         extra = next((k for k in part if k not in ("type", "text")), None)

@@ -48,11 +48,11 @@ def start_server(args, log_path):
     sys.exit("bin/serve was not ready after 600 s")
 
 
-async def one(client, url, messages, max_tokens):
+async def one(client, url, model, messages, max_tokens):
     """(ttft s, latency s, completion tokens) of one streamed completion; raises on an error."""
     t0 = time.perf_counter()
     ttft, tokens, done = None, None, False
-    body = {"model": "bench", "messages": messages, "temperature": 0, "stream": True,
+    body = {"model": model, "messages": messages, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     if max_tokens:
         body["max_tokens"] = max_tokens
@@ -81,7 +81,7 @@ def pct(values, q):
     return values[min(int(q * len(values)), len(values) - 1)] if values else float("nan")
 
 
-async def level(url, prompts, n, concurrency, max_tokens):
+async def level(url, model, prompts, n, concurrency, max_tokens):
     import httpx
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     results, errors = [], []
@@ -91,7 +91,7 @@ async def level(url, prompts, n, concurrency, max_tokens):
         async def worker():
             for i in todo:
                 try:
-                    results.append(await one(client, url, prompts[i % len(prompts)], max_tokens))
+                    results.append(await one(client, url, model, prompts[i % len(prompts)], max_tokens))
                 except Exception as e:  # counted, and the first few shown
                     errors.append(repr(e))
 
@@ -131,17 +131,18 @@ def main():
         proc, url, startup = start_server(args, log_path)
         print(f"bin/serve ready in {startup:.1f} s at {url} (log: {os.path.relpath(log_path)})", file=sys.stderr)
     try:
+        import httpx
+        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]  # the name it serves
         # warm-up: every prompt length the questions need is compiled at start-up; this warms the HTTP side
-        asyncio.run(level(url, prompts, 8, 8, args.max_tokens))
+        asyncio.run(level(url, model, prompts, 8, 8, args.max_tokens))
         levels = []
         for c in args.concurrency:
-            r = asyncio.run(level(url, prompts, args.requests, c, args.max_tokens))
+            r = asyncio.run(level(url, model, prompts, args.requests, c, args.max_tokens))
             levels.append(r)
             print(f"concurrency {c:>3}: {r['requests_per_s']:7.2f} req/s  {r['tokens_per_s']:8.1f} tok/s  "
                   f"ttft p50 {r['ttft_p50_ms']:6.1f} ms p95 {r['ttft_p95_ms']:6.1f} ms  "
                   f"latency p50 {r['latency_p50_ms']:7.1f} ms p95 {r['latency_p95_ms']:7.1f} ms  "
                   f"errors {r['errors']}", flush=True)
-        import httpx
         health = httpx.get(url + "/health", timeout=30).json()
     finally:
         if proc:

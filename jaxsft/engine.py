@@ -12,6 +12,10 @@ Each slot holds one request (a prompt and its answer so far) at its own length.
      a stop token (<|endoftext|>; a base's template: its eos ids and end of turn)
      or reaches max_tokens.
 
+A request with `logprobs` also gets, through on_token, each answer token's log-probability
+and the TOP_LOGPROBS most likely tokens' (`TokenLogprobs`, the model's distribution before
+temperature); a decode step where no row asks runs the plain program.
+
 So a batch never waits for its longest row: a finished row's slot takes the next
 waiting prompt at the next step.
 
@@ -44,7 +48,7 @@ import functools
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Callable, NamedTuple, NoReturn, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +60,7 @@ from .config import ModelConfig
 # few shapes: a server compiles them all at start-up, and each costs seconds to compile
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 PREFILL_ROWS = (1, 8)  # prompts per prefill call
+TOP_LOGPROBS = 20  # alternatives computed per token when a row asks (OpenAI's most); static: one program
 
 
 def bucket(n: int, sizes: Sequence[int]) -> int:
@@ -102,6 +107,30 @@ def pick_rows(logits, keys, temperature, top_k, top_p):
     return jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)
 
 
+class Logprobs(NamedTuple):
+    """What `token_logprobs` gives: chosen (B,) f32, top_ids (B, K) int32, top (B, K) f32."""
+    chosen: jax.Array
+    top_ids: jax.Array
+    top: jax.Array
+
+
+def token_logprobs(logits, chosen) -> Logprobs:
+    """logits (B, V), chosen (B,) int32 (the tokens picked) -> each row's chosen token's
+    log-probability and its K = min(TOP_LOGPROBS, V) most likely tokens (ids and
+    log-probabilities, most likely first), under log_softmax(logits): the model's own
+    distribution, before temperature, top-k and top-p."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top, ids = jax.lax.top_k(lp, min(TOP_LOGPROBS, logits.shape[-1]))
+    return Logprobs(jnp.take_along_axis(lp, chosen[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top)
+
+
+def _logprobs_if(want, logits, chosen) -> Logprobs:
+    """token_logprobs when some row wants them (want (B,) bool), zeros otherwise."""
+    B, K = logits.shape[0], min(TOP_LOGPROBS, logits.shape[-1])
+    zeros = Logprobs(jnp.zeros(B, jnp.float32), jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32))
+    return jax.lax.cond(jnp.any(want), lambda: token_logprobs(logits, chosen), lambda: zeros)
+
+
 def _step_keys(keys, i):
     """Per-row base keys (B, 2) and answer-token index (B,) -> this step's keys: token i of
     a request's answer is drawn with fold_in(PRNGKey(seed), i), as tests/reference_decode.generate does."""
@@ -109,12 +138,14 @@ def _step_keys(keys, i):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
-def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top_k, top_p, *, graphdef):
+def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top_k, top_p, want, *, graphdef):
     """prompts (R, P) int32, right-padded (row r's is prompts[r, :lens[r]]), written into cache
     rows `slots` (R,); a slot index N (out of range) is a filler row and writes nothing. prefix:
     None (each row is its whole prompt, at positions [0, P)) or (1, L), the tokens every row's
     prompt starts with (the shared system prompt), run once for all R rows: each row's rest,
-    at [L, L + P), sees it and itself. Returns each prompt's first answer token (R,) and the cache."""
+    at [L, L + P), sees it and itself. want (R,) bool: rows that asked for log-probabilities.
+    Returns each prompt's first answer token (R,), its Logprobs (`token_logprobs`; zeros when no
+    row wants them: a cond on the last positions' logits, small beside the prompts' pass) and the cache."""
     R, P = prompts.shape
     if prefix is None:
         L = 0
@@ -133,18 +164,21 @@ def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top
     cache = [(ck.at[slots, :, :L + P].set(k, mode="drop"), cv.at[slots, :, :L + P].set(v, mode="drop"))
              for (ck, cv), (k, v) in zip(cache, kv)]
     first = pick_rows(logits, _step_keys(keys, jnp.zeros_like(lens)), temperature, top_k, top_p)
-    return first, cache
+    return first, _logprobs_if(want, logits, first), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
-def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, *, graphdef):
+@functools.partial(jax.jit, static_argnames=("graphdef", "logprobs"), donate_argnums=(1,))
+def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, *, graphdef, logprobs=False):
     """One token for every slot: tok (N,) the last token of each row, at position pos (N,)
-    (written to the cache there); i (N,) the index of the token to draw. Returns the
-    next tokens (N,) and the cache. Free slots compute too (on garbage) and are ignored."""
+    (written to the cache there); i (N,) the index of the token to draw. Returns the next
+    tokens (N,), their Logprobs (None unless `logprobs`) and the cache. Free slots compute too
+    (on garbage) and are ignored. Two programs: a step where no row asked for log-probabilities
+    runs the one without them, the plain step as it was."""
     S = cache[0][0].shape[2]
     logits, cache = model.apply(graphdef, params, tok[:, None], positions=pos[:, None],
                                 mask=masks.slot_step(pos, S), cache=cache, index=pos)
-    return pick_rows(logits[:, -1], _step_keys(keys, i), temperature, top_k, top_p), cache
+    nxt = pick_rows(logits[:, -1], _step_keys(keys, i), temperature, top_k, top_p)
+    return nxt, token_logprobs(logits[:, -1], nxt) if logprobs else None, cache
 
 
 def compiled_programs() -> int:
@@ -172,19 +206,39 @@ def describe(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _host(lps: Optional[Logprobs], want) -> Optional[Logprobs]:
+    """A step's Logprobs as numpy when some row wanted them; else None, never copied off the device."""
+    return Logprobs(*map(np.asarray, lps)) if np.any(want) else None
+
+
+def _row(lps: Optional[Logprobs], j: int) -> Optional["TokenLogprobs"]:
+    return None if lps is None else TokenLogprobs(float(lps.chosen[j]), lps.top_ids[j], lps.top[j])
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One answer token's log-probabilities under the model (before temperature, top-k and
+    top-p): the token's own, and the TOP_LOGPROBS most likely tokens', most likely first."""
+    logprob: float
+    top_ids: np.ndarray  # (K,) int32
+    top_logprobs: np.ndarray  # (K,) float32
+
+
 @dataclass(eq=False)
 class Request:
     """One prompt to answer. The engine fills `tokens` (the answer, without
     its stop token) and `finish_reason`: "stop" (a stop token), "length" (max_tokens
     tokens), "cancelled" (cancel()) or "error" (a step that held it failed: `error` says
-    what, in one line). on_token(req, token) and on_finish(req) are
-    called from the thread that runs Engine.step, as each token comes out."""
+    what, in one line). on_token(req, token, logprobs) and on_finish(req) are called from
+    the thread that runs Engine.step, as each token comes out; logprobs is the token's
+    TokenLogprobs when the request set `logprobs`, else None."""
     prompt: np.ndarray
     max_tokens: int
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    logprobs: bool = False
     on_token: Optional[Callable] = None
     on_finish: Optional[Callable] = None
     tokens: list = field(default_factory=list)
@@ -244,6 +298,7 @@ class Engine:
         self.temperature = np.zeros(N, np.float32)
         self.top_k = np.zeros(N, np.int32)
         self.top_p = np.ones(N, np.float32)
+        self.want = np.zeros(N, bool)  # slots whose request asked for log-probabilities
         self.waiting: collections.deque[Request] = collections.deque()
         # figures: steps run, slot-steps that decoded a live row, prefill calls and rows (those
         # after the prefix), the positions the prefills computed (padding and prefixes included),
@@ -333,15 +388,18 @@ class Engine:
             return 0
         try:
             t = time.perf_counter()
-            nxt, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
-                                      self.temperature, self.top_k, self.top_p, graphdef=self.graphdef)
+            want = bool(self.want.any())
+            nxt, lps, self.cache = _decode(self.params, self.cache, self.tok, self.pos, self.keys, self.i,
+                                           self.temperature, self.top_k, self.top_p, graphdef=self.graphdef,
+                                           logprobs=want)
             nxt = np.asarray(nxt)
+            lps = _host(lps, want)
             self.stats["decode_s"] += time.perf_counter() - t
             self.stats["decode_steps"] += 1
             self.stats["busy_slot_steps"] += len(live)
             for s in live:
                 self.pos[s] += 1
-                self._emit(s, int(nxt[s]))
+                self._emit(s, int(nxt[s]), _row(lps, s))
         except BaseException as e:  # every running row was in the step (a callback's error included)
             self._failed("decode", [r for r in self.req if r is not None], e)
         return len(live)
@@ -380,15 +438,17 @@ class Engine:
                     req.finish_reason = "cancelled"
 
     def warm_up(self, prompt_lens: Optional[Sequence[int]] = None) -> int:
-        """Compiles the decode step and a prefill for every prompt bucket (or those of
-        `prompt_lens`) and row count, writing nothing; returns the programs compiled."""
+        """Compiles the decode step (with and without log-probabilities) and a prefill for every
+        prompt bucket (or those of `prompt_lens`) and row count, writing nothing; returns the
+        programs compiled."""
         if self.cache is None:
             self._allocate()
         before = compiled_programs()
         N = self.slots
         zeros = np.zeros(N, np.int32)
-        _, self.cache = _decode(self.params, self.cache, zeros, zeros, self.keys, zeros, self.temperature,
-                                self.top_k, self.top_p, graphdef=self.graphdef)
+        for logprobs in (False, True):
+            _, _, self.cache = _decode(self.params, self.cache, zeros, zeros, self.keys, zeros, self.temperature,
+                                       self.top_k, self.top_p, graphdef=self.graphdef, logprobs=logprobs)
         lens = prompt_lens or self.buckets
         shapes = {(False, bucket(n, self.buckets)) for n in lens}
         if self.prefix is not None:  # prompts after the prefix, where one that long would fit
@@ -398,10 +458,11 @@ class Engine:
         for after, P in sorted(shapes):
             for R in self.prefill_rows:
                 one = np.ones(R, np.int32)
-                _, self.cache = _prefill(self.params, self.cache, self.prefix if after else None,
-                                         np.zeros((R, P), np.int32), one, np.full(R, N, np.int32),
-                                         np.zeros((R, 2), np.uint32), np.zeros(R, np.float32),
-                                         np.zeros(R, np.int32), np.ones(R, np.float32), graphdef=self.graphdef)
+                _, _, self.cache = _prefill(self.params, self.cache, self.prefix if after else None,
+                                            np.zeros((R, P), np.int32), one, np.full(R, N, np.int32),
+                                            np.zeros((R, 2), np.uint32), np.zeros(R, np.float32),
+                                            np.zeros(R, np.int32), np.ones(R, np.float32), np.zeros(R, bool),
+                                            graphdef=self.graphdef)
         jax.block_until_ready(self.cache)
         return compiled_programs() - before
 
@@ -475,18 +536,21 @@ class Engine:
         slots = np.full(R, N, np.int32)  # filler rows write nowhere
         keys = np.zeros((R, 2), np.uint32)
         temp, top_k, top_p = np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32)
+        want = np.zeros(R, bool)
         for j, (s, r) in enumerate(group):
             prompts[j, :len(r.prompt) - L] = r.prompt[L:]
             lens[j], slots[j] = len(r.prompt) - L, s
             keys[j] = np.asarray(jax.random.key_data(jax.random.PRNGKey(r.seed)))
-            temp[j], top_k[j], top_p[j] = r.temperature, r.top_k, r.top_p
+            temp[j], top_k[j], top_p[j], want[j] = r.temperature, r.top_k, r.top_p, r.logprobs
             self.req[s] = r
             self.pos[s], self.i[s], self.keys[s] = len(r.prompt), 1, keys[j]
             self.temperature[s], self.top_k[s], self.top_p[s] = r.temperature, r.top_k, r.top_p
+            self.want[s] = r.logprobs
         t = time.perf_counter()
-        first, self.cache = _prefill(self.params, self.cache, self.prefix if L else None, prompts, lens, slots, keys,
-                                     temp, top_k, top_p, graphdef=self.graphdef)
+        first, lps, self.cache = _prefill(self.params, self.cache, self.prefix if L else None, prompts, lens, slots,
+                                          keys, temp, top_k, top_p, want, graphdef=self.graphdef)
         first = np.asarray(first)
+        lps = _host(lps, want)
         self.stats["prefill_s"] += time.perf_counter() - t
         self.stats["prefill_positions"] += R * P + L
         self.stats["prefill_after_prefix"] += n if L else 0
@@ -494,7 +558,7 @@ class Engine:
         self.stats["prefill_rows"] += n
         self.stats["prefill_pad_rows"] += R - n
         for j, (s, r) in enumerate(group):
-            self._emit(s, int(first[j]))
+            self._emit(s, int(first[j]), _row(lps, j))
 
     def _reap(self):
         """Frees the slots of cancelled requests and drops cancelled ones from the queue."""
@@ -505,7 +569,7 @@ class Engine:
             self.waiting.remove(r)  # atomic, as submit's append in another thread is
             self._end(r, "cancelled")
 
-    def _emit(self, s: int, t: int):
+    def _emit(self, s: int, t: int, lp: Optional[TokenLogprobs]):
         r = self.req[s]
         if r.cancelled:
             self._finish(s, "cancelled")
@@ -518,7 +582,7 @@ class Engine:
         r.tokens.append(t)
         self.stats["tokens"] += 1
         if r.on_token:
-            r.on_token(r, t)
+            r.on_token(r, t, lp if r.logprobs else None)
         if r.cancelled:  # the callback may cancel (a stop string)
             self._finish(s, "cancelled")
         elif len(r.tokens) >= r.max_tokens:
@@ -532,7 +596,8 @@ class Engine:
         self.req[s] = None
         self.tok[s] = self.pad_id
         self.pos[s] = 0
-        self.temperature[s] = 0.0  # a free slot never makes the step sample
+        self.temperature[s] = 0.0  # a free slot never makes the step sample ...
+        self.want[s] = False  # ... nor compute log-probabilities
         r.finish_reason = reason
         if r.on_finish:
             r.on_finish(r)

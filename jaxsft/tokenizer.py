@@ -14,12 +14,14 @@ What the rest of jaxsft uses of either: encode, decode, the ids bos_id, pad_id,
 end_id, system_id, user_id, assistant_id (ChatML's markers: None where a template
 renders instead, as bos_id is for a base without one), stop_ids (generation stops
 at any), template (None: ChatML),
-unknown(text), len(tok), itos (token strings by id), extend(texts), save(path);
-`load(path)` reads either kind back and `TextStream` (`stream_text`) turns ids
-arriving one by one into whole characters.
+unknown(text), len(tok), itos (token strings by id), token_bytes(id) (what a token adds to
+a decoded text, for log-probabilities), max_token_chars (the most characters of text one token
+covers), extend(texts), save(path); `load(path)` reads either kind back and `TextStream`
+(`stream_text`) turns ids arriving one by one into whole characters.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Iterable, Iterator, Optional, Union
@@ -76,6 +78,13 @@ class Tokenizer:
             else:
                 ids.extend(self.stoi.get(c, self.unk_id) for c in part)
         return ids
+
+    def token_bytes(self, i: int) -> bytes:
+        """What token i adds to a decoded text: its character; nothing for a marker."""
+        return self.itos[i].encode() if len(SPECIALS) <= i < len(self.itos) else b""
+
+    # text is encoded character by character (markers only with specials=True, never a message's)
+    max_token_chars = 1
 
     def unknown(self, text: str) -> list[str]:
         """Characters of `text` that are not in the vocabulary (they encode as <unk>)."""
@@ -170,6 +179,43 @@ class HFTokenizer:
         """The same tokenizer: a subword vocabulary already writes every text."""
         return self
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token's string has, added tokens included: no token covers
+        more characters of a text (a byte-level string has a character per byte)."""
+        return max((len(t) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
+
+    def token_bytes(self, i: int) -> bytes:
+        """What token i adds to a decoded text: a byte-level token's bytes (maybe part of a character),
+        a byte-fallback token's (<0xE4>), a special token's nothing, another added token's text; else
+        its string with sentencepiece's "▁" as a space."""
+        b = self._bytes.get(i)
+        if b is None:
+            b = self._bytes[i] = self._token_bytes(i)
+        return b
+
+    def _token_bytes(self, i: int) -> bytes:
+        added = self._added.get(i)
+        if added is not None:
+            return b"" if added.special else added.content.encode()
+        piece = self.backend.id_to_token(i) or ""
+        if self._byte_level and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        return bytes([int(m[1], 16)]) if m else piece.replace("▁", " ").encode()
+
+    @functools.cached_property
+    def _bytes(self) -> dict:  # token_bytes by id, filled as asked
+        return {}
+
+    @functools.cached_property
+    def _added(self) -> dict:
+        return self.backend.get_added_tokens_decoder()
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return '"ByteLevel"' in json.dumps(json.loads(self.backend.to_str()).get("decoder"))
+
     def encode(self, text: str, specials: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
@@ -205,6 +251,20 @@ class HFTokenizer:
         return cls(Backend.from_str(json.dumps(d["tokenizer"])), d["markers"], d.get("size", 0), template)
 
 
+def _bytes_to_unicode() -> dict:
+    """GPT-2's byte-level alphabet: character -> the byte it stands for."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_OF = _bytes_to_unicode()
+
 AnyTokenizer = Union[Tokenizer, HFTokenizer]
 
 
@@ -215,39 +275,105 @@ def load(path: str) -> AnyTokenizer:
     return HFTokenizer.from_dict(d) if d.get("type") == "hf" else Tokenizer.from_dict(d, path)
 
 
+class _Stop:
+    """One stop string matched as characters arrive (Knuth-Morris-Pratt): `state` is the length
+    of the longest end of the text so far that begins the string, and the string is found when
+    it is the whole string. O(1) per character (amortised), whatever the string's length."""
+
+    def __init__(self, s: str):
+        self.s, self.state = s, 0
+        self.fail = [0] * len(s)  # fail[i]: the longest proper border of s[:i + 1]
+        k = 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = self.fail[k - 1]
+            k += s[i] == s[k]
+            self.fail[i] = k
+
+    def step(self, c: str) -> bool:
+        s, k = self.s, self.state
+        if k == len(s):
+            k = self.fail[k - 1]
+        while k and s[k] != c:
+            k = self.fail[k - 1]
+        k += s[k] == c
+        self.state = k
+        return k == len(s)
+
+
 class TextStream:
     """Token ids in, text out as soon as it is certain: the answer's ids are decoded
     as a whole (tok.decode), and only complete characters are released (a byte-level
     token may end inside a UTF-8 character, which decodes to U+FFFD), never the start
     of a possible stop string. feed() -> new text; .stopped once a stop string
-    appeared (the text before it is all that is released); .text: all released so far."""
+    appeared (the text before it is all that is released); .text: all released so far.
+
+    Each new character goes once through each stop string's matcher (`_Stop`), so a token
+    costs its own characters times the stop strings, not the text's or the strings' lengths.
+    `ends[i]`: where token i's text ends in the decoded text (None until the character it
+    ends inside is complete); `carried()` counts the tokens the released text carries."""
 
     def __init__(self, tok, stop=()):
         self.tok, self.stop = tok, list(stop)
+        self.matchers = [_Stop(s) for s in self.stop]
         self.ids: list = []
+        self.ends: list = []
+        self.seen = 0  # characters through the matchers
         self.sent = 0  # characters released
+        self._carried = 0  # tokens counted by carried() so far
         self.text = ""
         self.stopped = False
 
     def feed(self, token: int) -> str:
+        if self.stopped:  # the answer ended at the stop string
+            return ""
         self.ids.append(token)
+        self.ends.append(None)
         text = self.tok.decode(self.ids)
         complete = text.rstrip("\ufffd")
-        for s in self.stop:
-            at = complete.find(s, max(self.sent - len(s) + 1, 0))
-            if at >= 0:
-                complete = complete[:at]
-                self.stopped = True
-        if not self.stopped:  # hold back a suffix that may grow into a stop string
-            hold = max((k for s in self.stop for k in range(1, len(s)) if complete.endswith(s[:k])), default=0)
-            complete = complete[:len(complete) - hold]
-        return self._release(complete)
+        if len(complete) == len(text):
+            self._end_tokens(len(text))
+        at = None  # where the earliest stop string found starts
+        if self.matchers:
+            for i in range(self.seen, len(complete)):
+                for m in self.matchers:
+                    if m.step(complete[i]):
+                        at = min(i + 1 - len(m.s), len(complete) if at is None else at)
+        self.seen = len(complete)
+        if at is not None:
+            self.stopped = True
+            return self._release(complete[:at])
+        hold = max((m.state for m in self.matchers), default=0)  # an end that may grow into a stop string
+        return self._release(complete[:len(complete) - hold])
 
     def flush(self) -> str:
         """At the end: whatever is held back (the end of the text cannot start a stop string any more)."""
         if self.stopped:
             return ""
-        return self._release(self.tok.decode(self.ids))
+        text = self.tok.decode(self.ids)
+        self._end_tokens(len(text))
+        return self._release(text)
+
+    def carried(self, final: bool = False) -> int:
+        """How many of the tokens fed the released text carries: those whose text it holds whole;
+        with `final` (the answer has ended), also those whose text starts in it (one cut by a stop
+        string). Tokens are counted in order: a token is never counted before an earlier one."""
+        n = self._carried
+        while n < len(self.ends) and self.ends[n] is not None and self.ends[n] <= self.sent:
+            n += 1
+        if final and n < len(self.ends):
+            start = self.ends[n - 1] if n else 0
+            if start is not None and start < self.sent:
+                n += 1
+        self._carried = n
+        return n
+
+    def _end_tokens(self, at: int):
+        """Tokens whose text is complete now end at `at` (the decoded text's length)."""
+        i = len(self.ends)
+        while i and self.ends[i - 1] is None:
+            i -= 1
+            self.ends[i] = at
 
     def _release(self, complete: str) -> str:
         if len(complete) <= self.sent:

@@ -177,6 +177,42 @@ def test_sampling_is_per_row_and_seeded(scaled, cfg):
     assert _answers(eng, prompts, temperature=1.0, top_k=1, seed=3)[0] == greedy
 
 
+def test_logprobs_equal_the_full_forward_passes(cfg):
+    """Request(logprobs=True): each answer token's log-probability and its top 20 are those of
+    log_softmax(model.apply(prompt + answer)) at the position before it (the model's own
+    distribution, before temperature), to 1e-4 (float32; the cached and the full forward pass
+    add up in other orders); rows that did not ask get None and the same tokens as before."""
+    graphdef, raw = model.init(cfg, 2)  # unscaled: log-probabilities near -log(V), none ~0
+    prompts = _prompts(cfg.vocab_size, (3, 8, 5, 4))
+    eng = Engine(raw, cfg, NEVER, slots=4)
+    plain, _ = _answers(eng, prompts, temperature=1.5, seed=4)
+    got = {}
+    reqs = [Request(p, N, temperature=1.5 * (j % 2), seed=4, logprobs=j != 2,
+                    on_token=lambda r, t, lp: got.setdefault(r.id, []).append(lp)) for j, p in enumerate(prompts)]
+    eng.run(reqs)
+    assert reqs[1].tokens == plain[1] and reqs[3].tokens == plain[3]  # sampled rows: the same draws
+    assert all(lp is None for lp in got[reqs[2].id]) and len(got[reqs[2].id]) == N
+    K = engine.TOP_LOGPROBS
+    for j, r in enumerate(reqs):
+        if j == 2:
+            continue
+        lps = got[r.id]
+        assert len(lps) == N == len(r.tokens)
+        seq = np.concatenate([r.prompt, r.tokens])[None]
+        want = np.asarray(jax.nn.log_softmax(model.apply(graphdef, raw, seq)[0][0], axis=-1))  # (T, V)
+        for i, (t, lp) in enumerate(zip(r.tokens, lps)):
+            row = want[len(r.prompt) - 1 + i]
+            np.testing.assert_allclose(lp.logprob, row[t], atol=1e-4)
+            chex.assert_shape([lp.top_ids, lp.top_logprobs], (K,))
+            np.testing.assert_array_equal(lp.top_ids, np.argsort(-row)[:K])
+            np.testing.assert_allclose(lp.top_logprobs, row[lp.top_ids], atol=1e-4)
+            assert np.all(np.diff(lp.top_logprobs) <= 0)  # most likely first
+            if r.temperature == 0:  # greedy: the chosen token is the most likely one
+                assert lp.top_ids[0] == t and lp.logprob == lp.top_logprobs[0]
+    assert reqs[1].tokens != [int(lp.top_ids[0]) for lp in got[reqs[1].id]]  # sampling really drew others
+    assert eng.want.sum() == 0  # free slots ask for nothing
+
+
 def test_no_recompilation_after_warm_up(scaled, cfg):
     _, params = scaled
     eng = Engine(params, cfg, NEVER, slots=4)
@@ -184,7 +220,8 @@ def test_no_recompilation_after_warm_up(scaled, cfg):
     n = engine.compiled_programs()
     # every prompt bucket, every prefill row count, sampling and greedy, slots refilled
     lens = (3, 15, 17, 33, 40, 50, 5, 9, 2, 12, 11, 8, 7, 6, 4, 3, 30, 31, 20)
-    reqs = [Request(p, 8, temperature=float(i % 2), top_p=0.9) for i, p in enumerate(_prompts(cfg.vocab_size, lens))]
+    reqs = [Request(p, 8, temperature=float(i % 2), top_p=0.9, logprobs=i % 3 == 0)
+            for i, p in enumerate(_prompts(cfg.vocab_size, lens))]
     eng.run(reqs)
     assert all(len(r.tokens) == 8 for r in reqs)
     assert engine.compiled_programs() == n
@@ -305,7 +342,7 @@ def test_a_callback_that_raises_ends_every_request_its_prefill_held(scaled, cfg)
     eng = Engine(params, cfg, NEVER, slots=4)
     ended = []
 
-    def boom(r, t):
+    def boom(r, t, lp):
         raise Boom("a bug in a callback")
 
     c = eng.submit(Request(pc, N, on_token=boom, on_finish=ended.append))

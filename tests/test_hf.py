@@ -212,6 +212,20 @@ def test_byte_level_streaming_never_splits_a_character(llama_dir):
     assert list(stream_text(ctok, ctok.encode(text))) == list(text)
 
 
+def test_hf_token_bytes_join_into_the_text_and_bound_its_characters():
+    """token_bytes (the logprobs' "bytes"): a byte-level token's own bytes, part of a character
+    or not, joined give the text; a marker adds nothing. No token covers more characters
+    of a text than max_token_chars (the server's bound on a request's characters)."""
+    tok = HFTokenizer.wrap(bpe_backend())
+    text = "K近邻是按最近邻居的多数类别做预测的方法。鳄梨🥑 the end"
+    ids = tok.encode(text)
+    assert any(len(tok.token_bytes(i).decode("utf-8", errors="ignore")) == 0 for i in ids)  # parts of characters
+    assert b"".join(tok.token_bytes(i) for i in ids).decode() == text
+    assert tok.token_bytes(tok.end_id) == tok.token_bytes(tok.user_id) == b""
+    ends = [len(tok.decode(ids[:n])) for n in range(len(ids) + 1)]
+    assert max(b - a for a, b in zip(ends, ends[1:])) <= tok.max_token_chars < 40
+
+
 def test_hf_tokenizer_saves_and_loads_with_its_kind(tmp_path):
     tok = HFTokenizer.wrap(bpe_backend(), bos="<s>", size=500)
     tok.save(str(tmp_path / "tokenizer.json"))

@@ -2,6 +2,8 @@
 (the tiny trained model) driven by the official `openai` client, 16 concurrent streams,
 every bad request, a headless Chromium on the chat page, and SIGTERM; busy and
 disconnecting clients against an in-process server whose engine is slowed down."""
+import functools
+import itertools
 import json
 import os
 import re
@@ -12,13 +14,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jax
+import numpy as np
+import openai
 import pytest
 
 from conftest import QA
 from live import chromium, free_server, live_app, never_ending_engine, openai_client, tiny_tokenizer, user
 from jaxsft import chatml
+from jaxsft import model as model_lib
 from jaxsft.serve.protocol import ApiError, parse_chat
-from jaxsft.tokenizer import TextStream, Tokenizer
+from jaxsft.tokenizer import SPECIALS, TextStream, Tokenizer
 
 CONTEXT = 64  # the tiny run's max_seq_len
 
@@ -35,9 +41,72 @@ BAD = [  # (body, status, param, words in the message)
     ({"messages": []}, 400, "messages", "empty"),
     ({"messages": "hi"}, 400, "messages", "array"),
     ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages[0].role", "bot"),
-    ({"messages": [{"role": "user", "content": ["hi"]}]}, 400, "messages[0].content", "string"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "string"),
     ({"messages": [{"role": "user"}]}, 400, "messages[0].content", "string"),
-    ({"messages": user("你" * 80)}, 400, "messages", "context is 64"),
+    ({"messages": user("你" * 60)}, 400, "messages", "context is 64"),
+    # content parts: text only
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, 400, "messages[0].content[0]", "object"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "你"}, {"type": "image_url",
+                                                                                 "image_url": {"url": "x"}}]}]},
+     400, "messages[0].content[1].type", "not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages[0].content[0].text", "string"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "x": 1}]}]}, 400,
+     "messages[0].content[0].x", "unrecognized"),
+    ({"messages": [{"role": "user", "content": "a", "name": "bob"}]}, 400, "messages[0].name", "not supported"),
+    ({"messages": [{"role": "user", "content": "a", "tool_calls": [{"id": "1"}]}]}, 400, "messages[0].tool_calls",
+     "not supported"),
+    ({"messages": [{"role": "user", "content": "a", "mood": "ok"}]}, 400, "messages[0].mood", "unrecognized"),
+    ({"messages": [{"role": "tool", "content": "a"}]}, 400, "messages[0].role", "developer"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "developer", "content": "b"}]}, 400,
+     "messages[1].role", "first"),
+    # another model; keys OpenAI does not know; features this server lacks, other than "off"
+    ({"messages": user("你好"), "model": "gpt-4o"}, 404, "model", "does not exist"),
+    ({"messages": user("你好"), "model": 4}, 400, "model", "string"),
+    ({"messages": user("你好"), "temprature": 0}, 400, "temprature", "unrecognized request argument"),
+    ({"messages": user("你好"), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "not supported"),
+    ({"messages": user("你好"), "tool_choice": "required"}, 400, "tool_choice", "not supported"),
+    ({"messages": user("你好"), "functions": [{"name": "f"}]}, 400, "functions", "not supported"),
+    ({"messages": user("你好"), "function_call": {"name": "f"}}, 400, "function_call", "not supported"),
+    ({"messages": user("你好"), "logit_bias": {"7": 5}}, 400, "logit_bias", "not supported"),
+    ({"messages": user("你好"), "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+    ({"messages": user("你好"), "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
+    ({"messages": user("你好"), "presence_penalty": -1}, 400, "presence_penalty", "not supported"),
+    ({"messages": user("你好"), "presence_penalty": False}, 400, "presence_penalty", "not supported"),
+    ({"messages": user("你好"), "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio", "not supported"),
+    ({"messages": user("你好"), "modalities": ["text", "audio"]}, 400, "modalities", "not supported"),
+    ({"messages": user("你好"), "prediction": {"type": "content", "content": "x"}}, 400, "prediction",
+     "not supported"),
+    ({"messages": user("你好"), "reasoning_effort": "high"}, 400, "reasoning_effort", "not supported"),
+    ({"messages": user("你好"), "verbosity": "low"}, 400, "verbosity", "not supported"),
+    ({"messages": user("你好"), "web_search_options": {}}, 400, "web_search_options", "not supported"),
+    ({"messages": user("你好"), "service_tier": "flex"}, 400, "service_tier", "not supported"),
+    ({"messages": user("你好"), "store": True}, 400, "store", "not supported"),
+    ({"messages": user("你好"), "metadata": {"k": "v"}}, 400, "metadata", "not supported"),
+    ({"messages": user("你好"), "parallel_tool_calls": "yes"}, 400, "parallel_tool_calls", "not supported"),
+    ({"messages": user("你好"), "user": 7}, 400, "user", "string"),
+    # logprobs
+    ({"messages": user("你好"), "logprobs": "yes"}, 400, "logprobs", "boolean"),
+    ({"messages": user("你好"), "top_logprobs": 3}, 400, "top_logprobs", "'logprobs': true"),
+    ({"messages": user("你好"), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "[0, 20]"),
+    ({"messages": user("你好"), "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs", "[0, 20]"),
+    ({"messages": user("你好"), "logprobs": True, "top_logprobs": 2.5}, 400, "top_logprobs", "integer"),
+    # stream options
+    ({"messages": user("你好"), "stream": True, "stream_options": {"include_usage": "no"}}, 400,
+     "stream_options.include_usage", "boolean"),
+    ({"messages": user("你好"), "stream": True, "stream_options": {"usage": True}}, 400, "stream_options.usage",
+     "unrecognized"),
+    ({"messages": user("你好"), "stream": True, "stream_options": {"include_obfuscation": True}}, 400,
+     "stream_options.include_obfuscation", "not supported"),
+    ({"messages": user("你好"), "stream": True, "stream_options": []}, 400, "stream_options", "object"),
+    ({"messages": user("你好"), "stream_options": {"include_usage": True}}, 400, "stream_options", "'stream': true"),
+    ({"messages": user("你好"), "max_tokens": 3, "max_completion_tokens": 4}, 400, "max_tokens", "not both"),
+    # bounded work, before any tokenising: stop strings, messages, characters
+    ({"messages": user("你好"), "stop": ["a" * 64, "b" * 65]}, 400, "stop", "at most 64 characters"),
+    ({"messages": user("你") * 65}, 400, "messages", "65 messages"),
+    ({"messages": user("你" * 65)}, 400, "messages", "65 characters"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "你" * 40}] * 2}]}, 400, "messages",
+     "80 characters"),
     ({"messages": user("你好"), "max_tokens": 0}, 400, "max_tokens", "at least 1"),
     ({"messages": user("你好"), "max_tokens": -3}, 400, "max_tokens", "at least 1"),
     ({"messages": user("你好"), "max_tokens": 500}, 400, "max_tokens", "at most"),
@@ -57,7 +126,7 @@ BAD = [  # (body, status, param, words in the message)
 @pytest.mark.parametrize("body,status,param,words", BAD)
 def test_parse_chat_refuses_bad_requests(tok, body, status, param, words):
     with pytest.raises(ApiError) as e:
-        parse_chat(body, tok, CONTEXT, "")
+        parse_chat(body, tok, CONTEXT, "", "tiny")
     assert (e.value.status, e.value.param) == (status, param)
     assert words in e.value.message
     assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
@@ -71,6 +140,48 @@ def test_parse_chat_renders_chatml_and_fills_defaults(tok):
     assert p.prompt.tolist() == want.tolist()
     assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.stream) == (
         CONTEXT - len(want), 1.0, 1.0, ["。"], 5, False)
+
+
+def test_parse_chat_joins_text_parts_takes_developer_as_system_and_off_values(tok):
+    msgs = [{"role": "system", "content": "你好"}, {"role": "user", "content": "1+1等于几？"}]
+    want = parse_chat({"messages": msgs}, tok, CONTEXT, "默认", "tiny")
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "你"}, {"type": "text", "text": "好"}]},
+             {"role": "user", "content": [{"type": "text", "text": "1+1等于几？"}]}]
+    # the "off" values of features this server lacks, the keys that ask for nothing, and the model's name
+    off = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "tools": [], "tool_choice": "none",
+           "functions": None, "parallel_tool_calls": False, "response_format": {"type": "text"},
+           "modalities": ["text"], "audio": None, "store": False, "metadata": {}, "service_tier": "auto",
+           "user": "u-1", "safety_identifier": "s", "prompt_cache_key": "k", "model": "tiny", "n": 1,
+           "max_tokens": None}
+    got = parse_chat({"messages": parts, **off}, tok, CONTEXT, "默认", "tiny")
+    assert got.prompt.tolist() == want.prompt.tolist()
+    assert parse_chat({"messages": msgs, "model": None}, tok, CONTEXT, "默认", "tiny").prompt.tolist() == \
+        want.prompt.tolist()  # no model: the one served
+    # an assistant message as a client echoes it back (null or empty extras)
+    echoed = {"role": "assistant", "content": "等于2。", "refusal": None, "tool_calls": None, "function_call": None,
+              "audio": None, "annotations": []}
+    assert parse_chat({"messages": [*msgs, echoed, *user("你好")]}, tok, CONTEXT, "", "tiny").prompt.tolist() == \
+        chatml.render([("system", "你好"), ("user", "1+1等于几？"), ("assistant", "等于2。"), ("user", "你好")], tok, "",
+                      add_generation_prompt=True)[0].tolist()
+    p = parse_chat({"messages": msgs, "logprobs": True, "top_logprobs": 20, "stream": True,
+                    "stream_options": {"include_usage": True}}, tok, CONTEXT, "", "tiny")
+    assert (p.logprobs, p.top_logprobs, p.include_usage) == (True, 20, True)
+    p = parse_chat({"messages": msgs, "stream": True, "stream_options": {"include_usage": False}}, tok, CONTEXT, "",
+                   "tiny")
+    assert (p.logprobs, p.top_logprobs, p.include_usage) == (False, 0, False)
+
+
+def test_the_bounds_are_what_can_never_fit(tok):
+    """context messages and context x max_token_chars characters pass the bounds (the context
+    check after rendering refuses them); one more of either is refused before tokenising."""
+    for body in ({"messages": user("你") * 31 + [{"role": "user", "content": "你" * 33}]},
+                 {"messages": user("你") * CONTEXT}):
+        with pytest.raises(ApiError, match="the prompt is"):
+            parse_chat(body, tok, CONTEXT, "", "tiny")
+    assert tok.max_token_chars == 1
+    big = [{"role": "user", "content": "你" * 33}] * 2
+    with pytest.raises(ApiError, match="66 characters"):
+        parse_chat({"messages": big}, tok, CONTEXT, "", "tiny")
 
 
 class ByteTok:
@@ -93,6 +204,49 @@ def test_text_stream_releases_whole_characters_and_never_a_stop_string():
     assert ts.flush() == "a" and ts.text == "xa"  # ... until the answer ends without it
 
 
+def test_text_stream_says_which_tokens_its_text_carries():
+    ts = TextStream(ByteTok(), stop=["好a"])
+    carried = []
+    for b in "你好b".encode():
+        ts.feed(b)
+        carried.append(ts.carried())
+    assert carried == [0, 0, 3, 3, 3, 3, 7]  # 你 once whole; 好 once it cannot start "好a" any more
+    assert ts.ends == [1, 1, 1, 2, 2, 2, 3]  # in characters: a byte of 你 ends where 你 does
+
+    class Words:  # tokens of several characters
+        def decode(self, ids):
+            return "".join(["ab", "cd", "ef"][i] for i in ids)
+
+    ts = TextStream(Words(), stop=["d"])
+    assert (ts.feed(0), ts.carried()) == ("ab", 1)
+    assert ts.feed(1) == "c" and ts.stopped and ts.carried() == 1
+    assert ts.carried(final=True) == 2  # "cd" is cut by the stop string: its "c" is in the answer
+
+
+def test_text_stream_costs_the_same_per_token_with_long_stop_strings():
+    """A stop string is matched character by character as text arrives: 4 stop strings of 64
+    characters whose starts keep matching cost about what 4 of 2 do (the old check tried every
+    prefix of every stop string at every token: ~20x)."""
+    class Chars:
+        def decode(self, ids):
+            return "a" * len(ids)
+
+    def per_token(stop):
+        best = float("inf")
+        for _ in range(5):
+            ts = TextStream(Chars(), stop)
+            t = time.perf_counter()
+            for _ in range(400):
+                ts.feed(0)
+            best = min(best, time.perf_counter() - t)
+            assert not ts.stopped and ts.text == "a" * (400 - max(len(s) for s in stop) + 1)
+        return best
+
+    long_, short = per_token(["a" * 63 + "b", "a" * 62 + "bc", "a" * 61 + "bcd", "a" * 60 + "bcde"]), per_token(
+        ["ab", "ab", "ab", "ab"])
+    assert long_ < 4 * short, (long_, short)
+
+
 # -- a live bin/serve on the tiny trained model
 
 @pytest.fixture(scope="module")
@@ -105,12 +259,19 @@ def server(trained_run, tmp_path_factory):
         proc.wait()
 
 
+@functools.lru_cache
+def served(url) -> str:
+    """The name of the model the server at `url` serves (/v1/models): a request for another is a 404."""
+    return openai_client(url).models.list().data[0].id
+
+
 def ask(client, messages, stream=False, **kw):
     """(text, finish_reason) of one chat completion, streamed or not."""
+    model = served(str(client.base_url).removesuffix("/v1/"))
     if not stream:
-        r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, **kw)
+        r = client.chat.completions.create(model=model, messages=messages, temperature=0, **kw)
         return r.choices[0].message.content, r.choices[0].finish_reason
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, temperature=0, stream=True, **kw))
+    chunks = list(client.chat.completions.create(model=model, messages=messages, temperature=0, stream=True, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
@@ -126,7 +287,7 @@ def test_openai_client_gets_bin_chats_greedy_answer(server):
     for (q, a), want in zip(QA, chat_answers):
         assert ask(client, user(q)) == (want, "stop")
         assert ask(client, user(q), stream=True) == (want, "stop")
-    r = client.chat.completions.create(model="tiny", messages=user(QA[0][0]), temperature=0)
+    r = client.chat.completions.create(model=served(server["url"]), messages=user(QA[0][0]), temperature=0)
     prompt, _ = chatml.render([("user", QA[0][0])], Tokenizer.load(os.path.join(run["run_dir"], "tokenizer.json")),
                               "你是一个有帮助的AI助手。", add_generation_prompt=True)
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(QA[0][1]))
@@ -137,7 +298,8 @@ def test_openai_client_gets_bin_chats_greedy_answer(server):
     # sampling at temperature 2: seeds 0..5 draw more than one answer, a seed drawn again gives its answer
     # again, and top_p 0.01 keeps the most likely token only: the greedy answer at any seed
     def sample(seed, **kw):
-        return client.chat.completions.create(model="tiny", messages=user(QA[0][0]), temperature=2.0, seed=seed,
+        return client.chat.completions.create(model=served(server["url"]), messages=user(QA[0][0]), temperature=2.0,
+                                              seed=seed,
                                               max_tokens=12, **kw).choices[0].message.content
     sampled = [sample(seed) for seed in range(6)]
     assert len(set(sampled)) > 1, sampled
@@ -273,6 +435,125 @@ def test_sigterm_finishes_the_streams_in_flight_and_exits_0(trained_run, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- in-process, through the official openai client: an engine on a random tiny model (rows never end)
+
+class SlowTok(Tokenizer):
+    """The tiny tokenizer, 1 s slower at encoding a text with 慢 in it."""
+
+    def encode(self, text, specials=False):
+        if "慢" in text:
+            time.sleep(1.0)
+        return super().encode(text, specials)
+
+
+@pytest.fixture(scope="module")
+def quick(tok):
+    slow = SlowTok(tok.itos[len(SPECIALS):])
+    assert slow.itos == tok.itos
+    with live_app(never_ending_engine(tok, delay=0)(2), slow) as (url, state):
+        yield {"url": url, "state": state, "client": openai_client(url), "model": served(url)}
+
+
+def test_requests_are_tokenised_off_the_event_loop(quick):
+    """A request that takes 1 s to tokenise does not hold up the server's other requests."""
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, quick["url"] + "/v1/chat/completions", timeout=60,
+                           json={"messages": user("慢"), "max_tokens": 1})
+        time.sleep(0.3)
+        t = time.perf_counter()
+        assert httpx.get(quick["url"] + "/v1/models", timeout=60).status_code == 200
+        assert time.perf_counter() - t < 0.5 and not slow.done()
+        assert slow.result().status_code == 200
+
+
+def test_openai_client_sends_content_parts_and_the_developer_role(quick):
+    client, model = quick["client"], quick["model"]
+
+    def answer(messages, **kw):
+        r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=8, **kw)
+        return r.choices[0].message.content, r.usage.prompt_tokens
+
+    plain = answer([{"role": "system", "content": "你好"}, *user("1+1等于几？")])
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "你"}, {"type": "text", "text": "好"}]},
+             {"role": "user", "content": [{"type": "text", "text": "1+1"}, {"type": "text", "text": "等于几？"}]}]
+    assert answer(parts) == plain
+    # "off" values are accepted, anything else is refused naming the key, never ignored
+    assert answer(parts, frequency_penalty=0, tools=[], response_format={"type": "text"}, user="u-1") == plain
+    image = [{"role": "user", "content": [{"type": "text", "text": "你"},
+                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
+    for messages, kw, param in [(image, {}, "messages[0].content[1].type"), (parts, {"presence_penalty": 1}, "presence_penalty"),
+                                (parts, {"extra_body": {"beam_width": 4}}, "beam_width")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            answer(messages, **kw)
+        assert e.value.status_code == 400 and e.value.param == param, e.value
+
+
+def test_openai_client_gets_404_for_another_model(quick):
+    with pytest.raises(openai.NotFoundError) as e:
+        quick["client"].chat.completions.create(model="gpt-4o", messages=user("你好"))
+    assert (e.value.code, e.value.param, e.value.type) == ("model_not_found", "model", "invalid_request_error")
+    assert quick["model"] in e.value.message
+
+
+def _ends(content):
+    """Where each logprobs entry's text ends in the answer (characters)."""
+    return list(itertools.accumulate(len(bytes(e.bytes).decode()) for e in content))
+
+
+def test_openai_client_gets_logprobs_whole_and_streamed(quick, tok):
+    """Each token's logprob is log_softmax(model.apply(prompt + answer)) at the position before it,
+    to 1e-4 (float32, cached vs whole forward pass); top_logprobs are the most likely tokens, most
+    likely first, the chosen one first when greedy; a streamed chunk carries the entries of the
+    tokens whose text it carries, also when a stop string holds text back."""
+    client, model, eng = quick["client"], quick["model"], quick["state"].model.engine
+    # sampled (the random model's greedy answer is one marker again and again), seeded: the same each time
+    body = dict(model=model, messages=user("你好"), temperature=1.0, seed=3, max_tokens=16)
+    r = client.chat.completions.create(**body, logprobs=True, top_logprobs=5)
+    text, content = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 16 and len(text) > 8
+    assert b"".join(bytes(e.bytes) for e in content).decode() == text
+    prompt = parse_chat({"messages": user("你好")}, tok, CONTEXT, "").prompt
+    seq = np.concatenate([prompt, [tok.stoi[e.token] for e in content]])[None]
+    want = np.asarray(jax.nn.log_softmax(model_lib.apply(eng.graphdef, eng.params, seq)[0][0], axis=-1))
+    for i, e in enumerate(content):
+        row = want[len(prompt) - 1 + i]
+        assert abs(e.logprob - row[tok.stoi[e.token]]) < 1e-4
+        top = [c.logprob for c in e.top_logprobs]
+        assert len(top) == 5 and top == sorted(top, reverse=True)
+        np.testing.assert_allclose(top, np.sort(row)[::-1][:5], atol=1e-4)
+        assert [tok.stoi[c.token] for c in e.top_logprobs] == list(np.argsort(-row)[:5])
+    greedy = client.chat.completions.create(**{**body, "temperature": 0}, logprobs=True, top_logprobs=3)
+    for e in greedy.choices[0].logprobs.content:  # the chosen token is the most likely one
+        assert (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)
+    plain = client.chat.completions.create(**body)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == text
+    bare = client.chat.completions.create(**body, logprobs=True).choices[0].logprobs.content
+    assert [(e.token, e.logprob, e.top_logprobs) for e in bare] == [(e.token, e.logprob, []) for e in content]
+
+    def streamed(**kw):
+        chunks = list(client.chat.completions.create(**body, stream=True, logprobs=True, top_logprobs=2, **kw))
+        out = []
+        for c in chunks:
+            if c.choices and c.choices[0].delta.content:
+                got = c.choices[0].logprobs.content
+                assert b"".join(bytes(e.bytes) for e in got).decode() == c.choices[0].delta.content
+                out += got
+            elif c.choices and c.choices[0].logprobs:
+                assert all(not e.bytes for e in c.choices[0].logprobs.content)
+                out += c.choices[0].logprobs.content
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), out
+
+    got, entries = streamed()
+    assert got == text and [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
+    assert [len(e.top_logprobs) for e in entries] == [2] * 16
+    # a stop string: its first character is held back, then cut with it; the entries end before it
+    stop = text[2:4]
+    cut = text.find(stop)
+    got, entries = streamed(stop=[stop])
+    assert got == text[:cut]
+    assert [e.token for e in entries] == [e.token for e, end in zip(content, _ends(content)) if end <= cut]
 
 
 # -- in-process: an engine slowed down so that requests overlap for sure

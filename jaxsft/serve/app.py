@@ -171,7 +171,9 @@ async def chat(request: HttpRequest):
     state = _state(request)
     body = await read_json(request, state.max_body)
     m = state.ready_model()
-    answer = Answer(state.worker, m, parse_chat(body, m.tok, m.engine.S, m.system_prompt), request)
+    # tokenising and the chat template take milliseconds: off the event loop, which streams every answer
+    p = await run_in_threadpool(parse_chat, body, m.tok, m.engine.S, m.system_prompt, m.name)
+    answer = Answer(state.worker, m, p, request)
     if not answer.p.stream:
         return await answer.whole()
     return StreamingResponse(answer.events(), media_type="text/event-stream",

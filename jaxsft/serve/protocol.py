@@ -1,14 +1,18 @@
 """The chat-completions API's bodies, in and out (OpenAI's shapes).
 
-In: `parse_chat(body, tok, context, system_prompt)` -> `ChatParams`. The JSON body is
-validated by pydantic models (`ChatRequest`, `Message`) in the order OpenAI clients
-expect the first problem to be named; any problem is an `ApiError` (400) whose body is
-{"error": {"message", "type", "param", "code"}}: `param` where the problem is
-("messages[1].role"), `code` what it is ("invalid_value").
+In: `parse_chat(body, tok, context, system_prompt, model)` -> `ChatParams`. The JSON body
+is validated by pydantic models (`ChatRequest`, `Message`) in the order OpenAI clients
+expect the first problem to be named; any problem is an `ApiError` (400; 404 for another
+model) whose body is {"error": {"message", "type", "param", "code"}}: `param` where the
+problem is ("messages[1].role"), `code` what it is ("invalid_value"). No key is ignored:
+each of OpenAI's is honoured, accepted as meaning nothing here (user) or, for a feature
+this server lacks (tools, logit_bias, ...), accepted only with its "off" value; any other
+key is "unrecognized". The work a body may ask for is bounded before any tokenising.
 
 Out: every body one answer produces is built here, once: `completion` (a whole
 answer), `chunk` (one server-sent event's object; `text_event` formats the text
-chunks from it), `usage`, `event` (an object as an SSE line), `DONE`.
+chunks from it), `token_logprob` (one token's logprobs entry), `usage`, `event` (an
+object as an SSE line), `DONE`.
 """
 from __future__ import annotations
 
@@ -19,15 +23,20 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Optional
 
 import numpy as np
-from pydantic import (BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, WrapValidator,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo,
+                      WrapValidator, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from .. import chatml
+from ..engine import TOP_LOGPROBS
 from ..templates import TemplateError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+# characters per stop string: far beyond any end marker or delimiter ("\n\nUser:", "</answer>"),
+# and what TextStream matches and holds back per stop string stays small
+MAX_STOP_CHARS = 64
+MAX_TOP_LOGPROBS = TOP_LOGPROBS  # 20, as OpenAI allows: the engine computes that many
 
 
 class ApiError(Exception):
@@ -55,6 +64,18 @@ def _integer(v, info: ValidationInfo):
     return v
 
 
+def _boolean(v, info: ValidationInfo):
+    if v is not None and not isinstance(v, bool):
+        raise PydanticCustomError("invalid_type", f"'{info.field_name}' must be a boolean")
+    return bool(v)
+
+
+def _string(v, info: ValidationInfo):
+    if v is not None and not isinstance(v, str):
+        raise PydanticCustomError("invalid_type", f"'{info.field_name}' must be a string")
+    return v
+
+
 def _number(default: float, lo: float, hi: float, lo_open: bool = False) -> BeforeValidator:
     def check(v, info: ValidationInfo):
         key = info.field_name
@@ -69,40 +90,75 @@ def _number(default: float, lo: float, hi: float, lo_open: bool = False) -> Befo
     return BeforeValidator(check)
 
 
+def _zero(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+def _off(*offs) -> BeforeValidator:
+    """A key whose feature this server lacks: null, or a value that means "off" (an
+    `offs` predicate holds), is accepted; anything else is refused, not ignored."""
+    def check(v, info: ValidationInfo):
+        if v is None or any(off(v) for off in offs):
+            return None
+        raise PydanticCustomError("not_supported", f"'{info.field_name}' is not supported by this server "
+                                                   f"(only its default is accepted), not {json.dumps(v)[:80]}")
+    return BeforeValidator(check)
+
+
+def _is(*values):
+    return lambda v: any(type(v) is type(x) and v == x for x in values)
+
+
 def _stop(v):
     stop = [] if v is None else [v] if isinstance(v, str) else v
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise PydanticCustomError("invalid_value",
                                   f"'stop' must be a non-empty string or an array of at most {MAX_STOP} of them")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise PydanticCustomError("invalid_value", f"a stop string may have at most {MAX_STOP_CHARS} characters, "
+                                                   f"not {max(map(len, stop))}")
     return stop
 
 
-def _stream(v):
-    if v is not None and not isinstance(v, bool):
-        raise PydanticCustomError("invalid_type", "'stream' must be a boolean")
-    return bool(v)
-
-
 def _stream_options(v):
-    if v and not isinstance(v, dict):
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
         raise PydanticCustomError("invalid_type", "'stream_options' must be an object")
-    return v or {}
+    for key, value in v.items():
+        if key == "include_usage":
+            if value is not None and not isinstance(value, bool):
+                raise PydanticCustomError("invalid_type", "'stream_options.include_usage' must be a boolean",
+                                          {"param": "stream_options.include_usage"})
+        elif key == "include_obfuscation":  # no obfuscation field is sent: only "off"
+            if value is not None and value is not False:
+                raise PydanticCustomError("not_supported", "'stream_options.include_obfuscation' is not supported "
+                                                           "by this server: only false",
+                                          {"param": "stream_options.include_obfuscation"})
+        else:
+            raise PydanticCustomError("unknown_parameter", f"unrecognized request argument supplied: "
+                                                           f"stream_options.{key}", {"param": f"stream_options.{key}"})
+    return v
 
 
-def _messages_array(v):
+def _messages_array(v, info: ValidationInfo):
     if v is None:
         raise PydanticCustomError("missing_required_parameter", "'messages' is required")
     if not isinstance(v, list):
         raise PydanticCustomError("invalid_type", "'messages' must be an array of {role, content} objects")
     if not v:
         raise PydanticCustomError("empty_array", "'messages' must not be empty")
+    most = (info.context or {}).get("context")
+    if most is not None and len(v) > most:  # each message renders to at least one token
+        raise PydanticCustomError("context_length_exceeded", f"{len(v)} messages can never fit this model's "
+                                                             f"context of {most} tokens")
     return v
 
 
 def _system_only_first(v, handler):
     """The entries' own checks, and a system message after the first entry: whichever
     comes first in the array is the error."""
-    late = next((i for i, m in enumerate(v) if i and isinstance(m, dict) and m.get("role") == "system"), None)
+    late = next((i for i, m in enumerate(v) if i and isinstance(m, dict) and m.get("role") in SYSTEM), None)
     try:
         out = handler(v)
     except ValidationError as e:
@@ -115,6 +171,33 @@ def _system_only_first(v, handler):
                               {"param": f"messages[{late}].role"})
 
 
+SYSTEM = ("system", "developer")
+# keys a message may have beyond role and content: their "off" values (null always is)
+MESSAGE_OFF = {"tool_calls": _is([]), "function_call": _is(), "refusal": _is(), "audio": _is(), "annotations": _is([]),
+               "name": _is(), "tool_call_id": _is()}
+
+
+def _text_parts(v):
+    """A content-part array -> its text parts joined (parts are one message's text, in order:
+    nothing is put between them); any other part is refused, naming it."""
+    texts = []
+    for i, part in enumerate(v):
+        if not isinstance(part, dict):
+            raise PydanticCustomError("invalid_type", "{param} must be an object: {\"type\": \"text\", \"text\": ...}",
+                                      {"at": f"[{i}]"})
+        if part.get("type") != "text":
+            raise PydanticCustomError("not_supported", f"{{param}}: {json.dumps(part.get('type'))} parts are not "
+                                                       f"supported, only \"text\"", {"at": f"[{i}].type"})
+        if not isinstance(part.get("text"), str):
+            raise PydanticCustomError("invalid_type", "{param} must be a string", {"at": f"[{i}].text"})
+        extra = next((k for k in part if k not in ("type", "text")), None)
+        if extra is not None:
+            raise PydanticCustomError("unknown_parameter", "unrecognized request argument supplied: {param}",
+                                      {"at": f"[{i}].{extra}"})
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 class Message(BaseModel):
     role: str = Field(None, validate_default=True)
     content: str = Field(None, validate_default=True)
@@ -124,6 +207,15 @@ class Message(BaseModel):
     def _object(cls, v):
         if not isinstance(v, dict):
             raise PydanticCustomError("invalid_type", "{param} must be an object with 'role' and 'content'")
+        for key, value in v.items():
+            if key in ("role", "content"):
+                continue
+            if key not in MESSAGE_OFF:
+                raise PydanticCustomError("unknown_parameter", "unrecognized request argument supplied: {param}",
+                                          {"at": f".{key}"})
+            if value is not None and not MESSAGE_OFF[key](value):
+                raise PydanticCustomError("not_supported", "{param} is not supported by this server",
+                                          {"at": f".{key}"})
         return v
 
     @field_validator("role", mode="before")
@@ -132,37 +224,97 @@ class Message(BaseModel):
         if v not in ROLES:
             raise PydanticCustomError("invalid_value", f"{{param}} must be one of {', '.join(ROLES)}, "
                                                        f"not {json.dumps(v)}")
-        return v
+        return "system" if v in SYSTEM else v
 
     @field_validator("content", mode="before")
     @classmethod
     def _content(cls, v):
+        if isinstance(v, list):
+            return _text_parts(v)
         if not isinstance(v, str):
-            raise PydanticCustomError("invalid_type", "{param} must be a string")
+            raise PydanticCustomError("invalid_type", "{param} must be a string or an array of text parts")
         return v
 
 
+def _total_characters(v: list[Message], info: ValidationInfo):
+    """No token covers more than token_chars characters: more than context x token_chars can never fit."""
+    bounds = info.context or {}
+    if "context" not in bounds:
+        return v
+    n, most = sum(len(m.content) for m in v), bounds["context"] * bounds["token_chars"]
+    if n > most:
+        raise PydanticCustomError("context_length_exceeded",
+                                  f"the messages have {n} characters: more than can ever fit this model's context "
+                                  f"({bounds['context']} tokens of at most {bounds['token_chars']} characters each)",
+                                  {"param": "messages"})
+    return v
+
+
+def _model(v, info: ValidationInfo):
+    """null or absent: the model served; another name: 404, as OpenAI answers."""
+    served = (info.context or {}).get("model")
+    if v is None:
+        return served
+    if not isinstance(v, str):
+        raise PydanticCustomError("invalid_type", "'model' must be a string")
+    if served is not None and v != served:
+        raise PydanticCustomError("model_not_found", f"the model {json.dumps(v)} does not exist: this server "
+                                                     f"serves {json.dumps(served)} (GET /v1/models)")
+    return v
+
+
 class ChatRequest(BaseModel):
-    """A chat-completions body; fields in the order they are checked. Other keys (model,
-    user, ...) are ignored."""
-    messages: Annotated[list[Message], WrapValidator(_system_only_first), BeforeValidator(_messages_array)] = \
-        Field(None, validate_default=True)
+    """A chat-completions body; fields in the order they are checked, after the keys
+    themselves (`_keys`): every key of OpenAI's body is honoured, accepted (user, ...) or,
+    where its feature is missing here, accepted only with the value that means "off"."""
+    model: Annotated[Optional[str], BeforeValidator(_model)] = Field(None, validate_default=True)
+    messages: Annotated[list[Message], WrapValidator(_system_only_first), BeforeValidator(_messages_array),
+                        AfterValidator(_total_characters)] = Field(None, validate_default=True)
     n: Annotated[Optional[int], BeforeValidator(_integer)] = None
     temperature: Annotated[float, _number(1.0, 0.0, 2.0)] = 1.0
     top_p: Annotated[float, _number(1.0, 0.0, 1.0, lo_open=True)] = 1.0
     stop: Annotated[list[str], BeforeValidator(_stop)] = Field(default_factory=list)
     seed: Annotated[Optional[int], BeforeValidator(_integer)] = None
-    stream: Annotated[bool, BeforeValidator(_stream)] = False
+    stream: Annotated[bool, BeforeValidator(_boolean)] = False
     stream_options: Annotated[dict, BeforeValidator(_stream_options)] = Field(default_factory=dict)
+    logprobs: Annotated[bool, BeforeValidator(_boolean)] = False
+    top_logprobs: Annotated[Optional[int], BeforeValidator(_integer)] = None
+    # accepted: they ask for nothing this server would do differently
+    user: Annotated[Optional[str], BeforeValidator(_string)] = None
+    safety_identifier: Annotated[Optional[str], BeforeValidator(_string)] = None
+    prompt_cache_key: Annotated[Optional[str], BeforeValidator(_string)] = None
+    # features this server lacks: their "off" values only
+    frequency_penalty: Annotated[Any, _off(_zero)] = None
+    presence_penalty: Annotated[Any, _off(_zero)] = None
+    logit_bias: Annotated[Any, _off(_is({}))] = None
+    tools: Annotated[Any, _off(_is([]))] = None
+    tool_choice: Annotated[Any, _off(_is("none", "auto"))] = None  # with no tools, "auto" is "none"
+    parallel_tool_calls: Annotated[Any, _off(_is(True, False))] = None  # nothing to call
+    functions: Annotated[Any, _off(_is([]))] = None
+    function_call: Annotated[Any, _off(_is("none", "auto"))] = None
+    response_format: Annotated[Any, _off(_is({"type": "text"}))] = None
+    modalities: Annotated[Any, _off(_is(["text"]))] = None
+    audio: Annotated[Any, _off()] = None
+    prediction: Annotated[Any, _off()] = None
+    reasoning_effort: Annotated[Any, _off()] = None
+    verbosity: Annotated[Any, _off()] = None
+    web_search_options: Annotated[Any, _off()] = None
+    service_tier: Annotated[Any, _off(_is("auto", "default"))] = None
+    store: Annotated[Any, _off(_is(False))] = None  # nothing is stored ...
+    metadata: Annotated[Any, _off(_is({}))] = None  # ... so nothing to tag
     # checked once the prompt's length is known (answer_length), after the context check
     max_completion_tokens: Any = None
     max_tokens: Any = None
 
     @model_validator(mode="before")
     @classmethod
-    def _object(cls, v):
+    def _keys(cls, v):
         if not isinstance(v, dict):
             raise PydanticCustomError("invalid_type", "the request body must be a JSON object")
+        unknown = next((k for k in v if k not in cls.model_fields), None)
+        if unknown is not None:
+            raise PydanticCustomError("unknown_parameter", f"unrecognized request argument supplied: {unknown}",
+                                      {"param": unknown})
         return v
 
     @field_validator("n")
@@ -171,6 +323,25 @@ class ChatRequest(BaseModel):
         if n is not None and n != 1:
             raise PydanticCustomError("invalid_value", f"only n=1 is supported, not {n}")
         return n
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top(cls, k, info: ValidationInfo):
+        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise PydanticCustomError("invalid_value", f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], not {k}")
+        if k and not info.data.get("logprobs"):
+            raise PydanticCustomError("invalid_value", "'top_logprobs' needs 'logprobs': true")
+        return k
+
+    @model_validator(mode="after")
+    def _together(self):
+        if self.stream_options and not self.stream:
+            raise PydanticCustomError("invalid_value", "'stream_options' is only allowed with 'stream': true",
+                                      {"param": "stream_options"})
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise PydanticCustomError("invalid_value", "give 'max_completion_tokens' or 'max_tokens', not both "
+                                                       "with different values", {"param": "max_tokens"})
+        return self
 
 
 def _param(loc: tuple) -> Optional[str]:
@@ -181,11 +352,17 @@ def _param(loc: tuple) -> Optional[str]:
     return out or None
 
 
+STATUS = {"model_not_found": 404}  # a problem's status, when not 400
+
+
 def api_error(e: ValidationError) -> ApiError:
-    """The first problem pydantic found, as the 400 a client gets."""
+    """The first problem pydantic found, as the error a client gets; ctx "param" names the
+    parameter outright, "at" adds to where pydantic was ("messages[0].content" + "[1].type")."""
     first = e.errors()[0]
-    param = (first.get("ctx") or {}).get("param") or _param(first["loc"])
-    return ApiError(400, first["msg"].replace("{param}", param or "", 1), param, first["type"])
+    ctx = first.get("ctx") or {}
+    param = ctx.get("param") or ((_param(first["loc"]) or "") + ctx.get("at", "")) or None
+    return ApiError(STATUS.get(first["type"], 400), first["msg"].replace("{param}", param or "", 1), param,
+                    first["type"])
 
 
 @dataclass
@@ -200,6 +377,8 @@ class ChatParams:
     seed: int
     stream: bool
     include_usage: bool
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token shown (with logprobs)
 
 
 def answer_length(req: ChatRequest, prompt_len: int, context: int) -> int:
@@ -219,11 +398,15 @@ def answer_length(req: ChatRequest, prompt_len: int, context: int) -> int:
     return n
 
 
-def parse_chat(body, tok, context: int, system_prompt: Optional[str]) -> ChatParams:
-    """A chat-completions body (parsed JSON) -> ChatParams, or ApiError (400) saying
-    which parameter is wrong and why. `context` is the model's max_seq_len."""
+def parse_chat(body, tok, context: int, system_prompt: Optional[str], model: Optional[str] = None) -> ChatParams:
+    """A chat-completions body (parsed JSON) -> ChatParams, or ApiError (400; 404 for a model
+    other than `model`, the one served) saying which parameter is wrong and why. `context` is
+    the model's max_seq_len. Everything is checked before anything is tokenised, the messages'
+    size too: more messages than `context`, or more characters than `context` times the
+    longest token's (tok.max_token_chars), can never fit."""
+    bounds = {"model": model, "context": context, "token_chars": tok.max_token_chars}
     try:
-        req = ChatRequest.model_validate(body)
+        req = ChatRequest.model_validate(body, context=bounds)
     except ValidationError as e:
         raise api_error(e) from None
     try:
@@ -237,7 +420,8 @@ def parse_chat(body, tok, context: int, system_prompt: Optional[str]) -> ChatPar
                             f"so the messages may take at most {context - 1}", "messages", "context_length_exceeded")
     seed = secrets.randbits(32) if req.seed is None else req.seed
     return ChatParams(ids, answer_length(req, len(ids), context), req.temperature, req.top_p, req.stop,
-                      seed % 2 ** 32, req.stream, bool(req.stream_options.get("include_usage", False)))
+                      seed % 2 ** 32, req.stream, bool(req.stream_options.get("include_usage")),
+                      req.logprobs, req.top_logprobs or 0)
 
 
 # -- out
@@ -259,21 +443,44 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(c: Completion, text: str, finish_reason: str, counts: dict) -> dict:
-    """A whole answer (`stream: false`)."""
+def _candidate(tok, token: int, logprob: float) -> dict:
+    """One token's fields: bytes, what it adds to the answer's text (the entries' bytes joined are
+    the text); token, those bytes as text (\\xNN where part of a character), or a marker's name."""
+    b = tok.token_bytes(token)
+    return {"token": b.decode("utf-8", errors="backslashreplace") or tok.itos[token],
+            "logprob": max(float(logprob), -9999.0), "bytes": list(b)}
+
+
+def token_logprob(tok, token: int, lp, top: int) -> dict:
+    """One entry of logprobs.content: the token's text, log-probability (OpenAI's -9999 for
+    none at all) and bytes, and its `top` most likely alternatives (lp: engine.TokenLogprobs)."""
+    entry = _candidate(tok, token, lp.logprob)
+    entry["top_logprobs"] = [_candidate(tok, int(i), v) for i, v in zip(lp.top_ids[:top], lp.top_logprobs[:top])]
+    return entry
+
+
+def logprobs(content: Optional[list]) -> Optional[dict]:
+    """A choice's "logprobs": None when not asked for, else its entries (`token_logprob`)."""
+    return None if content is None else {"content": content, "refusal": None}
+
+
+def completion(c: Completion, text: str, finish_reason: str, counts: dict, content_logprobs=None) -> dict:
+    """A whole answer (`stream: false`); content_logprobs: its tokens' entries, when asked for."""
     return {"id": c.id, "object": "chat.completion", "created": c.created, "model": c.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
+                         "logprobs": logprobs(content_logprobs), "finish_reason": finish_reason}],
             "usage": counts}
 
 
 _OMIT = object()
 
 
-def chunk(c: Completion, delta: Optional[dict], finish_reason: Optional[str] = None, counts=_OMIT) -> dict:
+def chunk(c: Completion, delta: Optional[dict], finish_reason: Optional[str] = None, counts=_OMIT,
+          content_logprobs=None) -> dict:
     """One `chat.completion.chunk`: delta None for OpenAI's last chunk of counts (no choices);
-    counts (a dict or None) adds "usage"."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+    counts (a dict or None) adds "usage"; content_logprobs: the entries of the tokens whose
+    text the chunk carries."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs(content_logprobs),
                                          "finish_reason": finish_reason}]
     obj = {"id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model,
            "choices": choices}

@@ -2,13 +2,14 @@
 worker, turns the tokens that come back into text (`tokenizer.TextStream`: whole
 characters, never the start of a stop string) and gives either the whole answer
 (`whole`) or its server-sent events (`events`). A client that disconnects, or a stop
-string, frees the request's slot at once.
+string, frees the request's slot at once. With `logprobs`, each piece of text comes with
+the entries of the tokens it carries (a token whose text is held back waits with it).
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, NamedTuple, Optional
 
 from ..engine import Engine, Request
 from ..tokenizer import TextStream
@@ -28,14 +29,23 @@ class Model:
     name: str
 
 
+class Piece(NamedTuple):
+    """New text of an answer, and the logprobs entries of the tokens it carries (None when not
+    asked for)."""
+    text: str
+    logprobs: Optional[list]
+
+
 class Answer:
     """One request in flight: its engine request, its text so far, the bodies it makes."""
 
     def __init__(self, worker: Worker, model: Model, p: ChatParams, http):
-        self.worker, self.p, self.http = worker, p, http
+        self.worker, self.p, self.http, self.tok = worker, p, http, model.tok
         self.tokens: asyncio.Queue = asyncio.Queue()  # token ids, then None at the end
-        self.req = Request(p.prompt, p.max_tokens, p.temperature, 0, p.top_p, p.seed,
-                           on_token=lambda r, t: worker.post(self.tokens, t),
+        self.lps: list = []  # each token's engine.TokenLogprobs (with logprobs), appended by the engine's thread
+        self.entries: Optional[list] = [] if p.logprobs else None  # logprobs.content so far
+        self.req = Request(p.prompt, p.max_tokens, p.temperature, 0, p.top_p, p.seed, logprobs=p.logprobs,
+                           on_token=self._with_logprobs if p.logprobs else lambda r, t, lp: worker.post(self.tokens, t),
                            on_finish=lambda r: worker.post(self.tokens, None))
         try:
             worker.submit(self.req)
@@ -56,7 +66,7 @@ class Answer:
                 pass
         finally:
             self._close()
-        return protocol.completion(self.meta, self.text.text, self._finish_reason(), self._usage())
+        return protocol.completion(self.meta, self.text.text, self._finish_reason(), self._usage(), self.entries)
 
     async def events(self) -> AsyncIterator[str]:
         """The answer as server-sent events, as they come (`stream: true`)."""
@@ -64,8 +74,12 @@ class Answer:
         try:
             yield protocol.event(protocol.chunk(self.meta, {"role": "assistant", "content": ""}))
             try:
-                async for new in self._pieces():
-                    yield text_event(new)
+                async for piece in self._pieces():
+                    if piece.logprobs is None:
+                        yield text_event(piece.text)
+                    else:
+                        yield protocol.event(protocol.chunk(self.meta, {"content": piece.text},
+                                                            content_logprobs=piece.logprobs))
             except ApiError as e:  # the headers are out: the error goes as an event
                 yield protocol.event(e.body())
             else:
@@ -79,29 +93,47 @@ class Answer:
         finally:  # the end, or the client went away (the task is cancelled): free the slot
             self._close()
 
-    async def _pieces(self) -> AsyncIterator[str]:
+    async def _pieces(self) -> AsyncIterator[Piece]:
         """The answer's new text until the row ends or a stop string: a piece per token,
         or per few tokens when the client side falls behind the engine."""
         while True:
             batch = [await self.tokens.get()]
             while not self.tokens.empty():
                 batch.append(self.tokens.get_nowait())
-            new = ""
+            new, ended = "", False
             for t in batch:
                 if t is None:
                     if self.req.finish_reason == "error":  # the request's error is one line, no traceback
                         raise ApiError(500, f"the answer failed: {self.req.error or 'see the server log'} "
                                             f"(request id {request_id(self.http.scope)})", None, None, "server_error")
                     new += self.text.flush()
-                    if new:
-                        yield new
-                    return
+                    ended = True
+                    break
                 if not self.text.stopped:
                     new += self.text.feed(t)
                     if self.text.stopped:
                         self.worker.cancel(self.req)  # free the slot now
-            if new:
-                yield new
+            entries = self._carried(ended or self.text.stopped)
+            if new or entries:
+                yield Piece(new, entries)
+            if ended:
+                return
+
+    def _with_logprobs(self, r, t, lp):
+        """on_token, in the engine's thread: the token's log-probabilities are in place before it is posted."""
+        self.lps.append(lp)
+        self.worker.post(self.tokens, t)
+
+    def _carried(self, final: bool) -> Optional[list]:
+        """The logprobs entries of the tokens the text released so far carries, not given before
+        (None without logprobs); `final`: the text is all there will be."""
+        if self.entries is None:
+            return None
+        done = len(self.entries)
+        new = [protocol.token_logprob(self.tok, self.text.ids[i], self.lps[i], self.p.top_logprobs)
+               for i in range(done, self.text.carried(final))]
+        self.entries += new
+        return new
 
     async def _watch_disconnect(self):
         while True:

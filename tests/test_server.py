@@ -5,7 +5,6 @@ disconnecting clients against an in-process server whose engine is slowed down."
 import base64
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -216,7 +215,6 @@ def test_page_health_and_no_recompilation(server):
 @pytest.mark.slow
 def test_chat_page_in_headless_chromium(server, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     with chat_page(server["url"]) as browser:  # under its Content-Security-Policy: a violation fails here
         wait = WebDriverWait(browser, 60)
@@ -357,8 +355,9 @@ class PageParts(HTMLParser):
 def test_page_csp_allows_its_own_script_and_style_by_hash():
     from fastapi.testclient import TestClient
     from jaxsft.serve.app import create_app
-    r = TestClient(create_app(lambda: None), base_url="http://localhost").get("/")  # no lifespan: no model
-    assert r.status_code == 200
+    client = TestClient(create_app(lambda: None), base_url="http://localhost")  # no lifespan: no model
+    r = client.get("/")
+    assert r.status_code == 200 and client.get("/health").headers["x-content-type-options"] == "nosniff"
     parts = PageParts(r.text)
     assert [len(parts.inline["script"]), len(parts.inline["style"])] == [1, 1]
 
@@ -432,12 +431,14 @@ def trained_engine(g, slots=2, engine_class=None):
 @pytest.mark.slow
 def test_page_leaves_a_failed_answer_out_of_the_conversation(trained, monkeypatch):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
     from jaxsft.engine import Engine
     from jaxsft.serve import protocol
 
     class Failing(Engine):
-        """Keeps each request's prompt; with `fail_in` set, a decode step raises that many steps on."""
-        prompts, fail_in = [], None
+        """Keeps each request's prompt; with `fail_in` set, the decode step that many steps on
+        waits for `go`, then raises."""
+        prompts, fail_in, go = [], None, threading.Event()
 
         def submit(self, req):
             self.prompts.append([int(t) for t in req.prompt])
@@ -448,6 +449,7 @@ def test_page_leaves_a_failed_answer_out_of_the_conversation(trained, monkeypatc
                 self.fail_in -= 1
                 if self.fail_in < 0:
                     self.fail_in = None
+                    self.go.wait(60)
                     raise RuntimeError("a decode step failed (the test's)")
             return super().decode()
 
@@ -467,9 +469,12 @@ def test_page_leaves_a_failed_answer_out_of_the_conversation(trained, monkeypatc
         history = [("user", q1), ("assistant", a1)]  # what every later request must carry: no failed turn
         # 1. an error event mid-stream: the engine fails after a few tokens
         eng.fail_in = 2
-        out = page_ask(browser, q0)  # the prefill's token and two decode steps' (the last may miss the event)
-        assert "failed" in out.get_attribute("class") and 1 <= len(out.text) <= 3, out.text
-        assert "stopped the answer" in last_error()
+        page_ask(browser, q0, answered=False)  # the prefill's token and two decode steps' are shown ...
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_element(By.CSS_SELECTOR, ".pending").text) == 3)
+        eng.go.set()  # ... then the third step fails
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".failed"))
+        out = browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
+        assert "failed" in out.get_attribute("class") and len(out.text) == 3 and "stopped the answer" in last_error()
         # 2. a stream that ends without its [DONE]: the whole text came, the end did not
         monkeypatch.setattr(protocol, "DONE", "")
         out = page_ask(browser, q3)
@@ -479,12 +484,13 @@ def test_page_leaves_a_failed_answer_out_of_the_conversation(trained, monkeypatc
         monkeypatch.setattr(protocol, "DONE", None)
         broken = page_ask(browser, q2)
         assert eng.prompts[-1] == sent(*history, ("user", q2))
-        assert "failed" in broken.get_attribute("class") and broken.text and "No answer" in last_error()
+        # (what the page had not read yet when the connection broke is lost: Chrome drops it)
+        assert "failed" in broken.get_attribute("class") and "No answer" in last_error()
         monkeypatch.undo()
         # and after the three, the next request still carries the first turn only
         out = page_ask(browser, q2)
         assert eng.prompts[-1] == sent(*history, ("user", q2))
-        assert "failed" not in out.get_attribute("class") and out.text == broken.text  # the same greedy answer
+        assert "failed" not in out.get_attribute("class") and out.text.startswith(broken.text)  # the same request
         assert len(browser.find_elements(By.CSS_SELECTOR, ".failed")) == 3 and len(eng.prompts) == 5
 
 
@@ -493,9 +499,6 @@ def test_page_asks_for_the_api_key_and_keeps_it_for_the_tab(trained):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
-    from jaxsft.serve.app import create_app
-    if "api_keys" not in inspect.signature(create_app).parameters:
-        pytest.skip("create_app(api_keys=...) is not in this tree yet")
     g = trained
     (_, _), (q1, a1), (q2, a2), _ = QA
     with live_app(trained_engine(g), g.tok, system_prompt=g.system_prompt, api_keys=("sk-right",)) as (url, _), \

@@ -43,5 +43,6 @@ def csp(html: str) -> str:
 def chat_page() -> tuple[str, dict]:
     """(the page's HTML, its headers), read once."""
     html = resources.files("jaxsft").joinpath(PAGE).read_text(encoding="utf-8")
-    return html, {"Content-Security-Policy": csp(html), "X-Content-Type-Options": "nosniff",
-                  "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}
+    # (X-Content-Type-Options: nosniff comes with every response: access_log.py)
+    return html, {"Content-Security-Policy": csp(html), "Referrer-Policy": "no-referrer",
+                  "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}

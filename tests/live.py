@@ -61,12 +61,12 @@ def openai_client(url, api_key="none"):
 
 
 @contextlib.contextmanager
-def live_app(engine, tok, **kw):
+def live_app(engine, tok, system_prompt="", **kw):
     """The app on a free port in this process (uvicorn in a thread); yields (url, state)."""
     import uvicorn
     from jaxsft.serve.app import create_app
     from jaxsft.serve.serving import Model
-    app = create_app(lambda: Model(engine, tok, "", "slow"), warm_up=False, **kw)
+    app = create_app(lambda: Model(engine, tok, system_prompt, "slow"), warm_up=False, **kw)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -103,6 +103,7 @@ def chromium():
     import tempfile
     profile = tempfile.mkdtemp(prefix="chromium-")
     opts.add_argument(f"--user-data-dir={profile}")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, CSP violations included
     return webdriver.Chrome(service=Service(driver), options=opts), profile
 
 

@@ -2,7 +2,10 @@
 (the tiny trained model) driven by the official `openai` client, 16 concurrent streams,
 every bad request, a headless Chromium on the chat page, and SIGTERM; busy and
 disconnecting clients against an in-process server whose engine is slowed down."""
+import base64
+import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -12,6 +15,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from html.parser import HTMLParser
 
 import httpx
 import jax
@@ -353,8 +357,13 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
 
 @pytest.mark.slow
 def test_page_health_and_no_recompilation(server):
+    # a streamed answer of its own: the log line below does not depend on which tests ran before
+    r = httpx.post(server["url"] + "/v1/chat/completions", timeout=60,
+                   json={"messages": user(QA[1][0]), "temperature": 0, "stream": True})
+    assert r.status_code == 200 and "data: [DONE]" in r.text
     page = httpx.get(server["url"] + "/", timeout=30)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'none'" in page.headers["content-security-policy"]  # page.py's headers from bin/serve too
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)  # nothing from elsewhere
     assert "@import" not in page.text and "url(" not in page.text
     h = httpx.get(server["url"] + "/health", timeout=30).json()
@@ -368,17 +377,12 @@ def test_page_health_and_no_recompilation(server):
 @pytest.mark.slow
 def test_chat_page_in_headless_chromium(server, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
-    browser, profile = chromium()
-    try:
-        browser.get(server["url"] + "/")
+    with chat_page(server["url"]) as browser:  # under its Content-Security-Policy: a violation fails here
         wait = WebDriverWait(browser, 60)
-        box = browser.find_element(By.ID, "input")
         history = []
         for turn, (q, _) in enumerate(QA[:2]):
-            box.send_keys(q, Keys.ENTER)
-            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant:not(.pending)")) > turn)
+            page_ask(browser, q)
             answers = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".assistant")]
             # the page sends the whole conversation: the API's greedy answer to it
             history += user(q)
@@ -387,18 +391,17 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
             history.append({"role": "assistant", "content": want})
         assert answers[0] == QA[0][1]
         assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".user")] == [q for q, _ in QA[:2]]
+        assert not browser.find_element(By.ID, "keyform").is_displayed()  # a server without keys: no key asked
+        assert not browser.find_elements(By.CSS_SELECTOR, ".failed, .error")
         browser.save_screenshot(str(tmp_path / "chat-page.png"))
         # a refused request says why
         temp = browser.find_element(By.ID, "temperature")
         temp.clear()
         temp.send_keys("5")
-        box.send_keys("你好", Keys.ENTER)
+        page_ask(browser, "你好", answered=False)
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".error"))
         err = browser.find_element(By.CSS_SELECTOR, ".error").text
         assert "refused" in err and "400" in err and "temperature" in err
-    finally:
-        browser.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -604,3 +607,197 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(slow_engine, tok):
         # and the server goes on
         r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+# -- the chat page: its Content-Security-Policy, failed answers, API keys
+
+class PageParts(HTMLParser):
+    """The page as a browser parses it: the text of each inline <script> and <style>, and every attribute."""
+
+    def __init__(self, html):
+        super().__init__()
+        self.inline, self.attrs, self.tag = {"script": [], "style": []}, [], None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.attrs += [(tag, k) for k, _ in attrs]
+        if tag in self.inline:
+            self.tag = tag
+            self.inline[tag].append("")
+
+    def handle_endtag(self, tag):
+        self.tag = None
+
+    def handle_data(self, data):
+        if self.tag:
+            self.inline[self.tag][-1] += data
+
+
+def test_page_csp_allows_its_own_script_and_style_by_hash():
+    from fastapi.testclient import TestClient
+    from jaxsft.serve.app import create_app
+    client = TestClient(create_app(lambda: None), base_url="http://localhost")  # no lifespan: no model
+    r = client.get("/")
+    assert r.status_code == 200 and client.get("/health").headers["x-content-type-options"] == "nosniff"
+    parts = PageParts(r.text)
+    assert [len(parts.inline["script"]), len(parts.inline["style"])] == [1, 1]
+
+    def sha256(text):
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    csp = dict(d.strip().split(None, 1) for d in r.headers["content-security-policy"].split(";"))
+    assert csp == {"default-src": "'none'", "script-src": sha256(parts.inline["script"][0]),
+                   "style-src": sha256(parts.inline["style"][0]), "connect-src": "'self'",
+                   "base-uri": "'none'", "form-action": "'none'", "frame-ancestors": "'none'"}
+    assert (r.headers["x-content-type-options"], r.headers["referrer-policy"], r.headers["x-frame-options"]) == (
+        "nosniff", "no-referrer", "DENY")
+    # what a hash-only policy would block: event-handler and style attributes, scripts from files
+    assert not [a for a in parts.attrs if a[1].startswith("on") or a[1] in ("style", "src", "href")], parts.attrs
+
+
+@contextlib.contextmanager
+def chat_page(url):
+    """The chat page in a headless Chromium, its script running; yields the browser. A
+    Content-Security-Policy violation in the console (or a policy it cannot read), at load
+    or later, fails the test."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser, profile = chromium()
+    console = []
+
+    def blocked():
+        console.extend(browser.get_log("browser"))
+        return [e["message"] for e in console if e["source"] == "security" or "Content Security" in e["message"]]
+
+    try:
+        browser.get(url + "/")
+        # the script fills in the status line at once; a blocked one never does
+        WebDriverWait(browser, 30).until(lambda b: blocked() or b.find_element(By.ID, "status").text)
+        assert not blocked()
+        yield browser
+        assert not blocked()
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def page_ask(browser, question, answered=True):
+    """Types `question` into the page; with `answered`, waits for its answer to end and
+    returns the answer's element."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    n, e = (len(browser.find_elements(By.CSS_SELECTOR, c)) for c in (".assistant", ".error"))
+    browser.find_element(By.ID, "input").send_keys(question, Keys.ENTER)
+    if answered:
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".assistant:not(.pending)")) > n
+                                         or len(b.find_elements(By.CSS_SELECTOR, ".error")) > e)
+        answers = browser.find_elements(By.CSS_SELECTOR, ".assistant")
+        assert len(answers) > n, browser.find_elements(By.CSS_SELECTOR, ".error")[-1].text  # refused: no answer
+        return answers[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    """The tiny trained model in this process (Generator: params, cfg, tok, system_prompt)."""
+    from jaxsft.decode import Generator
+    return Generator.from_run(trained_run["run_dir"])
+
+
+def trained_engine(g, slots=2, engine_class=None):
+    from jaxsft.engine import Engine
+    return (engine_class or Engine)(g.params, g.cfg, g.tok.stop_ids, slots, g.tok.pad_id)
+
+
+@pytest.mark.slow
+def test_page_leaves_a_failed_answer_out_of_the_conversation(trained, monkeypatch):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from jaxsft.engine import Engine
+    from jaxsft.serve import protocol
+
+    class Failing(Engine):
+        """Keeps each request's prompt; with `fail_in` set, the decode step that many steps on
+        waits for `go`, then raises."""
+        prompts, fail_in, go = [], None, threading.Event()
+
+        def submit(self, req):
+            self.prompts.append([int(t) for t in req.prompt])
+            return super().submit(req)
+
+        def decode(self):
+            if self.fail_in is not None:
+                self.fail_in -= 1
+                if self.fail_in < 0:
+                    self.fail_in = None
+                    self.go.wait(60)
+                    raise RuntimeError("a decode step failed (the test's)")
+            return super().decode()
+
+    g = trained
+    eng = trained_engine(g, engine_class=Failing)
+
+    def sent(*turns):  # the prompt the server makes of these turns
+        msgs = [{"role": r, "content": c} for r, c in turns]
+        return parse_chat({"messages": msgs}, g.tok, g.cfg.max_seq_len, g.system_prompt).prompt.tolist()
+
+    (q0, a0), (q1, a1), (q2, a2), (q3, a3) = QA
+    with live_app(eng, g.tok, system_prompt=g.system_prompt) as (url, _), chat_page(url) as browser:
+        def last_error():
+            return browser.find_elements(By.CSS_SELECTOR, ".error")[-1].text
+
+        assert page_ask(browser, q1).text == a1 and eng.prompts == [sent(("user", q1))]
+        history = [("user", q1), ("assistant", a1)]  # what every later request must carry: no failed turn
+        # 1. an error event mid-stream: the engine fails after a few tokens
+        eng.fail_in = 2
+        page_ask(browser, q0, answered=False)  # the prefill's token and two decode steps' are shown ...
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_element(By.CSS_SELECTOR, ".pending").text) == 3)
+        eng.go.set()  # ... then the third step fails
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".failed"))
+        out = browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
+        assert "failed" in out.get_attribute("class") and len(out.text) == 3 and "stopped the answer" in last_error()
+        # 2. a stream that ends without its [DONE]: the whole text came, the end did not
+        monkeypatch.setattr(protocol, "DONE", "")
+        out = page_ask(browser, q3)
+        assert eng.prompts[-1] == sent(*history, ("user", q3))
+        assert "failed" in out.get_attribute("class") and out.text and "broke off" in last_error()
+        # 3. a broken connection: the server's stream raises after the answer's text
+        monkeypatch.setattr(protocol, "DONE", None)
+        broken = page_ask(browser, q2)
+        assert eng.prompts[-1] == sent(*history, ("user", q2))
+        # (what the page had not read yet when the connection broke is lost: Chrome drops it)
+        assert "failed" in broken.get_attribute("class") and "No answer" in last_error()
+        monkeypatch.undo()
+        # and after the three, the next request still carries the first turn only
+        out = page_ask(browser, q2)
+        assert eng.prompts[-1] == sent(*history, ("user", q2))
+        assert "failed" not in out.get_attribute("class") and out.text.startswith(broken.text)  # the same request
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".failed")) == 3 and len(eng.prompts) == 5
+
+
+@pytest.mark.slow
+def test_page_asks_for_the_api_key_and_keeps_it_for_the_tab(trained):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    g = trained
+    (_, _), (q1, a1), (q2, a2), _ = QA
+    with live_app(trained_engine(g), g.tok, system_prompt=g.system_prompt, api_keys=("sk-right",)) as (url, _), \
+            chat_page(url) as browser:
+        wait = WebDriverWait(browser, 60)
+        form, prompt, key = (browser.find_element(By.ID, i) for i in ("keyform", "keyprompt", "key"))
+        assert not form.is_displayed()
+        page_ask(browser, q1, answered=False)
+        wait.until(lambda b: form.is_displayed())  # the 401 asks for a key
+        assert "needs an API key" in prompt.text and key.get_attribute("type") == "password"
+        key.send_keys("sk-wrong", Keys.ENTER)
+        wait.until(lambda b: "refused" in prompt.text and form.is_displayed())  # refused: asked again
+        key.send_keys("sk-right", Keys.ENTER)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant:not(.pending)"))
+        assert browser.find_element(By.CSS_SELECTOR, ".assistant").text == a1 and not form.is_displayed()
+        assert browser.execute_script("return [sessionStorage.getItem('jaxsft-api-key'), localStorage.length]") == [
+            "sk-right", 0]
+        # the tab's key goes with the next question (a new conversation's) without asking
+        browser.find_element(By.ID, "clear").click()
+        assert page_ask(browser, q2).text == a2 and not form.is_displayed()
+        assert not browser.find_elements(By.CSS_SELECTOR, ".error, .failed")

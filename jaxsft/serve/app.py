@@ -11,7 +11,8 @@ Routes (each a few lines: the work is in protocol.py, serving.py and worker.py):
                               its last step: null when idle); 503 while loading or compiling,
                               and {"status": "failed", "reason": ...} once the engine has failed
   GET  /metrics               Prometheus's text format (metrics.py)
-  GET  /                      the chat page (jaxsft/static/chat.html, no external resources)
+  GET  /                      the chat page (jaxsft/static/chat.html, no external resources; page.py:
+                              its Content-Security-Policy allows its own inline script and style only)
 
 Before any route: guard.py (API keys on /v1/* and /metrics, or local Host names only; POST
 bodies must be JSON), inside access_log.py (the request's id, its log line, its metrics).
@@ -30,7 +31,6 @@ import time
 import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Callable, Optional, Sequence
 
 from fastapi import APIRouter, FastAPI, Request as HttpRequest
@@ -44,6 +44,7 @@ from ..engine import compiled_programs
 from .access_log import AccessLog, note, request_id
 from .guard import Guard
 from .metrics import CONTENT_TYPE, Metrics
+from .page import chat_page
 from .protocol import ApiError, parse_chat
 from .serving import Answer, Model
 from .worker import Worker
@@ -211,7 +212,8 @@ async def metrics(request: HttpRequest):
 
 @router.get("/", response_class=HTMLResponse)
 async def page():
-    return HTMLResponse(resources.files("jaxsft").joinpath("static/chat.html").read_text(encoding="utf-8"))
+    html, headers = chat_page()  # with its Content-Security-Policy (page.py)
+    return HTMLResponse(html, headers=headers)
 
 
 # -- errors: every one as {"error": {...}}

@@ -283,3 +283,31 @@ def test_bin_serve_exits_1_when_its_engine_breaks(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_text_decoded_before_a_failure_goes_out_before_its_error(tok):
+    """The tokens a row wrote before its step failed reach the event loop in the same batch as
+    the end (one wake-up per step): their text is sent, then the error."""
+    import asyncio
+    from types import SimpleNamespace
+    from jaxsft.serve.protocol import ApiError
+    from jaxsft.serve.serving import Answer
+    from jaxsft.tokenizer import TextStream
+    ids = tok.encode("你好")
+    a = Answer.__new__(Answer)  # what _pieces reads, without a server around it
+    a.tokens, a.entries, a.text = asyncio.Queue(), None, TextStream(tok)
+    a.req = SimpleNamespace(finish_reason="error", error="decode failed: RuntimeError: boom")
+    a.http, a.worker = SimpleNamespace(scope={"state": {"request_id": "r1"}}), None
+
+    async def pieces():
+        for t in [*ids, None]:
+            a.tokens.put_nowait(t)
+        got = []
+        with pytest.raises(ApiError) as e:
+            async for p in a._pieces():
+                got.append(p.text)
+        return got, e.value
+
+    got, err = asyncio.run(pieces())
+    assert "".join(got) == "你好"
+    assert err.status == 500 and err.message == "the answer failed: decode failed: RuntimeError: boom (request id r1)"

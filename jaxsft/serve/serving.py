@@ -100,12 +100,12 @@ class Answer:
             batch = [await self.tokens.get()]
             while not self.tokens.empty():
                 batch.append(self.tokens.get_nowait())
-            new, ended = "", False
+            new, ended, failed = "", False, False
             for t in batch:
                 if t is None:
-                    if self.req.finish_reason == "error":  # the request's error is one line, no traceback
-                        raise ApiError(500, f"the answer failed: {self.req.error or 'see the server log'} "
-                                            f"(request id {request_id(self.http.scope)})", None, None, "server_error")
+                    if self.req.finish_reason == "error":
+                        failed = True  # the text decoded before the failure goes out first
+                        break
                     new += self.text.flush()
                     ended = True
                     break
@@ -116,6 +116,9 @@ class Answer:
             entries = self._carried(ended or self.text.stopped)
             if new or entries:
                 yield Piece(new, entries)
+            if failed:  # the request's error is one line, no traceback
+                raise ApiError(500, f"the answer failed: {self.req.error or 'see the server log'} "
+                                    f"(request id {request_id(self.http.scope)})", None, None, "server_error")
             if ended:
                 return
 

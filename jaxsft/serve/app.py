@@ -130,10 +130,9 @@ def parse_json(raw: bytes):
     return body
 
 
-async def read_json(request: HttpRequest, limit: int):
-    """The request body parsed, or ApiError: 413 as soon as it is known to exceed `limit`
-    bytes, 408 when it takes over BODY_SECONDS to arrive, 400 when it is not JSON;
-    ClientGone when the client leaves first."""
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The request body, or ApiError: 413 as soon as it is known to exceed `limit` bytes, 408
+    when it takes over BODY_SECONDS to arrive; ClientGone when the client leaves first."""
     too_big = ApiError(413, f"the request body exceeds {limit} bytes", None, "request_too_large")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -149,13 +148,12 @@ async def read_json(request: HttpRequest, limit: int):
         return b"".join(chunks)
 
     try:
-        raw = await asyncio.wait_for(whole(), BODY_SECONDS)
+        return await asyncio.wait_for(whole(), BODY_SECONDS)
     except ClientDisconnect:
         raise ClientGone() from None
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {BODY_SECONDS} s", None,
                        "request_timeout") from None
-    return await run_in_threadpool(parse_json, raw)
 
 
 # -- routes
@@ -167,13 +165,20 @@ def _state(request: HttpRequest) -> State:
     return request.app.state.jaxsft
 
 
+def _parse(state: State, raw: bytes):
+    """(model, ChatParams) of a chat body, in a worker thread; ApiError as the client gets it."""
+    body = parse_json(raw)
+    m = state.ready_model()
+    return m, parse_chat(body, m.tok, m.engine.S, m.system_prompt, m.name)
+
+
 @router.post("/v1/chat/completions")
 async def chat(request: HttpRequest):
     state = _state(request)
-    body = await read_json(request, state.max_body)
-    m = state.ready_model()
-    # tokenising and the chat template take milliseconds: off the event loop, which streams every answer
-    p = await run_in_threadpool(parse_chat, body, m.tok, m.engine.S, m.system_prompt, m.name)
+    raw = await read_body(request, state.max_body)
+    # parsing a body of up to --max-body, tokenising and the chat template take milliseconds: off the
+    # event loop, which streams every answer (one trip to a worker thread, not one per stage)
+    m, p = await run_in_threadpool(_parse, state, raw)
     answer = Answer(state.worker, m, p, request)
     if not answer.p.stream:
         return await answer.whole()

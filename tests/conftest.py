@@ -42,6 +42,10 @@ os.environ.pop("PYTHONUNBUFFERED", None)
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
+# datasets' cache (the data files it converts to Arrow, jaxsft's map steps: datasets_io.py) in a
+# directory of this session, not the user's ~/.cache; set before datasets is imported
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf-datasets-"))
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # plain `pytest` (not `python -m pytest`) from any directory
     sys.path.insert(0, REPO)

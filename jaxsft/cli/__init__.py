@@ -120,10 +120,10 @@ def read_test(cfg):
     """data.test, read and checked before training: ("pairs", preference pairs) for a DPO run
     whose file holds pairs, else ("rows", rows with reference answers)."""
     from .. import evaluate
-    from ..data import holds_pairs, read_pairs
-    if cfg.train.objective == "dpo" and holds_pairs(cfg.data.test):
-        return "pairs", read_pairs(cfg.data.test)
-    return "rows", evaluate.read_scored_rows(cfg.data.test)
+    from ..datasets_io import holds_pairs, read_pairs
+    if cfg.train.objective == "dpo" and holds_pairs(cfg.data.test, cfg.data):
+        return "pairs", read_pairs(cfg.data.test, cfg.data)
+    return "rows", evaluate.read_scored_rows(cfg.data.test, cfg.data)
 
 
 SAMPLES = 3  # greedy answers printed after a DPO run's test pairs

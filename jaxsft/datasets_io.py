@@ -36,7 +36,7 @@ from . import chatml, templates
 from .config import DataConfig, UserError
 from . import data as jsonl
 from .data import Pair, Row, Source, is_pair, pair_from, resolve, row_form, row_from, row_texts
-from .rowforms import detect, json_cells, rename
+from .rowforms import LISTS, detect, json_cells, rename
 from .tokenizer import AnyTokenizer
 
 ARROW_BYTES = 64 << 20  # JSON Lines files of a split above this, together, are read through datasets
@@ -360,15 +360,16 @@ def _rows_step(batch, at: list, *, source: Source, index: int, form, columns, ne
         for text, n in zip(batch.column("text").to_pylist(), numbers):
             objs.append(_decode(text, source.where(n)))
     else:
-        objs = [_plain(o) for o in batch.to_pylist()]
+        objs = _plain(batch)
         numbers = [i + 1 for i in at]
         if source.kind == "csv":
             objs = [json_cells(o) for o in objs]
     cols = PAIR_COLUMNS if pairs else ROW_COLUMNS
-    out = {k: [] for k in cols}
+    turns_col = "prompt" if pairs else "messages"
+    out, turns = {k: [] for k in cols if k != turns_col}, []  # turns: each row's messages
     for obj, n in zip(objs, numbers):
         where = source.where(n)
-        rec = dict.fromkeys(cols)
+        rec, msgs = dict.fromkeys(out), ()
         rec.update(line=n, source=index)
         if isinstance(obj, _NotJson):
             rec["json_error"] = obj.message
@@ -376,15 +377,30 @@ def _rows_step(batch, at: list, *, source: Source, index: int, form, columns, ne
             try:
                 if pairs:
                     p = pair_from(obj, where, columns, n)
-                    rec.update(prompt=_messages(p.prompt), chosen=p.chosen, rejected=p.rejected, category=p.category)
+                    msgs = p.prompt
+                    rec.update(chosen=p.chosen, rejected=p.rejected, category=p.category)
                 else:
                     r = row_from(obj, where, form, columns, need_answer, n)
-                    rec.update(messages=_messages(r.messages), category=r.category, expected=r.expected)
+                    msgs = r.messages
+                    rec.update(category=r.category, expected=r.expected)
             except UserError as e:
                 rec["error"] = str(e)
-        for k in cols:
+        turns.append(msgs)
+        for k in out:
             out[k].append(rec[k])
-    return pa.table(out, schema=_features(cols).arrow_schema)
+    schema = _features(cols).arrow_schema
+    return pa.table({turns_col: _message_lists(turns), **{k: pa.array(v, schema.field(k).type) for k, v in out.items()}},
+                    schema=schema)
+
+
+def _message_lists(turns: list):
+    """Each row's ((role, content), ...) -> one Arrow list<struct<role, content>> array (built from
+    flat columns: much faster than from a dict per message)."""
+    pa = _pa()
+    at = pa.array(np.cumsum([0] + [len(t) for t in turns]).astype(np.int32))
+    flat = pa.StructArray.from_arrays([pa.array([r for t in turns for r, _ in t], pa.string()),
+                                       pa.array([c for t in turns for _, c in t], pa.string())], ["role", "content"])
+    return pa.ListArray.from_arrays(at, flat)
 
 
 class _NotJson:
@@ -403,17 +419,25 @@ def _decode(text: str, where: str):
     return obj
 
 
-def _plain(obj):
-    """A row as Arrow gives it, with the fields it does not have (None) left out, also in messages."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _messages(msgs) -> list:
-    return [{"role": r, "content": c} for r, c in msgs]
+def _plain(batch) -> list[dict]:
+    """A batch's rows as dicts, the fields a row does not have (null) left out, also in the
+    messages of its list fields (rowforms.LISTS). Only columns holding nulls are looked at."""
+    pc = _pa().compute
+    rows = batch.to_pylist()
+    nulls = [k for k in batch.column_names if batch.column(k).null_count]
+    nested = [k for k in LISTS if k in batch.column_names and _pa().types.is_list(batch.schema.field(k).type)
+              and _pa().types.is_struct(batch.schema.field(k).type.value_type)
+              and any(f.null_count for f in pc.list_flatten(batch.column(k)).combine_chunks().flatten())]
+    if not nulls and not nested:
+        return rows
+    for r in rows:
+        for k in nulls:
+            if r[k] is None:
+                del r[k]
+        for k in nested:
+            if r.get(k) is not None:
+                r[k] = [{a: b for a, b in m.items() if b is not None} if isinstance(m, dict) else m for m in r[k]]
+    return rows
 
 
 def _chars_step(messages):
@@ -425,17 +449,22 @@ def _chars_step(messages):
 
 def _examples_step(batch, *, tok, system_prompt, max_seq_len: int, sources):
     """Rows -> the examples of the rows that keep an answer token (chatml.render, to_example):
-    ids (T <= max_seq_len + 1) and loss (T - 1), each example (ids[:-1], ids[1:], loss). A row
-    the template cannot render keeps its message in error."""
-    pa = _pa()
-    ids_all, loss_all = [], []
-    keep = {"category": [], "line": [], "source": [], "error": []}
-    for r in batch.to_pylist():
-        msgs = tuple((m["role"], m["content"]) for m in r["messages"])
+    ids (T <= max_seq_len + 1) and loss (T - 1), each example (ids[:-1], ids[1:], loss), with
+    the row's category, line and source. A row the template cannot render keeps its message
+    in error."""
+    pa, pc = _pa(), _pa().compute
+    messages = batch.column("messages").combine_chunks()
+    flat = pc.list_flatten(messages)  # every message of the batch, its fields as flat lists (fast)
+    roles, contents = pc.struct_field(flat, "role").to_pylist(), pc.struct_field(flat, "content").to_pylist()
+    at = np.concatenate([[0], np.cumsum(pc.list_value_length(messages).to_numpy(zero_copy_only=False))])
+    ids_all, loss_all, kept, errors = [], [], [], []
+    for i in range(len(messages)):
+        msgs = tuple(zip(roles[at[i]:at[i + 1]], contents[at[i]:at[i + 1]]))
         try:
             ids, mask = chatml.render(msgs, tok, system_prompt)
         except templates.TemplateError as e:
-            ids, loss, error = np.zeros(1, np.int32), np.zeros(0, np.int8), f"{sources[r['source']].where(r['line'])}: {e}"
+            where = sources[batch.column("source")[i].as_py()].where(batch.column("line")[i].as_py())
+            ids, loss, error = np.zeros(1, np.int32), np.zeros(0, np.int8), f"{where}: {e}"
         else:
             ex = chatml.to_example(ids, mask, max_seq_len)
             if ex is None:
@@ -443,10 +472,12 @@ def _examples_step(batch, *, tok, system_prompt, max_seq_len: int, sources):
             ids, loss, error = ids[:max_seq_len + 1], ex[2].astype(np.int8), None
         ids_all.append(ids)
         loss_all.append(loss)
-        for k in ("category", "line", "source"):
-            keep[k].append(r[k])
-        keep["error"].append(error)
-    return pa.table({"ids": _lists(ids_all, np.int32), "loss": _lists(loss_all, np.int8), **keep})
+        kept.append(i)
+        errors.append(error)
+    kept = pa.array(kept, pa.int64())
+    return pa.table({"ids": _lists(ids_all, np.int32), "loss": _lists(loss_all, np.int8),
+                     **{k: batch.column(k).take(kept) for k in ("category", "line", "source")},
+                     "error": pa.array(errors, pa.string())})
 
 
 def _lists(arrays: list, dtype):

@@ -178,6 +178,10 @@ def test_columns_rename_fields_also_inside_messages(tmp_path, monkeypatch):
     path = write(tmp_path / "flat", flat, "csv")
     got = datasets_io.read_rows(path, DataConfig(columns={"instruction": "question", "response": "answer"}))
     assert [r.messages for r in got] == [c for c, _, _ in SINGLE]
+    # a CSV column of numbers only is still text ("12", not 12)
+    path = write(tmp_path / "numbers", [{"instruction": "5+7?", "response": "12"}, {"instruction": "1+1?",
+                                                                                  "response": "2"}], "csv")
+    assert [r.messages[1][1] for r in datasets_io.read_rows(path)] == ["12", "2"]
 
 
 def test_lists_globs_and_preference_pairs(tmp_path):
@@ -294,6 +298,8 @@ def test_large_jsonl_read_through_datasets_errs_as_in_memory(tmp_path, monkeypat
     cases = [(name, files) for name, prog, args, files, setup, _ in BAD_INPUTS
              if prog == "train" and not args[3:] and set(files) & {"train.jsonl", "val.jsonl"}]
     assert len(cases) >= 12
+    # a row mistake before a line that is not JSON: data.py reads every line before any row
+    cases.append(("row-then-json", {"train.jsonl": '{"instruction": "问"}\n\n{"instruction": "问", "response"\n'}))
     for name, files in cases:
         for split, text in {"train.jsonl": TRAIN, "val.jsonl": VAL, **files}.items():
             (tmp_path / split).write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
@@ -305,3 +311,26 @@ def test_large_jsonl_read_through_datasets_errs_as_in_memory(tmp_path, monkeypat
                     datasets_io.read_rows(str(tmp_path / split))
             messages.append(str(e.value))
         assert messages[0] == messages[1], name
+
+
+@pytest.mark.slow
+def test_training_from_parquet_sharegpt_logs_the_jsonl_losses_bit_for_bit(tmp_path, capsys, monkeypatch):
+    """bin/train (in this process) on the JSONL and on a ShareGPT Parquet copy of it: the same
+    metrics.jsonl losses, learning rates, gradient norms and validation losses, bit for bit."""
+    convs = [((("user", f"{a}加{b}等于多少？"), ("assistant", f"{a}加{b}等于{a + b}。")), "算术", None)
+             for a, b in ((i % 17, 3 * i % 23) for i in range(48))]
+    jsonl = write(tmp_path / "train", [as_form(*c, "jaxsft") for c in convs], "jsonl")
+    parquet = write(tmp_path / "train", [as_form(*c, "sharegpt") for c in convs], "parquet")
+    val = write(tmp_path / "val", [as_form(*c, "openai") for c in convs[:8]], "parquet")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(YAML, encoding="utf-8")
+    logs = []
+    for train in (jsonl, parquet):
+        out = f"run-{os.path.basename(train)}"
+        code, _, err = run_main("train", T + ["--set", f"data.train={train}", "--set", f"data.val={val}",
+                                              "--set", "train.max_steps=8", "--set", "train.pack_len=64",
+                                              "--set", f"out_dir={out}"], capsys, monkeypatch)
+        assert code == 0, err
+        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+            logs.append([{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s",)} for line in f])
+    assert [r for r in logs[0] if "loss" in r] and logs[0] == logs[1]

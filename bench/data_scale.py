@@ -15,7 +15,9 @@ process (one CPU device) so its peak RSS is its own:
 
 Each prints the seconds prepare() took (and its CPU seconds, datasets' map workers included:
 on a shared machine the wall time is the CPU time stretched by the others' load), the whole process's seconds (the imports included),
-and the peak RSS when prepare() returns, before training would start; the table sets them
+and the peak RSS when prepare() returns, before training would start (the JSON also holds the
+RSS at that moment split into private memory, RssAnon, and pages of memory-mapped files and
+libraries, RssFile: the Arrow files the examples are read from count there); the table sets them
 beside the issue's targets (first preparation <= 60 s, second start <= 5 s, peak RSS <= 2 GB).
 The last line is one JSON object of the figures.
 """
@@ -75,7 +77,11 @@ def worker(train: str, in_memory: bool) -> dict:
     s = prepare(cfg, mesh, log=lambda *a, **k: None)
     seconds, cpu = time.perf_counter() - t, _cpu_s() - cpu
     s.plan.batch(0)  # the first batch, from wherever the examples are kept
-    return {"prepare_s": round(seconds, 2), "prepare_cpu_s": round(cpu, 1), "examples": len(s.train_examples),
+    status = dict(line.split(":", 1) for line in open("/proc/self/status")) if os.path.exists("/proc/self/status") \
+        else {}
+    mapped = {k: round(int(status[k].split()[0]) / 1024) for k in ("RssAnon", "RssFile") if k in status}
+    return {"prepare_s": round(seconds, 2), "prepare_cpu_s": round(cpu, 1), "rss_now_mb": mapped,
+            "examples": len(s.train_examples),
             "kept_in": type(s.train_examples).__name__, "vocab": len(s.tok),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 

@@ -112,13 +112,14 @@ def to_example(ids: np.ndarray, mask: np.ndarray, max_seq_len: int):
 
 def encode_rows(rows, tok: AnyTokenizer, system_prompt: Optional[str], max_seq_len: int, where: str = "rows"):
     """Rows -> list of examples, and the number of rows dropped as too long. A row the
-    chat template cannot render or mask is a UserError naming `where` (its file) and line."""
+    chat template cannot render or mask is a UserError naming its place (row.where, else
+    `where`, its file, and its line)."""
     examples, dropped = [], 0
     for row in rows:
         try:
             ids, mask = render(row.messages, tok, system_prompt)
         except templates.TemplateError as e:
-            raise UserError(f"{where}:{row.line}: {e}") from None
+            raise UserError(f"{row.where or f'{where}:{row.line}'}: {e}") from None
         ex = to_example(ids, mask, max_seq_len)
         if ex is None:
             dropped += 1
@@ -151,7 +152,7 @@ def encode_pairs(pairs, tok: AnyTokenizer, system_prompt: Optional[str], max_seq
             try:
                 ids, mask = render(pair.prompt + (("assistant", answer),), tok, system_prompt)
             except templates.TemplateError as e:
-                raise UserError(f"{where}:{pair.line}: {e}") from None
+                raise UserError(f"{pair.where or f'{where}:{pair.line}'}: {e}") from None
             two.append(to_example(ids, last_answer_only(mask), max_seq_len))
         if None in two:
             dropped += 1

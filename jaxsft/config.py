@@ -6,7 +6,7 @@ A config file has four parts (see configs/default.yaml):
     model:   d_model, n_heads, n_layers, d_ff, max_seq_len, dropout, init_from
              (and n_kv_heads, head_size, rope_theta, norm_eps, tie_embeddings: Llama's options;
              family, attn_bias, qk_norm, rope_type and rope_*: the families, FAMILIES)
-    data:    train, val, test, system_prompt, chat_template, corpus
+    data:    train, val, test, format, columns, system_prompt, chat_template, corpus
     train:   batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, ...
     out_dir: where the run writes checkpoints, metrics.jsonl, tensorboard/ and curves.png
 
@@ -112,15 +112,29 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ATTN_BIAS = ("none", "qkv", "all")
 
 
+# data.format's row forms (rowforms.py) and the fields data.columns may rename
+ROW_FORMS = ("jaxsft", "openai", "alpaca", "sharegpt", "completion")
+ROW_FIELDS = ("instruction", "response", "input", "output", "messages", "conversations", "role", "content", "from",
+              "value", "prompt", "completion", "system", "category", "expected", "chosen", "rejected")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    # training rows (JSONL: the seed's instruction/response rows or multi-turn messages)
-    train: str = "data/train.jsonl"
-    # validation rows: their loss picks the best checkpoint (eval_exact decodes some of them)
-    val: str = "data/val.jsonl"
-    # held-out rows bin/train answers with the best checkpoint after training, scored per
+    # training rows: a file, a glob, a list of them or a datasets save_to_disk directory; JSON Lines
+    # (.jsonl, or any other name), .json, .parquet, .csv or .arrow; rows of any form data.format names
+    train: str | tuple[str, ...] = "data/train.jsonl"
+    # validation rows (as train): their loss picks the best checkpoint (eval_exact decodes some of them)
+    val: str | tuple[str, ...] = "data/val.jsonl"
+    # held-out rows (as train) bin/train answers with the best checkpoint after training, scored per
     # category into test_report.json (null: none)
-    test: Optional[str] = "data/test.jsonl"
+    test: Optional[str | tuple[str, ...]] = "data/test.jsonl"
+    # the rows' form: jaxsft (instruction/response or messages), openai (messages), alpaca
+    # (instruction/input/output), sharegpt (conversations of from/value), completion (prompt/completion);
+    # null: each file's, from its first row's fields. Preference pairs (dpo) have their own forms
+    format: Optional[str] = None
+    # field names of the rows that differ from the form's: {our name: theirs}, e.g. {instruction: question,
+    # response: answer}; also the keys inside messages (role, content, from, value)
+    columns: dict[str, str] = field(default_factory=dict)
     # the system message of every row that has none of its own (empty: no system turn; null: the
     # format's default, ChatML's DEFAULT_SYSTEM_PROMPT, none with a base's own template, which then
     # does what it does without one); the run keeps it, so bin/chat, bin/eval, bin/serve and the
@@ -318,8 +332,8 @@ def _field_types(cls) -> dict:
 
 def _coerce(value: Any, default: Any, where: str, ftype: str):
     """Checks `value` against the field's declared type; returns the typed value."""
-    t = ftype.replace("Optional[", "").rstrip("]") if ftype.startswith("Optional[") else ftype
     optional = ftype.startswith("Optional[")
+    t = ftype[len("Optional["):-1] if optional else ftype
     if value is None:
         if optional:
             return None
@@ -352,6 +366,16 @@ def _coerce(value: Any, default: Any, where: str, ftype: str):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise UserError(f"{where}: expected a list of strings, got {value!r}")
         return tuple(value)
+    if t == "str | tuple[str, ...]":  # a path, or a list of them
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where}: expected a path or a non-empty list of paths, got {value!r}")
+        return tuple(value)
+    if t == "dict[str, str]":
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise UserError(f"{where}: expected a mapping of field names to names, got {value!r}")
+        return dict(value)
     if t == "tuple":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise UserError(f"{where}: expected a list of integers, got {value!r}")
@@ -491,6 +515,12 @@ def validate(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('train.buckets')}: expected positive lengths, got {list(t.buckets)}")
     if cfg.data.chat_template not in (None, "base", "chatml"):
         raise UserError(f"{where('data.chat_template')}: expected base or chatml, got {cfg.data.chat_template!r}")
+    if cfg.data.format is not None and cfg.data.format not in ROW_FORMS:
+        raise UserError(f"{where('data.format')}: expected one of {', '.join(ROW_FORMS)} (or null: detected), "
+                        f"got {cfg.data.format!r}")
+    unknown = [k for k in cfg.data.columns if k not in ROW_FIELDS]
+    if unknown:
+        raise UserError(f"{where('data.columns')}: unknown field {unknown[0]!r} (known: {', '.join(ROW_FIELDS)})")
     if cfg.data.corpus is not None and not cfg.data.corpus.strip():
         raise UserError(f"{where('data.corpus')}: must not be empty (leave it out for fine-tuning)")
     if not cfg.out_dir:

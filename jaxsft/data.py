@@ -1,14 +1,19 @@
-"""JSONL reading and row validation.
+"""Data files, JSONL reading and row validation.
 
-Two row formats are accepted, one JSON object per line (blank lines and a UTF-8
-BOM are fine):
+jaxsft's own two row forms, one JSON object per line (blank lines and a UTF-8 BOM are fine):
 
     {"instruction": "...", "response": "...", "category": "...", "expected": "..."}
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...], ...}
 
-Every row becomes a `Row`: a list of messages (user/assistant alternating, an
-optional leading system turn) plus its category and expected answer. A mistake
-raises UserError naming the file, the line and the problem.
+and the forms other tools use (Alpaca, ShareGPT, OpenAI messages, prompt/completion:
+rowforms.py), detected from a file's first row or named (data.format), their fields
+renamed by data.columns. Every row becomes a `Row`: a list of messages (user/assistant
+alternating, an optional leading system turn) plus its category and expected answer. A
+mistake raises UserError naming the file, the line and the problem.
+
+`resolve` turns data.train / val / test (a file, a glob, a list of them, a `save_to_disk`
+directory) into typed `Source`s; this module reads JSON Lines in memory, datasets_io.py
+reads the rest (and large JSON Lines) through Hugging Face `datasets`.
 
 Preference pairs (train.objective: dpo) are read by `read_pairs`, one object per line:
 
@@ -34,6 +39,7 @@ from typing import Optional
 import numpy as np
 
 from .config import UserError, read_text
+from .rowforms import detect, rename, to_ours
 
 ROLES = ("system", "user", "assistant")
 
@@ -43,7 +49,8 @@ class Row:
     messages: tuple  # ((role, content), ...)
     category: str = ""
     expected: Optional[str] = None  # reference answer for scoring (last assistant turn by default)
-    line: int = 0
+    line: int = 0  # its line in a JSON Lines file, its row (from 1) in another
+    where: str = dataclasses.field(default="", compare=False)  # "file:line" or "file row N", for messages
 
     @property
     def prompt_messages(self) -> tuple:
@@ -144,6 +151,7 @@ class Pair:
     rejected: str
     category: str = ""
     line: int = 0
+    where: str = dataclasses.field(default="", compare=False)
 
     @property
     def question(self) -> str:
@@ -207,16 +215,27 @@ def parse_pair(obj, where: str) -> Pair:
     return Pair(prompt, chosen, rejected, category)
 
 
-def read_pairs(path: str) -> list[Pair]:
-    """Reads and validates every preference pair of a JSONL file."""
-    return [dataclasses.replace(parse_pair(obj, where), line=n) for n, where, obj in _json_lines(path)]
+def read_pairs(path: str, columns: Optional[dict] = None) -> list[Pair]:
+    """Reads and validates every preference pair of a JSONL file (fields renamed by `columns`)."""
+    return [pair_from(obj, where, columns, n) for n, where, obj in _json_lines(path)]
 
 
-def holds_pairs(path: str) -> bool:
-    """Whether a JSONL file holds preference pairs (its first row has 'prompt', 'chosen' or
-    'rejected') rather than rows; UserError for a file that is missing, empty or not JSON."""
-    first = _json_lines(path)[0][2]
-    return isinstance(first, dict) and any(k in first for k in ("prompt", "chosen", "rejected"))
+def pair_from(obj, where: str, columns: Optional[dict], line: int) -> Pair:
+    """One decoded row, its fields renamed by `columns` -> Pair (at `line`), or UserError."""
+    return dataclasses.replace(parse_pair(rename(obj, columns), where), line=line, where=where)
+
+
+def is_pair(obj) -> bool:
+    """Whether a row (renamed) is a preference pair: it has 'prompt', 'chosen' or 'rejected',
+    and no 'completion' (prompt/completion is a row form of its own)."""
+    return isinstance(obj, dict) and any(k in obj for k in ("prompt", "chosen", "rejected")) \
+        and "completion" not in obj
+
+
+def holds_pairs(path: str, columns: Optional[dict] = None) -> bool:
+    """Whether a JSONL file holds preference pairs (`is_pair` of its first row) rather than
+    rows; UserError for a file that is missing, empty or not JSON."""
+    return is_pair(rename(_json_lines(path)[0][2], columns))
 
 
 def _has_lone_surrogate(obj) -> bool:
@@ -251,15 +270,93 @@ def _json_lines(path: str):
     return out
 
 
-def read_jsonl(path: str, need_answer: bool = True) -> list[Row]:
-    """Reads and validates every row of a JSONL file."""
-    rows = []
-    for n, where, obj in _json_lines(path):
-        if isinstance(obj, dict) and "chosen" in obj and "rejected" in obj:
-            raise UserError(f"{where}: a preference pair (chosen/rejected); train on pairs with train.objective: dpo")
-        row = parse_row(obj, where, need_answer)
-        rows.append(Row(row.messages, row.category, row.expected, n))
-    return rows
+def read_jsonl(path: str, need_answer: bool = True, form: Optional[str] = None,
+               columns: Optional[dict] = None) -> list[Row]:
+    """Reads and validates every row of a JSONL file: of `form`, or the form of its first row
+    (rowforms.detect), fields renamed by `columns`."""
+    lines = _json_lines(path)
+    form = form or row_form(lines[0][2], columns)
+    return [row_from(obj, where, form, columns, need_answer, n) for n, where, obj in lines]
+
+
+def row_form(first, columns: Optional[dict] = None) -> str:
+    """The form of a file whose first row is `first` (jaxsft when it is not an object)."""
+    first = rename(first, columns)
+    return detect(first) if isinstance(first, dict) else "jaxsft"
+
+
+def row_from(obj, where: str, form: str, columns: Optional[dict], need_answer: bool, line: int) -> Row:
+    """One decoded row of `form`, its fields renamed by `columns` -> Row (at `line`), or UserError."""
+    obj = rename(obj, columns)
+    if isinstance(obj, dict) and "chosen" in obj and "rejected" in obj:
+        raise UserError(f"{where}: a preference pair (chosen/rejected); train on pairs with train.objective: dpo")
+    row = parse_row(to_ours(obj, form, where), where, need_answer)
+    return Row(row.messages, row.category, row.expected, line, where)
+
+
+# data files: what data.train / val / test name
+
+KINDS = {".jsonl": "lines", ".ndjson": "lines", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+         ".tsv": "csv", ".arrow": "arrow"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One data file, or a datasets `save_to_disk` directory.
+    kind: lines (JSON Lines; any unknown file type too, as before), json (one JSON array),
+    parquet, csv, arrow (an Arrow IPC file or stream), disk (a save_to_disk directory)."""
+    path: str
+    kind: str
+
+    def where(self, n: int) -> str:
+        """Row n's place in messages: "file:line" in JSON Lines, "file row n" elsewhere."""
+        return f"{self.path}:{n}" if self.kind == "lines" else f"{self.path} row {n}"
+
+
+def resolve(spec) -> tuple[Source, ...]:
+    """data.train / val / test -> its sources, in order: a file, a glob (its matches in name
+    order), a save_to_disk directory, or a list of these; UserError for what is not there."""
+    out = []
+    for s in [spec] if isinstance(spec, str) else list(spec):
+        if os.path.isdir(s):
+            out.append(_directory(s))
+        elif os.path.isfile(s):
+            out.append(Source(s, _kind(s)))
+        elif any(c in s for c in "*?["):
+            found = sorted(glob.glob(s))
+            if not found:
+                raise UserError(f"{s}: no file matches")
+            out += [_directory(f) if os.path.isdir(f) else Source(f, _kind(f)) for f in found]
+        else:
+            raise UserError(f"{s}: file not found")
+    if not out:
+        raise UserError("no data files given (an empty list)")
+    return tuple(out)
+
+
+def describe(spec) -> str:
+    """data.train / val / test as messages name it."""
+    return spec if isinstance(spec, str) else ", ".join(spec)
+
+
+def _kind(path: str) -> str:
+    kind = KINDS.get(os.path.splitext(path)[1].lower(), "lines")
+    if kind == "json":  # a .json file holds one array, or JSON Lines as datasets also reads it
+        with open(path, "rb") as f:
+            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        kind = "json" if head.startswith(b"[") else "lines"
+    return kind
+
+
+def _directory(path: str) -> Source:
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return Source(path, "disk")
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        splits = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        raise UserError(f"{path}: a saved DatasetDict of splits {', '.join(splits)}; name one, e.g. "
+                        f"{os.path.join(path, splits[0] if splits else 'train')}")
+    raise UserError(f"{path}: a directory, and not one datasets' save_to_disk wrote (no state.json); "
+                    f"give its files, or a glob")
 
 
 def row_texts(rows: list[Row]) -> list[str]:

@@ -211,14 +211,16 @@ def mask_table(ids: Sequence[int], loss_mask: Sequence[int], itos: Sequence[str]
     return "\n".join(out)
 
 
-def read_scored_rows(path: str) -> list:
-    """The rows of a JSONL file to score: each needs a reference answer."""
-    from .config import UserError
-    from .data import read_jsonl
-    rows = read_jsonl(path, need_answer=False)
+def read_scored_rows(path, data=None) -> list:
+    """The rows of data files to score (datasets_io.read_rows: a file, glob, list or save_to_disk
+    directory; data: the config's data section, for its format and columns): each needs a
+    reference answer."""
+    from .config import DataConfig, UserError
+    from .datasets_io import read_rows
+    rows = read_rows(path, data or DataConfig(), need_answer=False)
     for r in rows:
         if r.expected is None:
-            raise UserError(f"{path}:{r.line}: no reference answer ('expected', 'response' or a last "
+            raise UserError(f"{r.where or f'{path}:{r.line}'}: no reference answer ('expected', 'response' or a last "
                             f"assistant turn) to score against")
     return rows
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import optax
 
-from . import chatml, hf, lora, runs
+from . import chatml, datasets_io, hf, lora, runs
 from .batching import BatchPlan, RunPlan
 from .config import DEFAULT_SYSTEM_PROMPT, Config, ModelConfig, UserError
-from .data import Row, corpus_examples, pair_texts, read_corpus, read_jsonl, read_pairs, row_texts, split_corpus
+from .data import Row, corpus_examples, describe, pair_texts, read_corpus, row_texts, split_corpus
 from .parts import Parts
 from .steps import make_optimizer, make_schedule
 from .tokenizer import AnyTokenizer, Tokenizer
@@ -30,7 +30,8 @@ from .tokenizer import AnyTokenizer, Tokenizer
 class Setup:
     cfg: Config  # as given; vocab_size, chat_template and system_prompt filled in (with_vocabulary)
     tok: AnyTokenizer
-    train_examples: list  # (inputs, targets, loss_mask) per row (or corpus window); dpo: (chosen, rejected) pairs
+    train_examples: Sequence  # (inputs, targets, loss_mask) per row (or corpus window), a list or kept in Arrow
+    # (datasets_io.ArrowExamples); dpo: (chosen, rejected) pairs
     val_rows: list[Row]  # [] when pretraining; dpo: each pair's prompt (no answer)
     val_examples: list
     plan: RunPlan  # the batch of every step
@@ -82,23 +83,24 @@ def _warn(log, msg: str) -> None:
     log(msg, file=sys.stderr)
 
 
-def focus_rows(cfg: Config, rows: list[Row], log=print) -> list[Row]:
-    """The rows of train.focus_categories (the curriculum's first steps). Categories the
-    data does not have are left out with a note; with none left, the curriculum is off."""
-    names = cfg.train.focus_categories
-    missing = [n for n in names if not any(r.category == n for r in rows)]
+def focus_categories(cfg: Config, train, log=print) -> tuple:
+    """The categories of train.focus_categories (the curriculum's first steps) that the training
+    rows have. Those they do not have are left out with a note; with none left, the curriculum is off."""
+    names, have = cfg.train.focus_categories, train.categories()
+    missing = [n for n in names if n not in have]
     if missing:
         present = [n for n in names if n not in missing]
-        _warn(log, f"note: train.focus_categories: {cfg.data.train} has no row of category "
+        _warn(log, f"note: train.focus_categories: {describe(cfg.data.train)} has no row of category "
                    f"{', '.join(map(repr, missing))}; " + (f"the curriculum uses {', '.join(present)} only"
                                                            if present else "the curriculum is skipped"))
-    return [r for r in rows if r.category in names]
+    return tuple(n for n in names if n in have)
 
 
-def _examples(rows, tok, cfg: Config, what: str):
+def _examples(rows, tok, cfg: Config, what: str, categories: Optional[tuple] = None):
+    """rows (datasets_io.MemoryRows or ArrowRows) -> (examples, rows dropped as too long)."""
     L = cfg.model.max_seq_len
-    examples, dropped = chatml.encode_rows(rows, tok, cfg.data.system_prompt, L, what)
-    if not examples:
+    examples, dropped = rows.examples(tok, cfg.data.system_prompt, L, what, categories)
+    if not len(examples):
         raise UserError(f"{what}: no row fits max_seq_len={L} with any of its answer")
     return examples, dropped
 
@@ -127,33 +129,37 @@ def prepare(cfg: Config, mesh, log=print) -> Setup:
         train_ex, val_rows, val_ex = corpus_examples(train_par, tok, L), [], corpus_examples(val_par, tok, L)
         focus = []
     elif tc.objective == "dpo":
-        train_pairs, val_pairs = read_pairs(cfg.data.train), read_pairs(cfg.data.val)
+        train_pairs, val_pairs = datasets_io.read_pairs(cfg.data.train, cfg.data), \
+            datasets_io.read_pairs(cfg.data.val, cfg.data)
         tok, base = _vocabulary(cfg, pair_texts(train_pairs), log)
         cfg = with_vocabulary(cfg, tok)
         system, L = cfg.data.system_prompt, cfg.model.max_seq_len
-        train_ex, dropped = chatml.encode_pairs(train_pairs, tok, system, L, cfg.data.train)
-        val_ex, vdropped = chatml.encode_pairs(val_pairs, tok, system, L, cfg.data.val)
-        for what, ex in ((cfg.data.train, train_ex), (cfg.data.val, val_ex)):
+        train_what, val_what = describe(cfg.data.train), describe(cfg.data.val)
+        train_ex, dropped = chatml.encode_pairs(train_pairs, tok, system, L, train_what)
+        val_ex, vdropped = chatml.encode_pairs(val_pairs, tok, system, L, val_what)
+        for what, ex in ((train_what, train_ex), (val_what, val_ex)):
             if not ex:
                 raise UserError(f"{what}: no pair fits max_seq_len={L} with some of both answers")
         if dropped or vdropped:
             _warn(log, f"warning: dropped {dropped} training and {vdropped} validation pairs with an answer that "
                        f"does not fit max_seq_len={L}")
         _note_unknown(tok, pair_texts(val_pairs), log)
-        val_rows = [Row(p.prompt, p.category, None, p.line) for p in val_pairs]
+        val_rows = [Row(p.prompt, p.category, None, p.line, p.where) for p in val_pairs]
         focus = []
     else:
-        train_rows, val_rows = read_jsonl(cfg.data.train), read_jsonl(cfg.data.val)
-        tok, base = _vocabulary(cfg, row_texts(train_rows), log)
+        train = datasets_io.train_rows(cfg.data.train, cfg.data)  # in memory, or kept in Arrow when large
+        val_rows = datasets_io.read_rows(cfg.data.val, cfg.data)
+        tok, base = _vocabulary(cfg, train.texts(), log)
         cfg = with_vocabulary(cfg, tok)
-        train_ex, dropped = _examples(train_rows, tok, cfg, cfg.data.train)
-        val_ex, vdropped = _examples(val_rows, tok, cfg, cfg.data.val)
+        train_what = describe(cfg.data.train)
+        train_ex, dropped = _examples(train, tok, cfg, train_what)
+        val_ex, vdropped = _examples(datasets_io.MemoryRows(val_rows), tok, cfg, describe(cfg.data.val))
         if dropped or vdropped:
             _warn(log, f"warning: dropped {dropped} training and {vdropped} validation rows whose answer does not "
                        f"fit max_seq_len={cfg.model.max_seq_len}")
         _note_unknown(tok, row_texts(val_rows), log)
-        focus = focus_rows(cfg, train_rows, log) if tc.focus_steps else []
-        focus = _examples(focus, tok, cfg, f"train.focus_categories: {cfg.data.train}")[0] if focus else []
+        names = focus_categories(cfg, train, log) if tc.focus_steps else ()
+        focus = _examples(train, tok, cfg, f"train.focus_categories: {train_what}", names)[0] if names else []
     plan = run_plan(cfg, tok, train_ex, focus, multiple=tc.grad_accum_steps * mesh.size)
     return Setup(cfg, tok, train_ex, val_rows, val_ex, plan, make_optimizer(tc, plan.total_steps),
                  make_schedule(tc, plan.total_steps), base)

@@ -5,6 +5,7 @@ Everything is written under pytest's tmp dirs; nothing reads ../shared or data/.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
@@ -45,6 +46,13 @@ os.environ.pop("PYTHONUNBUFFERED", None)
 # test modules and the programs' jaxsft imports compile once, not in every process (2.3 s a worker)
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
+
+# datasets' cache (the data files it converts to Arrow, jaxsft's map steps: datasets_io.py) in a
+# directory of this session, not the user's ~/.cache; set before datasets is imported, by the
+# process that starts the session (xdist's workers inherit it), which removes it at the end
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # plain `pytest` (not `python -m pytest`) from any directory

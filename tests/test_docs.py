@@ -45,7 +45,7 @@ SET_KEY = re.compile(r"--set\s+([\w.]+)=")
 FROM_IMPORT = re.compile(r"^\s*from\s+(jaxsft[\w.]*)\s+import\s+([\w, ]+)")
 # a name with one of these endings is a file name (model.safetensors, config.json), not a reference
 FILE_ENDINGS = {"json", "jsonl", "png", "safetensors", "py", "yaml", "yml", "txt", "md", "html", "sh",
-                "toml", "csv", "log", "pt", "bin"}
+                "toml", "csv", "log", "pt", "bin", "parquet", "arrow"}
 PY_DIRS = ["jaxsft", "jaxsft/cli", "bench", "scripts", "tests", "data", "bin", "."]
 
 

@@ -120,10 +120,10 @@ def read_test(cfg):
     """data.test, read and checked before training: ("pairs", preference pairs) for a DPO run
     whose file holds pairs, else ("rows", rows with reference answers)."""
     from .. import evaluate
-    from ..data import holds_pairs, read_pairs
-    if cfg.train.objective == "dpo" and holds_pairs(cfg.data.test):
-        return "pairs", read_pairs(cfg.data.test)
-    return "rows", evaluate.read_scored_rows(cfg.data.test)
+    from ..datasets_io import holds_pairs, read_pairs
+    if cfg.train.objective == "dpo" and holds_pairs(cfg.data.test, cfg.data):
+        return "pairs", read_pairs(cfg.data.test, cfg.data)
+    return "rows", evaluate.read_scored_rows(cfg.data.test, cfg.data)
 
 
 SAMPLES = 3  # greedy answers printed after a DPO run's test pairs
@@ -133,16 +133,18 @@ def report_test(run_dir: str, cfg, test) -> None:
     """The best checkpoint on data.test (read_test's): the table printed and written to
     run_dir/test_report.json; after pairs, greedy answers to the first SAMPLES prompts."""
     from .. import evaluate, preference
+    from ..data import describe
     from ..decode import Generator
     from ..files import write_json
     kind, items = test
     gen = Generator.from_run(run_dir, cfg.data.system_prompt)
     if kind == "rows":
         report = evaluate.score_rows(gen, items)
-        print(f"best checkpoint on {cfg.data.test}: {report['n']} rows, greedy\n{evaluate.score_table(report)}")
+        print(f"best checkpoint on {describe(cfg.data.test)}: {report['n']} rows, greedy\n"
+              f"{evaluate.score_table(report)}")
     else:
         report = preference.report(run_dir, items, gen.system_prompt, (gen.params, gen.cfg, gen.tok))
-        print(f"best checkpoint on {cfg.data.test}: {report['n']} pairs\n{preference.describe(report)}\n"
+        print(f"best checkpoint on {describe(cfg.data.test)}: {report['n']} pairs\n{preference.describe(report)}\n"
               f"{evaluate.preference_table(report)}")
         samples = items[:SAMPLES]
         print("greedy answers:")

@@ -50,7 +50,7 @@ def main():
         raise UserError("--show prints one run's answers; give one --checkpoint")
 
     from .. import evaluate
-    from ..data import read_pairs
+    from ..datasets_io import read_pairs
     rows = evaluate.read_scored_rows(args.data) if args.data else None  # both files checked before any model
     pairs = read_pairs(args.pairs) if args.pairs else None
     if len(args.checkpoint) > 1:

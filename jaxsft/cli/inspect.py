@@ -39,27 +39,28 @@ def main():
 
     from .. import chatml, checkpoint
     from ..config import load_config, model_config_from_dict
-    from ..data import read_jsonl, row_texts
+    from ..data import describe, row_texts
+    from ..datasets_io import read_rows
     from ..evaluate import mask_table
     from ..setup import tokenizer_for
     cfg = load_config(args.config, args.set)
     path = getattr(cfg.data, args.split)
     if path is None:
         raise UserError(f"{args.config}: data.{args.split} is not set")
-    rows = read_jsonl(path)
+    rows = read_rows(path, cfg.data)
     if not 0 <= args.row < len(rows):
-        raise UserError(f"--row {args.row}: {path} has rows 0 to {len(rows) - 1}")
+        raise UserError(f"--row {args.row}: {describe(path)} has rows 0 to {len(rows) - 1}")
     row = rows[args.row]
     max_seq_len = cfg.model.max_seq_len
     if args.checkpoint:
         run_cfg, tok = checkpoint.read_meta(args.checkpoint)
         max_seq_len = model_config_from_dict(run_cfg["model"]).max_seq_len
     else:
-        tok = tokenizer_for(cfg, row_texts(rows if args.split == "train" else read_jsonl(cfg.data.train)))
+        tok = tokenizer_for(cfg, row_texts(rows if args.split == "train" else read_rows(cfg.data.train, cfg.data)))
 
     ids, mask = chatml.render(row.messages, tok, chatml.default_system_prompt(tok, cfg.data.system_prompt))
     cut_ids, loss_mask = ids[: max_seq_len + 1], mask[1: max_seq_len + 1]
-    print(f"{path} row {args.row} (line {row.line}{', category ' + row.category if row.category else ''}): "
+    print(f"{describe(path)} row {args.row} (line {row.line}{', category ' + row.category if row.category else ''}): "
           f"{len(ids)} tokens, max_seq_len {max_seq_len}")
     if len(ids) > max_seq_len + 1:
         print(f"note: longer than max_seq_len + 1: training sees only the first {max_seq_len + 1} tokens")

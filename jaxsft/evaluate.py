@@ -31,6 +31,17 @@ def exact_match(answer: str, reference: str) -> float:
     return float(normalize(answer) == normalize(reference))
 
 
+def exact_by_category(answers: list, rows: list) -> tuple[float, dict]:
+    """(exact match over all rows, {category: exact match} of the rows that have one), as the
+    trainer records them at each evaluation (val_exact, val_exact_category)."""
+    scores = [exact_match(a, r.expected) for a, r in zip(answers, rows)]
+    groups: dict = {}
+    for s, r in zip(scores, rows):
+        if r.category:
+            groups.setdefault(r.category, []).append(s)
+    return sum(scores) / max(len(scores), 1), {c: sum(groups[c]) / len(groups[c]) for c in sorted(groups)}
+
+
 def char_f1(answer: str, reference: str) -> float:
     """Harmonic mean of character precision and recall (multiset overlap), in [0, 1]."""
     a, r = normalize(answer), normalize(reference)

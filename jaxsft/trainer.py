@@ -423,7 +423,8 @@ class StepLog:
 
 def eval_hooks(trainer: Trainer) -> tuple[list, list]:
     """(measures, after_eval) of a run. A measure adds fields to the evaluation's
-    record and returns a note for its log line: val_exact, the exact match of train.eval_exact validation answers. After
+    record and returns a note for its log line: val_exact, the exact match of train.eval_exact validation answers
+    (and val_exact_category, per category, when the rows have categories). After
     each evaluation: greedy answers to train.sample_questions questions are printed,
     and curves.png is redrawn. Answers need every process to decode in step, so a
     multi-process run has neither."""
@@ -438,12 +439,14 @@ def eval_hooks(trainer: Trainer) -> tuple[list, list]:
         gen = Generator(None, s.model_cfg, s.tok, s.cfg.data.system_prompt,
                         max_new_tokens=min(64, s.model_cfg.max_seq_len // 2))
     if scored:
-        from .evaluate import exact_match
+        from .evaluate import exact_by_category
 
         def measure_exact(params, record):
             gen.params = params
             answers = gen.answer([r.prompt_messages for r in scored])
-            record["val_exact"] = float(np.mean([exact_match(a, r.expected) for a, r in zip(answers, scored)]))
+            record["val_exact"], by_category = exact_by_category(answers, scored)
+            if by_category:  # (TensorBoard: val_exact_category/<name>)
+                record["val_exact_category"] = by_category
             return f", exact match {100 * record['val_exact']:.1f}% of {len(scored)} rows"
         measures.append(measure_exact)
     if samples:

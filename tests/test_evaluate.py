@@ -130,3 +130,15 @@ def test_bin_eval_rejects_a_row_without_reference(tmp_path, capsys, monkeypatch)
                     encoding="utf-8")
     code, _, err = run_main("eval", ["--checkpoint", tmp_path, "--data", data], capsys, monkeypatch)  # rows first
     one_line_error(code, err, f"{data}:2: no reference answer")
+
+
+def test_exact_by_category_is_what_evaluations_record():
+    """The trainer's val_exact and val_exact_category (TensorBoard: val_exact_category/<name>)."""
+    from jaxsft.data import Row
+    from jaxsft.evaluate import exact_by_category
+    rows = [Row(messages=[("user", q), ("assistant", a)], category=c, expected=a)
+            for q, a, c in [("1+1", "2", "算术"), ("2+2", "4", "算术"), ("hi", "你好", "问候"), ("x", "y", "")]]
+    overall, by = exact_by_category(["2", "5", "你好", "y"], rows)
+    assert overall == 0.75 and by == {"算术": 0.5, "问候": 1.0}  # a row without a category counts overall only
+    assert exact_by_category(["2"], rows[:1]) == (1.0, {"算术": 1.0})
+    assert exact_by_category(["no"], [rows[3]]) == (0.0, {})

@@ -124,11 +124,9 @@ def token_logprobs(logits, chosen) -> Logprobs:
     return Logprobs(jnp.take_along_axis(lp, chosen[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top)
 
 
-def _logprobs_if(want, logits, chosen) -> Logprobs:
-    """token_logprobs when some row wants them (want (B,) bool), zeros otherwise."""
-    B, K = logits.shape[0], min(TOP_LOGPROBS, logits.shape[-1])
-    zeros = Logprobs(jnp.zeros(B, jnp.float32), jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32))
-    return jax.lax.cond(jnp.any(want), lambda: token_logprobs(logits, chosen), lambda: zeros)
+# a prefill's log-probabilities: its own small program on the last positions' logits, run only
+# when a row asked (a cond inside the prefill cost every plain prefill ~0.2-0.35 ms on 2 cores)
+_prefill_logprobs = jax.jit(token_logprobs)
 
 
 def _step_keys(keys, i):
@@ -138,14 +136,13 @@ def _step_keys(keys, i):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
-def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top_k, top_p, want, *, graphdef):
+def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top_k, top_p, *, graphdef):
     """prompts (R, P) int32, right-padded (row r's is prompts[r, :lens[r]]), written into cache
     rows `slots` (R,); a slot index N (out of range) is a filler row and writes nothing. prefix:
     None (each row is its whole prompt, at positions [0, P)) or (1, L), the tokens every row's
     prompt starts with (the shared system prompt), run once for all R rows: each row's rest,
-    at [L, L + P), sees it and itself. want (R,) bool: rows that asked for log-probabilities.
-    Returns each prompt's first answer token (R,), its Logprobs (`token_logprobs`; zeros when no
-    row wants them: a cond on the last positions' logits, small beside the prompts' pass) and the cache."""
+    at [L, L + P), sees it and itself. Returns each prompt's first answer token (R,), the logits
+    it was drawn from (R, V) (for `_prefill_logprobs`, when a row asked) and the cache."""
     R, P = prompts.shape
     if prefix is None:
         L = 0
@@ -164,7 +161,7 @@ def _prefill(params, cache, prefix, prompts, lens, slots, keys, temperature, top
     cache = [(ck.at[slots, :, :L + P].set(k, mode="drop"), cv.at[slots, :, :L + P].set(v, mode="drop"))
              for (ck, cv), (k, v) in zip(cache, kv)]
     first = pick_rows(logits, _step_keys(keys, jnp.zeros_like(lens)), temperature, top_k, top_p)
-    return first, _logprobs_if(want, logits, first), cache
+    return first, logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "logprobs"), donate_argnums=(1,))
@@ -182,8 +179,8 @@ def _decode(params, cache, tok, pos, keys, i, temperature, top_k, top_p, *, grap
 
 
 def compiled_programs() -> int:
-    """Programs compiled so far by every engine (prefill shapes + decode steps)."""
-    return _prefill._cache_size() + _decode._cache_size()
+    """Programs compiled so far by every engine (prefill shapes + decode steps + the prefill's log-probabilities)."""
+    return _prefill._cache_size() + _decode._cache_size() + _prefill_logprobs._cache_size()
 
 
 _ids = itertools.count()
@@ -455,14 +452,18 @@ class Engine:
             L = self.prefix.shape[1]
             shapes |= {(True, bucket(n - L, self.buckets)) for n in lens if n > L}
             shapes = {(after, P) for after, P in shapes if not after or L + P <= self.S}
+        rows = {}
         for after, P in sorted(shapes):
             for R in self.prefill_rows:
                 one = np.ones(R, np.int32)
-                _, _, self.cache = _prefill(self.params, self.cache, self.prefix if after else None,
-                                            np.zeros((R, P), np.int32), one, np.full(R, N, np.int32),
-                                            np.zeros((R, 2), np.uint32), np.zeros(R, np.float32),
-                                            np.zeros(R, np.int32), np.ones(R, np.float32), np.zeros(R, bool),
-                                            graphdef=self.graphdef)
+                first, logits, self.cache = _prefill(self.params, self.cache, self.prefix if after else None,
+                                                     np.zeros((R, P), np.int32), one, np.full(R, N, np.int32),
+                                                     np.zeros((R, 2), np.uint32), np.zeros(R, np.float32),
+                                                     np.zeros(R, np.int32), np.ones(R, np.float32),
+                                                     graphdef=self.graphdef)
+                rows[R] = (logits, first)
+        for logits, first in rows.values():  # the prefill's log-probabilities, one program per row count
+            _prefill_logprobs(logits, first)
         jax.block_until_ready(self.cache)
         return compiled_programs() - before
 
@@ -547,8 +548,9 @@ class Engine:
             self.temperature[s], self.top_k[s], self.top_p[s] = r.temperature, r.top_k, r.top_p
             self.want[s] = r.logprobs
         t = time.perf_counter()
-        first, lps, self.cache = _prefill(self.params, self.cache, self.prefix if L else None, prompts, lens, slots,
-                                          keys, temp, top_k, top_p, want, graphdef=self.graphdef)
+        first, logits, self.cache = _prefill(self.params, self.cache, self.prefix if L else None, prompts, lens,
+                                             slots, keys, temp, top_k, top_p, graphdef=self.graphdef)
+        lps = _prefill_logprobs(logits, first) if want.any() else None
         first = np.asarray(first)
         lps = _host(lps, want)
         self.stats["prefill_s"] += time.perf_counter() - t

@@ -2,10 +2,18 @@
 
 A mask is bool (B|1, T, S): query t of row b sees key s where it is True.
 T queries, S keys (T, or the KV-cache size when decoding).
+
+Training's mask (causal, packed segments, the shared prefix) also has a compact form,
+`Segments`: the (B, T) arrays it is made of, from which blockwise attention builds one
+key block's (B|1, T, C) part at a time (`Segments.block`) instead of the whole (B, T, S).
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import jax
 import jax.numpy as jnp
+from flax import struct
 
 
 def causal(T: int):
@@ -48,3 +56,46 @@ def slot_step(positions, S: int):
     positions (B,) -> (B, 1, S): keys 0..positions[b] of its own row. Keys past it
     (an earlier occupant's, or the pad of a prefill) are never seen."""
     return (jnp.arange(S)[None, :] <= positions[:, None])[:, None, :]
+
+
+@struct.dataclass
+class Segments:
+    """`segment_causal` (or `causal`) and `with_prefix` before they are expanded. The keys are
+    the P prefix keys, then the row's own T: S = P + T.
+
+    segments  (B, T) int32, or None: one sequence a row (plain causal)
+    shared    (B, T) int32, or None (no prefix): > 0 where the query sees the P prefix keys
+    length    T (static)
+    prefix    P (static; 0: no prefix)
+    """
+    segments: Optional[jax.Array] = None
+    shared: Optional[jax.Array] = None
+    length: int = struct.field(pytree_node=False, default=0)
+    prefix: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def keys(self) -> int:
+        return self.prefix + self.length
+
+    def dense(self):
+        """The mask itself: (B|1, T, P + T) bool."""
+        m = causal(self.length) if self.segments is None else segment_causal(self.segments)
+        if not self.prefix:
+            return m
+        return with_prefix(jnp.broadcast_to(m, (self.shared.shape[0],) + m.shape[1:]), self.shared, self.prefix)
+
+    def block(self, start, size: int):
+        """dense()[:, :, start:start + size] -> (B|1, T, size) bool, for a traced start; keys past
+        P + T (a last block's padding) are never seen."""
+        T, P = self.length, self.prefix
+        s = start + jnp.arange(size)  # (C,) key slots
+        u = s - P  # the row's own key index
+        own = (u >= 0) & (u < T) & (u[None, :] <= jnp.arange(T)[:, None])  # (T, C) causal
+        if self.segments is None:
+            m = own[None]
+        else:
+            key_seg = jnp.take(self.segments, jnp.clip(u, 0, T - 1), axis=1)  # (B, C)
+            m = own[None] & (self.segments[:, :, None] == key_seg[:, None, :])
+        if P:
+            m = m | ((s < P)[None, None, :] & (self.shared[:, :, None] > 0))
+        return m

@@ -4,8 +4,8 @@ A mask is bool (B|1, T, S): query t of row b sees key s where it is True.
 T queries, S keys (T, or the KV-cache size when decoding).
 
 Training's mask (causal, packed segments, the shared prefix) also has a compact form,
-`Segments`: the (B, T) arrays it is made of, from which blockwise attention builds one
-key block's (B|1, T, C) part at a time (`Segments.block`) instead of the whole (B, T, S).
+`Segments`: the (B, T) arrays it is made of, from which blockwise attention (blockwise.py)
+builds each tile's (B|1, C, C) part as it goes instead of the whole (B, T, S).
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ class Segments:
     """`segment_causal` (or `causal`) and `with_prefix` before they are expanded. The keys are
     the P prefix keys, then the row's own T: S = P + T.
 
-    segments  (B, T) int32, or None: one sequence a row (plain causal)
+    segments  (B, T) int32, or None: one sequence a row (plain causal); each segment is one run
+              of tokens (pack_batch's 1, 2, ..., then 0 for the padding), as blockwise's skipping needs
     shared    (B, T) int32, or None (no prefix): > 0 where the query sees the P prefix keys
     length    T (static)
     prefix    P (static; 0: no prefix)
@@ -83,19 +84,3 @@ class Segments:
         if not self.prefix:
             return m
         return with_prefix(jnp.broadcast_to(m, (self.shared.shape[0],) + m.shape[1:]), self.shared, self.prefix)
-
-    def block(self, start, size: int):
-        """dense()[:, :, start:start + size] -> (B|1, T, size) bool, for a traced start; keys past
-        P + T (a last block's padding) are never seen."""
-        T, P = self.length, self.prefix
-        s = start + jnp.arange(size)  # (C,) key slots
-        u = s - P  # the row's own key index
-        own = (u >= 0) & (u < T) & (u[None, :] <= jnp.arange(T)[:, None])  # (T, C) causal
-        if self.segments is None:
-            m = own[None]
-        else:
-            key_seg = jnp.take(self.segments, jnp.clip(u, 0, T - 1), axis=1)  # (B, C)
-            m = own[None] & (self.segments[:, :, None] == key_seg[:, None, :])
-        if P:
-            m = m | ((s < P)[None, None, :] & (self.shared[:, :, None] > 0))
-        return m

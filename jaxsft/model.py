@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import masks, ops
+from . import blockwise, masks, ops
 from .config import ModelConfig
 
 _init = nnx.initializers.normal(stddev=0.02)
@@ -145,7 +145,7 @@ class Attention(nnx.Module):
             k, v = _write(cache[0], k, index), _write(cache[1], v, index)
             cache = (k, v)
         if how == "blockwise":  # its backward pass recomputes the probabilities anyway
-            out = ops.attend_blockwise(q, k, v, mask)
+            out = blockwise.attend(q, k, v, mask)
         elif how == "cudnn":
             out = ops.attend_dpa(q, k, v, mask, "cudnn")
         else:

@@ -7,15 +7,15 @@
 - rotary position embedding: `rope_freqs` (default, linear or llama3), `rotary` (the angles),
   `rotate`, `rope`
 - attention: `attend`, and `attend_recomputed`, whose gradient recomputes the probabilities;
-  `attend_blockwise` (a scan over key blocks with a running softmax: no (T, S) matrix is ever
-  whole), `attend_dpa` (jax.nn.dot_product_attention: cuDNN's fused attention on a GPU)
+  `attend_dpa` (jax.nn.dot_product_attention: cuDNN's fused attention on a GPU); the blockwise
+  one, over training's compact mask, is blockwise.py's
 - `after`, which keeps a backward pass's recomputation in the backward pass, and `recomputed`,
   any function whose backward pass runs its forward pass again (rematerialisation)
 - SwiGLU with a hand-written gradient: `swiglu`
 
 Shapes: B batch, T query length, S key length (T, or the KV-cache size),
 H heads, G key/value heads (H with plain multi-head attention), R = H / G query heads per
-key/value head, K head size, C keys per block, D d_model, F d_ff, N rows (B * T flattened);
+key/value head, K head size, D d_model, F d_ff, N rows (B * T flattened);
 `mm` names its own (M, K) @ (K, N).
 """
 from __future__ import annotations
@@ -238,93 +238,6 @@ def _attend_recomputed_bwd(res, g):
 
 
 attend_recomputed.defvjp(_attend_recomputed_fwd, _attend_recomputed_bwd)
-
-
-BLOCK = 512  # keys per block of attend_blockwise (bench/README.md: 256 and 1024 measured)
-
-
-def attend_blockwise(q, k, v, mask, block: int = 0):
-    """`attend` for the compact mask `masks.Segments` (S = mask.keys), computed over blocks of
-    C keys with a running softmax (the flash-attention recurrence): q (B, H, T, K), k v
-    (B, G, S, K) -> (B, H, T, K). What it holds at a time is one block's (B, H, T, C) scores,
-    never the (B, H, T, S) ones, forward or backward: its gradient (`_blockwise_bwd`) keeps
-    only q k v, the output and each query's log-sum-exp, and recomputes each block's
-    probabilities. A query that sees no key gets 0 (attend's would average every key; no
-    training mask has one: every query sees itself)."""
-    return _blockwise(block or BLOCK, q, k, v, mask)
-
-
-def _key_blocks(C, k, v):
-    """k v (B, G, S, K) -> block starts (n,), and k v as (n, B, G, C, K), zero-padded to n * C keys."""
-    B, G, S, K = k.shape
-    n = -(-S // C)
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, n * C - S), (0, 0)))  # noqa: E731
-    blocks = lambda a: pad(a).reshape(B, G, n, C, K).transpose(2, 0, 1, 3, 4)  # noqa: E731
-    return jnp.arange(n, dtype=jnp.int32) * C, blocks(k), blocks(v)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise(C, q, k, v, mask):
-    return _blockwise_fwd(C, q, k, v, mask)[0]
-
-
-def _blockwise_fwd(C, q, k, v, mask):
-    B, H, T, K = q.shape
-    G = k.shape[1]
-    C = min(C, k.shape[2])
-    qg = q.reshape(B, G, H // G, T, K)
-    starts, kb, vb = _key_blocks(C, k, v)
-
-    def step(carry, xs):  # m: the running max score, l: the running sum of exp(score - m)
-        m, l, acc = carry
-        start, kj, vj = xs
-        seen = mask.block(start, C)[:, None, None]  # (B|1, 1, 1, T, C)
-        s = jnp.where(seen, jnp.einsum("bgrtk,bgck->bgrtc", qg, kj).astype(jnp.float32) / math.sqrt(K), -1e30)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(seen, jnp.exp(s - m_new[..., None]), 0.0)  # (B, G, R, T, C)
-        alpha = jnp.exp(m - m_new)  # what the sums so far are rescaled by
-        acc = alpha[..., None] * acc + jnp.einsum("bgrtc,bgck->bgrtk", p.astype(vj.dtype), vj)
-        return (m_new, alpha * l + p.sum(-1), acc), None
-
-    stats = jnp.full(qg.shape[:-1], -1e30, jnp.float32), jnp.zeros(qg.shape[:-1], jnp.float32)
-    (m, l, acc), _ = jax.lax.scan(step, (*stats, jnp.zeros(qg.shape, jnp.float32)), (starts, kb, vb))
-    some = l > 0
-    out = jnp.where(some[..., None], acc / jnp.where(some, l, 1.0)[..., None], 0.0).astype(q.dtype)
-    lse = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), jnp.inf)  # (B, G, R, T): p = exp(s - lse)
-    return out.reshape(B, H, T, K), (q, k, v, mask, out, lse)
-
-
-def _blockwise_bwd(C, res, g):
-    """The flash-attention backward pass: per key block, the probabilities again from q, k and
-    the log-sum-exp, then dv, dk of the block and dq summed over blocks."""
-    q, k, v, mask, out, lse = res
-    q, k, v = after(g, q, k, v)  # recomputed from: after the cotangent, never hoisted into the forward pass
-    B, H, T, K = q.shape
-    G, S = k.shape[1], k.shape[2]
-    C = min(C, S)
-    qg = q.reshape(B, G, H // G, T, K)
-    gg = g.reshape(qg.shape).astype(jnp.float32)
-    d = jnp.sum(gg * out.astype(jnp.float32), axis=-1)  # (B, G, R, T): sum_s p ds/dp = do . o
-    starts, kb, vb = _key_blocks(C, k, v)
-
-    def step(dq, xs):
-        start, kj, vj = xs
-        seen = mask.block(start, C)[:, None, None]
-        s = jnp.einsum("bgrtk,bgck->bgrtc", qg, kj).astype(jnp.float32) / math.sqrt(K)
-        p = jnp.where(seen, jnp.exp(s - lse[..., None]), 0.0)  # (B, G, R, T, C)
-        dv = jnp.einsum("bgrtc,bgrtk->bgck", p, gg)
-        dp = jnp.einsum("bgrtk,bgck->bgrtc", gg, vj.astype(jnp.float32))
-        ds = p * (dp - d[..., None]) / math.sqrt(K)  # d score, through the 1 / sqrt(K) scale
-        dq = dq + jnp.einsum("bgrtc,bgck->bgrtk", ds, kj.astype(jnp.float32))
-        dk = jnp.einsum("bgrtc,bgrtk->bgck", ds, qg.astype(jnp.float32))
-        return dq, (dk, dv)
-
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32), (starts, kb, vb))
-    whole = lambda a, like: a.transpose(1, 2, 0, 3, 4).reshape(B, G, -1, K)[:, :, :S].astype(like.dtype)  # noqa: E731
-    return dq.reshape(B, H, T, K).astype(q.dtype), whole(dk, k), whole(dv, v), None
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def attend_dpa(q, k, v, mask, implementation: str = "cudnn"):

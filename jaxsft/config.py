@@ -80,11 +80,11 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     # llama3: the context length the model was pretrained with (original_max_position_embeddings)
     rope_original_max_len: int = 8192
-    # how training computes attention (the same function; decoding always runs full): full (the
-    # (batch, heads, T, T) score matrix of each layer, whole), blockwise (blocks of 512 keys with a
-    # running softmax: one block's scores at a time, within 1e-5 of full), cudnn (a GPU only: cuDNN's
-    # fused attention, bfloat16 operands), or auto: cudnn on a GPU with train.dtype bfloat16, else
-    # blockwise from 1,024 keys (a row and its shared prefix) on, else full
+    # how training computes attention (the same function; decoding always runs full): full (each
+    # layer's (batch, heads, T, T) score matrix, whole), blockwise (tiles of 512 queries x 512 keys
+    # with a running softmax, skipping tiles no query sees: within 1e-5 of full), cudnn (a GPU only:
+    # cuDNN's fused attention, bfloat16 operands), or auto: cudnn on a GPU with train.dtype bfloat16,
+    # else blockwise from 1,024 keys (a row and its shared prefix) on, else full
     attention: str = "auto"
 
     @property

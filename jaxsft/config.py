@@ -80,6 +80,12 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     # llama3: the context length the model was pretrained with (original_max_position_embeddings)
     rope_original_max_len: int = 8192
+    # how training computes attention (the same function; decoding always runs full): full (each
+    # layer's (batch, heads, T, T) score matrix, whole), blockwise (tiles of 512 queries x 512 keys
+    # with a running softmax, skipping tiles no query sees: within 1e-5 of full), cudnn (a GPU only:
+    # cuDNN's fused attention, bfloat16 operands), or auto: cudnn on a GPU with train.dtype bfloat16,
+    # else blockwise from 1,024 keys (a row and its shared prefix) on, else full
+    attention: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +115,8 @@ FAMILIES = {
     "qwen3": ("Qwen3ForCausalLM", ("none", "all"), True),
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION = ("auto", "full", "blockwise", "cudnn")
+REMAT = ("none", "block", "dots")
 ATTN_BIAS = ("none", "qkv", "all")
 
 
@@ -181,6 +189,11 @@ class TrainConfig:
     # bfloat16 where the hardware multiplies it natively (a GPU from Ampere on, a TPU, a CPU with
     # AMX), float32 elsewhere (ops.choose_dtype); the run's first lines and config.json say which
     dtype: str = "auto"
+    # rematerialisation: none (the backward pass reads every activation the forward pass kept), block
+    # (each transformer block keeps only its input and runs its forward pass again in the backward
+    # pass: about a third more compute, a fraction of the memory), or dots (block, also keeping its
+    # matrix products' outputs); the same losses and gradients, bit for bit
+    remat: str = "none"
     # greedy answers to this many validation questions are printed at each evaluation
     sample_questions: int = 3
     # per-row sequence lengths a batch is padded to (each compiles once); capped by max_seq_len
@@ -511,6 +524,10 @@ def validate(cfg: Config, where=lambda k: k) -> None:
         raise UserError(f"{where('train.focus_steps')}: pretraining has no categories to focus on")
     if t.dtype not in ("auto", "float32", "bfloat16"):
         raise UserError(f"{where('train.dtype')}: expected auto, float32 or bfloat16, got {t.dtype!r}")
+    if t.remat not in REMAT:
+        raise UserError(f"{where('train.remat')}: expected one of {', '.join(REMAT)}, got {t.remat!r}")
+    if m.attention not in ATTENTION:
+        raise UserError(f"{where('model.attention')}: expected one of {', '.join(ATTENTION)}, got {m.attention!r}")
     if not t.buckets or any(b <= 0 for b in t.buckets):
         raise UserError(f"{where('train.buckets')}: expected positive lengths, got {list(t.buckets)}")
     if cfg.data.chat_template not in (None, "base", "chatml"):

@@ -17,6 +17,11 @@ count_params, flops_per_token); the numerical kernels they call (dropout, the
 mixed-precision products, rotary embedding, attention, SwiGLU and their custom
 gradients) are ops.py's.
 
+Memory (issue 36): `attention_kind` picks how attention is computed (ModelConfig.attention:
+the full score matrix, blockwise, or cuDNN's), and under `rematerialised` (train.remat) each
+block's backward pass recomputes its forward pass (ops.recomputed) instead of keeping what
+is inside it.
+
 Modules are built once and split (`init`) into a static graphdef and a pytree of
 parameters; `apply` merges them inside a jitted function, so training and
 decoding are pure functions of (params, inputs). Dropout takes an explicit key.
@@ -27,16 +32,49 @@ D d_model, F d_ff, V vocabulary.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import masks, ops
+from . import blockwise, masks, ops
 from .config import ModelConfig
 
 _init = nnx.initializers.normal(stddev=0.02)
+
+AUTO_BLOCKWISE_KEYS = 1024  # attention auto: blockwise from this many keys on (bench/README.md)
+REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_REMAT = contextvars.ContextVar("remat", default="none")
+
+
+@contextlib.contextmanager
+def rematerialised(policy: str):
+    """Traced inside it, each transformer block's backward pass runs the block's forward pass again
+    (ops.recomputed) under REMAT[policy]: "block" keeps only the block's input, "dots" its matrix
+    products' outputs as well, "none" everything (the default). Losses and gradients stay those of
+    "none" (tests/test_attention.py). Like ops.products_in, enter it inside the jitted function
+    (steps.make_train_step does)."""
+    token = _REMAT.set(policy)
+    try:
+        yield
+    finally:
+        _REMAT.reset(token)
+
+
+def attention_kind(setting: str, keys: int, backend: str, products) -> str:
+    """ModelConfig.attention for a training-shaped call (a `masks.Segments` mask) of `keys` keys:
+    auto is cudnn on a GPU whose products are bfloat16 (train.dtype; cuDNN takes no float32),
+    else blockwise from AUTO_BLOCKWISE_KEYS keys on, else full. Decoding (a dense mask: its
+    scores are (B, H, 1, S)) always runs full."""
+    if setting != "auto":
+        return setting
+    if backend == "gpu" and products == jnp.bfloat16:
+        return "cudnn"
+    return "blockwise" if keys >= AUTO_BLOCKWISE_KEYS else "full"
 
 
 class Linear(nnx.Module):
@@ -90,10 +128,11 @@ class Attention(nnx.Module):
         self.q_norm, self.k_norm = (RMSNorm(K, cfg.norm_eps), RMSNorm(K, cfg.norm_eps)) if cfg.qk_norm else (None, None)
         self.recompute = False  # ops.attend_recomputed in the backward pass (LoRA's step sets it)
 
-    def __call__(self, x, angles, mask, cache=None, index=None, keep=None):
+    def __call__(self, x, angles, mask, cache=None, index=None, keep=None, how="full"):
         """x (B, T, D); angles: `ops.rotary` of the positions (B, T); cache (k, v) each (B, G, S, K)
         written at [index, index+T) (index: scalar or (B,)). keep: a function that takes the
-        positions wanted out of (B, T, H*K) before the output projection (GPT's last layer)."""
+        positions wanted out of (B, T, H*K) before the output projection (GPT's last layer).
+        how: full or cudnn with a dense mask (B|1, T, S), blockwise with a masks.Segments."""
         B, T, D = x.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
         heads = lambda y, n: y.reshape(B, T, n, K).transpose(0, 2, 1, 3)  # noqa: E731  (B, n, T, K)
@@ -105,7 +144,12 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v = _write(cache[0], k, index), _write(cache[1], v, index)
             cache = (k, v)
-        out = (ops.attend_recomputed if self.recompute else ops.attend)(q, k, v, mask)
+        if how == "blockwise":  # its backward pass recomputes the probabilities anyway
+            out = blockwise.attend(q, k, v, mask)
+        elif how == "cudnn":
+            out = ops.attend_dpa(q, k, v, mask, "cudnn")
+        else:
+            out = (ops.attend_recomputed if self.recompute else ops.attend)(q, k, v, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, H * K)
         if keep is not None:
             out = keep(out)
@@ -131,6 +175,22 @@ class Block(nnx.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs)
 
+    def __call__(self, x, angles, mask, cache, index, select, keys, *, last_only=False, rate=0.0, how="full"):
+        """x (B, T, D) -> (x after the block, its new cache). keys: the two dropout keys (or None);
+        select (N,) / last_only: GPT's last layer, which goes on at those positions only -> (1, N, D)
+        / (B, 1, D). Arrays are arguments, settings keywords: ops.recomputed takes the arrays."""
+        B, T, _ = x.shape
+        keep = None
+        if select is not None:
+            keep = lambda y: jnp.take(y.reshape(B * T, y.shape[-1]), select, axis=0)[None]  # noqa: E731 (1, N, .)
+        elif last_only:
+            keep = lambda y: y[:, -1:]  # noqa: E731
+        h, cache = self.attn(self.norm1(x), angles, mask, cache, index, keep, how)
+        if keep is not None:  # past its keys and values (which every position's query reads)
+            x = keep(x)
+        x = x + ops.dropout(h, rate, keys[0])
+        return x + ops.dropout(self.mlp(self.norm2(x)), rate, keys[1]), cache
+
 
 class GPT(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -148,7 +208,9 @@ class GPT(nnx.Module):
         (N,) with select), new cache.
 
         positions (B, T): defaults to 0..T-1. mask (B|1, T, S) bool: which keys
-        each query sees; defaults to causal. cache: per-layer (k, v), each
+        each query sees (attention is then always full), or a masks.Segments (S = its P + T:
+        attention as cfg.attention chooses, `attention_kind`); defaults to causal. cache:
+        per-layer (k, v), each
         (B, H, S, K), written at positions [index, index + T) of the cache
         (index an int32 scalar, or (B,): each row's own start).
         dropout_key: None for evaluation, a PRNG key for training.
@@ -164,7 +226,11 @@ class GPT(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if mask is None:
-            mask = masks.causal(T)
+            mask = masks.Segments(length=T)
+        how = "full"
+        if isinstance(mask, masks.Segments):
+            how = attention_kind(self.cfg.attention, mask.keys, jax.default_backend(), ops.products_dtype())
+            mask = mask if how == "blockwise" else mask.dense()  # built once for every layer
         rate = self.cfg.dropout
         keys = [None] * (2 * len(self.blocks) + 1)
         if dropout_key is not None and rate > 0:
@@ -173,22 +239,21 @@ class GPT(nnx.Module):
         x = ops.dropout(jnp.take(emb, tokens, axis=0), rate, keys[0])  # (B, T, D)
         angles = ops.rotary(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_seq_len,
                             self.cfg.rope_scaling)
-        # the positions the head reads, taken inside the last layer: past its keys and values
-        # (which every position's query reads), nothing at the other positions reaches the output
-        keep = None
-        if select is not None:
-            keep = lambda y: jnp.take(y.reshape(B * T, y.shape[-1]), select, axis=0)[None]  # noqa: E731 (1, N, .)
-        elif last_only:
-            keep = lambda y: y[:, -1:]  # noqa: E731
+        policy = _REMAT.get()
         new_cache = []
         for i, blk in enumerate(self.blocks):
-            last = keep if i == len(self.blocks) - 1 else None
-            h, c = blk.attn(blk.norm1(x), angles, mask, None if cache is None else cache[i], index, last)
+            # the last layer takes the positions the head reads (select, last_only) past its keys and
+            # values: nothing at the other positions reaches the output
+            last = i == len(self.blocks) - 1
+            settings = dict(last_only=last and last_only, rate=rate, how=how)
+            args = (x, angles, mask, None if cache is None else cache[i], index, select if last else None,
+                    (keys[2 * i + 1], keys[2 * i + 2]))
+            if policy == "none":
+                x, c = blk(*args, **settings)
+            else:  # the block as a function of its parameters and inputs, recomputed in the backward pass
+                gd, state = nnx.split(blk)
+                x, c = ops.recomputed(lambda st, *a: nnx.merge(gd, st)(*a, **settings), REMAT[policy])(state, *args)
             new_cache.append(c)
-            if last is not None:
-                x = last(x)
-            x = x + ops.dropout(h, rate, keys[2 * i + 1])
-            x = x + ops.dropout(blk.mlp(blk.norm2(x)), rate, keys[2 * i + 2])
         if select is not None:
             x = x[0]  # (N, D)
         x = self.norm(x)
@@ -227,7 +292,8 @@ def prefix_cache(graphdef, params, prefix, batch: int, length: int, dropout_key=
     P, H, K = prefix.shape[1], m.cfg.kv_heads, m.cfg.head_dim
     dtype = m.embed.embedding[...].dtype
     empty = [(jnp.zeros((1, H, P, K), dtype),) * 2 for _ in m.blocks]
-    _, kv = m(prefix, cache=empty, index=0, dropout_key=dropout_key)
+    with rematerialised("none"):
+        _, kv = m(prefix, cache=empty, index=0, dropout_key=dropout_key)
     grow = lambda a: jnp.concatenate([jnp.broadcast_to(a, (batch,) + a.shape[1:]),  # noqa: E731
                                       jnp.zeros((batch, H, length, K), a.dtype)], axis=2)
     return [(grow(k), grow(v)) for k, v in kv], P

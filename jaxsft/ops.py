@@ -7,12 +7,16 @@
 - rotary position embedding: `rope_freqs` (default, linear or llama3), `rotary` (the angles),
   `rotate`, `rope`
 - attention: `attend`, and `attend_recomputed`, whose gradient recomputes the probabilities;
-  `after`, which keeps a backward pass's recomputation in the backward pass
+  `attend_dpa` (jax.nn.dot_product_attention: cuDNN's fused attention on a GPU); the blockwise
+  one, over training's compact mask, is blockwise.py's
+- `after`, which keeps a backward pass's recomputation in the backward pass, and `recomputed`,
+  any function whose backward pass runs its forward pass again (rematerialisation)
 - SwiGLU with a hand-written gradient: `swiglu`
 
 Shapes: B batch, T query length, S key length (T, or the KV-cache size),
-H heads, G key/value heads (H with plain multi-head attention), K head size,
-D d_model, F d_ff, N rows (B * T flattened); `mm` names its own (M, K) @ (K, N).
+H heads, G key/value heads (H with plain multi-head attention), R = H / G query heads per
+key/value head, K head size, D d_model, F d_ff, N rows (B * T flattened);
+`mm` names its own (M, K) @ (K, N).
 """
 from __future__ import annotations
 
@@ -72,6 +76,11 @@ def products_in(dtype):
         yield
     finally:
         _PRODUCTS.reset(token)
+
+
+def products_dtype():
+    """The products' operand dtype where this is traced: `products_in`'s, else float32."""
+    return _PRODUCTS.get()
 
 
 def mm(a, b):
@@ -230,6 +239,42 @@ def _attend_recomputed_bwd(res, g):
 
 
 attend_recomputed.defvjp(_attend_recomputed_fwd, _attend_recomputed_bwd)
+
+
+def attend_dpa(q, k, v, mask, implementation: str = "cudnn"):
+    """`attend` through jax.nn.dot_product_attention: q (B, H, T, K), k v (B, G, S, K), mask
+    (B|1, T, S) bool -> (B, H, T, K). implementation "cudnn" (a GPU only): cuDNN's fused
+    attention, which holds no score matrix but takes bfloat16 operands only, so q k v are
+    rounded to bfloat16 (the output comes back in q's dtype); "xla": float32 as given (what
+    tests check the layout, GQA and mask handling with on a CPU)."""
+    dtype = q.dtype
+    if implementation == "cudnn":
+        q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    bthk = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  (B, T, heads, K): the function's layout
+    out = jax.nn.dot_product_attention(bthk(q), bthk(k), bthk(v), mask=mask[:, None], implementation=implementation)
+    return bthk(out).astype(dtype)
+
+
+def recomputed(f, policy=None):
+    """f (a function of arrays and pytrees of them), whose backward pass runs f's forward pass
+    again (jax.checkpoint under `policy`: the values it saves are kept from the forward pass, the
+    rest recomputed), from residuals passed through `after`: jax.checkpoint alone is undone by XLA
+    on CPU, which merges the recomputation with the forward pass (see after). The forward pass
+    then keeps f's inputs (and what the policy saves), not every value inside f."""
+    @jax.custom_vjp
+    def run(*args):
+        return f(*args)
+
+    def fwd(*args):
+        return jax.vjp(jax.checkpoint(f, policy=policy), *args)  # (out, the pullback: a pytree of residuals)
+
+    def bwd(pullback, g):
+        first = next(x for x in jax.tree.leaves(g) if jnp.issubdtype(x.dtype, jnp.floating))
+        gate = lambda r: after(first, r)[0] if jnp.issubdtype(r.dtype, jnp.floating) else r  # noqa: E731
+        return jax.tree.map(gate, pullback)(g)
+
+    run.defvjp(fwd, bwd)
+    return run
 
 
 def after(g, *xs):

@@ -103,13 +103,14 @@ def forward(params, graphdef, batch: Batch, dropout_key=None):
 
     Packed rows (segments) see only their own example; rows flagged `shared` also
     see the prefix, which runs once per batch (`model.prefix_cache`)."""
-    positions = mask = cache = index = None
+    positions = cache = index = None
     N, L = batch.inputs.shape
+    mask = masks.Segments(batch.segments, length=L)  # compact: the model expands it, or attends blockwise
     if batch.segments is not None:
-        mask, positions = masks.segment_causal(batch.segments), batch.positions  # (N, L, L)
+        positions = batch.positions
     if batch.prefix is not None:  # the shared system prompt: computed once, its keys/values seen by flagged tokens
         cache, index = model.prefix_cache(graphdef, params, batch.prefix[:1], N, L, dropout_key)
-        mask = masks.with_prefix(mask, batch.shared, index)  # (N, L, P + L)
+        mask = masks.Segments(batch.segments, batch.shared, L, index)  # keys: P prefix, then L
         dropout_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
     logits, _ = model.apply(graphdef, params, batch.inputs, positions=positions, mask=mask, cache=cache,
                             index=index, dropout_key=dropout_key, select=batch.answer_at)
@@ -196,7 +197,8 @@ def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=No
 
     def step(state: TrainState, batch: Batch, key, frozen):
         key = jax.random.fold_in(key, state.step)
-        s, n, g, extras = gradients(state.params, frozen, batch, key)
+        with model.rematerialised(tc.remat):  # train.remat: the blocks recomputed in the backward pass
+            s, n, g, extras = gradients(state.params, frozen, batch, key)
         return _update(tx, state, s, n, g, extras)
 
     state_shardings = whole if state_shardings is None else state_shardings

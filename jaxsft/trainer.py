@@ -292,9 +292,15 @@ def check_run_dir(setup: Setup, resume: bool, log) -> None:
     if not resume:
         return
     old_cfg, old_tok = checkpoint.read_meta(run_dir)
-    # (compared as ModelConfigs: a run written before a key existed has that key's default)
-    if model_config_from_dict(old_cfg["model"]) != setup.model_cfg or old_tok.itos != setup.tok.itos:
+    # (compared as ModelConfigs: a run written before a key existed has that key's default; attention is
+    # how the same function is computed, which a resumed run may change, with a warning below)
+    old_model = model_config_from_dict(old_cfg["model"])
+    if dataclasses.replace(old_model, attention=setup.model_cfg.attention) != setup.model_cfg or \
+            old_tok.itos != setup.tok.itos:
         raise UserError(f"{run_dir}: was trained with another model config or vocabulary; cannot resume")
+    if old_model.attention != setup.model_cfg.attention:
+        log(f"warning: model.attention was {old_model.attention} in {run_dir}, is {setup.model_cfg.attention} now: "
+            f"the resumed run will not match an uninterrupted one", file=sys.stderr)
     old_lora = lora_config_from_dict(old_cfg.get("lora"))
     if (old_lora.rank, target_names(old_lora.targets) if old_lora.rank else ()) != \
             (cfg.lora.rank, target_names(cfg.lora.targets) if cfg.lora.rank else ()) or \

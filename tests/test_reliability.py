@@ -255,9 +255,10 @@ def run_ok(name, args, capsys, monkeypatch):
 @pytest.mark.slow
 def test_a_curriculum_of_absent_categories_is_skipped_and_resume_warns_of_changes(tmp_path, capsys, monkeypatch):
     """configs/default.yaml's curriculum names categories of data/; on a user's rows without
-    them the run trains after a one-line note. --resume with another lr or max_steps says
-    that the run will differ from an uninterrupted one (train.tensorboard, which changes no
-    step, is not named: the first session wrote no events, the resumed one writes its own)."""
+    them the run trains after a one-line note. --resume with another lr, max_steps or
+    model.attention says that the run will differ from an uninterrupted one (train.remat,
+    bitwise the same, goes without a word; train.tensorboard, which changes no step, neither:
+    the first session wrote no events, the resumed one writes its own)."""
     write_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     focus = ["--set", "train.focus_categories=[字符串,算术]", "--set", "train.focus_steps=5"]
@@ -269,9 +270,12 @@ def test_a_curriculum_of_absent_categories_is_skipped_and_resume_warns_of_change
     assert "curriculum" not in out and "done: 3 steps" in out
     with open("run/metrics.jsonl") as f:
         assert [json.loads(l)["step"] for l in f if '"loss"' in l] == [1, 2, 3]
-    out, err = run_ok("train", T + focus + ["--set", "train.max_steps=4", "--set", "train.lr=2e-3", "--resume"],
+    out, err = run_ok("train", T + focus + ["--set", "train.max_steps=4", "--set", "train.lr=2e-3", "--set",
+                                            "model.attention=blockwise", "--set", "train.remat=block", "--resume"],
                       capsys, monkeypatch)
     assert [l for l in err.splitlines() if l.startswith("warning")] == [
+        "warning: model.attention was auto in run, is blockwise now: the resumed run will not match an "
+        "uninterrupted one",
         "warning: train.max_steps was 3 in run, is 4 now: the resumed run will not match an uninterrupted one",
         "warning: train.lr was 0.001 in run, is 0.002 now: the resumed run will not match an uninterrupted one"]
     assert "resumed run at step 3" in out and "done: 4 steps" in out
@@ -564,6 +568,32 @@ def test_production_path_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, p
     assert p.returncode == 0, p.stderr
     assert "resumed run at step 25" in p.stdout
     assert_same_as_reference(r, prod_reference, 25)
+
+
+@pytest.mark.slow
+def test_remat_and_blockwise_attention_sigkill_then_resume_is_bitwise_exact(tmp_path, cache):
+    """The production path with train.remat block and model.attention blockwise (issue 36): a run
+    SIGKILLed mid-step and resumed ends bit for bit where an uninterrupted one with them does."""
+    memory = ["--set", "train.remat=block", "--set", "model.attention=blockwise"]
+    os.makedirs(tmp_path / "ref")
+    ref = Runs(tmp_path / "ref", cache, prod=True)
+    p = ref.run(*memory)
+    assert p.returncode == 0, p.stderr
+    with open(ref.path("config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["train"]["remat"], cfg["model"]["attention"]) == ("block", "blockwise")
+    reference = {"total": PROD_STEPS, "saves": PROD_SAVES, "latest": load_tree(ref.path("latest"), PROD_STEPS),
+                 "best": {s: load_tree(ref.path("best"), s) for s in steps(ref.path("best"))}}
+    with open(ref.path("metrics.jsonl")) as f:
+        reference["metrics"] = f.read()
+    r = Runs(tmp_path, cache, prod=True)
+    p = r.run(*memory, hook=("sigkill_at", 18))  # mid-step, after the save at 15 (perhaps in flight)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    resumed_at = steps(r.path("latest"))[-1]
+    p = r.run(*memory, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert f"resumed run at step {resumed_at} " in p.stdout and "will not match" not in p.stderr
+    assert_same_as_reference(r, reference, resumed_at)
 
 
 @pytest.mark.slow

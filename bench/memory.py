@@ -78,7 +78,7 @@ def one(name: str, steps: int, budget_gb: float, dtype: str = "float32") -> dict
     """Runs one configuration in this process; returns its figures."""
     import jax
     import numpy as np
-    from jaxsft import model, parallel
+    from jaxsft import hostmem, model, parallel
     from jaxsft.config import TrainConfig
     from jaxsft.steps import TrainState, make_optimizer, make_train_step
 
@@ -92,6 +92,7 @@ def one(name: str, steps: int, budget_gb: float, dtype: str = "float32") -> dict
     shardings = parallel.state_shardings(state, mesh)
     state = parallel.shard_tree(state, shardings)
     del params
+    hostmem.trim()  # as bin/train does before its first step (which compiles it)
     step = make_train_step(graphdef, tx, tc, mesh, shardings)
     batch = packed_batch(mc.vocab_size)
     out = {"config": name, "attention": attention, "remat": remat, "params": model.count_params(state.params),

@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from . import checkpoint, dpo, model, parallel, runs
+from . import checkpoint, dpo, hostmem, model, parallel, runs
 from .config import Config, UserError, lora_config_from_dict, model_config_from_dict, target_names, to_dict
 from .metrics import MetricsLog, NullLog
 from .batching import BatchPlan
@@ -115,6 +115,7 @@ class Trainer:
 
     def train(self) -> Summary:
         plan, total, tc = self.setup.plan, self.setup.plan.total_steps, self.setup.cfg.train
+        hostmem.trim()  # what building and placing the state freed, back before the first step's peak
         with GracefulStop(self.log) as stop, Prefetch(self.batch_at, self.start, total) as batches:
             try:
                 for step in range(self.start, total):

@@ -3,7 +3,7 @@
 2,048-token rows, batch 4: attention with the full score matrix or blockwise
 (model.attention), each with and without rematerialised blocks (train.remat). Issue 36.
 
-    python bench/memory.py [--configs full,remat,blockwise,both] [--steps 2] [--budget-gb 20]
+    python bench/memory.py [--configs full,remat,blockwise,both] [--steps 2] [--budget-gb 20] [--dtype float32]
 
 The model is SmolLM2-135M's shape (d_model 576, 30 layers, 9 heads, 3 key/value heads, d_ff
 1536, vocabulary 49152, tied head, rope_theta 100000; 134.5M parameters) with random weights
@@ -19,8 +19,8 @@ machine is shared: the kernel's OOM killer might take someone else's process). O
 runs 1 step (compile and first run) and --steps more; s/step is the fastest of those, cpu-s/step
 the process's CPU time (all threads) over the same step, which other work on the machine
 inflates less. Peak RSS is the child's maximum resident set (os.wait4's rusage: JAX's runtime
-and the compiler included). The command that reproduces each line is printed beside it; the
-last line is a JSON list.
+and the compiler included); on a GPU the device's own peak is printed beside it. GB: 2^30 bytes.
+The command that reproduces each line is printed beside it; the last line is a JSON list.
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ CONFIGS = {  # name -> (model.attention, train.remat)
     "blockwise": ("blockwise", "none"),
     "both": ("blockwise", "block"),
     "both-dots": ("blockwise", "dots"),  # remat that also keeps the matrix products' outputs
+    "cudnn": ("cudnn", "none"),  # a GPU with --dtype bfloat16 only (bench/gpu_check.sh)
+    "cudnn-remat": ("cudnn", "block"),
 }
 SEQ, BATCH = 2048, 4
 
@@ -72,16 +74,17 @@ def packed_batch(vocab: int, seed: int = 0):
     return Batch(inputs, targets, loss_mask, positions, segments, answer_at=answer_at)
 
 
-def one(name: str, steps: int, budget_gb: float) -> dict:
+def one(name: str, steps: int, budget_gb: float, dtype: str = "float32") -> dict:
     """Runs one configuration in this process; returns its figures."""
     import jax
     import numpy as np
-    from jaxsft import model, parallel
+    from jaxsft import hostmem, model, parallel
     from jaxsft.config import TrainConfig
     from jaxsft.steps import TrainState, make_optimizer, make_train_step
 
     attention, remat = CONFIGS[name]
-    mc, tc = smollm2_135m(attention), TrainConfig(batch_size=BATCH, lr=1e-4, warmup_steps=0, remat=remat)
+    mc = smollm2_135m(attention)
+    tc = TrainConfig(batch_size=BATCH, lr=1e-4, warmup_steps=0, remat=remat, dtype=dtype)
     mesh = parallel.one_device_mesh()
     tx = make_optimizer(tc, 1000)
     graphdef, params = model.init(mc, 0)
@@ -89,6 +92,7 @@ def one(name: str, steps: int, budget_gb: float) -> dict:
     shardings = parallel.state_shardings(state, mesh)
     state = parallel.shard_tree(state, shardings)
     del params
+    hostmem.trim()  # as bin/train does before its first step (which compiles it)
     step = make_train_step(graphdef, tx, tc, mesh, shardings)
     batch = packed_batch(mc.vocab_size)
     out = {"config": name, "attention": attention, "remat": remat, "params": model.count_params(state.params),
@@ -96,7 +100,8 @@ def one(name: str, steps: int, budget_gb: float) -> dict:
     batch = parallel.host_batch_to_global(batch, parallel.batch_sharding(mesh))
     key = jax.random.PRNGKey(0)
     t = time.perf_counter()
-    ma = step.lower(state, batch, key).compile().memory_analysis()
+    compiled = step.lower(state, batch, key).compile()  # run as it is: calling `step` would compile again
+    ma = compiled.memory_analysis()
     out["compile_s"] = time.perf_counter() - t
     out["xla_temp_bytes"] = ma.temp_size_in_bytes
     planned = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
@@ -107,18 +112,21 @@ def one(name: str, steps: int, budget_gb: float) -> dict:
     times, cpu = [], []
     for i in range(steps + 1):
         t, c = time.perf_counter(), time.process_time()
-        state, m = step(state, batch, key)
+        state, m = compiled(state, batch, key, step.frozen)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     out.update(first_step_s=times[0], s_per_step=float(np.min(times[1:])), cpu_s_per_step=float(np.min(cpu[1:])),
                step_s=times[1:], loss=float(m["loss"]))
+    stats = jax.devices()[0].memory_stats()  # None on a CPU; a GPU's own memory
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_bytes"] = stats["peak_bytes_in_use"]
     return out
 
 
-def command(name: str, steps: int, budget_gb: float) -> list[str]:
+def command(name: str, steps: int, budget_gb: float, dtype: str) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--one", name, "--steps", str(steps), "--budget-gb",
-            str(budget_gb)]
+            str(budget_gb), "--dtype", dtype]
 
 
 def _gb(n) -> str:
@@ -132,6 +140,7 @@ def main():
     p.add_argument("--budget-gb", type=float, default=None,
                    help="a step XLA plans above this is reported as out of memory, not run (default: the "
                         "memory available now less 1.5 GB, at most 20)")
+    p.add_argument("--dtype", default="float32", help="train.dtype (cudnn needs bfloat16)")
     p.add_argument("--one", metavar="NAME", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.budget_gb is None:
@@ -139,14 +148,14 @@ def main():
             avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2 ** 20
         args.budget_gb = round(min(20.0, avail - 1.5), 1)
     if args.one:
-        print(json.dumps(one(args.one, args.steps, args.budget_gb)))
+        print(json.dumps(one(args.one, args.steps, args.budget_gb, args.dtype)))
         return
 
     print(f"budget: a step XLA plans above {args.budget_gb:g} GB is not run", flush=True)
     results = []
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in args.configs.split(","):
-        cmd = command(name, args.steps, args.budget_gb)
+        cmd = command(name, args.steps, args.budget_gb, args.dtype)
         with tempfile.TemporaryFile("w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
             stdout = proc.stdout.read()
@@ -170,7 +179,8 @@ def main():
         if "oom" in r:
             print(f"{what} | OUT OF MEMORY: {r['oom']}  [{shown}]", flush=True)
         else:
-            print(f"{what} | peak RSS {_gb(rss)} | {r['s_per_step']:.1f} s/step, {r['cpu_s_per_step']:.1f} cpu-s/step "
+            device = f" (GPU peak {_gb(r['device_peak_bytes'])})" if "device_peak_bytes" in r else ""
+            print(f"{what} | peak RSS {_gb(rss)}{device} | {r['s_per_step']:.1f} s/step, {r['cpu_s_per_step']:.1f} cpu-s/step "
                   f"(steps {', '.join(f'{s:.1f}' for s in r['step_s'])} s; first {r['first_step_s']:.1f} s, compile "
                   f"{r['compile_s']:.0f} s) | loss {r['loss']:.4f}  [{shown}]", flush=True)
     ran = [r for r in results if "s_per_step" in r]

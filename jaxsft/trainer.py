@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, dpo, model, ops, parallel, runs
+from . import checkpoint, dpo, hostmem, model, ops, parallel, runs
 from .config import Config, UserError, lora_config_from_dict, model_config_from_dict, target_names, to_dict
 from .metrics import MetricsLog, NullLog, Tee
 from .batching import BatchPlan
@@ -121,6 +121,7 @@ class Trainer:
 
     def train(self) -> Summary:
         plan, total, tc = self.setup.plan, self.setup.plan.total_steps, self.setup.cfg.train
+        hostmem.trim()  # what building and placing the state freed, back before the first step's peak
         with GracefulStop(self.log) as stop, Prefetch(self.batch_at, self.start, total) as batches:
             try:
                 for step in range(self.start, total):

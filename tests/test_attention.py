@@ -195,3 +195,13 @@ def test_dot_product_attention_layout_gqa_and_mask():
     k, v = (jnp.asarray(rng.normal(size=(2, 2, 14, 8)), jnp.float32) for _ in range(2))
     mask = masks.Segments(jnp.asarray(_segments(rng, 2, 11)), jnp.ones((2, 11), jnp.int32), 11, 3).dense()
     _close(ops.attend_dpa(q, k, v, mask, "xla"), ops.attend(q, k, v, mask))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
+def test_cudnn_attention_close_to_full():
+    """model.attention cudnn: bfloat16 operands, so within bfloat16's rounding of attend's float32."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, 6, 64, 64)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 2, 72, 64)), jnp.float32) for _ in range(2))
+    mask = masks.Segments(jnp.asarray(_segments(rng, 2, 64)), jnp.ones((2, 64), jnp.int32), 64, 8).dense()
+    _close(jax.jit(lambda *a: ops.attend_dpa(*a, "cudnn"))(q, k, v, mask), ops.attend(q, k, v, mask), tol=3e-2)

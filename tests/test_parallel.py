@@ -321,6 +321,21 @@ def test_single_device_run_is_a_one_by_one_mesh():
     assert mesh.size == 1 and dict(mesh.shape) == {"data": 1, "fsdp": 1}
 
 
+def test_a_placed_state_is_donated_in_place():
+    """shard_tree's arrays are XLA's own: a donated step writes into them. Arrays built from host
+    memory (make_array_from_callback on a CPU) are copied instead, and the first train step held
+    two states (bench/README.md)."""
+    import jax
+    import jax.numpy as jnp
+    from jaxsft import parallel
+    mesh = parallel.one_device_mesh()
+    tree = {"fresh": jnp.ones((1 << 16,)), "host": np.zeros((1000,), np.float32)}
+    placed = parallel.shard_tree(tree, jax.tree.map(lambda _: parallel.replicated(mesh), tree))
+    before = {k: a.unsafe_buffer_pointer() for k, a in placed.items()}
+    after = jax.jit(lambda t: jax.tree.map(lambda a: a + 1, t), donate_argnums=0)(placed)
+    assert {k: a.unsafe_buffer_pointer() for k, a in after.items()} == before
+
+
 def test_batch_must_split_over_devices():
     from jaxsft.config import UserError
     from jaxsft.parallel import check_batch

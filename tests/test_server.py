@@ -609,6 +609,21 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(slow_engine, tok):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
+def test_bin_serve_freezes_what_start_up_built_out_of_the_collectors_sight(slow_engine, tok):
+    """freeze_gc (bin/serve passes it): once ready, the engine and everything built before it are
+    in the collector's permanent generation, so no full collection scans them mid-stream."""
+    import gc
+    eng = slow_engine(1)
+    try:
+        with live_app(eng, tok, freeze_gc=True) as (url, state):
+            assert state.status == "ready" and gc.get_freeze_count() > 10_000
+            assert not any(o is eng for o in gc.get_objects())
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": user("你好"), "max_tokens": 2}, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        gc.unfreeze()  # the rest of the suite's process collects as usual
+
+
 # -- the chat page: its Content-Security-Policy, failed answers, API keys
 
 class PageParts(HTMLParser):

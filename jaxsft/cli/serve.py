@@ -136,7 +136,7 @@ def main():
         server.should_exit = True
 
     app = create_app(load, max_waiting=args.queue, max_body=args.max_body, on_fatal=fatal, api_keys=keys,
-                     allow_hosts=args.allow_host)
+                     allow_hosts=args.allow_host, freeze_gc=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=args.grace, lifespan="on",
                                            limit_concurrency=args.max_connections,

@@ -23,12 +23,13 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 
-def start_server(args, log_path):
-    cmd = [sys.executable, os.path.join(ROOT, "bin", "serve"), "--checkpoint", args.checkpoint, "--port", "0",
+def start_server(args, log_path, root=ROOT):
+    """bin/serve of the tree at `root` on a free port; (process, url, seconds to ready)."""
+    cmd = [sys.executable, os.path.join(root, "bin", "serve"), "--checkpoint", args.checkpoint, "--port", "0",
            "--slots", str(args.slots)]
     log = open(log_path, "w", encoding="utf-8")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=root))
     log.close()
     import httpx
     t0, url = time.time(), None

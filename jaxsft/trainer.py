@@ -97,6 +97,9 @@ class Trainer:
             runs.verify_base(self.run_dir, cfg, setup.base)
         elif self.main:  # before the checkpoint dirs: a run dir without config.json holds no run
             runs.write_meta(self.run_dir, cfg, setup.tok, setup.base)
+        # the base's arrays are fingerprinted: dropped, so that a base held in fewer bits
+        # (lora.base_dtype) is the only copy the run keeps
+        self.setup = setup = dataclasses.replace(setup, base=None)
         self.plan, self.val_plan = setup.plan, None
         self._for_eval = parts.for_eval(self.frozen)  # evaluation sees the plain model (LoRA: the adapters merged)
         if setup.dpo:  # the starting model's log-probs, before any step changes it

@@ -819,6 +819,8 @@ def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_refere
     (the base loaded and quantised again), end bitwise alike; the adapters differ from the float
     base's run (the option acts) and lora_base.json keeps the float base's fingerprint."""
     base = lora_reference["base"].path()
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "killed").mkdir()
     ref = LoraRuns(tmp_path / "ref", cache, base)
     ref.args += ["--set", f"lora.base_dtype={base_dtype}"]
     p = ref.run()

@@ -26,6 +26,13 @@ is the identity transform (every parameter trains). A LoRA run's best/ and lates
 adapters (and their optimizer state) only; runs.py restores such a run on its base
 (lora_base.json names the base and holds a fingerprint of its arrays).
 
+QLoRA (lora.base_dtype bfloat16, int8 or int4): every projection kernel of the base is held as
+quant.py stores it (`quantize_base`; the untargeted ones in `FrozenLinear`), and linear_lora and
+swiglu_lora widen it inside their custom_vjp, in the forward pass and again, after the cotangent
+exists (ops.after), in the backward pass: XLA keeps only the stored form between them, and the
+widened kernels of one or two layers exist at a time. merge gives the dequantised base plus the
+adapters, what training saw (`as_trained`: the float base so widened).
+
 `peft_state_dict`, `adapter_config` and `save_peft` give the adapters as PEFT saves them
 (adapter_model.safetensors, adapter_config.json; new rows as trainable tokens) for
 transformers' Llama names (bin/export --adapter).

@@ -842,3 +842,40 @@ def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_refere
     assert p.returncode == 0, p.stderr
     assert f"resumed run at step {resumed_at} " in p.stdout
     assert_same_as_reference(r, want, resumed_at)
+
+
+@pytest.mark.slow
+def test_qlora_int4_on_an_imported_llama_trains_and_exports_a_float_model(tmp_path, capsys, monkeypatch):
+    """QLoRA (int4) on a Llama-format base built by transformers: bin/train runs, bin/export writes
+    the merged model in float32, and transformers' Llama loading it gives the run's logits (the
+    dequantised base plus the adapters), which differ from the float base's merge (the option acts)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    from conftest import run_main
+    from test_hf import build_llama, write_config
+    src = tmp_path / "llama"
+    src.mkdir()
+    build_llama(str(src))
+    run = tmp_path / "run"
+    config_path = write_config(str(tmp_path), run, steps=4, model_extra=f"  init_from: {json.dumps(str(src))}\n",
+                               n_train=40)
+    code, out, err = run_main("train", ["--config", config_path, "--no-progress", "--set", "lora.rank=4", "--set",
+                                        "lora.base_dtype=int4"], capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_main("export", ["--checkpoint", run, "--out", tmp_path / "exported"], capsys, monkeypatch)
+    assert code == 0, err
+    merged, mc, tok = runs.restore(str(run))
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(merged))
+    tokens = jnp.asarray([tok.encode("3加5等于多少？") + [tok.user_id, tok.assistant_id, tok.end_id]], jnp.int32)
+    ours = np.asarray(model.apply(model.abstract(mc)[0], merged, tokens)[0])
+    with torch.no_grad():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()
+        theirs = theirs(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    base, adapters, _, _, lc = runs.restore_parts(str(run))
+    assert lc.base_dtype == "int4"
+    with open(run / "config.json") as f:
+        seed = json.load(f)["train"]["seed"]
+    float_base = runs.init_params_from(mc, seed, runs.lora_base(str(run), mc))[1]
+    floated = np.asarray(model.apply(model.abstract(mc)[0], lora.merge(float_base, adapters, lc), tokens)[0])
+    assert np.abs(floated - ours).max() > 1e-3  # the merge used the int4 base, not the float one

@@ -33,10 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import child  # noqa: E402  (bench/memory.py: one configuration's process and its peak RSS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {
@@ -186,14 +187,7 @@ def main():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in args.configs.split(","):
         cmd = command(name, args.steps, args.budget_gb, args.remat)
-        with tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-            stdout = proc.stdout.read()
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (not Popen's wait: it reaps)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            err.seek(0)
-            stderr = err.read()
-        rss = usage.ru_maxrss * 1024
+        proc, stdout, stderr, rss = child(cmd, env)
         shown = "PYTHONPATH=. python bench/qlora_memory.py --one " + " ".join(cmd[3:])
         if proc.returncode:
             results.append({"config": name, "error": f"exit {proc.returncode}", "peak_rss_bytes": rss, "command": shown})

@@ -151,7 +151,8 @@ def one(name: str, steps: int, budget_gb: float, remat: str) -> dict:
         state, m = compiled(state, batch, key, step.frozen)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    out.update(first_step_s=times[0], s_per_step=float(np.min(times[1:])), step_s=times[1:], loss=float(m["loss"]))
+    timed = times[1:] or times  # --steps 0: the first step's time (compiled beforehand)
+    out.update(first_step_s=times[0], s_per_step=float(np.min(timed)), step_s=timed, loss=float(m["loss"]))
     return out
 
 
@@ -167,7 +168,7 @@ def _gb(n) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="0.5b:float32,0.5b:bfloat16,0.5b:int8,0.5b:int4,1.5b:int4")
-    p.add_argument("--steps", type=int, default=1, help="timed steps after the first one")
+    p.add_argument("--steps", type=int, default=1, help="timed steps after the first one (0: the first one's time)")
     p.add_argument("--remat", default="block", help="train.remat")
     p.add_argument("--budget-gb", type=float, default=None,
                    help="a step XLA plans above this is reported as out of memory, not run (default: the "

@@ -129,6 +129,19 @@ def command(name: str, steps: int, budget_gb: float, dtype: str) -> list[str]:
             str(budget_gb), "--dtype", dtype]
 
 
+def child(cmd: list[str], env: dict):
+    """Runs cmd to its end: (the finished Popen, stdout, stderr, its peak RSS in bytes: os.wait4's
+    rusage of this child alone, JAX's runtime and the compiler included)."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (not Popen's wait: it reaps)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read()
+    return proc, stdout, stderr, usage.ru_maxrss * 1024
+
+
 def _gb(n) -> str:
     return f"{n / 2 ** 30:.2f} GB"
 
@@ -156,14 +169,7 @@ def main():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in args.configs.split(","):
         cmd = command(name, args.steps, args.budget_gb, args.dtype)
-        with tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-            stdout = proc.stdout.read()
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (not Popen's wait: it reaps)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            err.seek(0)
-            stderr = err.read()
-        rss = usage.ru_maxrss * 1024
+        proc, stdout, stderr, rss = child(cmd, env)
         shown = "PYTHONPATH=. python bench/memory.py --one " + " ".join(cmd[3:])
         if proc.returncode:
             r = {"config": name, "error": f"exit {proc.returncode}", "peak_rss_bytes": rss, "command": shown}

@@ -256,6 +256,9 @@ HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
             "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
+LORA_BASE_DTYPES = ("float32", "bfloat16", "int8", "int4")  # quant.py
+
+
 def target_names(names) -> tuple[str, ...]:
     """lora.targets (ours or transformers' names) -> our names in TARGETS order; ValueError naming
     the first unknown one."""
@@ -282,6 +285,12 @@ class LoraConfig:
     # the projections that get adapters: attention wq wk wv wo, SwiGLU w1 w3 w2 (or transformers'
     # names q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
     targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
+    # how the frozen base's projection kernels (all seven, adapted or not) are held in memory
+    # (QLoRA; jaxsft/quant.py): float32 as loaded; bfloat16; int8 (per output channel scales);
+    # int4 (packed two a byte, a scale per 64 input rows). Widened to float32 where each is used,
+    # inside the step; the embedding, norms, biases, the adapters and their optimizer state stay
+    # float32. Exports and evaluation see the dequantised base plus the adapters
+    base_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -601,7 +610,13 @@ def validate_lora(cfg: Config, where=lambda k: k) -> None:
     lc = cfg.lora
     if lc.rank < 0:
         raise UserError(f"{where('lora.rank')}: must not be negative, got {lc.rank}")
+    if lc.base_dtype not in LORA_BASE_DTYPES:
+        raise UserError(f"{where('lora.base_dtype')}: expected one of {', '.join(LORA_BASE_DTYPES)}, "
+                        f"got {lc.base_dtype!r}")
     if lc.rank == 0:
+        if lc.base_dtype != "float32":
+            raise UserError(f"{where('lora.base_dtype')}: {lc.base_dtype} needs lora.rank > 0 (only a frozen "
+                            f"base is stored in fewer bits; full fine-tuning trains every parameter in float32)")
         return
     if lc.alpha <= 0:
         raise UserError(f"{where('lora.alpha')}: must be positive, got {lc.alpha}")

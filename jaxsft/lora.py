@@ -26,6 +26,13 @@ is the identity transform (every parameter trains). A LoRA run's best/ and lates
 adapters (and their optimizer state) only; runs.py restores such a run on its base
 (lora_base.json names the base and holds a fingerprint of its arrays).
 
+QLoRA (lora.base_dtype bfloat16, int8 or int4): every projection kernel of the base is held as
+quant.py stores it (`quantize_base`; the untargeted ones in `FrozenLinear`), and linear_lora and
+swiglu_lora widen it inside their custom_vjp, in the forward pass and again, after the cotangent
+exists (ops.after), in the backward pass: XLA keeps only the stored form between them, and the
+widened kernels of one or two layers exist at a time. merge gives the dequantised base plus the
+adapters, what training saw (`as_trained`: the float base so widened).
+
 `peft_state_dict`, `adapter_config` and `save_peft` give the adapters as PEFT saves them
 (adapter_model.safetensors, adapter_config.json; new rows as trainable tokens) for
 transformers' Llama names (bin/export --adapter).
@@ -40,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import model, ops
+from . import model, ops, quant
 from .config import HF_NAMES, Config, LoraConfig, ModelConfig, UserError, target_names
 from .parts import Parts, full
 
@@ -59,44 +66,100 @@ def scale(lc: LoraConfig) -> float:
 # the adapted modules
 
 
+def _store(module: nnx.Module, kernel: nnx.Param, base_dtype: str) -> None:
+    """Gives `module` the frozen kernel as lora.base_dtype stores it (quant.py): the Param itself for
+    float32; else `kernel` (bfloat16, int8 or packed int4) and, quantised, `kernel_scale`."""
+    if base_dtype == "float32":
+        module.kernel = kernel
+        return
+    stored = quant.stored_shapes(base_dtype, *kernel.shape)
+    module.kernel = nnx.Param(jnp.zeros(*stored[0]))  # the values: quantize_base's
+    if len(stored) > 1:
+        module.kernel_scale = nnx.Param(jnp.zeros(*stored[1]))
+
+
+def stored(module: nnx.Module) -> tuple:
+    """A projection's frozen kernel as stored: (W,) or (q, scale) (quant.dequantize widens it)."""
+    scale = getattr(module, "kernel_scale", None)
+    return (module.kernel[...],) if scale is None else (module.kernel[...], scale[...])
+
+
 class LoraLinear(nnx.Module):
     """x @ kernel + scale * (x @ lora_a) @ lora_b (+ bias); the kernel and a bias (Qwen2's q/k/v
-    projections) are the base's, unchanged and frozen."""
+    projections) are the base's, unchanged and frozen (the kernel stored as lora.base_dtype says)."""
 
-    def __init__(self, kernel: nnx.Param, rank: int, scale: float, bias: nnx.Param | None = None):
+    def __init__(self, kernel: nnx.Param, rank: int, scale: float, bias: nnx.Param | None = None,
+                 base_dtype: str = "float32"):
         d_in, d_out = kernel.shape
-        self.kernel, self.bias = kernel, bias
+        _store(self, kernel, base_dtype)
+        self.bias = bias
         self.lora_a = nnx.LoRAParam(jnp.zeros((d_in, rank), jnp.float32))  # set by init_adapters
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
         self.scale = scale
 
     def __call__(self, x):  # (..., in) -> (..., out)
-        k, a, b = (v[...].astype(x.dtype) for v in (self.kernel, self.lora_a, self.lora_b))
-        y = linear_lora(self.scale, x.reshape(-1, x.shape[-1]), k, a, b)
-        return model.with_bias(y.reshape(x.shape[:-1] + (k.shape[1],)), self.bias)
+        a, b = (v[...].astype(x.dtype) for v in (self.lora_a, self.lora_b))
+        y = linear_lora(self.scale, x.reshape(-1, x.shape[-1]), stored(self), a, b)
+        return model.with_bias(y.reshape(x.shape[:-1] + (b.shape[1],)), self.bias)
+
+
+class FrozenLinear(nnx.Module):
+    """An untargeted projection of a base stored in fewer bits (lora.base_dtype): x @ W (+ bias),
+    W widened inside linear_lora as the adapted ones are (rank-0 adapters)."""
+
+    def __init__(self, kernel: nnx.Param, bias: nnx.Param | None, base_dtype: str):
+        self.shape = tuple(kernel.shape)  # (in, out), as the plain kernel's
+        _store(self, kernel, base_dtype)
+        self.bias = bias
+
+    def __call__(self, x):  # (..., in) -> (..., out)
+        d_in, d_out = self.shape
+        a, b = jnp.zeros((d_in, 0), x.dtype), jnp.zeros((0, d_out), x.dtype)
+        y = linear_lora(0.0, x.reshape(-1, d_in), stored(self), a, b)
+        return model.with_bias(y.reshape(x.shape[:-1] + (d_out,)), self.bias)
+
+
+def _plain(w: tuple, dtype) -> bool:
+    """Whether a stored kernel is used as it is (a float32 base): else it is widened where used."""
+    return len(w) == 1 and w[0].dtype == dtype
+
+
+def _widen_after(g, w: tuple, dtype):
+    """A stored kernel widened for the backward pass: recomputed from what is stored once the
+    cotangent g exists (ops.after), so that XLA neither keeps the forward pass's widened kernel
+    alive until the backward pass nor widens every layer's kernel at once."""
+    return w[0] if _plain(w, dtype) else quant.dequantize(ops.after(g, *w), dtype)
+
+
+def _kernel_grad(w: tuple, dtype, grad):
+    """The cotangent of a stored kernel: grad() for a float32 one (dropped under LoRA, which never
+    asks for it), none for a kernel stored in fewer bits (frozen: never differentiated)."""
+    return (grad(),) if _plain(w, dtype) else (None,) * len(w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def linear_lora(s, x, w, a, b):
-    """x (N, in) -> x w + s (x a) b, (N, out); s: the adapter's scale (a float). The gradient is
-    written out as swiglu_lora's is (its products over N take materialised transposes; left to
-    autodiff, the attention adapters cost a LoRA step 10% more), and the kernel's is computed only
-    if asked for."""
+    """x (N, in) -> x w + s (x a) b, (N, out); s: the adapter's scale (a float); w: the kernel as
+    stored ((W,), or quant.py's (q, scale)), widened here, in the forward and again in the backward
+    pass, so that only what is stored stays alive between them. The gradient is written out as
+    swiglu_lora's is (its products over N take materialised transposes; left to autodiff, the
+    attention adapters cost a LoRA step 10% more), and the kernel's is computed only if asked for."""
     return _linear_lora_fwd(s, x, w, a, b)[0]
 
 
 def _linear_lora_fwd(s, x, w, a, b):
     xa = x @ a  # (N, r)
-    return x @ w + (xa * s) @ b, (x, xa, w, a, b)
+    return x @ quant.dequantize(w, x.dtype) + (xa * s) @ b, (x, xa, w, a, b)
 
 
 def _linear_lora_bwd(s, res, g):
     x, xa, w, a, b = res
     x, xa = ops.after(g, x, xa)  # their transposes wait for g (ops.after)
+    wf = _widen_after(g, w, x.dtype)
     gb = (g @ b.T) * s  # (N, r)
     gbT, xaT = jax.lax.optimization_barrier((gb.T, xa.T))  # (r, N): the adapters' products take the small
     xT = jax.lax.optimization_barrier(x.T)  # transposes; x's is for the kernel's gradient (dropped under LoRA)
-    return g @ w.T + gb @ a.T, xT @ g, (gbT @ x).T, (xaT * s) @ g
+    return g @ wf.T + gb @ a.T, _kernel_grad(w, x.dtype, lambda: xT @ g), (gbT @ x).T, (xaT * s) @ g
 
 
 linear_lora.defvjp(_linear_lora_fwd, _linear_lora_bwd)
@@ -113,20 +176,22 @@ class LoraSwiGLU(nnx.Module):
         B, T, D = x.shape
         ws, ads, s = [], [], 1.0
         for w in (self.w1, self.w3, self.w2):
-            k = w.kernel[...].astype(x.dtype)
-            ws.append(k)
+            ws.append(stored(w))
             if isinstance(w, LoraLinear):
                 ads += [w.lora_a[...].astype(x.dtype), w.lora_b[...].astype(x.dtype)]
                 s = w.scale
             else:  # no adapter: rank 0
-                ads += [jnp.zeros((k.shape[0], 0), x.dtype), jnp.zeros((0, k.shape[1]), x.dtype)]
+                d_in, d_out = w.shape if isinstance(w, FrozenLinear) else w.kernel.shape
+                ads += [jnp.zeros((d_in, 0), x.dtype), jnp.zeros((0, d_out), x.dtype)]
         return swiglu_lora(s, x.reshape(B * T, D), *ws, *ads).reshape(B, T, D)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def swiglu_lora(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
     """x (N, D) -> (silu(x w1') * (x w3')) w2', (N, D), where w' = w + s a b (never formed);
-    s: the adapters' scale (a float); an untargeted kernel comes with rank-0 a and b.
+    s: the adapters' scale (a float); an untargeted kernel comes with rank-0 a and b. Each w is
+    the kernel as stored ((W,), or quant.py's (q, scale)), widened where it is used, in the
+    forward and again in the backward pass (linear_lora).
 
     Like ops.swiglu, its gradient is written out: every product that sums over the N rows
     (the adapters' and the kernels' gradients) takes a materialised transpose, which XLA on
@@ -138,31 +203,35 @@ def swiglu_lora(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
 
 def _swiglu_lora_fwd(s, x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
     xa1, xa3 = x @ a1, x @ a3  # (N, r)
-    a, b = x @ w1 + (xa1 * s) @ b1, x @ w3 + (xa3 * s) @ b3  # (N, F)
+    k1, k3 = quant.dequantize(w1, x.dtype), quant.dequantize(w3, x.dtype)
+    a, b = x @ k1 + (xa1 * s) @ b1, x @ k3 + (xa3 * s) @ b3  # (N, F)
     h = jax.nn.silu(a) * b
     ha2 = h @ a2
-    out = h @ w2 + (ha2 * s) @ b2
+    out = h @ quant.dequantize(w2, x.dtype) + (ha2 * s) @ b2
     return out, (x, a, b, xa1, xa3, ha2, w1, w3, w2, a1, b1, a3, b3, a2, b2)
 
 
 def _swiglu_lora_bwd(s, res, g):
     x, a, b, xa1, xa3, ha2, w1, w3, w2, a1, b1, a3, b3, a2, b2 = res
     x, a, xa1, xa3, ha2 = ops.after(g, x, a, xa1, xa3, ha2)  # recomputed from, transposed: after g
+    dt = x.dtype
+    k1, k3, k2 = (_widen_after(g, w, dt) for w in (w1, w3, w2))
     sig = jax.nn.sigmoid(a)
     silu = a * sig
     h = silu * b
     gb2 = (g @ b2.T) * s  # (N, r)
-    dh = g @ w2.T + gb2 @ a2.T  # (N, F)
+    dh = g @ k2.T + gb2 @ a2.T  # (N, F)
     da = dh * b * (sig + silu * (1 - sig))  # silu'(a) = sig + silu * (1 - sig)
     db = dh * silu
     da1, db3 = (da @ b1.T) * s, (db @ b3.T) * s  # (N, r)
-    dx = da @ w1.T + db @ w3.T + da1 @ a1.T + db3 @ a3.T
+    dx = da @ k1.T + db @ k3.T + da1 @ a1.T + db3 @ a3.T
     # The adapters' gradients take (r, N) transposes: (F, N) or (D, N) ones, which only the kernels'
     # gradients need (dropped under LoRA), profiled at a sixth of a 110M LoRA step (strided writes).
     small = jax.lax.optimization_barrier((xa1.T, xa3.T, ha2.T, da1.T, db3.T, gb2.T))
     xa1T, xa3T, ha2T, da1T, db3T, gb2T = small
     xT, hT = jax.lax.optimization_barrier((x.T, h.T))
-    return (dx, xT @ da, xT @ db, hT @ g, (da1T @ x).T, (xa1T * s) @ da, (db3T @ x).T, (xa3T * s) @ db,
+    return (dx, _kernel_grad(w1, dt, lambda: xT @ da), _kernel_grad(w3, dt, lambda: xT @ db),
+            _kernel_grad(w2, dt, lambda: hT @ g), (da1T @ x).T, (xa1T * s) @ da, (db3T @ x).T, (xa3T * s) @ db,
             (gb2T @ h).T, (ha2T * s) @ g)
 
 
@@ -170,15 +239,20 @@ swiglu_lora.defvjp(_swiglu_lora_fwd, _swiglu_lora_bwd)
 
 
 def attach(gpt: model.GPT, lc: LoraConfig) -> model.GPT:
-    """Swaps the targeted projections of `gpt` for LoraLinear modules (in place); returns it."""
-    targets = target_names(lc.targets)
+    """Swaps the targeted projections of `gpt` for LoraLinear modules (in place); returns it. With
+    lora.base_dtype other than float32 every projection's kernel is stored so (the untargeted
+    ones as FrozenLinear), its values set by quantize_base."""
+    targets, bd = target_names(lc.targets), lc.base_dtype
     for blk in gpt.blocks:
         blk.attn.recompute = True  # the attention probabilities recomputed, not held (ops.attend_recomputed)
-        if any(_MODULE[t] == "mlp" for t in targets):
+        if any(_MODULE[t] == "mlp" for t in targets) or bd != "float32":
             blk.mlp = LoraSwiGLU(blk.mlp)
-        for t in targets:
+        for t in _MODULE:  # with the base in fewer bits (lora.base_dtype), the untargeted projections too
             parent, old = getattr(blk, _MODULE[t]), getattr(getattr(blk, _MODULE[t]), t)
-            setattr(parent, t, LoraLinear(old.kernel, lc.rank, scale(lc), old.bias))
+            if t in targets:
+                setattr(parent, t, LoraLinear(old.kernel, lc.rank, scale(lc), old.bias, bd))
+            elif bd != "float32":
+                setattr(parent, t, FrozenLinear(old.kernel, old.bias, bd))
     return gpt
 
 
@@ -211,9 +285,13 @@ def init(mc: ModelConfig, lc: LoraConfig, seed: int, base, n_old: int | None = N
     (runs.init_params_from's, an nnx.State); it becomes the frozen half as it is. n_old: the
     base's own vocabulary size; the embedding rows n_old.. (characters the base lacks, appended
     to its vocabulary, freshly initialised) are no part of the base: they train with the
-    adapters, as the adapters' entry embed.new_rows."""
+    adapters, as the adapters' entry embed.new_rows. lora.base_dtype: the projections' kernels are
+    stored so (quantize_base)."""
     graphdef, abstract_base, abstract_adapters = graph(mc, lc)
-    if jax.tree.structure(abstract_base) != jax.tree.structure(base):
+    base = quantize_base(base, lc)
+    leaves = zip(jax.tree.leaves(abstract_base), jax.tree.leaves(base))
+    if jax.tree.structure(abstract_base) != jax.tree.structure(base) or any(
+            (a.shape, a.dtype) != (b.shape, b.dtype) for a, b in leaves):
         raise AssertionError("the base's parameter tree does not fit the model")
     adapters = init_adapters(abstract_adapters, seed)
     if n_old is not None and n_old < mc.vocab_size:
@@ -223,6 +301,30 @@ def init(mc: ModelConfig, lc: LoraConfig, seed: int, base, n_old: int | None = N
             new[NEW_COLS] = nnx.LoRAParam(jnp.asarray(flat[NEW[NEW_COLS]].get_value()[:, n_old:], jnp.float32))
         adapters = _with(adapters, new)
     return graphdef, base, adapters
+
+
+def is_projection(path: tuple) -> bool:
+    """Whether a parameter path is a block's projection kernel (blocks.N.attn.wq.kernel, ...)."""
+    return len(path) == 5 and path[0] == "blocks" and path[3] in _MODULE and path[4] == "kernel"
+
+
+def quantize_base(base, lc: LoraConfig):
+    """The plain model's parameters with every projection kernel stored as lora.base_dtype says
+    (quant.quantize: bfloat16, or int8 / packed int4 with a `kernel_scale` beside the kernel);
+    the embedding, the norms, an untied head and the biases stay as they are. float32: base itself.
+    Deterministic: a run resumed, exported or evaluated later quantises its base to the same bits."""
+    if lc.base_dtype == "float32":
+        return base
+    out = []
+    for path, var in nnx.to_flat_state(base):
+        if not is_projection(path):
+            out.append((path, var))
+            continue
+        st = quant.quantize(var.get_value(), lc.base_dtype)
+        out.append((path, var.replace(st[0])))
+        if len(st) > 1:
+            out.append((path[:-1] + ("kernel_scale",), nnx.Param(st[1])))
+    return nnx.from_flat_state(sorted(out, key=lambda kv: tuple(map(str, kv[0]))))
 
 
 def abstract_adapters(mc: ModelConfig, lc: LoraConfig, n_old: int | None = None):
@@ -273,13 +375,19 @@ def combine(base, adapters):
 
 def merge(base, adapters, lc: LoraConfig):
     """The plain model's parameters, float32: each targeted kernel W + (alpha/r) * A @ B, every
-    other array the base's own (widened, were it held in a lower precision). Works on arrays
-    or inside jit."""
+    other array the base's own (widened, were it held in a lower precision). A base stored in
+    fewer bits (lora.base_dtype) gives its kernels dequantised: the merged model is what training
+    saw, the dequantised base plus the adapters. Works on arrays or inside jit."""
     s = scale(lc)
     base, adapters = _split_rows(base, adapters)
     ad = {path: var for path, var in nnx.to_flat_state(adapters)}
+    flat = dict(nnx.to_flat_state(base))
     out = []
-    for path, var in nnx.to_flat_state(base):
+    for path, var in flat.items():
+        if path[-1] == "kernel_scale":  # folded into its kernel
+            continue
+        if path[-1] == "kernel" and path[:-1] + ("kernel_scale",) in flat:
+            var = var.replace(quant.dequantize((var.get_value(), flat[path[:-1] + ("kernel_scale",)].get_value())))
         if path[-1] == "kernel" and path[:-1] + ("lora_a",) in ad:
             a, b = ad[path[:-1] + ("lora_a",)].get_value(), ad[path[:-1] + ("lora_b",)].get_value()
             w = var.get_value()
@@ -289,6 +397,15 @@ def merge(base, adapters, lc: LoraConfig):
             var = var.replace(var.get_value().astype(jnp.float32))
         out.append((path, var))
     return nnx.from_flat_state(out)
+
+
+def as_trained(base, lc: LoraConfig):
+    """A float base as training on it saw it: with lora.base_dtype other than float32, every
+    projection kernel quantised and widened back to float32 (what an adapter export writes as its
+    base, and a DPO run's reference); base itself for float32."""
+    if lc.base_dtype == "float32":
+        return base
+    return merge(quantize_base(base, lc), nnx.State({}), lc)
 
 
 def count(adapters) -> int:

@@ -30,12 +30,15 @@ class Parts:
     merge: Optional[Callable] = None  # (frozen, trainable) -> plain_graphdef's parameters; None: trainable are
     notes: tuple[str, ...] = field(default=())  # lines the trainer logs about the split
 
-    def for_eval(self, frozen) -> Callable:
+    def for_eval(self, frozen, out_shardings=None) -> Callable:
         """trainable -> the plain model's parameters, with `frozen` as placed on the mesh (the merge
-        jitted once, its output laid out as the frozen arrays are)."""
+        jitted once, its output laid out as out_shardings says; by default as the frozen arrays are,
+        which fits a frozen tree shaped like the plain model's: not a quantised one)."""
         if self.merge is None:
             return lambda trainable: trainable
-        merge = jax.jit(self.merge, out_shardings=jax.tree.map(lambda a: a.sharding, frozen))
+        if out_shardings is None:
+            out_shardings = jax.tree.map(lambda a: a.sharding, frozen)
+        merge = jax.jit(self.merge, out_shardings=out_shardings)
         return lambda trainable: merge(frozen, trainable)
 
 

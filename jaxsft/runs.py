@@ -84,7 +84,8 @@ def _restore_lora(run_dir: str, shardings=None):
 
 def restore_parts(run_dir: str):
     """(base, adapters, model_cfg, tokenizer, lora config) of a LoRA run's best checkpoint, unmerged:
-    what an exporter writes as a base model plus a PEFT adapter."""
+    what an exporter writes as a base model plus a PEFT adapter. The base is float32 as training
+    saw it: with lora.base_dtype int8 or int4, its kernels quantised and dequantised (lora.as_trained)."""
     cfg_dict, tok = checkpoint.read_meta(run_dir)
     lc = lora_config_from_dict(cfg_dict.get("lora"))
     if lc.rank <= 0:
@@ -92,6 +93,8 @@ def restore_parts(run_dir: str):
     mc = model_config_from_dict(cfg_dict["model"])
     base_params, n_old = lora_base(run_dir, mc)
     _, base = init_params_from(mc, cfg_dict.get("train", {}).get("seed", 0), (base_params, n_old))
+    del base_params
+    base = lora.as_trained(base, lc)
     abstract = lora.abstract_adapters(mc, lc, n_old)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
@@ -181,8 +184,9 @@ def init_params_from(model_cfg: ModelConfig, seed: int, base=None):
 def reference_params(run_dir: str):
     """The parameters a DPO run (train.objective dpo) is measured against: its starting model,
     rebuilt exactly as training began: model.init_from (a LoRA run's base as lora_base.json names
-    it, checked against its fingerprint: the base with the adapters off) with the embedding rows
-    of the characters the base lacked initialised from the run's train.seed (`init_params_from`).
+    it, checked against its fingerprint: the base with the adapters off, its kernels as
+    lora.base_dtype stored them) with the embedding rows of the characters the base lacked
+    initialised from the run's train.seed (`init_params_from`).
     None for any other run (SFT, or a config.json older than train.objective): it is its own
     reference."""
     cfg_dict, _ = checkpoint.read_meta(run_dir)
@@ -190,15 +194,15 @@ def reference_params(run_dir: str):
     if train.get("objective", "sft") != "dpo":
         return None
     mc = model_config_from_dict(cfg_dict["model"])
-    if lora_config_from_dict(cfg_dict.get("lora")).rank > 0:
-        base = lora_base(run_dir, mc)
-    else:
-        src = cfg_dict["model"].get("init_from")
-        if not src or not os.path.exists(src):
-            raise UserError(f"{run_dir}: its starting model (model.init_from {src}) is missing; a DPO run is "
-                            f"measured against it")
-        base = load_base(src, mc)
-    return init_params_from(mc, train.get("seed", TrainConfig.seed), base)[1]
+    lc = lora_config_from_dict(cfg_dict.get("lora"))
+    seed = train.get("seed", TrainConfig.seed)
+    if lc.rank > 0:  # the base with the adapters off, as training saw it (lora.base_dtype)
+        return lora.as_trained(init_params_from(mc, seed, lora_base(run_dir, mc))[1], lc)
+    src = cfg_dict["model"].get("init_from")
+    if not src or not os.path.exists(src):
+        raise UserError(f"{run_dir}: its starting model (model.init_from {src}) is missing; a DPO run is "
+                        f"measured against it")
+    return init_params_from(mc, seed, load_base(src, mc))[1]
 
 
 # the base a LoRA run's adapters belong to

@@ -97,8 +97,13 @@ class Trainer:
             runs.verify_base(self.run_dir, cfg, setup.base)
         elif self.main:  # before the checkpoint dirs: a run dir without config.json holds no run
             runs.write_meta(self.run_dir, cfg, setup.tok, setup.base)
+        # the base's arrays are fingerprinted: dropped, so that a base held in fewer bits
+        # (lora.base_dtype) is the only copy the run keeps
+        self.setup = setup = dataclasses.replace(setup, base=None)
         self.plan, self.val_plan = setup.plan, None
-        self._for_eval = parts.for_eval(self.frozen)  # evaluation sees the plain model (LoRA: the adapters merged)
+        plain = None if parts.merge is None else parallel.param_shardings(  # the merged model's layout
+            jax.eval_shape(parts.merge, self.frozen, self.state.params), mesh)
+        self._for_eval = parts.for_eval(self.frozen, plain)  # evaluation sees the plain model (LoRA: merged)
         if setup.dpo:  # the starting model's log-probs, before any step changes it
             self.plan, self.val_plan = self._with_reference(parts.plain_graphdef)
         self.ckpt = checkpoint.RunCheckpoints(self.run_dir)

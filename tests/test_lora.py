@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxsft import config, lora, model, runs, steps
+from jaxsft import config, lora, model, quant, runs, steps
 from jaxsft.batching import make_batch
 from jaxsft.config import LoraConfig, ModelConfig, TrainConfig, UserError
 
@@ -409,8 +409,17 @@ def test_swiglu_lora_gradient_is_autodiffs():
 
     g = jax.random.normal(ks[10], (N, D))
     want = jax.vjp(plain, *args)[1](g)
-    got = jax.vjp(lambda *a: lora.swiglu_lora(s, *a), *args)[1](g)
-    np.testing.assert_allclose(lora.swiglu_lora(s, *args), plain(*args), rtol=1e-5, atol=1e-5)
+    ours = lambda x, w1, w3, w2, *ad: lora.swiglu_lora(s, x, (w1,), (w3,), (w2,), *ad)  # noqa: E731
+    got = jax.vjp(ours, *args)[1](g)
+    np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-5)
+    for w, h in zip(want, got):
+        np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
+    # kernels stored as int8: the gradient of x and the adapters is autodiff's with the dequantised kernels
+    stored = [quant.quantize_int8(w) for w in args[1:4]]
+    deq = [quant.dequantize(st) for st in stored]
+    x, ad = args[0], args[4:]
+    want = jax.vjp(lambda x, *ad: plain(x, *deq, *ad), x, *ad)[1](g)
+    got = jax.vjp(lambda x, *ad: lora.swiglu_lora(s, x, *stored, *ad), x, *ad)[1](g)
     for w, h in zip(want, got):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
 
@@ -628,6 +637,245 @@ def test_linear_lora_gradient_is_autodiffs():
     args = [jax.random.normal(k, sh) for k, sh in zip(ks, [(N, D), (D, O), (D, r), (r, O)])]
     g = jax.random.normal(ks[4], (N, O))
     plain = lambda x, w, a, b: x @ w + s * (x @ a) @ b  # noqa: E731
-    np.testing.assert_allclose(lora.linear_lora(s, *args), plain(*args), rtol=1e-5, atol=1e-5)
-    for h, w in zip(jax.vjp(lambda *a: lora.linear_lora(s, *a), *args)[1](g), jax.vjp(plain, *args)[1](g)):
+    ours = lambda x, w, a, b: lora.linear_lora(s, x, (w,), a, b)  # noqa: E731
+    np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-5)
+    for h, w in zip(jax.vjp(ours, *args)[1](g), jax.vjp(plain, *args)[1](g)):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
+    # the kernel stored as packed int4: x's and the adapters' gradients are those of the dequantised kernel
+    x, w, a, b = args
+    st = quant.quantize_int4(jnp.concatenate([w, w]))  # an even number of rows
+    x2, deq = jnp.concatenate([x, x], axis=1), quant.dequantize(st)
+    a2 = jnp.concatenate([a, a])
+    got = jax.vjp(lambda x, a, b: lora.linear_lora(s, x, st, a, b), x2, a2, b)[1](g)
+    want = jax.vjp(lambda x, a, b: plain(x, deq, a, b), x2, a2, b)[1](g)
+    for h, w in zip(got, want):
+        np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# QLoRA: the frozen base's projection kernels stored in fewer bits (lora.base_dtype, quant.py)
+
+QUANTISED = ("bfloat16", "int8", "int4")
+
+
+def test_int8_round_trip_is_within_half_a_scale_per_column():
+    w = jax.random.normal(jax.random.PRNGKey(0), (96, 40)) * 0.02
+    w = w.at[:, 3].set(0.0).at[5, 7].set(0.5)  # a zero column (scale 0) and an outlier in column 7
+    q, scale = quant.quantize_int8(w)
+    chex.assert_type([q, scale], [jnp.int8, jnp.float32])
+    chex.assert_shape([q, scale], [(96, 40), (40,)])
+    np.testing.assert_allclose(scale, np.abs(np.asarray(w)).max(axis=0) / 127, rtol=1e-6)
+    err = np.abs(np.asarray(quant.dequantize((q, scale))) - np.asarray(w))
+    assert (err <= np.asarray(scale)[None] / 2 * (1 + 1e-5) + 1e-12).all()
+    assert not err[:, 3].any() and err[5, 7] <= 1e-7  # zero stays zero; a column's largest weight is exact
+    assert err.max() > 0  # (it is a quantisation)
+
+
+def test_int4_round_trip_is_within_half_a_scale_per_group_of_64_rows():
+    w = jax.random.normal(jax.random.PRNGKey(0), (256, 24)) * 0.02
+    w = w.at[70, 2].set(0.3)  # an outlier: only its own group (rows 64-127 of column 2) gets the large scale
+    p, scale = quant.quantize_int4(w)
+    chex.assert_type([p, scale], [jnp.uint8, jnp.float32])
+    chex.assert_shape([p, scale], [(128, 24), (4, 24)])
+    want = np.abs(np.asarray(w)).reshape(4, 64, 24).max(axis=1) / 7
+    np.testing.assert_allclose(scale, want, rtol=1e-6)
+    err = np.abs(np.asarray(quant.dequantize((p, scale))) - np.asarray(w)).reshape(4, 64, 24)
+    assert (err <= np.asarray(scale)[:, None] / 2 * (1 + 1e-5)).all()
+    assert err[0, :, 2].max() < err[1, :, 2].max() / 4  # the outlier did not coarsen the other groups
+    assert quant.group_size(96) == 48 and quant.group_size(32) == 32 and quant.group_size(4864) == 64
+
+
+def test_int4_packing_round_trip_is_exact():
+    q = jax.random.randint(jax.random.PRNGKey(0), (10, 7), -8, 8).astype(jnp.int8)
+    p = quant.pack_int4(q)
+    chex.assert_type(p, jnp.uint8)
+    chex.assert_shape(p, (5, 7))
+    assert np.asarray(quant.unpack_int4(p)).tobytes() == np.asarray(q).tobytes()
+    assert int(p[0, 0]) == (int(q[0, 0]) + 8) | ((int(q[5, 0]) + 8) << 4)  # rows i and i + in/2, low nibble first
+
+
+@pytest.mark.parametrize("base_dtype", QUANTISED)
+def test_the_base_is_stored_quantised_and_the_rest_as_it_was(base_dtype):
+    _, base = _base()
+    lc = dataclasses.replace(ALL, base_dtype=base_dtype, targets=("wq", "wv", "w1"))  # untargeted ones too
+    _, frozen, _ = lora.init(MC, lc, seed=0, base=base)
+    flat, plain = dict(nnx.to_flat_state(frozen)), dict(nnx.to_flat_state(base))
+    kernels = [p for p in plain if lora.is_projection(p)]
+    assert len(kernels) == 7 * MC.n_layers
+    stored_bytes = 0
+    for p in kernels:
+        w, k = plain[p].get_value(), flat[p].get_value()
+        d_in, d_out = w.shape
+        if base_dtype == "bfloat16":
+            chex.assert_type(k, jnp.bfloat16)
+            assert p[:-1] + ("kernel_scale",) not in flat
+        elif base_dtype == "int8":
+            chex.assert_type([k, flat[p[:-1] + ("kernel_scale",)].get_value()], [jnp.int8, jnp.float32])
+            chex.assert_shape(k, (d_in, d_out))
+        else:
+            chex.assert_type(k, jnp.uint8)
+            chex.assert_shape([k, flat[p[:-1] + ("kernel_scale",)].get_value()], [(d_in // 2, d_out), (1, d_out)])
+        scale = flat.get(p[:-1] + ("kernel_scale",))
+        stored_bytes += k.nbytes + (0 if scale is None else scale.get_value().nbytes)
+    f32_bytes = sum(plain[p].get_value().nbytes for p in kernels)
+    assert stored_bytes <= f32_bytes * {"bfloat16": 0.5, "int8": 0.25 + 0.05, "int4": 0.125 + 0.07}[base_dtype]
+    for p, var in plain.items():  # the embedding and the norms: the same arrays, bit for bit
+        if not lora.is_projection(p):
+            assert np.asarray(flat[p].get_value()).tobytes() == np.asarray(var.get_value()).tobytes(), p
+
+
+# The logits of a fresh QLoRA model (B = 0: the base's function) against the float base's, at MC on
+# _tokens() (logits' standard deviation 0.14), measured: bfloat16 4.8e-4, int8 1.8e-3, int4 3.6e-2.
+# Tolerances: under 10x those.
+LOGIT_TOL = {"bfloat16": 2e-3, "int8": 1e-2, "int4": 0.2}
+
+
+@pytest.mark.parametrize("base_dtype", QUANTISED)
+def test_qlora_logits_are_within_a_stated_tolerance_of_the_float_base(base_dtype):
+    graphdef, base = _base()
+    lc = dataclasses.replace(ALL, base_dtype=base_dtype)
+    adapted, frozen, adapters = lora.init(MC, lc, seed=0, base=base)
+    tokens = _tokens()
+    want = np.asarray(model.apply(graphdef, base, tokens)[0])
+    got = np.asarray(model.apply(adapted, lora.combine(frozen, adapters), tokens)[0])
+    err = np.abs(got - want).max()
+    assert 0 < err < LOGIT_TOL[base_dtype], err
+    # merged (bin/chat, bin/export, evaluation): the dequantised base plus the adapters, as training computes
+    adapters = _random_b(adapters)
+    unmerged = np.asarray(model.apply(adapted, lora.combine(frozen, adapters), tokens)[0])
+    merged = np.asarray(model.apply(graphdef, lora.merge(frozen, adapters, lc), tokens)[0])
+    np.testing.assert_allclose(merged, unmerged, atol=1e-5, rtol=0)
+    as_trained = lora.as_trained(base, lc)  # the float base as training saw it (an adapter export's base)
+    chex.assert_trees_all_equal_shapes_and_dtypes(as_trained, base)
+    np.testing.assert_allclose(np.asarray(model.apply(graphdef, lora.merge(as_trained, adapters, lc), tokens)[0]),
+                               unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("base_dtype", QUANTISED)
+def test_qlora_trains_the_adapters_only_and_the_stored_base_stays_bitwise(base_dtype):
+    tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0, weight_decay=0.01)
+    _, base = model.init(TINY, 0)
+    lc = dataclasses.replace(ALL, base_dtype=base_dtype)
+    graphdef, frozen, adapters = lora.init(TINY, lc, seed=0, base=base)
+    before = jax.tree.map(lambda a: np.array(a), frozen)
+    tx = steps.make_optimizer(tc, 10)
+    state = steps.TrainState.create(adapters, tx)
+    # the gradient: float32, one per adapter array (B's first: A's is 0 while B is), none for the base
+    grads = jax.grad(lambda ad: steps.loss_sums(lora.combine(frozen, ad), graphdef, _batch())[0])(adapters)
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, adapters)
+    assert all(np.abs(np.asarray(g.get_value())).max() > 0 for p, g in nnx.to_flat_state(grads) if p[-1] == "lora_b")
+    arrays = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+    assert len(arrays) == 2 * len(jax.tree.leaves(adapters)) and all(x.dtype == jnp.float32 for x in arrays)
+    step = steps.make_train_step(graphdef, tx, tc, frozen=frozen, combine=lora.combine)
+    losses = []
+    for _ in range(5):
+        state, m = step(state, _batch(), jax.random.PRNGKey(0))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    chex.assert_trees_all_equal_shapes_and_dtypes(state.params, adapters)
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(before)):
+        assert np.asarray(a).tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_the_widened_kernels_are_never_all_alive_at_once(remat):
+    """XLA's plan of a QLoRA step (int8 base, 6 layers) against the float32 base's: its temporaries
+    exceed the float32 step's by the widened kernels of at most two layers (measured: half a layer
+    without remat, two with). Widened outside linear_lora/swiglu_lora's custom_vjp, or in their
+    backward pass without ops.after (XLA merges it with the forward pass's), every layer's widened
+    kernels live from the forward pass to the backward one: 5.6 layers more here."""
+    mc = dataclasses.replace(MC, d_model=64, d_ff=256, n_layers=6)
+    tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0, remat=remat)
+    tx = steps.make_optimizer(tc, 10)
+    _, base = model.init(mc, 0)
+    temps = {}
+    for bd in ("float32", "int8"):
+        graphdef, frozen, adapters = lora.init(mc, dataclasses.replace(ALL, base_dtype=bd), 0, base)
+        step = steps.make_train_step(graphdef, tx, tc, frozen=frozen, combine=lora.combine)
+        compiled = step.lower(steps.TrainState.create(adapters, tx), _batch(), jax.random.PRNGKey(0)).compile()
+        temps[bd] = compiled.memory_analysis().temp_size_in_bytes
+    layer = (4 * 64 * 64 + 3 * 64 * 256) * 4  # one layer's kernels in float32
+    assert temps["int8"] - temps["float32"] < 2.5 * layer, (temps, layer)
+
+
+def test_base_dtype_config_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  init_from: base\nlora:\n  rank: 8\n", encoding="utf-8")
+    assert _load(str(p)).lora.base_dtype == "float32"  # the default
+    assert _load(str(p), ["lora.base_dtype=int4"]).lora.base_dtype == "int4"
+    with pytest.raises(UserError) as e:
+        _load(str(p), ["lora.base_dtype=nf4"])
+    assert str(e.value) == "--set lora.base_dtype: expected one of float32, bfloat16, int8, int4, got 'nf4'"
+    with pytest.raises(UserError) as e:
+        _load(str(p), ["lora.rank=0", "lora.base_dtype=int8"])
+    assert str(e.value).startswith("--set lora.base_dtype: int8 needs lora.rank > 0"), str(e.value)
+    assert config.lora_config_from_dict({"rank": 4}).base_dtype == "float32"  # a run from before QLoRA
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_dtype", QUANTISED)
+def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_reference, base_dtype):
+    """With lora.base_dtype on: an uninterrupted run, and one SIGKILLed mid-step then resumed
+    (the base loaded and quantised again), end bitwise alike; the adapters differ from the float
+    base's run (the option acts) and lora_base.json keeps the float base's fingerprint."""
+    base = lora_reference["base"].path()
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "killed").mkdir()
+    ref = LoraRuns(tmp_path / "ref", cache, base)
+    ref.args += ["--set", f"lora.base_dtype={base_dtype}"]
+    p = ref.run()
+    assert p.returncode == 0, p.stderr
+    want = {"runs": ref, "total": 24, "saves": lora_reference["saves"], "latest": load_tree(ref.path("latest"), 24),
+            "best": {s: load_tree(ref.path("best"), s) for s in saved_steps(ref.path("best"))}}
+    with open(ref.path("metrics.jsonl")) as f:
+        want["metrics"] = f.read()
+    assert any(a.tobytes() != lora_reference["latest"][k].tobytes() for k, a in want["latest"].items())
+    with open(ref.path("lora_base.json")) as f, open(lora_reference["runs"].path("lora_base.json")) as g:
+        assert json.load(f)["sha256"] == json.load(g)["sha256"]
+    r = LoraRuns(tmp_path / "killed", cache, base)
+    r.args += ["--set", f"lora.base_dtype={base_dtype}"]
+    p = r.run(hook=("sigkill_at", 13))
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    resumed_at = saved_steps(r.path("latest"))[-1]
+    assert 10 <= resumed_at <= 12
+    p = r.run("--resume")
+    assert p.returncode == 0, p.stderr
+    assert f"resumed run at step {resumed_at} " in p.stdout
+    assert_same_as_reference(r, want, resumed_at)
+
+
+@pytest.mark.slow
+def test_qlora_int4_on_an_imported_llama_trains_and_exports_a_float_model(tmp_path, capsys, monkeypatch):
+    """QLoRA (int4) on a Llama-format base built by transformers: bin/train runs, bin/export writes
+    the merged model in float32, and transformers' Llama loading it gives the run's logits (the
+    dequantised base plus the adapters), which differ from the float base's merge (the option acts)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    from conftest import run_main
+    from test_hf import build_llama, write_config
+    src = tmp_path / "llama"
+    src.mkdir()
+    build_llama(str(src))
+    run = tmp_path / "run"
+    config_path = write_config(str(tmp_path), run, steps=4, model_extra=f"  init_from: {json.dumps(str(src))}\n",
+                               n_train=40)
+    code, out, err = run_main("train", ["--config", config_path, "--no-progress", "--set", "lora.rank=4", "--set",
+                                        "lora.base_dtype=int4"], capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_main("export", ["--checkpoint", run, "--out", tmp_path / "exported"], capsys, monkeypatch)
+    assert code == 0, err
+    merged, mc, tok = runs.restore(str(run))
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(merged))
+    tokens = jnp.asarray([tok.encode("3加5等于多少？") + [tok.user_id, tok.assistant_id, tok.end_id]], jnp.int32)
+    ours = np.asarray(model.apply(model.abstract(mc)[0], merged, tokens)[0])
+    with torch.no_grad():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()
+        theirs = theirs(torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    base, adapters, _, _, lc = runs.restore_parts(str(run))
+    assert lc.base_dtype == "int4"
+    with open(run / "config.json") as f:
+        seed = json.load(f)["train"]["seed"]
+    float_base = runs.init_params_from(mc, seed, runs.lora_base(str(run), mc))[1]
+    floated = np.asarray(model.apply(model.abstract(mc)[0], lora.merge(float_base, adapters, lc), tokens)[0])
+    assert np.abs(floated - ours).max() > 1e-3  # the merge used the int4 base, not the float one

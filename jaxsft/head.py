@@ -74,42 +74,56 @@ def _in_chunks(a, chunk: int):
 
 
 def _tr(low):
-    """The transpose for `low` operands: float32 a.T (XLA picks the layouts, as for x @ w.T), lower
-    precision materialised row-major for ops.mm (ops.transposed)."""
+    """The transpose for `low` operands: float32 a.T (XLA picks the layouts), lower precision
+    materialised row-major for ops.mm (ops.transposed)."""
     return (lambda a: a.T) if low == jnp.float32 else ops.transposed
 
 
-def _logits(xc, right):
-    return ops.mm(xc, right).astype(jnp.float32)  # (C, V) float32
+# The weight is read in its own layout, never transposed: XLA gives an array a loop reads the
+# default (row-major) layout, so w.T inside the loops would be a copy of the whole weight (0.5 GB
+# at Qwen2.5-0.5B's vocabulary), made once per pass. A tied head's logits are computed as
+# (V, C) = w (V, D) @ x_c.T, an untied one's as (C, V) = x_c @ w (D, V); the vocabulary's axis is
+# VAXIS[w_transposed], and only chunk-sized arrays are transposed.
+VAXIS = {True: 0, False: 1}
+
+
+def _logits(xc, w, w_transposed, tr):
+    """One chunk's logits, float32: (V, C) for a tied head, (C, V) for an untied one."""
+    return (ops.mm(w, tr(xc)) if w_transposed else ops.mm(xc, w)).astype(jnp.float32)
+
+
+def _across(a, w_transposed):
+    """a (C,) as a row or column that broadcasts across a chunk's logits."""
+    return a[None, :] if w_transposed else a[:, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _nll(low, w_transposed, chunk, x, w, targets):
-    wl = w.astype(low)
-    return _forward(x.astype(low), _tr(low)(wl) if w_transposed else wl, targets, chunk)[0]
+    return _forward(low, w_transposed, chunk, x, w, targets)[0]
 
 
-def _forward(xl, right, targets, chunk):
+def _forward(low, w_transposed, chunk, x, w, targets):
     """(nll (A,), logsumexp (A,)) over chunks of positions, as optax's
-    softmax_cross_entropy_with_integer_labels computes each row."""
+    softmax_cross_entropy_with_integer_labels computes each position's."""
+    tr, wl, v = _tr(low), w.astype(low), VAXIS[w_transposed]
+
     def one(args):
         xc, tc = args
-        logits = _logits(xc, right)
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        shifted = logits - jax.lax.stop_gradient(top)
-        norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
-        label = jnp.take_along_axis(shifted, tc[:, None], axis=-1)[:, 0]
-        return norm - label, norm + top[:, 0]
+        logits = _logits(xc, wl, w_transposed, tr)
+        top = jnp.max(logits, axis=v)
+        shifted = logits - jax.lax.stop_gradient(_across(top, w_transposed))
+        norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=v))
+        label = jnp.take_along_axis(shifted, _across(tc, w_transposed), axis=v).reshape(-1)
+        return norm - label, norm + top
 
-    A = xl.shape[0]
-    nll, lse = jax.lax.map(one, (_in_chunks(xl, chunk), _in_chunks(targets, chunk)))
+    A = x.shape[0]
+    nll, lse = jax.lax.map(one, (_in_chunks(x.astype(low), chunk), _in_chunks(targets, chunk)))
     return nll.reshape(-1)[:A], lse.reshape(-1)[:A]
 
 
 def _nll_fwd(low, w_transposed, chunk, x, w, targets):
     xv, wv, tv = x.value, w.value, targets.value
-    wl = wv.astype(low)
-    nll, lse = _forward(xv.astype(low), _tr(low)(wl) if w_transposed else wl, tv, chunk)
+    nll, lse = _forward(low, w_transposed, chunk, xv, wv, tv)
     # the weight's gradient only where it is differentiated; an empty array's length says which
     want_w = jnp.zeros((int(w.perturbed),), jnp.float32)
     return nll, (xv, wv, tv, lse, want_w)
@@ -120,28 +134,29 @@ def _nll_bwd(low, w_transposed, chunk, res, g):
     want_w = want_w.shape[0] == 1
     if isinstance(g, SymbolicZero):
         return jnp.zeros_like(x), (jnp.zeros_like(w) if want_w else None), None
-    tr, xl, wl = _tr(low), x, w
+    tr, xl, wl, v = _tr(low), x, w, VAXIS[w_transposed]
     if low != jnp.float32:  # the casts wait for g (ops.after): XLA does not share them with the
         xl, wl = ops.after(g, x.astype(low), w.astype(low))  # forward pass's, which would keep them alive
-    right = tr(wl) if w_transposed else wl  # (D, V)
-    left = wl if w_transposed else tr(wl)  # (V, D)
-    V = left.shape[0]
 
     def one(dw, args):
         xc, tc, lc, gc = args
-        p = jnp.exp(_logits(xc, right) - lc[:, None])  # softmax (C, V)
-        d = (p - (jax.lax.broadcasted_iota(jnp.int32, p.shape, 1) == tc[:, None])) * gc[:, None]
-        dl = d.astype(low)
-        dx = ops.mm(dl, left)  # (C, D)
-        if want_w:
-            dw = dw + (ops.mm(tr(dl), xc) if w_transposed else ops.mm(tr(xc), dl))
-        return dw, dx
+        across = functools.partial(_across, w_transposed=w_transposed)
+        logits = _logits(xc, wl, w_transposed, tr)
+        p = jnp.exp(logits - across(lc))  # the softmax
+        d = ((p - (jax.lax.broadcasted_iota(jnp.int32, p.shape, v) == across(tc))) * across(gc)).astype(low)
+        if w_transposed:  # d (V, C), w (V, D)
+            dx = ops.mm(tr(d), wl)  # (C, D)
+            dw_c = ops.mm(d, xc) if want_w else None  # (V, D)
+        else:  # d (C, V), w (D, V)
+            dx = ops.mm(wl, tr(d))  # (D, C): transposed after the loop (a product's result stays row-major)
+            dw_c = ops.mm(tr(xc), d) if want_w else None  # (D, V)
+        return (dw + dw_c if want_w else dw), dx
 
     A, D = x.shape
-    dw0 = jnp.zeros(((V, D) if w_transposed else (D, V)) if want_w else (0,), jnp.float32)
+    dw0 = jnp.zeros(w.shape if want_w else (0,), jnp.float32)
     chunks = tuple(_in_chunks(a, chunk) for a in (xl, targets, lse, g.astype(jnp.float32)))
-    dw, dx = jax.lax.scan(one, dw0, chunks)
-    dx = dx.reshape(-1, D)[:A].astype(x.dtype)
+    dw, dx = jax.lax.scan(one, dw0, chunks)  # dx (n, C, D), untied (n, D, C)
+    dx = (dx if w_transposed else jnp.swapaxes(dx, 1, 2)).reshape(-1, D)[:A].astype(x.dtype)
     return dx, (dw.astype(w.dtype) if want_w else None), None
 
 

@@ -3,8 +3,8 @@ head whole, and what it saves in XLA's plan.
 
 Tolerances were measured first (2-core AMD EPYC, under the tests' XLA flags), as the largest
 difference in any leaf relative to that leaf's largest magnitude: float32, chunked losses and
-gradients are within 2.6e-7 to 6.7e-7 of the whole head's (the products' and softmax's sums
-blocked and ordered otherwise), checked at RTOL = 2e-6; bfloat16 products, up to 1.3e-5 (the
+gradients are at most 6.7e-7 from the whole head's (the products' and softmax's sums blocked and
+ordered otherwise), checked at RTOL = 2e-6; bfloat16 products, up to 1.3e-5 (the
 softmax's gradient, float32 values a few ulp apart, rounded to bfloat16 for the products),
 checked at RTOL_BF16 = 5e-5.
 """

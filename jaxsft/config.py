@@ -196,9 +196,10 @@ class TrainConfig:
     remat: str = "none"
     # the output head's cross-entropy this many answer positions at a time (jaxsft/head.py): each
     # chunk's logits formed and dropped, and formed again in the backward pass, so the (positions,
-    # vocabulary) logits and their gradient are never all held (at Qwen2.5-0.5B's vocabulary: 1.2 GB
-    # less at 1,024 positions). Only where the logits are large (head.MIN_LOGITS: 16M elements) and
-    # span more than one chunk; 0: off, the head whole. The same loss within float rounding
+    # vocabulary) logits and their gradient are never all held (Qwen2.5-0.5B's vocabulary at 1,024
+    # positions: the head's temporaries 1.19 GB whole, 0.15 GB chunked). Only where the logits are
+    # large (head.MIN_LOGITS: 16M elements) and span more than one chunk; 0: off, the head whole.
+    # The same loss within float rounding
     head_chunk: int = 256
     # greedy answers to this many validation questions are printed at each evaluation
     sample_questions: int = 3

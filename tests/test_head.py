@@ -236,3 +236,28 @@ def test_the_chunked_head_never_copies_its_weight(w_transposed, dtype):
 
     ma = jax.jit(jax.grad(loss)).lower(x, w).compile().memory_analysis()
     assert ma.temp_size_in_bytes < V * D * 4, ma.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_chunked_head_trains_like_the_whole_head_with_accumulation_and_dropout(remat, monkeypatch):
+    """Three train steps (make_train_step, which enters head.chunked(train.head_chunk)) with
+    2 micro-batches, dropout 0.1 and the head over every position (no answer_at): the losses
+    within RTOL and the parameters within 3e-5 of the whole head's (measured: 5.9e-6, AdamW at
+    lr 1e-2 magnifying the gradients' rounding)."""
+    monkeypatch.setattr(head, "MIN_LOGITS", 0)
+    mc = ModelConfig(vocab_size=97, max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.1)
+    batch = batching.make_batch(_examples(97, n=8), 8, 24)
+
+    def run(chunk):
+        graphdef, params = model.init(mc, seed=0)
+        tc = TrainConfig(batch_size=8, warmup_steps=0, lr=1e-2, grad_accum_steps=2, remat=remat, head_chunk=chunk)
+        tx = steps.make_optimizer(tc, 10)
+        state, step, losses = steps.TrainState.create(params, tx), steps.make_train_step(graphdef, tx, tc), []
+        for _ in range(3):
+            state, m = step(state, batch, jax.random.PRNGKey(0))
+            losses.append(float(m["loss"]))
+        return losses, jax.tree.map(np.asarray, state.params)
+
+    (l0, p0), (l1, p1) = run(0), run(16)
+    np.testing.assert_allclose(l1, l0, rtol=RTOL)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=3e-5), p1, p0)

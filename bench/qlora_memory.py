@@ -3,7 +3,7 @@
 base held as float32, bfloat16, int8 and int4, and on a Qwen2.5-1.5B-shaped base as int4. Issue 36.
 
     python bench/qlora_memory.py [--configs 0.5b:float32,0.5b:bfloat16,0.5b:int8,0.5b:int4,1.5b:int4]
-                                 [--steps 1] [--remat block] [--budget-gb 20]
+                                 [--steps 1] [--remat block] [--head-chunk 256] [--budget-gb 20]
 
 Shapes (family qwen2: q/k/v biases, tied head, rope_theta 1e6; random weights, nothing downloaded):
 
@@ -13,7 +13,8 @@ Shapes (family qwen2: q/k/v biases, tied head, rope_theta 1e6; random weights, n
 LoRA rank 16, alpha 32, on all seven projections; 8 rows of 512 random tokens, the loss on each
 row's last quarter (the output head at those 1,024 positions only, as bin/train runs SFT on one
 device); AdamW; train.remat block by default (each block's inside recomputed in the backward pass:
-without it the activations of 24 layers at 4,096 tokens, ~5 GB, would swamp the base's share).
+without it the activations of 24 layers at 4,096 tokens, ~5 GB, would swamp the base's share);
+--head-chunk is train.head_chunk (default: TrainConfig's; 0: the head's (1,024, 151,936) logits whole).
 
 The base is built as a streaming loader would read it: one array at a time, each projection kernel
 quantised (lora.quantize_base's own quant.quantize) as soon as it exists and its float copy dropped,
@@ -31,6 +32,7 @@ that reproduces each line is printed beside it; the last line is a JSON list.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -102,7 +104,7 @@ def batch_of(vocab: int):
     return batch.replace(answer_at=np.flatnonzero(batch.loss_mask.reshape(-1)).astype(np.int32))
 
 
-def one(name: str, steps: int, budget_gb: float, remat: str) -> dict:
+def one(name: str, steps: int, budget_gb: float, remat: str, head_chunk: int | None = None) -> dict:
     """Runs one configuration in this process; returns its figures."""
     import jax
     import numpy as np
@@ -114,6 +116,8 @@ def one(name: str, steps: int, budget_gb: float, remat: str) -> dict:
     mc = model_config(shape)
     lc = LoraConfig(rank=RANK, alpha=2.0 * RANK, base_dtype=base_dtype)
     tc = TrainConfig(batch_size=BATCH, lr=1e-4, warmup_steps=0, remat=remat)
+    if head_chunk is not None:
+        tc = dataclasses.replace(tc, head_chunk=head_chunk)
     mesh = parallel.one_device_mesh()
     tx = make_optimizer(tc, 1000)
     t = time.perf_counter()
@@ -125,7 +129,8 @@ def one(name: str, steps: int, budget_gb: float, remat: str) -> dict:
     state = parallel.shard_tree(state, shardings)
     del adapters
     hostmem.trim()  # as bin/train does before its first step
-    out = {"config": name, "shape": shape, "base_dtype": base_dtype, "remat": remat, "build_s": time.perf_counter() - t,
+    out = {"config": name, "shape": shape, "base_dtype": base_dtype, "remat": remat, "head_chunk": tc.head_chunk,
+           "build_s": time.perf_counter() - t,
            "params": sum(a.size for a in jax.tree.leaves(model.abstract(mc)[1])),
            "base_bytes": sum(a.nbytes for a in jax.tree.leaves(frozen)),
            "state_bytes": sum(a.nbytes for a in jax.tree.leaves(state)),
@@ -156,9 +161,10 @@ def one(name: str, steps: int, budget_gb: float, remat: str) -> dict:
     return out
 
 
-def command(name: str, steps: int, budget_gb: float, remat: str) -> list[str]:
+def command(name: str, steps: int, budget_gb: float, remat: str, head_chunk: int | None = None) -> list[str]:
+    chunk = [] if head_chunk is None else ["--head-chunk", str(head_chunk)]
     return [sys.executable, os.path.abspath(__file__), "--one", name, "--steps", str(steps), "--budget-gb",
-            str(budget_gb), "--remat", remat]
+            str(budget_gb), "--remat", remat] + chunk
 
 
 def _gb(n) -> str:
@@ -170,6 +176,7 @@ def main():
     p.add_argument("--configs", default="0.5b:float32,0.5b:bfloat16,0.5b:int8,0.5b:int4,1.5b:int4")
     p.add_argument("--steps", type=int, default=1, help="timed steps after the first one (0: the first one's time)")
     p.add_argument("--remat", default="block", help="train.remat")
+    p.add_argument("--head-chunk", type=int, default=None, help="train.head_chunk (default: TrainConfig's)")
     p.add_argument("--budget-gb", type=float, default=None,
                    help="a step XLA plans above this is reported as out of memory, not run (default: the "
                         "memory available now less 1.5 GB, at most 20)")
@@ -180,14 +187,14 @@ def main():
             avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2 ** 20
         args.budget_gb = round(min(20.0, avail - 1.5), 1)
     if args.one:
-        print(json.dumps(one(args.one, args.steps, args.budget_gb, args.remat)))
+        print(json.dumps(one(args.one, args.steps, args.budget_gb, args.remat, args.head_chunk)))
         return
 
     print(f"budget: a step XLA plans above {args.budget_gb:g} GB is not run", flush=True)
     results = []
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in args.configs.split(","):
-        cmd = command(name, args.steps, args.budget_gb, args.remat)
+        cmd = command(name, args.steps, args.budget_gb, args.remat, args.head_chunk)
         proc, stdout, stderr, rss = child(cmd, env)
         shown = "PYTHONPATH=. python bench/qlora_memory.py --one " + " ".join(cmd[3:])
         if proc.returncode:
@@ -198,8 +205,8 @@ def main():
         r = json.loads(stdout.strip().splitlines()[-1])
         r.update(peak_rss_bytes=rss, command=shown)
         results.append(r)
-        what = (f"{name:12s} base {_gb(r['base_bytes'])}, state {_gb(r['state_bytes'])} | RSS before the step "
-                f"{_gb(r['rss_before_step_bytes'])} | XLA temporaries {_gb(r['xla_temp_bytes'])}, planned "
+        what = (f"{name:12s} head_chunk {r['head_chunk']:<3d} base {_gb(r['base_bytes'])}, state "
+                f"{_gb(r['state_bytes'])} | RSS before the step {_gb(r['rss_before_step_bytes'])} | XLA temporaries {_gb(r['xla_temp_bytes'])}, planned "
                 f"{_gb(r['xla_planned_bytes'])}")
         if "oom" in r:
             print(f"{what} | OUT OF MEMORY: {r['oom']}  [{shown}]", flush=True)

@@ -3,6 +3,7 @@
 
     python bench/train_speed.py [--train ../shared/seed-data/custom_sft_train.jsonl]
                                 [--config configs/seed.yaml] [--steps 40] [--set key=value ...]
+                                [--head-min-logits N]
 
 Prints examples/s, answer tokens/s, non-pad tokens/s, model FLOP/s and MFU
 against a matmul peak measured in the same run, compile time, number of
@@ -80,13 +81,18 @@ def main():
     p.add_argument("--full-head", action="store_true",
                    help="the output head at every position (no answer_at), to compare")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--head-min-logits", type=int, default=None,
+                   help="head.MIN_LOGITS: chunk the head (train.head_chunk) from this many logits on, to time "
+                        "the chunked head on a small vocabulary (0: wherever there is more than one chunk)")
     args = p.parse_args()
     from jaxsft.cli import huge_pages
     huge_pages()  # as bin/train, bin/chat do (JAXSFT_HUGE_PAGES=0: without, to compare)
 
     import jax
-    from jaxsft import model, parallel
+    from jaxsft import head, model, parallel
     from jaxsft.config import load_config
+    if args.head_min_logits is not None:
+        head.MIN_LOGITS = args.head_min_logits
     from jaxsft.setup import prepare
     from jaxsft.trainer import Trainer
 

@@ -194,6 +194,13 @@ class TrainConfig:
     # pass: about a third more compute, a fraction of the memory), or dots (block, also keeping its
     # matrix products' outputs); the same losses and gradients, bit for bit
     remat: str = "none"
+    # the output head's cross-entropy this many answer positions at a time (jaxsft/head.py): each
+    # chunk's logits formed and dropped, and formed again in the backward pass, so the (positions,
+    # vocabulary) logits and their gradient are never all held (Qwen2.5-0.5B's vocabulary at 1,024
+    # positions: the head's temporaries 1.19 GB whole, 0.15 GB chunked). Only where the logits are
+    # large (head.MIN_LOGITS: 16M elements) and span more than one chunk; 0: off, the head whole.
+    # The same loss within float rounding
+    head_chunk: int = 256
     # greedy answers to this many validation questions are printed at each evaluation
     sample_questions: int = 3
     # per-row sequence lengths a batch is padded to (each compiles once); capped by max_seq_len
@@ -518,7 +525,7 @@ def validate(cfg: Config, where=lambda k: k) -> None:
                    ("train.save_every", t.save_every), ("train.save_every_s", t.save_every_s),
                    ("train.sample_questions", t.sample_questions),
                    ("train.pack_len", t.pack_len), ("train.eval_exact", t.eval_exact),
-                   ("train.focus_steps", t.focus_steps)]:
+                   ("train.focus_steps", t.focus_steps), ("train.head_chunk", t.head_chunk)]:
         if v < 0:
             raise UserError(f"{where(key)}: must not be negative, got {v}")
     if t.max_steps is not None and t.max_steps <= 0:

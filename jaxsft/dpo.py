@@ -26,13 +26,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from . import ops
 from .batching import BatchPlan, PairBatch
 from .config import DpoConfig, UserError
 from .files import atomic
-from .steps import forward
+from .steps import token_nll
 
 REFERENCE_FILE = "reference.npz"
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
@@ -42,12 +41,11 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/ma
 def answer_logps(params, graphdef, batch: PairBatch, pairs: int, dtype=jnp.float32):
     """Per pair (K = `pairs`): the model's log-probability sums of the chosen and of the rejected
     answer, the reference's, and each answer's loss-token count: six (K,) float32 arrays."""
-    with ops.products_in(dtype):
-        logits = forward(params, graphdef, batch)  # (N, L, V), or (A, V) at answer_at
-    targets, sign, pair, ref = batch.targets, batch.sign, batch.pair, batch.reference
+    with ops.products_in(dtype):  # (N, L), or (A,) at answer_at; in chunks as steps.token_nll chooses
+        logp = -token_nll(params, graphdef, batch)
+    sign, pair, ref = batch.sign, batch.pair, batch.reference
     if batch.answer_at is not None:
-        targets, sign, pair, ref = (a.reshape(-1)[batch.answer_at] for a in (targets, sign, pair, ref))
-    logp = -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        sign, pair, ref = (a.reshape(-1)[batch.answer_at] for a in (sign, pair, ref))
     chosen, rejected = (sign > 0).astype(jnp.float32), (sign < 0).astype(jnp.float32)
 
     def per_pair(values, which):

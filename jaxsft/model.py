@@ -203,9 +203,10 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens, positions=None, mask=None, cache=None, index=None,
                  dropout_key: Optional[jax.Array] = None, last_only: bool = False,
-                 select: Optional[jax.Array] = None):
+                 select: Optional[jax.Array] = None, head: bool = True):
         """tokens (B, T) int32 -> logits (B, T, V) float32 ((B, 1, V) with last_only,
-        (N,) with select), new cache.
+        (N, V) with select), new cache; head False: the final normed hidden states instead
+        ((B, T, D), (N, D) with select), for a loss that applies the head itself (`head_weight`).
 
         positions (B, T): defaults to 0..T-1. mask (B|1, T, S) bool: which keys
         each query sees (attention is then always full), or a masks.Segments (S = its P + T:
@@ -257,6 +258,8 @@ class GPT(nnx.Module):
         if select is not None:
             x = x[0]  # (N, D)
         x = self.norm(x)
+        if not head:
+            return x, (new_cache if cache is not None else None)
         if self.cfg.tie_embeddings:
             logits = ops.dense(x, emb, w_transposed=True).astype(jnp.float32)
         else:
@@ -280,6 +283,15 @@ def abstract(cfg: ModelConfig):
 def apply(graphdef, params, tokens, **kw):
     """Pure forward pass: see GPT.__call__."""
     return nnx.merge(graphdef, params)(tokens, **kw)
+
+
+def head_weight(graphdef, params):
+    """The output head's weight and its layout: (the embedding (V, D), True) for a tied head,
+    (lm_head's kernel (D, V), False) for an untied one."""
+    m = nnx.merge(graphdef, params)
+    if m.cfg.tie_embeddings:
+        return m.embed.embedding[...], True
+    return m.lm_head.kernel[...], False
 
 
 def prefix_cache(graphdef, params, prefix, batch: int, length: int, dropout_key=None):

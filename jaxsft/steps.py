@@ -19,7 +19,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import masks, model, ops, parallel
+from . import head, masks, model, ops, parallel
 from .batching import Batch, bucket_length, make_batch
 from .parts import keep_trainable
 
@@ -98,8 +98,9 @@ def _adamw_apply(grads, scale, grad_norm, ok, opt_state, params, *, schedule, we
     return params, jax.tree.map(swap, opt_state, is_leaf=is_state)
 
 
-def forward(params, graphdef, batch: Batch, dropout_key=None):
-    """Logits of a batch: (N, L, V) float32, or (A, V) at batch.answer_at.
+def forward(params, graphdef, batch: Batch, dropout_key=None, head=True):
+    """Logits of a batch: (N, L, V) float32, or (A, V) at batch.answer_at; head False: the
+    final hidden states instead, (N, L, D) or (A, D).
 
     Packed rows (segments) see only their own example; rows flagged `shared` also
     see the prefix, which runs once per batch (`model.prefix_cache`)."""
@@ -113,8 +114,22 @@ def forward(params, graphdef, batch: Batch, dropout_key=None):
         mask = masks.Segments(batch.segments, batch.shared, L, index)  # keys: P prefix, then L
         dropout_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
     logits, _ = model.apply(graphdef, params, batch.inputs, positions=positions, mask=mask, cache=cache,
-                            index=index, dropout_key=dropout_key, select=batch.answer_at)
+                            index=index, dropout_key=dropout_key, select=batch.answer_at, head=head)
     return logits
+
+
+def token_nll(params, graphdef, batch: Batch, dropout_key=None):
+    """The cross-entropy of each position the loss reads: (A,) float32 at batch.answer_at, else
+    (N, L). A large head (head.chunk_for, under head.chunked: train.head_chunk) is computed a
+    chunk of positions at a time (head.token_nll), never all its logits at once; else whole."""
+    targets = batch.targets if batch.answer_at is None else batch.targets.reshape(-1)[batch.answer_at]
+    w, w_transposed = model.head_weight(graphdef, params)
+    chunk = head.chunk_for(targets.size, w.shape[0] if w_transposed else w.shape[1])
+    if not chunk:
+        return optax.softmax_cross_entropy_with_integer_labels(forward(params, graphdef, batch, dropout_key), targets)
+    x = forward(params, graphdef, batch, dropout_key, head=False)
+    nll = head.token_nll(x.reshape(-1, x.shape[-1]), w, targets.reshape(-1), chunk, w_transposed)
+    return nll.reshape(targets.shape)
 
 
 def token_losses(params, graphdef, batch: Batch):
@@ -128,11 +143,8 @@ def loss_sums(params, graphdef, batch: Batch, dropout_key=None, dtype=jnp.float3
     model's products multiply bfloat16 operands with float32 accumulation (`ops.products_in`);
     everything else stays float32."""
     with ops.products_in(dtype):
-        logits = forward(params, graphdef, batch, dropout_key)
-    targets, m = batch.targets, batch.loss_mask
-    if batch.answer_at is not None:
-        targets, m = targets.reshape(-1)[batch.answer_at], m.reshape(-1)[batch.answer_at]  # (A,)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        nll = token_nll(params, graphdef, batch, dropout_key)
+    m = batch.loss_mask if batch.answer_at is None else batch.loss_mask.reshape(-1)[batch.answer_at]  # (A,)
     return jnp.sum(nll * m), jnp.sum(m)
 
 
@@ -197,7 +209,8 @@ def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=No
 
     def step(state: TrainState, batch: Batch, key, frozen):
         key = jax.random.fold_in(key, state.step)
-        with model.rematerialised(tc.remat):  # train.remat: the blocks recomputed in the backward pass
+        # train.remat: the blocks recomputed in the backward pass; train.head_chunk: the head in chunks
+        with model.rematerialised(tc.remat), head.chunked(tc.head_chunk):
             s, n, g, extras = gradients(state.params, frozen, batch, key)
         return _update(tx, state, s, n, g, extras)
 
@@ -254,10 +267,14 @@ def _update(tx, state: TrainState, s, n, g, extras):
                  **{k: v / denom for k, v in extras.items()}}
 
 
-def make_eval_step(graphdef, mesh=None, loss=loss_sums) -> Callable:
+def make_eval_step(graphdef, mesh=None, loss=loss_sums, head_chunk: int = 0) -> Callable:
     """(params, host batch) -> loss(params, graphdef, batch): (summed loss, answer tokens) for SFT,
-    no dropout; the batch's rows are split over the mesh's devices (default one)."""
-    step = jax.jit(lambda params, batch: loss(params, graphdef, batch))
+    no dropout; the batch's rows are split over the mesh's devices (default one); head_chunk:
+    train.head_chunk (head.chunked)."""
+    def evaluate(params, batch):
+        with head.chunked(head_chunk):
+            return loss(params, graphdef, batch)
+    step = jax.jit(evaluate)
     rows = parallel.batch_sharding(parallel.one_device_mesh() if mesh is None else mesh)
     return lambda params, batch: step(params, parallel.host_batch_to_global(batch, rows))
 

@@ -115,7 +115,7 @@ class Trainer:
         self.train_step = make_train_step(parts.graphdef, setup.tx, tc, mesh, self.state_shardings, self.frozen,
                                           parts.combine, objective)
         self.eval_step = make_eval_step(parts.plain_graphdef, mesh, dpo.objective(cfg.dpo, tc.batch_size)
-                                        if setup.dpo else loss_sums)
+                                        if setup.dpo else loss_sums, tc.head_chunk)
         self.key = parallel.shard_tree(jax.random.PRNGKey(tc.seed), parallel.replicated(mesh))
         self.steplog = StepLog(self.metrics, setup.schedule, self.run_dir,
                                self.progress, setup.plan.total_steps, self.start,
@@ -283,7 +283,7 @@ class Trainer:
 # train keys whose change makes a resumed run differ from an uninterrupted one
 TRAJECTORY_KEYS = ("batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
                    "seed", "grad_accum_steps", "dtype", "pack_len", "share_prefix", "focus_categories",
-                   "focus_steps", "buckets", "eval_every", "objective")
+                   "focus_steps", "buckets", "eval_every", "objective", "head_chunk")
 
 
 def check_run_dir(setup: Setup, resume: bool, log) -> None:

@@ -197,6 +197,7 @@ def test_dot_product_attention_layout_gqa_and_mask():
     _close(ops.attend_dpa(q, k, v, mask, "xla"), ops.attend(q, k, v, mask))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
 def test_cudnn_attention_close_to_full():
     """model.attention cudnn: bfloat16 operands, so within bfloat16's rounding of attend's float32."""

@@ -146,6 +146,13 @@ def _gb(n) -> str:
     return f"{n / 2 ** 30:.2f} GB"
 
 
+def default_budget_gb() -> float:
+    """--budget-gb's default: the memory available now less 1.5 GB, at most 20."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2 ** 20
+    return round(min(20.0, avail - 1.5), 1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="full,remat,blockwise,both")
@@ -157,9 +164,7 @@ def main():
     p.add_argument("--one", metavar="NAME", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.budget_gb is None:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2 ** 20
-        args.budget_gb = round(min(20.0, avail - 1.5), 1)
+        args.budget_gb = default_budget_gb()
     if args.one:
         print(json.dumps(one(args.one, args.steps, args.budget_gb, args.dtype)))
         return

@@ -39,7 +39,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import child  # noqa: E402  (bench/memory.py: one configuration's process and its peak RSS)
+from memory import _gb, child, default_budget_gb  # noqa: E402  (bench/memory.py: a configuration's process, its peak RSS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {
@@ -167,10 +167,6 @@ def command(name: str, steps: int, budget_gb: float, remat: str, head_chunk: int
             str(budget_gb), "--remat", remat] + chunk
 
 
-def _gb(n) -> str:
-    return f"{n / 2 ** 30:.2f} GB"
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="0.5b:float32,0.5b:bfloat16,0.5b:int8,0.5b:int4,1.5b:int4")
@@ -183,9 +179,7 @@ def main():
     p.add_argument("--one", metavar="SHAPE:DTYPE", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.budget_gb is None:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2 ** 20
-        args.budget_gb = round(min(20.0, avail - 1.5), 1)
+        args.budget_gb = default_budget_gb()
     if args.one:
         print(json.dumps(one(args.one, args.steps, args.budget_gb, args.remat, args.head_chunk)))
         return

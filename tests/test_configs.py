@@ -148,6 +148,7 @@ def test_train_dtype_auto_picks_bfloat16_where_the_products_are_native(monkeypat
     assert ops.resolve_dtype("auto")[0] == "float32"
 
 
+@pytest.mark.slow  # needs bin/train's run
 def test_train_dtype_auto_is_the_default_and_a_run_records_its_choice(trained_run):
     from jaxsft.config import TrainConfig
     assert TrainConfig().dtype == "auto"

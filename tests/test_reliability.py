@@ -571,32 +571,6 @@ def test_production_path_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, p
 
 
 @pytest.mark.slow
-def test_remat_and_blockwise_attention_sigkill_then_resume_is_bitwise_exact(tmp_path, cache):
-    """The production path with train.remat block and model.attention blockwise (issue 36): a run
-    SIGKILLed mid-step and resumed ends bit for bit where an uninterrupted one with them does."""
-    memory = ["--set", "train.remat=block", "--set", "model.attention=blockwise"]
-    os.makedirs(tmp_path / "ref")
-    ref = Runs(tmp_path / "ref", cache, prod=True)
-    p = ref.run(*memory)
-    assert p.returncode == 0, p.stderr
-    with open(ref.path("config.json")) as f:
-        cfg = json.load(f)
-    assert (cfg["train"]["remat"], cfg["model"]["attention"]) == ("block", "blockwise")
-    reference = {"total": PROD_STEPS, "saves": PROD_SAVES, "latest": load_tree(ref.path("latest"), PROD_STEPS),
-                 "best": {s: load_tree(ref.path("best"), s) for s in steps(ref.path("best"))}}
-    with open(ref.path("metrics.jsonl")) as f:
-        reference["metrics"] = f.read()
-    r = Runs(tmp_path, cache, prod=True)
-    p = r.run(*memory, hook=("sigkill_at", 18))  # mid-step, after the save at 15 (perhaps in flight)
-    assert p.returncode == -signal.SIGKILL, p.stderr
-    resumed_at = steps(r.path("latest"))[-1]
-    p = r.run(*memory, "--resume")
-    assert p.returncode == 0, p.stderr
-    assert f"resumed run at step {resumed_at} " in p.stdout and "will not match" not in p.stderr
-    assert_same_as_reference(r, reference, resumed_at)
-
-
-@pytest.mark.slow
 def test_production_path_kill_after_a_timed_save_resumes_bitwise(tmp_path, cache, prod_reference):
     """With no step-count saves, the clock saves the latest state (train.save_every_s) and a
     kill right after such a save loses nothing: the resumed run ends as the reference."""

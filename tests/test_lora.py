@@ -817,8 +817,8 @@ def test_base_dtype_config_errors(tmp_path):
 @pytest.mark.parametrize("base_dtype, prod, memory", [
     ("int8", False, ()),  # the plain path
     # the production path (packing, the curriculum) with issue 36's other memory options on too:
-    # this run is also remat's and blockwise attention's resume test
-    ("int4", True, ("train.remat=block", "model.attention=blockwise")),
+    # this run is also remat's, blockwise attention's and the chunked head's resume test
+    ("int4", True, ("train.remat=block", "model.attention=blockwise", "train.head_chunk=16")),
 ], ids=["int8", "int4-remat-blockwise-packed"])
 def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_reference, base_dtype, prod, memory):
     """With lora.base_dtype on: an uninterrupted run, and one SIGKILLed mid-step then resumed
@@ -831,12 +831,13 @@ def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_refere
     (tmp_path / "killed").mkdir()
     ref = LoraRuns(tmp_path / "ref", cache, base, prod)
     ref.args += options
-    p = ref.run()
+    env = {"TEST_HEAD_MIN_LOGITS": "0"} if prod else {}  # the head in chunks of 16 at this vocabulary too
+    p = ref.run(env=env)
     assert p.returncode == 0, p.stderr
     with open(ref.path("config.json")) as f:
         cfg = json.load(f)
-    assert (cfg["lora"]["base_dtype"], cfg["train"]["remat"], cfg["model"]["attention"]) == \
-        (base_dtype, *(("block", "blockwise") if memory else ("none", "auto")))
+    assert (cfg["lora"]["base_dtype"], cfg["train"]["remat"], cfg["model"]["attention"], cfg["train"]["head_chunk"]) \
+        == (base_dtype, *(("block", "blockwise", 16) if memory else ("none", "auto", 256)))
     total, saves = (PROD_STEPS, PROD_SAVES) if prod else (24, lora_reference["saves"])
     want = {"runs": ref, "total": total, "saves": saves, "latest": load_tree(ref.path("latest"), total),
             "best": {s: load_tree(ref.path("best"), s) for s in saved_steps(ref.path("best"))}}
@@ -849,11 +850,11 @@ def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_refere
     r = LoraRuns(tmp_path / "killed", cache, base, prod)
     r.args += options
     kill_at, saved = (18, (10, 15)) if prod else (13, (10, 12))  # after the save at 15 / 12, perhaps in flight
-    p = r.run(hook=("sigkill_at", kill_at))
+    p = r.run(hook=("sigkill_at", kill_at), env=env)
     assert p.returncode == -signal.SIGKILL, p.stderr
     resumed_at = saved_steps(r.path("latest"))[-1]
     assert saved[0] <= resumed_at <= saved[1]
-    p = r.run("--resume")
+    p = r.run("--resume", env=env)
     assert p.returncode == 0, p.stderr
     assert f"resumed run at step {resumed_at} " in p.stdout and "will not match" not in p.stderr
     assert_same_as_reference(r, want, resumed_at)

@@ -346,6 +346,9 @@ try:
     jaxsft.plots.write_curves = lambda run_dir: None
 except ImportError:
     pass
+if "TEST_HEAD_MIN_LOGITS" in os.environ:  # train.head_chunk on at the tiny config's vocabulary
+    import jaxsft.head
+    jaxsft.head.MIN_LOGITS = int(os.environ["TEST_HEAD_MIN_LOGITS"])
 
 plan_batch = batching.RunPlan.batch  # the seam: the batch of global step s (prepared one step ahead)
 if hook == "none":

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ops
+from . import head, ops
 from .batching import BatchPlan, PairBatch
 from .config import DpoConfig, UserError
 from .files import atomic
@@ -98,10 +98,15 @@ def ordered_batches(plan: BatchPlan, pairs: int):
         yield indices, plan.batch_of(indices)
 
 
-def make_logps_step(graphdef, pairs: int, place=lambda b: b, dtype=jnp.float32) -> Callable:
+def make_logps_step(graphdef, pairs: int, place=lambda b: b, dtype=jnp.float32, head_chunk: int = 0) -> Callable:
     """(params, host PairBatch) -> (K, 2) float32: each pair's chosen and rejected log-prob sums,
-    the products in `dtype` (the trainer's: the reference then scores as the policy's first step does)."""
-    step = jax.jit(lambda p, b: jnp.stack(answer_logps(p, graphdef, b, pairs, dtype)[:2], axis=1))
+    the products in `dtype` and the head in chunks of `head_chunk` (head.chunked) as the trainer's
+    step has them: the reference then scores as the policy's first step does, and a large
+    vocabulary's logits are never whole."""
+    def logps(p, b):
+        with head.chunked(head_chunk):
+            return jnp.stack(answer_logps(p, graphdef, b, pairs, dtype)[:2], axis=1)
+    step = jax.jit(logps)
     return lambda params, batch: step(params, place(batch))
 
 

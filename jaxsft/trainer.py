@@ -237,7 +237,7 @@ class Trainer:
                      f"validation pairs under the starting model, computed once (kept in "
                      f"{self.run_dir}/{dpo.REFERENCE_FILE})")
             step = dpo.make_logps_step(graphdef, tc.batch_size, lambda b: parallel.host_batch_to_global(b, self.rows),
-                                       jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32)
+                                       jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32, tc.head_chunk)
             params = self.model_params()
             with tqdm(total=len(s.train_examples) + len(s.val_examples), disable=not self.progress,
                       unit="pair", dynamic_ncols=True) as bar:

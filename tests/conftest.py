@@ -259,9 +259,12 @@ def pytest_configure(config):
 # --no-loadscope-reorder); the rest keep pytest's order after these. Measured per file and worker
 # from a cold cache (session 9): in the full suite test_reliability.py (95 s) came last and one
 # worker ran 35 s longer than the other. test_damaged_checkpoints.py stays out of the full list:
-# begun beside test_reliability.py it waits for the reference run that one builds.
-LONGEST_QUICK = ("test_train.py", "test_lora.py", "test_families.py", "test_model.py", "test_engine.py")
-LONGEST_FULL = ("test_reliability.py", "test_lora.py", "test_families.py", "test_hf.py")
+# begun beside test_reliability.py it waits for the reference run that one builds. Both lists
+# re-ordered from session 12's --durations (test_attention's remat check and test_head are new).
+LONGEST_QUICK = ("test_attention.py", "test_lora.py", "test_head.py", "test_train.py", "test_families.py",
+                 "test_model.py", "test_engine.py")
+LONGEST_FULL = ("test_reliability.py", "test_lora.py", "test_attention.py", "test_hf.py", "test_families.py",
+                "test_dpo.py", "test_pretrain.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -152,6 +152,29 @@ def test_tiny_model_overfits(setup):
     assert float(s) / float(n) < 0.05
 
 
+def test_bfloat16_products_keep_float32_parameters_gradients_and_optimizer_state(setup):
+    """train.dtype bfloat16 is autocast: the products take bfloat16 operands, while the
+    gradients, the parameters after a step and AdamW's moments stay float32, and the loss moves
+    off float32's by bfloat16 rounding only."""
+    batch = batching.make_batch(setup["examples"], 4, 32)
+    graphdef, params = setup["graphdef"], setup["params"]
+    grads = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        grads[dtype] = jax.grad(lambda p: steps.loss_sums(p, graphdef, batch, dtype=dtype)[0])(params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads[jnp.bfloat16], params)  # float32, as the parameters
+    diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads[jnp.bfloat16]),
+                                                         jax.tree.leaves(grads[jnp.float32]))]
+    assert max(diffs) > 0  # the products really were bfloat16
+    tc = dataclasses.replace(TC, dtype="bfloat16")
+    step = steps.make_train_step(graphdef, setup["tx"], tc)
+    state, m = step(_fresh_state(setup), batch, _on_mesh(jax.random.PRNGKey(0)))
+    chex.assert_trees_all_equal_shapes_and_dtypes(state.params, params)
+    moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+    assert len(moments) == 2 * len(jax.tree.leaves(params))  # AdamW's mu and nu
+    chex.assert_trees_all_equal_dtypes(moments, [jnp.zeros((), jnp.float32)] * len(moments))
+    assert m["loss"].dtype == jnp.float32
+
+
 def test_all_masked_batch_changes_nothing_through_the_loss(setup):
     state = _fresh_state(setup)
     batch = batching.make_batch(setup["examples"], 4, 32)

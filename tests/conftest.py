@@ -261,7 +261,7 @@ def pytest_configure(config):
 # worker ran 35 s longer than the other. test_damaged_checkpoints.py stays out of the full list:
 # begun beside test_reliability.py it waits for the reference run that one builds. Both lists
 # re-ordered from session 12's --durations (test_attention's remat check and test_head are new).
-LONGEST_QUICK = ("test_attention.py", "test_lora.py", "test_head.py", "test_train.py", "test_families.py",
+LONGEST_QUICK = ("test_lora.py", "test_head.py", "test_attention.py", "test_train.py", "test_families.py",
                  "test_model.py", "test_engine.py")
 LONGEST_FULL = ("test_reliability.py", "test_lora.py", "test_attention.py", "test_hf.py", "test_families.py",
                 "test_dpo.py", "test_pretrain.py")

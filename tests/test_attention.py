@@ -141,6 +141,7 @@ def remat_mismatches(batch) -> list:
     return out
 
 
+@pytest.mark.slow  # a program of its own (XLA's flags are the process's)
 def test_remat_is_bitwise_no_remat(batch):
     """With XLA's fusion emitters, as bin/train runs: under the tests' older loop emitters
     together with optimisation level 0 (conftest's XLA_FLAGS) some gradient sums come out in

@@ -89,7 +89,7 @@ def main():
     huge_pages()  # as bin/train, bin/chat do (JAXSFT_HUGE_PAGES=0: without, to compare)
 
     import jax
-    from jaxsft import head, model, parallel
+    from jaxsft import head, model, ops, parallel
     from jaxsft.config import load_config
     if args.head_min_logits is not None:
         head.MIN_LOGITS = args.head_min_logits
@@ -154,7 +154,7 @@ def main():
         "latest_save_call_s": save_call_s, "latest_save_total_s": save_total_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_dtype": args.peak_dtype, "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind, "dtype": tc.dtype, "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind, "dtype": tc.dtype, "dtype_used": ops.resolve_dtype(tc.dtype)[0], "devices": jax.device_count(),
     }
     for k, v in figures.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")

@@ -373,8 +373,11 @@ def cpu_flags() -> frozenset:
 def choose_dtype(backend: str, compute_capability: str | None, flags: frozenset) -> tuple[str, str]:
     """(dtype, why) for train.dtype=auto: bfloat16 where the products have native bfloat16
     units (a GPU from Ampere on, compute capability >= 8.0; a TPU; a CPU with AMX, whose
-    bfloat16 tile products run several times faster than float32: bench/README.md), else float32
-    (bfloat16 operands on other CPUs are converted and multiplied no faster)."""
+    bfloat16 tile products run several times faster than float32: bench/README.md), else float32.
+    A CPU with AVX-512 BF16 alone (AMD Zen 4) ran the seed config's step 1.5x faster in bfloat16
+    too, but there the default recipe does not yet hold on every seed in bfloat16 (seed 7: 90.6%,
+    bench/README.md, issue 37), so auto keeps float32 on it; other CPUs convert bfloat16 operands
+    and multiply them slower."""
     if backend == "tpu":
         return "bfloat16", "a TPU"
     if backend in ("gpu", "cuda", "rocm"):

@@ -154,7 +154,8 @@ def main():
         "latest_save_call_s": save_call_s, "latest_save_total_s": save_total_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_dtype": args.peak_dtype, "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind, "dtype": tc.dtype, "dtype_used": ops.resolve_dtype(tc.dtype)[0], "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind, "dtype": tc.dtype,
+        "dtype_used": ops.resolve_dtype(tc.dtype)[0], "devices": jax.device_count(),
     }
     for k, v in figures.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")

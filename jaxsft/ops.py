@@ -374,7 +374,7 @@ def choose_dtype(backend: str, compute_capability: str | None, flags: frozenset)
     """(dtype, why) for train.dtype=auto: bfloat16 where the products have native bfloat16
     units (a GPU from Ampere on, compute capability >= 8.0; a TPU; a CPU with AMX, whose
     bfloat16 tile products run several times faster than float32: bench/README.md), else float32.
-    A CPU with AVX-512 BF16 alone (AMD Zen 4) ran the seed config's step 1.5x faster in bfloat16
+    A CPU with AVX-512 BF16 alone (AMD Zen 4) ran the seed config's step 1.3-1.6x faster in bfloat16
     too, but there the default recipe does not yet hold on every seed in bfloat16 (seed 7: 90.6%,
     bench/README.md, issue 37), so auto keeps float32 on it; other CPUs convert bfloat16 operands
     and multiply them slower."""

@@ -373,11 +373,11 @@ def cpu_flags() -> frozenset:
 def choose_dtype(backend: str, compute_capability: str | None, flags: frozenset) -> tuple[str, str]:
     """(dtype, why) for train.dtype=auto: bfloat16 where the products have native bfloat16
     units (a GPU from Ampere on, compute capability >= 8.0; a TPU; a CPU with AMX, whose
-    bfloat16 tile products run several times faster than float32: bench/README.md), else float32.
-    A CPU with AVX-512 BF16 alone (AMD Zen 4) ran the seed config's step 1.3-1.6x faster in bfloat16
-    too, but there the default recipe does not yet hold on every seed in bfloat16 (seed 7: 90.6%,
-    bench/README.md, issue 37), so auto keeps float32 on it; other CPUs convert bfloat16 operands
-    and multiply them slower."""
+    bfloat16 tile products run several times faster than float32, or with AVX-512 BF16, AMD
+    Zen 4's bfloat16 dot products, which ran the seed config's step 1.3-1.6x faster:
+    bench/README.md), else float32: other CPUs convert bfloat16 operands and multiply them
+    slower. The default recipe holds in both arithmetics on the five seeds measured
+    (configs/default.yaml, bench/seeds.py; issue 37)."""
     if backend == "tpu":
         return "bfloat16", "a TPU"
     if backend in ("gpu", "cuda", "rocm"):
@@ -387,7 +387,9 @@ def choose_dtype(backend: str, compute_capability: str | None, flags: frozenset)
         return "float32", f"a GPU without bfloat16 units (compute capability {compute_capability})"
     if "amx_bf16" in flags:
         return "bfloat16", "this CPU has AMX bfloat16 products (amx_bf16)"
-    return "float32", "this CPU has no AMX bfloat16 products (no amx_bf16 in /proc/cpuinfo)"
+    if "avx512_bf16" in flags:
+        return "bfloat16", "this CPU has AVX-512 bfloat16 products (avx512_bf16)"
+    return "float32", "this CPU has no native bfloat16 products (neither amx_bf16 nor avx512_bf16 in /proc/cpuinfo)"
 
 
 def resolve_dtype(name: str) -> tuple[str, str]:

@@ -281,6 +281,11 @@ class Trainer:
 # the run directory and what --resume may change
 
 # train keys whose change makes a resumed run differ from an uninterrupted one
+# curves.png is redrawn at an evaluation this many seconds or more after the last drawing (or the
+# run's start), and at the run's last: matplotlib takes ~0.3 s a drawing, more than a short run's
+# evaluations do, and a viewer refreshing the file needs no more
+CURVES_EVERY_S = 30.0
+
 TRAJECTORY_KEYS = ("batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
                    "seed", "grad_accum_steps", "dtype", "pack_len", "share_prefix", "focus_categories",
                    "focus_steps", "buckets", "eval_every", "objective", "head_chunk")
@@ -438,8 +443,9 @@ def eval_hooks(trainer: Trainer) -> tuple[list, list]:
     record and returns a note for its log line: val_exact, the exact match of train.eval_exact validation answers
     (and val_exact_category, per category, when the rows have categories). After
     each evaluation: greedy answers to train.sample_questions questions are printed,
-    and curves.png is redrawn. Answers need every process to decode in step, so a
-    multi-process run has neither."""
+    and curves.png is redrawn (at most once every CURVES_EVERY_S, and at the run's last
+    evaluation). Answers need every process to decode in step, so a multi-process run has
+    neither."""
     s, tc = trainer.setup, trainer.setup.cfg.train
     measures, after = [], []
     samples = [r.prompt_messages for r in s.val_rows[: tc.sample_questions]]
@@ -468,11 +474,17 @@ def eval_hooks(trainer: Trainer) -> tuple[list, list]:
                 trainer.log(f"  {q[-1][1]} -> {a}")
         after.append(print_samples)
     if trainer.main:
+        drawn = time.time()
+
         def draw_curves(params):
+            nonlocal drawn
+            if time.time() - drawn < CURVES_EVERY_S and int(trainer.state.step) < s.plan.total_steps:
+                return
             try:
                 from .plots import write_curves
             except ImportError:  # matplotlib is optional
                 return
             write_curves(trainer.run_dir)
+            drawn = time.time()
         after.append(draw_curves)
     return measures, after

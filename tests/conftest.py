@@ -19,9 +19,12 @@ import pytest
 # tests use tiny models, so compiling is most of their time: XLA's cheapest backend
 # optimisation compiles about 3x faster on CPU and runs them about as fast, and XLA's older
 # loop emitters compile the quick tier's programs in about two thirds of the time of the new
-# fusion emitters (quick tier 57-62 s against 80-95 s, cold cache, session 8). Set before JAX
-# starts; subprocesses inherit it.
-for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+# fusion emitters (quick tier 57-62 s against 80-95 s, cold cache, session 8); and one LLVM
+# module a program instead of XLA's split for parallel code generation, which these small programs
+# do not gain from (7-12% less CPU on test_train + test_engine + test_model, session 13). Set
+# before JAX starts; subprocesses inherit it.
+for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+             "--xla_cpu_parallel_codegen_split_count=1"):
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 

@@ -149,7 +149,7 @@ def test_remat_is_bitwise_no_remat(batch):
     together with optimisation level 0 (conftest's XLA_FLAGS) some gradient sums come out in
     another order with remat on (measured: up to 3e-7 relative), so the check runs in a process
     with level 0 only (bitwise there too, and compiling faster than XLA's default)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")  # the new fusion emitters
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_parallel_codegen_split_count=1")  # the new fusion emitters
     code = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import test_attention as t, pickle; "
             "print(json.dumps(t.remat_mismatches(pickle.loads(sys.stdin.buffer.read()))))")
     proc = subprocess.run([sys.executable, "-c", code, REPO, os.path.dirname(__file__)], input=pickle.dumps(batch),

@@ -281,11 +281,6 @@ class Trainer:
 # the run directory and what --resume may change
 
 # train keys whose change makes a resumed run differ from an uninterrupted one
-# curves.png is redrawn at an evaluation this many seconds or more after the last drawing (or the
-# run's start), and at the run's last: matplotlib takes ~0.3 s a drawing, more than a short run's
-# evaluations do, and a viewer refreshing the file needs no more
-CURVES_EVERY_S = 30.0
-
 TRAJECTORY_KEYS = ("batch_size", "epochs", "max_steps", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
                    "seed", "grad_accum_steps", "dtype", "pack_len", "share_prefix", "focus_categories",
                    "focus_steps", "buckets", "eval_every", "objective", "head_chunk")
@@ -436,6 +431,12 @@ class StepLog:
 
 
 # evaluation hooks
+
+
+# curves.png is redrawn at an evaluation this many seconds or more after the last drawing (or the
+# run's start), and at the run's last: matplotlib takes ~0.3 s a drawing, more than a short run's
+# evaluations do, and a viewer refreshing the file needs no more
+CURVES_EVERY_S = 30.0
 
 
 def eval_hooks(trainer: Trainer) -> tuple[list, list]:

@@ -6,6 +6,7 @@ Everything is written under pytest's tmp dirs; nothing reads ../shared or data/.
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import json
 import os
@@ -268,6 +269,17 @@ LONGEST_QUICK = ("test_lora.py", "test_head.py", "test_attention.py", "test_trai
                  "test_model.py", "test_engine.py")
 LONGEST_FULL = ("test_reliability.py", "test_lora.py", "test_attention.py", "test_hf.py", "test_families.py",
                 "test_dpo.py", "test_pretrain.py")
+
+
+def pytest_collection_finish(session):
+    """The cyclic garbage collector, tuned for a process that holds JAX, flax, torch and
+    transformers: everything imported by now (the test modules and theirs) is moved out of the
+    collector's sight (gc.freeze), and full collections come 10x less often. With Python's
+    defaults a worker spent ~6.6 s of the quick tier in about 17 full collections of ~0.33 s
+    each, 2-2.5 s after this (measured with gc.callbacks, session 14)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 100)
 
 
 def pytest_collection_modifyitems(config, items):

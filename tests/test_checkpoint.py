@@ -75,7 +75,7 @@ def test_latest_state_round_trip(tmp_path, cfg):
     (Adam's moments and step counts, after one update so that they are not their zero start)."""
     _, params = _params(cfg, 3)
     tx = steps.make_optimizer(TrainConfig(), 10)
-    _, opt_state = tx.update(params, tx.init(params), params)  # the parameters as a gradient: any nonzero one
+    _, opt_state = jax.jit(tx.update)(params, tx.init(params), params)  # the parameters as a gradient: any nonzero one
     state = {"state": steps.TrainState(jnp.int32(7), params, opt_state), "best_val_loss": jnp.float32(0.5)}
     ck = checkpoint.RunCheckpoints(str(tmp_path))
     ck.save_latest(7, state)

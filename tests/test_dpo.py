@@ -148,7 +148,7 @@ def test_precomputed_reference_equals_the_frozen_model_on_every_training_batch(t
         assert np.all(np.asarray(nc) > 0) and np.all(np.asarray(nr) > 0)
         np.testing.assert_allclose(pc, rc, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(pr, rr, rtol=1e-5, atol=1e-4)
-    s, n, extras = dpo.loss_sums(params, graphdef, plan.batch(0), dc=DpoConfig(), pairs=4)
+    s, n, extras = jax.jit(lambda p, b: dpo.loss_sums(p, graphdef, b, dc=DpoConfig(), pairs=4))(params, plan.batch(0))
     np.testing.assert_allclose(float(s) / float(n), np.log(2), rtol=1e-5)  # the first step's loss: ln 2
 
 

@@ -158,6 +158,7 @@ def test_dpo_logps_in_chunks_equal_the_whole_head(monkeypatch):
     _close(run(8), run(0))
 
 
+@pytest.mark.slow  # XLA's memory plan of large compiled programs, never run (seconds of compiling each)
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunking_cuts_the_train_steps_planned_temporaries(tie, dtype):

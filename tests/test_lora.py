@@ -408,10 +408,10 @@ def test_swiglu_lora_gradient_is_autodiffs():
         return h @ w2 + s * (h @ a2) @ b2
 
     g = jax.random.normal(ks[10], (N, D))
-    want = jax.vjp(plain, *args)[1](g)
+    want = jax.jit(lambda a, g: jax.vjp(plain, *a)[1](g))(args, g)
     ours = lambda x, w1, w3, w2, *ad: lora.swiglu_lora(s, x, (w1,), (w3,), (w2,), *ad)  # noqa: E731
-    got = jax.vjp(ours, *args)[1](g)
-    np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-5)
+    got = jax.jit(lambda a, g: jax.vjp(ours, *a)[1](g))(args, g)
+    np.testing.assert_allclose(jax.jit(ours)(*args), jax.jit(plain)(*args), rtol=1e-5, atol=1e-5)
     for w, h in zip(want, got):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
     # kernels stored as int8: the gradient of x and the adapters is autodiff's with the dequantised kernels
@@ -736,8 +736,9 @@ def test_qlora_logits_are_within_a_stated_tolerance_of_the_float_base(base_dtype
     lc = dataclasses.replace(ALL, base_dtype=base_dtype)
     adapted, frozen, adapters = lora.init(MC, lc, seed=0, base=base)
     tokens = _tokens()
-    want = np.asarray(model.apply(graphdef, base, tokens)[0])
-    got = np.asarray(model.apply(adapted, lora.combine(frozen, adapters), tokens)[0])
+    apply = jax.jit(lambda p, t: model.apply(graphdef, p, t)[0])
+    want = np.asarray(apply(base, tokens))
+    got = np.asarray(jax.jit(lambda f, a, t: model.apply(adapted, lora.combine(f, a), t)[0])(frozen, adapters, tokens))
     err = np.abs(got - want).max()
     assert 0 < err < LOGIT_TOL[base_dtype], err
     # merged (bin/chat, bin/export, evaluation): the dequantised base plus the adapters, as training computes
@@ -761,7 +762,7 @@ def test_qlora_trains_the_adapters_only_and_the_stored_base_stays_bitwise(base_d
     tx = steps.make_optimizer(tc, 10)
     state = steps.TrainState.create(adapters, tx)
     # the gradient: float32, one per adapter array (B's first: A's is 0 while B is), none for the base
-    grads = jax.grad(lambda ad: steps.loss_sums(lora.combine(frozen, ad), graphdef, _batch())[0])(adapters)
+    grads = jax.jit(jax.grad(lambda ad: steps.loss_sums(lora.combine(frozen, ad), graphdef, _batch())[0]))(adapters)
     chex.assert_trees_all_equal_shapes_and_dtypes(grads, adapters)
     assert all(np.abs(np.asarray(g.get_value())).max() > 0 for p, g in nnx.to_flat_state(grads) if p[-1] == "lora_b")
     arrays = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
@@ -777,6 +778,7 @@ def test_qlora_trains_the_adapters_only_and_the_stored_base_stays_bitwise(base_d
         assert np.asarray(a).tobytes() == b.tobytes()
 
 
+@pytest.mark.slow  # XLA's memory plan of large compiled programs, never run (seconds of compiling each)
 def test_the_widened_kernels_are_never_all_alive_at_once():
     """XLA's plan of a QLoRA step (int8 base, 6 layers, no remat) against the float32 base's: its
     temporaries exceed the float32 step's by the widened kernels of at most two layers (measured:

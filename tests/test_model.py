@@ -323,8 +323,9 @@ def test_attend_recomputed_gradient_equals_attends(kv_heads):
     g = jax.random.normal(ks[3], (2, 4, 6, 8))
     mask = jnp.tril(jnp.ones((1, 6, 6), bool)).at[:, 3:, 1].set(False)
     np.testing.assert_array_equal(ops.attend_recomputed(q, k, v, mask), ops.attend(q, k, v, mask))
-    want = jax.vjp(lambda q, k, v: ops.attend(q, k, v, mask), q, k, v)[1](g)
-    got = jax.vjp(lambda q, k, v: ops.attend_recomputed(q, k, v, mask), q, k, v)[1](g)
+    want = jax.jit(lambda q, k, v, g: jax.vjp(lambda q, k, v: ops.attend(q, k, v, mask), q, k, v)[1](g))(q, k, v, g)
+    got = jax.jit(lambda q, k, v, g: jax.vjp(lambda q, k, v: ops.attend_recomputed(q, k, v, mask), q, k, v)[1](g))(
+        q, k, v, g)
     for a, b in zip(got, want):
         chex.assert_equal_shape([a, b])
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

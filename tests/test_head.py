@@ -89,7 +89,7 @@ def test_train_loss_in_chunks_equals_the_whole_head(tie, monkeypatch):
     tokens in 64 slots, chunks of 16): the loss and every parameter's gradient; without answer_at
     (the head over every position of the batch) too. head.MIN_LOGITS is lowered so that the tiny
     head is chunked; at the default it is not."""
-    mc = ModelConfig(vocab_size=97, max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0,
+    mc = ModelConfig(vocab_size=97, max_seq_len=32, d_model=32, n_heads=2, n_layers=1, d_ff=64, dropout=0.0,
                      tie_embeddings=tie)
     graphdef, params = model.init(mc, seed=0)
     batch = batching.pack_batch(_examples(97), 32, answer_slots=64)
@@ -114,7 +114,7 @@ def test_lora_new_rows_train_through_the_chunked_head(tie, monkeypatch):
     lacks (embed.new_rows, lm_head.new_cols): their gradients through the chunked head equal the
     whole head's and are not zero; without new rows the frozen head's gradient is not asked for."""
     monkeypatch.setattr(head, "MIN_LOGITS", 0)
-    mc = ModelConfig(vocab_size=97, max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0,
+    mc = ModelConfig(vocab_size=97, max_seq_len=32, d_model=32, n_heads=2, n_layers=1, d_ff=64, dropout=0.0,
                      tie_embeddings=tie)
     _, params = model.init(mc, seed=0)
     lc = LoraConfig(rank=4, alpha=8.0)
@@ -141,7 +141,7 @@ def test_dpo_logps_in_chunks_equal_the_whole_head(monkeypatch):
     """dpo.answer_logps reads per-token log-probabilities through steps.token_nll: chunked, the
     six per-pair sums and their gradients are the whole head's."""
     monkeypatch.setattr(head, "MIN_LOGITS", 0)
-    mc = ModelConfig(vocab_size=97, max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
+    mc = ModelConfig(vocab_size=97, max_seq_len=32, d_model=32, n_heads=2, n_layers=1, d_ff=64, dropout=0.0)
     graphdef, params = model.init(mc, seed=0)
     ex = _examples(97, n=4, seed=2)
     plan = batching.BatchPlan([(ex[0], ex[1]), (ex[2], ex[3])], 2, 0, (32,), 32, pairs=True,
@@ -246,7 +246,7 @@ def test_chunked_head_trains_like_the_whole_head_with_accumulation_and_dropout(r
     within RTOL and the parameters within 3e-5 of the whole head's (measured: 5.9e-6, AdamW at
     lr 1e-2 magnifying the gradients' rounding)."""
     monkeypatch.setattr(head, "MIN_LOGITS", 0)
-    mc = ModelConfig(vocab_size=97, max_seq_len=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.1)
+    mc = ModelConfig(vocab_size=97, max_seq_len=32, d_model=32, n_heads=2, n_layers=1, d_ff=64, dropout=0.1)
     batch = batching.make_batch(_examples(97, n=8), 8, 24)
 
     def run(chunk):

@@ -418,8 +418,8 @@ def test_swiglu_lora_gradient_is_autodiffs():
     stored = [quant.quantize_int8(w) for w in args[1:4]]
     deq = [quant.dequantize(st) for st in stored]
     x, ad = args[0], args[4:]
-    want = jax.vjp(lambda x, *ad: plain(x, *deq, *ad), x, *ad)[1](g)
-    got = jax.vjp(lambda x, *ad: lora.swiglu_lora(s, x, *stored, *ad), x, *ad)[1](g)
+    want = jax.jit(lambda x, ad, g: jax.vjp(lambda x, *ad: plain(x, *deq, *ad), x, *ad)[1](g))(x, ad, g)
+    got = jax.jit(lambda x, ad, g: jax.vjp(lambda x, *ad: lora.swiglu_lora(s, x, *stored, *ad), x, *ad)[1](g))(x, ad, g)
     for w, h in zip(want, got):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
 

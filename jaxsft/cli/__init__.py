@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
 import shlex
 import sys
@@ -52,13 +53,22 @@ def _is_program(fn) -> bool:
     return os.path.basename(main) in (name, f"jaxsft-{name}")
 
 
+# Python's cyclic collector with full collections 10x rarer and young ones 14x: a program's start
+# (JAX, flax, orbax: about a million objects) otherwise runs ~5 full collections, 0.33 s of a tiny
+# 5 s bin/train run, 0.05 s after this (gc.callbacks, session 14). Device arrays are freed by
+# their reference counts, not by this collector.
+GC_THRESHOLDS = (10_000, 10, 100)
+
+
 def main_guard(fn):
     """Runs fn(); a UserError prints 'error: ...' and exits 2, Ctrl-C exits 130. Started as a
-    program, the process first restarts itself with huge pages (`huge_pages`)."""
+    program, the process first restarts itself with huge pages (`huge_pages`) and sets the
+    collector's thresholds (GC_THRESHOLDS)."""
     @functools.wraps(fn)
     def wrapper(*args, **kw):
         if _is_program(fn):
             huge_pages()
+            gc.set_threshold(*GC_THRESHOLDS)
         try:
             return fn(*args, **kw)
         except UserError as e:

@@ -260,15 +260,17 @@ def pytest_configure(config):
 
 # The files that take longest go to the workers first, so that none is left running one long file
 # while the others wait (xdist hands out whole files, --dist loadfile, in collection order with
-# --no-loadscope-reorder); the rest keep pytest's order after these. Measured per file and worker
-# from a cold cache (session 9): in the full suite test_reliability.py (95 s) came last and one
-# worker ran 35 s longer than the other. test_damaged_checkpoints.py stays out of the full list:
-# begun beside test_reliability.py it waits for the reference run that one builds. Both lists
-# re-ordered from session 12's --durations (test_attention's remat check and test_head are new).
-LONGEST_QUICK = ("test_lora.py", "test_head.py", "test_attention.py", "test_train.py", "test_families.py",
-                 "test_model.py", "test_engine.py")
-LONGEST_FULL = ("test_reliability.py", "test_lora.py", "test_attention.py", "test_hf.py", "test_families.py",
-                "test_dpo.py", "test_pretrain.py")
+# --no-loadscope-reorder, the next one to a worker with two tests or fewer left); the rest keep
+# pytest's order after these. test_damaged_checkpoints.py stays out of the full list: begun beside
+# test_reliability.py it waits for the reference run that one builds. Both lists ordered by each
+# file's summed test time, measured from a cold cache in session 14 (full suite: test_lora 111 s,
+# test_reliability 78 s, ... test_configs 8.5 s; the last file had left the other worker idle 12 s).
+LONGEST_QUICK = ("test_lora.py", "test_head.py", "test_train.py", "test_families.py", "test_model.py",
+                 "test_engine.py", "test_attention.py", "test_server_faults.py", "test_server.py", "test_hf.py",
+                 "test_serve_guard.py", "test_decode.py", "test_dpo.py", "test_datasets_io.py")
+LONGEST_FULL = ("test_lora.py", "test_reliability.py", "test_families.py", "test_hf.py", "test_dpo.py",
+                "test_server.py", "test_attention.py", "test_head.py", "test_pretrain.py", "test_parallel.py",
+                "test_train.py", "test_multihost.py", "test_preference_eval.py", "test_model.py", "test_configs.py")
 
 
 def pytest_collection_finish(session):

@@ -399,15 +399,15 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
 def test_swiglu_lora_gradient_is_autodiffs():
     """lora.swiglu_lora's hand-written backward pass against autodiff of the same function."""
     N, D, F, r, s = 6, 8, 12, 3, 1.5
-    ks = jax.random.split(jax.random.PRNGKey(0), 11)
+    rng = np.random.default_rng(0)  # numpy's draws: no program compiled per shape, as jax.random's are
     shapes = [(N, D), (D, F), (D, F), (F, D), (D, r), (r, F), (D, 0), (0, F), (F, r), (r, D)]  # w3: no adapter
-    args = [jax.random.normal(k, sh) for k, sh in zip(ks, shapes)]
+    args = [jnp.asarray(rng.standard_normal(sh, np.float32)) for sh in shapes]
 
     def plain(x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
         h = jax.nn.silu(x @ w1 + s * (x @ a1) @ b1) * (x @ w3 + s * (x @ a3) @ b3)
         return h @ w2 + s * (h @ a2) @ b2
 
-    g = jax.random.normal(ks[10], (N, D))
+    g = jnp.asarray(rng.standard_normal((N, D), np.float32))
     want = jax.jit(lambda a, g: jax.vjp(plain, *a)[1](g))(args, g)
     ours = lambda x, w1, w3, w2, *ad: lora.swiglu_lora(s, x, (w1,), (w3,), (w2,), *ad)  # noqa: E731
     got = jax.jit(lambda a, g: jax.vjp(ours, *a)[1](g))(args, g)
@@ -633,21 +633,23 @@ def test_resume_with_another_lora_section_is_refused(lora_reference, tmp_path, c
 
 def test_linear_lora_gradient_is_autodiffs():
     N, D, O, r, s = 6, 8, 5, 3, 2.5
-    ks = jax.random.split(jax.random.PRNGKey(1), 5)
-    args = [jax.random.normal(k, sh) for k, sh in zip(ks, [(N, D), (D, O), (D, r), (r, O)])]
-    g = jax.random.normal(ks[4], (N, O))
+    rng = np.random.default_rng(1)  # numpy's draws: no program compiled per shape, as jax.random's are
+    args = [jnp.asarray(rng.standard_normal(sh, np.float32)) for sh in [(N, D), (D, O), (D, r), (r, O)]]
+    g = jnp.asarray(rng.standard_normal((N, O), np.float32))
     plain = lambda x, w, a, b: x @ w + s * (x @ a) @ b  # noqa: E731
     ours = lambda x, w, a, b: lora.linear_lora(s, x, (w,), a, b)  # noqa: E731
-    np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-5)
-    for h, w in zip(jax.vjp(ours, *args)[1](g), jax.vjp(plain, *args)[1](g)):
+    np.testing.assert_allclose(jax.jit(ours)(*args), jax.jit(plain)(*args), rtol=1e-5, atol=1e-5)
+    vjp = lambda f: jax.jit(lambda a, g: jax.vjp(f, *a)[1](g))(args, g)  # noqa: E731
+    for h, w in zip(vjp(ours), vjp(plain)):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
     # the kernel stored as packed int4: x's and the adapters' gradients are those of the dequantised kernel
     x, w, a, b = args
     st = quant.quantize_int4(jnp.concatenate([w, w]))  # an even number of rows
     x2, deq = jnp.concatenate([x, x], axis=1), quant.dequantize(st)
     a2 = jnp.concatenate([a, a])
-    got = jax.vjp(lambda x, a, b: lora.linear_lora(s, x, st, a, b), x2, a2, b)[1](g)
-    want = jax.vjp(lambda x, a, b: plain(x, deq, a, b), x2, a2, b)[1](g)
+    got = jax.jit(lambda x, a, b, g: jax.vjp(lambda x, a, b: lora.linear_lora(s, x, st, a, b), x, a, b)[1](g))(
+        x2, a2, b, g)
+    want = jax.jit(lambda x, a, b, g: jax.vjp(lambda x, a, b: plain(x, deq, a, b), x, a, b)[1](g))(x2, a2, b, g)
     for h, w in zip(got, want):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
 

@@ -367,6 +367,7 @@ def test_answer_slots_hold_every_early_batch():
     assert slots % 8 == 0 and max(counts) <= slots < max(counts) + 8
 
 
+@pytest.mark.slow  # a whole training loop, in this process (trainer.train)
 def test_focus_steps_draw_from_one_category_then_the_whole_set(tmp_path):
     """train.focus_categories/focus_steps: the first steps train on that category's rows
     only (1-letter answers: 2 answer tokens a row), then step k is the whole set's

@@ -52,14 +52,14 @@ def _random_b(adapters, seed=2):
 @pytest.mark.parametrize("targets", [config.TARGETS, ("wq", "wv"), ("w1", "w2"), ("up_proj",)],
                          ids=["all", "attention", "mlp", "hf-name"])
 def test_fresh_adapters_give_the_base_logits_exactly(targets):
-    _, base = _base()
+    plain, base = _base()
     lc = dataclasses.replace(ALL, targets=targets)
     graphdef, frozen, adapters = lora.init(MC, lc, seed=0, base=base)
     b_leaves = [v for p, v in nnx.to_flat_state(adapters) if p[-1] == "lora_b"]
     assert b_leaves and all(not np.any(np.asarray(v.get_value())) for v in b_leaves)  # B = 0
     tokens = _tokens()
-    want, _ = model.apply(model.init(MC, 0)[0], base, tokens)
-    got, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
+    want = jax.jit(lambda p, t: model.apply(plain, p, t)[0])(base, tokens)
+    got = jax.jit(lambda f, a, t: model.apply(graphdef, lora.combine(f, a), t)[0])(frozen, adapters, tokens)
     assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
 
 
@@ -184,8 +184,9 @@ def test_new_vocabulary_rows_train_with_the_adapters():
     assert lora.new_token_ids(adapters, MC.vocab_size) == list(range(n_old, MC.vocab_size))
     assert lora.new_token_ids(lora.init(MC, ALL, 0, base)[2], MC.vocab_size) is None
     tokens = _tokens()
-    want, _ = model.apply(model.init(MC, 0)[0], base, tokens)
-    got, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
+    plain = model.init(MC, 0)[0]
+    want = jax.jit(lambda p, t: model.apply(plain, p, t)[0])(base, tokens)
+    got = jax.jit(lambda f, a, t: model.apply(graphdef, lora.combine(f, a), t)[0])(frozen, adapters, tokens)
     assert np.asarray(got).tobytes() == np.asarray(want).tobytes()  # still the base at step 0
     tc = TrainConfig(batch_size=4, lr=1e-2, warmup_steps=0)
     tx = steps.make_optimizer(tc, 10)

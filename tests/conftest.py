@@ -164,6 +164,13 @@ def run_main(name: str, args, capsys, monkeypatch) -> tuple[int, str, str]:
     return code, out, err
 
 
+def jitted_vjp(f, args, g):
+    """f's cotangents at args (a tuple) for the output cotangent g, as one compiled program: a
+    reference computed op by op compiles a program per op and shape."""
+    import jax
+    return jax.jit(lambda a, g: jax.vjp(f, *a)[1](g))(tuple(args), g)
+
+
 def one_line_error(code: int, err: str, *fragments) -> str:
     """Asserts a user's mistake's contract: exit status 2, one line 'error: ...' on stderr
     holding each fragment, no traceback. Returns the line."""

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import jitted_vjp
 from jaxsft import config, lora, model, quant, runs, steps
 from jaxsft.batching import make_batch
 from jaxsft.config import LoraConfig, ModelConfig, TrainConfig, UserError
@@ -409,9 +410,9 @@ def test_swiglu_lora_gradient_is_autodiffs():
         return h @ w2 + s * (h @ a2) @ b2
 
     g = jnp.asarray(rng.standard_normal((N, D), np.float32))
-    want = jax.jit(lambda a, g: jax.vjp(plain, *a)[1](g))(args, g)
+    want = jitted_vjp(plain, args, g)
     ours = lambda x, w1, w3, w2, *ad: lora.swiglu_lora(s, x, (w1,), (w3,), (w2,), *ad)  # noqa: E731
-    got = jax.jit(lambda a, g: jax.vjp(ours, *a)[1](g))(args, g)
+    got = jitted_vjp(ours, args, g)
     np.testing.assert_allclose(jax.jit(ours)(*args), jax.jit(plain)(*args), rtol=1e-5, atol=1e-5)
     for w, h in zip(want, got):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
@@ -419,8 +420,8 @@ def test_swiglu_lora_gradient_is_autodiffs():
     stored = [quant.quantize_int8(w) for w in args[1:4]]
     deq = [quant.dequantize(st) for st in stored]
     x, ad = args[0], args[4:]
-    want = jax.jit(lambda x, ad, g: jax.vjp(lambda x, *ad: plain(x, *deq, *ad), x, *ad)[1](g))(x, ad, g)
-    got = jax.jit(lambda x, ad, g: jax.vjp(lambda x, *ad: lora.swiglu_lora(s, x, *stored, *ad), x, *ad)[1](g))(x, ad, g)
+    want = jitted_vjp(lambda x, *ad: plain(x, *deq, *ad), (x, *ad), g)
+    got = jitted_vjp(lambda x, *ad: lora.swiglu_lora(s, x, *stored, *ad), (x, *ad), g)
     for w, h in zip(want, got):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
 
@@ -640,17 +641,15 @@ def test_linear_lora_gradient_is_autodiffs():
     plain = lambda x, w, a, b: x @ w + s * (x @ a) @ b  # noqa: E731
     ours = lambda x, w, a, b: lora.linear_lora(s, x, (w,), a, b)  # noqa: E731
     np.testing.assert_allclose(jax.jit(ours)(*args), jax.jit(plain)(*args), rtol=1e-5, atol=1e-5)
-    vjp = lambda f: jax.jit(lambda a, g: jax.vjp(f, *a)[1](g))(args, g)  # noqa: E731
-    for h, w in zip(vjp(ours), vjp(plain)):
+    for h, w in zip(jitted_vjp(ours, args, g), jitted_vjp(plain, args, g)):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
     # the kernel stored as packed int4: x's and the adapters' gradients are those of the dequantised kernel
     x, w, a, b = args
     st = quant.quantize_int4(jnp.concatenate([w, w]))  # an even number of rows
     x2, deq = jnp.concatenate([x, x], axis=1), quant.dequantize(st)
     a2 = jnp.concatenate([a, a])
-    got = jax.jit(lambda x, a, b, g: jax.vjp(lambda x, a, b: lora.linear_lora(s, x, st, a, b), x, a, b)[1](g))(
-        x2, a2, b, g)
-    want = jax.jit(lambda x, a, b, g: jax.vjp(lambda x, a, b: plain(x, deq, a, b), x, a, b)[1](g))(x2, a2, b, g)
+    got = jitted_vjp(lambda x, a, b: lora.linear_lora(s, x, st, a, b), (x2, a2, b), g)
+    want = jitted_vjp(lambda x, a, b: plain(x, deq, a, b), (x2, a2, b), g)
     for h, w in zip(got, want):
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import jitted_vjp
 from jaxsft import model, ops
 from jaxsft.config import ModelConfig
 
@@ -263,8 +264,7 @@ def test_swiglu_gradient_equals_autodiff():
         return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
 
     np.testing.assert_allclose(jax.jit(ops.swiglu)(x, w1, w3, w2), jax.jit(plain)(x, w1, w3, w2), rtol=1e-6)
-    vjp = lambda f: jax.jit(lambda a, g: jax.vjp(f, *a)[1](g))((x, w1, w3, w2), g)  # noqa: E731
-    want, got = vjp(plain), vjp(ops.swiglu)
+    want, got = jitted_vjp(plain, (x, w1, w3, w2), g), jitted_vjp(ops.swiglu, (x, w1, w3, w2), g)
     assert len(got) == 4
     for a, b in zip(got, want):
         chex.assert_equal_shape([a, b])
@@ -322,9 +322,8 @@ def test_attend_recomputed_gradient_equals_attends(kv_heads):
     g = jax.random.normal(ks[3], (2, 4, 6, 8))
     mask = jnp.tril(jnp.ones((1, 6, 6), bool)).at[:, 3:, 1].set(False)
     np.testing.assert_array_equal(ops.attend_recomputed(q, k, v, mask), ops.attend(q, k, v, mask))
-    want = jax.jit(lambda q, k, v, g: jax.vjp(lambda q, k, v: ops.attend(q, k, v, mask), q, k, v)[1](g))(q, k, v, g)
-    got = jax.jit(lambda q, k, v, g: jax.vjp(lambda q, k, v: ops.attend_recomputed(q, k, v, mask), q, k, v)[1](g))(
-        q, k, v, g)
+    want = jitted_vjp(lambda q, k, v: ops.attend(q, k, v, mask), (q, k, v), g)
+    got = jitted_vjp(lambda q, k, v: ops.attend_recomputed(q, k, v, mask), (q, k, v), g)
     for a, b in zip(got, want):
         chex.assert_equal_shape([a, b])
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

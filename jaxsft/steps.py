@@ -157,16 +157,29 @@ def sft_objective(params, graphdef, batch: Batch, dropout_key=None, dtype=jnp.fl
 
 class TrainStep:
     """(state, batch, key) -> (state, metrics): the jitted step (`jitted`, which takes the frozen
-    parameters as a fourth argument, never donated) with the frozen parameters bound."""
+    parameters as a fourth argument, never donated) with the frozen parameters bound.
 
-    def __init__(self, jitted, frozen):
-        self.jitted, self.frozen = jitted, frozen
+    A state not on the step's shardings yet (TrainState.create's arrays) is placed there first,
+    a copy: the step returns placed arrays, and would otherwise compile a second time for them."""
+
+    def __init__(self, jitted, frozen, state_shardings):
+        self.jitted, self.frozen, self.state_shardings = jitted, frozen, state_shardings
 
     def __call__(self, state, batch, key):
-        return self.jitted(state, batch, key, self.frozen)
+        return self.jitted(self.placed(state), batch, key, self.frozen)
 
     def lower(self, state, batch, key):  # bench/ reads the HLO
-        return self.jitted.lower(state, batch, key, self.frozen)
+        return self.jitted.lower(self.placed(state), batch, key, self.frozen)
+
+    def placed(self, state: "TrainState") -> "TrainState":
+        shardings = self.state_shardings
+        if isinstance(shardings, jax.sharding.Sharding):  # one for every array
+            shardings = jax.tree.map(lambda _: shardings, state)
+        if getattr(state.step, "sharding", None) == shardings.step:
+            return state
+        if jax.process_count() > 1:
+            return parallel.shard_tree(state, shardings)
+        return jax.device_put(state, shardings, may_alias=False)  # a copy: the step donates it
 
 
 def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=None,
@@ -219,7 +232,7 @@ def make_train_step(graphdef, tx, tc, mesh=None, state_shardings=None, frozen=No
     frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
     jitted = jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, rows, whole, frozen_shardings),
                      out_shardings=(state_shardings, whole))
-    return TrainStep(jitted, frozen)
+    return TrainStep(jitted, frozen, state_shardings)
 
 
 def _gradients(grad_fn, graphdef, k: int, micro_rows, dtype) -> Callable:

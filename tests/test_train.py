@@ -37,15 +37,9 @@ def setup(qa):
                 step=steps.make_train_step(graphdef, tx, TC), eval_step=steps.make_eval_step(graphdef))
 
 
-def _on_mesh(tree):
-    """Placed as the trainer places state and key (committed, whole on the one device):
-    the train step's inputs then keep one layout from call to call."""
-    return jax.device_put(tree, parallel.replicated(parallel.one_device_mesh()))
-
-
 def _fresh_state(s):
-    params = jax.tree.map(jnp.array, s["params"])  # a copy: the train step donates its state
-    return _on_mesh(steps.TrainState.create(params, s["tx"]))
+    """A new state on the setup's parameters, not placed on the mesh (the step places it)."""
+    return steps.TrainState.create(s["params"], s["tx"])
 
 
 def _np(tree):
@@ -141,7 +135,7 @@ def test_fused_adamw_matches_optax(max_norm):
 def test_tiny_model_overfits(setup):
     batch = batching.make_batch(setup["examples"], 4, 32)
     state = _fresh_state(setup)
-    key = _on_mesh(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(0)
     losses = []
     for _ in range(STEPS):
         state, m = setup["step"](state, batch, key)
@@ -172,7 +166,7 @@ def test_bfloat16_products_keep_float32_parameters_gradients_and_optimizer_state
     assert max(diffs) > 0  # the products really were bfloat16
     tc = dataclasses.replace(TC, dtype="bfloat16")
     step = steps.make_train_step(graphdef, setup["tx"], tc)
-    state, m = step(_fresh_state(setup), batch, _on_mesh(jax.random.PRNGKey(0)))
+    state, m = step(_fresh_state(setup), batch, jax.random.PRNGKey(0))
     chex.assert_trees_all_equal_shapes_and_dtypes(state.params, params)
     moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
     assert len(moments) == 2 * len(jax.tree.leaves(params))  # AdamW's mu and nu
@@ -183,7 +177,7 @@ def test_bfloat16_products_keep_float32_parameters_gradients_and_optimizer_state
 def test_all_masked_batch_changes_nothing_through_the_loss(setup):
     state = _fresh_state(setup)
     batch = batching.make_batch(setup["examples"], 4, 32)
-    key = _on_mesh(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(0)
     for _ in range(3):  # nonzero Adam moments and learning rate
         state, _ = setup["step"](state, batch, key)
     before = _np(state)
@@ -210,7 +204,7 @@ def test_non_finite_loss_leaves_state_unchanged(setup):
     moments and counts, nonzero after two good steps), not only the parameters."""
     state = _fresh_state(setup)
     batch = batching.make_batch(setup["examples"], 4, 32)
-    key = _on_mesh(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(0)
     for _ in range(2):
         state, _ = setup["step"](state, batch, key)
     bad = batch.replace(loss_mask=batch.loss_mask * np.nan)
@@ -239,7 +233,7 @@ def test_batch_loss_is_token_weighted(setup):
     weighted = sums.sum() / counts.sum()
     assert abs(weighted - np.mean(sums / counts)) > 1e-4  # the weighting matters for these rows
     # the train step reports the same token-weighted loss
-    _, m = setup["step"](_fresh_state(setup), batch, _on_mesh(jax.random.PRNGKey(0)))
+    _, m = setup["step"](_fresh_state(setup), batch, jax.random.PRNGKey(0))
     assert float(m["loss"]) == pytest.approx(weighted, rel=1e-5)
     assert float(m["tokens"]) == counts.sum()
     # and its gradient is the token-weighted sum of per-row gradients
@@ -252,12 +246,14 @@ def test_batch_loss_is_token_weighted(setup):
 
 def test_train_step_compiles_once_per_bucket(setup, monkeypatch):
     """Six steps over two bucket lengths trace the step twice, whatever ran before: the step is
-    this test's own, and each trace of it traces loss_sums once (no gradient accumulation)."""
+    this test's own, and each trace of it traces loss_sums once (no gradient accumulation). The
+    state starts unplaced (TrainState.create's): the step places it, or its first call would
+    compile for unplaced arrays and the second again for the placed ones it returned."""
     chex.clear_trace_counter()
     monkeypatch.setattr(steps, "loss_sums", chex.assert_max_traces(steps.loss_sums, n=2))
     step = steps.make_train_step(setup["graphdef"], setup["tx"], TC)
     state = _fresh_state(setup)
-    key = _on_mesh(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(0)
     short = [ex for ex in setup["examples"] if len(ex[0]) <= 24]
     for i in range(6):
         batch = batching.make_batch(setup["examples"], 4, 32) if i % 2 else batching.make_batch(short, 4, 24)
@@ -317,7 +313,7 @@ def test_packed_batch_trains_like_the_padded_batch(setup):
     assert abs(leaky_loss - float(s1)) > 1e-3
     # one optimizer step on each gives the same parameters
     step = steps.make_train_step(graphdef, setup["tx"], TC)
-    key = _on_mesh(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(0)
     a, ma = step(_fresh_state(setup), padded, key)
     b, mb = step(_fresh_state(setup), packed, key)
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
@@ -350,7 +346,7 @@ def test_output_head_at_answer_positions_only_trains_the_same(setup):
     wrong = float(lg(params, sel.replace(answer_at=(at + 1) % flat.size))[0][0])
     assert abs(wrong - float(s1)) > 1e-2
     step = steps.make_train_step(graphdef, setup["tx"], TC)
-    key = _on_mesh(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(0)
     a, _ = step(_fresh_state(setup), full, key)
     b, _ = step(_fresh_state(setup), sel, key)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), _np(a.params), _np(b.params))

@@ -107,12 +107,14 @@ def _logits_at(graphdef, params, tokens, t):
     return model.apply(graphdef, params, tokens)[0][0, t]
 
 
-def naive_greedy(graphdef, params, prompt: Sequence[int], max_new_tokens: int, end_id: int) -> list[int]:
+def naive_greedy(graphdef, params, prompt: Sequence[int], max_new_tokens: int, end_id: int,
+                 length: int = 0) -> list[int]:
     """Reference decoder: re-runs the whole sequence for every new token (no cache).
-    The sequence is right-padded to len(prompt) + max_new_tokens, which a causal
-    model does not see, so one program per total length is compiled, not one per step."""
+    The sequence is right-padded to `length` (at least len(prompt) + max_new_tokens; the
+    tests pass the model's max_seq_len), which a causal model does not see, so one program
+    per model is compiled, not one per step or prompt length."""
     seq = list(prompt)
-    buf = np.zeros((1, len(seq) + max_new_tokens), np.int32)
+    buf = np.zeros((1, max(length, len(seq) + max_new_tokens)), np.int32)
     out = []
     for _ in range(max_new_tokens):
         buf[0, :len(seq)] = seq

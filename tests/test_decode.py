@@ -74,7 +74,7 @@ def test_cached_decoder_matches_naive(models, cfg):
     prompts = _prompts(cfg.vocab_size, (3, 8, 5))  # different lengths, left-padded together
     for graphdef, params in models:
         out = _generate(graphdef, params, cfg, prompts, NEVER)
-        naive = [reference_decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
+        naive = [reference_decode.naive_greedy(graphdef, params, p, N, NEVER, cfg.max_seq_len) for p in prompts]
         assert out == naive
         assert len({tuple(r) for r in naive}) > 1  # the rows really differ
 
@@ -92,7 +92,7 @@ def test_stops_at_end_token(models, cfg):
         assert row == _padded(f[:stop])
     assert out[0] == _padded(free[0][: j + 1]) and PAD in out[0]
     # the naive decoder agrees on where it stops
-    assert reference_decode.naive_greedy(graphdef, params, prompts[0], N, end) == free[0][: j + 1]
+    assert reference_decode.naive_greedy(graphdef, params, prompts[0], N, end, cfg.max_seq_len) == free[0][: j + 1]
 
 
 def test_top_k_1_equals_greedy(cfg):
@@ -133,7 +133,7 @@ def test_generator_matches_naive_and_buckets_compile(models, cfg, tok, monkeypat
     prompts = _prompts(cfg.vocab_size, (5, 7), seed=1)
     got = gen.generate_ids(prompts)  # bucket 16: the first trace
     for p, ids in zip(prompts, got):
-        naive = reference_decode.naive_greedy(graphdef, params, p, N, tok.end_id)
+        naive = reference_decode.naive_greedy(graphdef, params, p, N, tok.end_id, cfg.max_seq_len)
         assert ids == [t for t in naive if t != tok.end_id]
     # other prompt lengths in the same bucket (16) and as many rows trace nothing new
     gen.generate_ids(_prompts(cfg.vocab_size, (4, 9), seed=2))
@@ -150,5 +150,5 @@ def test_generator_answer_renders_chatml(models, cfg, tok):
     assert not truncated
     assert ids.tolist() == [tok.bos_id, tok.user_id, *tok.encode("你好"), tok.end_id, *tok.encode("\n"),
                             tok.assistant_id]
-    naive = reference_decode.naive_greedy(graphdef, params, ids, N, tok.end_id)
+    naive = reference_decode.naive_greedy(graphdef, params, ids, N, tok.end_id, cfg.max_seq_len)
     assert gen.answer([[("user", "你好")]]) == [tok.decode(naive)]

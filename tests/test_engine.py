@@ -59,7 +59,7 @@ def test_rows_alone_equal_rows_among_others_and_the_naive_decoder(scaled, cfg):
     # 7 rows over 4 slots: three wait, then join as slots free; rows of different lengths side by side
     together, _ = _answers(eng, prompts)
     assert together == alone
-    naive = [reference_decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
+    naive = [reference_decode.naive_greedy(graphdef, params, p, N, NEVER, cfg.max_seq_len) for p in prompts]
     assert together == naive
     assert len({tuple(a) for a in alone}) > 1  # the rows really differ
     # the cache: a (keys, values) pair per layer, each (slots, kv heads, S, head dim) in the parameters' dtype
@@ -96,7 +96,7 @@ def test_prompts_after_a_shared_prefix_give_the_same_answers_and_cache(scaled, c
     assert after._after(prompts[0]) == 9 and after._after(prompts[-2]) == 0 and after._after(prompts[-1]) == 0
     want, _ = _answers(plain, prompts)
     got, _ = _answers(after, prompts)
-    assert got == want == [reference_decode.naive_greedy(graphdef, params, p, N, NEVER) for p in prompts]
+    assert got == want == [reference_decode.naive_greedy(graphdef, params, p, N, NEVER, cfg.max_seq_len) for p in prompts]
     assert after.stats["prefill_after_prefix"] == 5 and plain.stats["prefill_after_prefix"] == 0
     # the cache a prefixed prompt leaves in its slot: the whole prompt's keys and values
     for eng in (plain, after):

@@ -473,12 +473,13 @@ class Engine:
         cfg = self.cfg
         leaf = jax.tree.leaves(self.params)[0]
         shape = (self.slots, cfg.kv_heads, self.S, cfg.head_dim)
-        # placed (committed) where the parameters are, as the programs' outputs are: an uncommitted
-        # cache would make the first call compile a program that no later call can use. Parameters
-        # on a mesh (the trainer's evaluation hook) get a cache replicated over that mesh.
+        # placed (committed) where the parameters are, as the programs' outputs are: a cache placed
+        # otherwise would make the first call compile a program that no later call can use.
+        # Parameters on a mesh, even of one device (the trainer's evaluation hook), get a cache
+        # replicated over that mesh.
         mesh = getattr(leaf.sharding, "mesh", None)
-        where = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None and
-                 mesh.size > 1 else next(iter(leaf.devices())))
+        where = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
+                 else next(iter(leaf.devices())))
         self.cache = [tuple(jax.device_put(jnp.zeros(shape, leaf.dtype), where) for _ in "kv")
                       for _ in range(cfg.n_layers)]
 

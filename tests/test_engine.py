@@ -13,7 +13,7 @@ import pytest
 
 import reference_decode
 from faults import Flaky
-from jaxsft import engine, masks, model
+from jaxsft import engine, masks, model, parallel
 from jaxsft.config import ModelConfig
 from jaxsft.engine import Engine, Request
 
@@ -214,8 +214,14 @@ def test_logprobs_equal_the_full_forward_passes(cfg):
     assert eng.want.sum() == 0  # free slots ask for nothing
 
 
-def test_no_recompilation_after_warm_up(scaled, cfg):
+@pytest.mark.parametrize("placed", [False, True], ids=["device", "one-device-mesh"])
+def test_no_recompilation_after_warm_up(scaled, cfg, placed):
+    """placed: the parameters on a one-device mesh, as the trainer's evaluation hook has them
+    (the cache must be placed as the programs' outputs are, or the first call's program is
+    compiled again for the second)."""
     _, params = scaled
+    if placed:
+        params = jax.device_put(params, parallel.replicated(parallel.one_device_mesh()))
     eng = Engine(params, cfg, NEVER, slots=4)
     eng.warm_up()
     n = engine.compiled_programs()
@@ -227,6 +233,10 @@ def test_no_recompilation_after_warm_up(scaled, cfg):
     assert all(len(r.tokens) == 8 for r in reqs)
     assert engine.compiled_programs() == n
     assert 0 < eng.occupancy() <= 1
+    # a cache allocated afresh (as after a failed step lost it) is placed as the programs' outputs are
+    eng.cache = None
+    eng.run([Request(p, 2) for p in _prompts(cfg.vocab_size, (3, 20))])
+    assert engine.compiled_programs() == n
 
 
 def test_requests_beyond_the_context_are_refused(scaled, cfg):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Optional
 
 import jax
@@ -275,7 +276,15 @@ def init(cfg: ModelConfig, seed: int = 0):
 
 
 def abstract(cfg: ModelConfig):
-    """(graphdef, params as ShapeDtypeStructs) without allocating anything."""
+    """(graphdef, params as ShapeDtypeStructs) without allocating anything. Traced once per config
+    (`_abstract`): every Engine, Generator and checkpoint restore asks, and the trace of the
+    model's construction takes 20 ms at 2 tiny layers, 170 ms at 12."""
+    graphdef, params = _abstract(cfg)
+    return graphdef, jax.tree.map(lambda x: x, params)  # the caller's own tree of the shared leaves
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(cfg: ModelConfig):
     model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
     return nnx.split(model, nnx.Param)
 

@@ -51,6 +51,17 @@ def fwd(built):
     return lambda params, tokens, positions=POS: apply(graphdef, params, tokens, positions=positions)[0]
 
 
+def test_abstract_is_the_models_tree_and_each_callers_own(built):
+    """model.abstract (traced once per config): the initialised model's graph and its tree of
+    shapes and dtypes; a caller that replaces a leaf in its tree changes no other caller's."""
+    graphdef, params = built
+    g1, a1 = model.abstract(CFG)
+    assert g1 == graphdef
+    chex.assert_trees_all_equal_shapes_and_dtypes(a1, params)
+    a1["norm"]["scale"] = None
+    assert model.abstract(CFG)[1]["norm"]["scale"] == jax.ShapeDtypeStruct((CFG.d_model,), jnp.float32)
+
+
 def test_output_shapes(built, fwd):
     graphdef, params = built
     logits = fwd(params, _tokens())

@@ -164,6 +164,9 @@ class TrainStep:
 
     def __init__(self, jitted, frozen, state_shardings):
         self.jitted, self.frozen, self.state_shardings = jitted, frozen, state_shardings
+        # the step counter's sharding: a state whose counter has it is placed (one comparison a call)
+        whole = isinstance(state_shardings, jax.sharding.Sharding)
+        self.counter_sharding = state_shardings if whole else state_shardings.step
 
     def __call__(self, state, batch, key):
         return self.jitted(self.placed(state), batch, key, self.frozen)
@@ -172,11 +175,11 @@ class TrainStep:
         return self.jitted.lower(self.placed(state), batch, key, self.frozen)
 
     def placed(self, state: "TrainState") -> "TrainState":
+        if getattr(state.step, "sharding", None) == self.counter_sharding:
+            return state
         shardings = self.state_shardings
         if isinstance(shardings, jax.sharding.Sharding):  # one for every array
             shardings = jax.tree.map(lambda _: shardings, state)
-        if getattr(state.step, "sharding", None) == shardings.step:
-            return state
         if jax.process_count() > 1:
             return parallel.shard_tree(state, shardings)
         return jax.device_put(state, shardings, may_alias=False)  # a copy: the step donates it

@@ -56,8 +56,7 @@ def _is_program(fn) -> bool:
 # Python's cyclic collector with full collections 10x rarer and young ones 14x: a program's start
 # (JAX, flax, orbax: about a million objects) otherwise runs ~5 full collections, 0.33 s of a tiny
 # 5 s bin/train run; after this none, and 0.13 s of collections in all against 0.43 s (gc.callbacks,
-# session 14). Device arrays are freed by
-# their reference counts, not by this collector.
+# session 14). Device arrays are freed by their reference counts, not by this collector.
 GC_THRESHOLDS = (10_000, 10, 100)
 
 

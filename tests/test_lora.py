@@ -35,6 +35,10 @@ def _base(seed=0):
     return model.init(MC, seed)
 
 
+APPLY = jax.jit(lambda graphdef, params, tokens: model.apply(graphdef, params, tokens)[0], static_argnums=0)
+MERGE = jax.jit(lora.merge, static_argnums=2)  # one program, not one per op and kernel shape
+
+
 def _tokens(seed=1, shape=(3, 16)):
     return jax.random.randint(jax.random.PRNGKey(seed), shape, 1, MC.vocab_size)
 
@@ -86,13 +90,15 @@ def test_merged_and_unmerged_give_the_same_logits():
     graphdef, frozen, adapters = lora.init(MC, ALL, seed=0, base=base)
     adapters = _random_b(adapters)
     tokens = _tokens()
-    unmerged, _ = model.apply(graphdef, lora.combine(frozen, adapters), tokens)
-    merged, _ = model.apply(model.init(MC, 0)[0], lora.merge(frozen, adapters, ALL), tokens)
-    base_logits, _ = model.apply(model.init(MC, 0)[0], base, tokens)
+    plain = model.init(MC, 0)[0]
+    unmerged = APPLY(graphdef, lora.combine(frozen, adapters), tokens)
+    merged_params = MERGE(frozen, adapters, ALL)
+    merged = APPLY(plain, merged_params, tokens)
+    base_logits = APPLY(plain, base, tokens)
     assert np.abs(np.asarray(unmerged) - np.asarray(base_logits)).max() > 1e-3  # the adapters do something
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5, rtol=0)
     # merge touches the targeted kernels only, by exactly (alpha/r) A B
-    flat_m = dict(nnx.to_flat_state(lora.merge(frozen, adapters, ALL)))
+    flat_m = dict(nnx.to_flat_state(merged_params))
     flat_b = dict(nnx.to_flat_state(frozen))
     flat_a = dict(nnx.to_flat_state(adapters))
     for path, var in flat_b.items():
@@ -403,13 +409,13 @@ def test_swiglu_lora_gradient_is_autodiffs():
     N, D, F, r, s = 6, 8, 12, 3, 1.5
     rng = np.random.default_rng(0)  # numpy's draws: no program compiled per shape, as jax.random's are
     shapes = [(N, D), (D, F), (D, F), (F, D), (D, r), (r, F), (D, 0), (0, F), (F, r), (r, D)]  # w3: no adapter
-    args = [jnp.asarray(rng.standard_normal(sh, np.float32)) for sh in shapes]
+    args = [rng.standard_normal(sh, np.float32) for sh in shapes]
 
     def plain(x, w1, w3, w2, a1, b1, a3, b3, a2, b2):
         h = jax.nn.silu(x @ w1 + s * (x @ a1) @ b1) * (x @ w3 + s * (x @ a3) @ b3)
         return h @ w2 + s * (h @ a2) @ b2
 
-    g = jnp.asarray(rng.standard_normal((N, D), np.float32))
+    g = rng.standard_normal((N, D), np.float32)
     want = jitted_vjp(plain, args, g)
     ours = lambda x, w1, w3, w2, *ad: lora.swiglu_lora(s, x, (w1,), (w3,), (w2,), *ad)  # noqa: E731
     got = jitted_vjp(ours, args, g)
@@ -418,7 +424,7 @@ def test_swiglu_lora_gradient_is_autodiffs():
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
     # kernels stored as int8: the gradient of x and the adapters is autodiff's with the dequantised kernels
     stored = [quant.quantize_int8(w) for w in args[1:4]]
-    deq = [quant.dequantize(st) for st in stored]
+    deq = [jax.jit(quant.dequantize)(st) for st in stored]
     x, ad = args[0], args[4:]
     want = jitted_vjp(lambda x, *ad: plain(x, *deq, *ad), (x, *ad), g)
     got = jitted_vjp(lambda x, *ad: lora.swiglu_lora(s, x, *stored, *ad), (x, *ad), g)
@@ -636,8 +642,8 @@ def test_resume_with_another_lora_section_is_refused(lora_reference, tmp_path, c
 def test_linear_lora_gradient_is_autodiffs():
     N, D, O, r, s = 6, 8, 5, 3, 2.5
     rng = np.random.default_rng(1)  # numpy's draws: no program compiled per shape, as jax.random's are
-    args = [jnp.asarray(rng.standard_normal(sh, np.float32)) for sh in [(N, D), (D, O), (D, r), (r, O)]]
-    g = jnp.asarray(rng.standard_normal((N, O), np.float32))
+    args = [rng.standard_normal(sh, np.float32) for sh in [(N, D), (D, O), (D, r), (r, O)]]
+    g = rng.standard_normal((N, O), np.float32)
     plain = lambda x, w, a, b: x @ w + s * (x @ a) @ b  # noqa: E731
     ours = lambda x, w, a, b: lora.linear_lora(s, x, (w,), a, b)  # noqa: E731
     np.testing.assert_allclose(jax.jit(ours)(*args), jax.jit(plain)(*args), rtol=1e-5, atol=1e-5)
@@ -645,9 +651,9 @@ def test_linear_lora_gradient_is_autodiffs():
         np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
     # the kernel stored as packed int4: x's and the adapters' gradients are those of the dequantised kernel
     x, w, a, b = args
-    st = quant.quantize_int4(jnp.concatenate([w, w]))  # an even number of rows
-    x2, deq = jnp.concatenate([x, x], axis=1), quant.dequantize(st)
-    a2 = jnp.concatenate([a, a])
+    st = quant.quantize_int4(np.concatenate([w, w]))  # an even number of rows
+    x2, deq = np.concatenate([x, x], axis=1), jax.jit(quant.dequantize)(st)
+    a2 = np.concatenate([a, a])
     got = jitted_vjp(lambda x, a, b: lora.linear_lora(s, x, st, a, b), (x2, a2, b), g)
     want = jitted_vjp(lambda x, a, b: plain(x, deq, a, b), (x2, a2, b), g)
     for h, w in zip(got, want):
@@ -688,11 +694,11 @@ def test_int4_round_trip_is_within_half_a_scale_per_group_of_64_rows():
 
 
 def test_int4_packing_round_trip_is_exact():
-    q = jax.random.randint(jax.random.PRNGKey(0), (10, 7), -8, 8).astype(jnp.int8)
-    p = quant.pack_int4(q)
+    q = np.random.default_rng(0).integers(-8, 8, (10, 7)).astype(np.int8)
+    p = jax.jit(quant.pack_int4)(q)
     chex.assert_type(p, jnp.uint8)
     chex.assert_shape(p, (5, 7))
-    assert np.asarray(quant.unpack_int4(p)).tobytes() == np.asarray(q).tobytes()
+    assert np.asarray(jax.jit(quant.unpack_int4)(p)).tobytes() == q.tobytes()
     assert int(p[0, 0]) == (int(q[0, 0]) + 8) | ((int(q[5, 0]) + 8) << 4)  # rows i and i + in/2, low nibble first
 
 
@@ -745,12 +751,12 @@ def test_qlora_logits_are_within_a_stated_tolerance_of_the_float_base(base_dtype
     assert 0 < err < LOGIT_TOL[base_dtype], err
     # merged (bin/chat, bin/export, evaluation): the dequantised base plus the adapters, as training computes
     adapters = _random_b(adapters)
-    unmerged = np.asarray(model.apply(adapted, lora.combine(frozen, adapters), tokens)[0])
-    merged = np.asarray(model.apply(graphdef, lora.merge(frozen, adapters, lc), tokens)[0])
+    unmerged = np.asarray(APPLY(adapted, lora.combine(frozen, adapters), tokens))
+    merged = np.asarray(APPLY(graphdef, MERGE(frozen, adapters, lc), tokens))
     np.testing.assert_allclose(merged, unmerged, atol=1e-5, rtol=0)
     as_trained = lora.as_trained(base, lc)  # the float base as training saw it (an adapter export's base)
     chex.assert_trees_all_equal_shapes_and_dtypes(as_trained, base)
-    np.testing.assert_allclose(np.asarray(model.apply(graphdef, lora.merge(as_trained, adapters, lc), tokens)[0]),
+    np.testing.assert_allclose(np.asarray(APPLY(graphdef, MERGE(as_trained, adapters, lc), tokens)),
                                unmerged, atol=1e-5, rtol=0)
 
 

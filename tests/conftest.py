@@ -284,6 +284,38 @@ LONGEST_FULL = ("test_lora.py", "test_reliability.py", "test_families.py", "test
                 "test_train.py", "test_multihost.py", "test_preference_eval.py", "test_model.py", "test_configs.py")
 
 
+# Files whose tests share a heavy import run on one worker, as one unit of xdist's scheduling: torch
+# and transformers (their import and the first use of transformers' model classes cost a worker
+# ~4 s of CPU), openai's client. Each worker collects every file, so these files import them lazily
+# (`lazy_import`): only the worker that runs the group pays.
+TOGETHER = {"test_lora.py": "torch", "test_families.py": "torch", "test_hf.py": "torch", "test_templates.py": "torch",
+            "test_server.py": "openai", "test_serve_guard.py": "openai"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, but each group of TOGETHER is one unit (at its first file's place in the order)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return TOGETHER.get(os.path.basename(path), path)
+    return Scheduling(config, log)
+
+
+class lazy_import:
+    """A module imported at its first attribute (pytest.importorskip: the test asking skips where it
+    is missing), not when its test file is collected (TOGETHER)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr):
+        if attr.startswith("_") or attr == "pytestmark":  # what collection asks of a module's names
+            raise AttributeError(attr)
+        return getattr(pytest.importorskip(self.name), attr)
+
+
 def pytest_collection_finish(session):
     """Everything imported by now (the test modules and theirs: JAX, flax, torch, transformers) is
     moved out of the cyclic collector's sight (gc.freeze), with the thresholds set above. With

@@ -30,10 +30,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import one_line_error, run_main, run_script
+from conftest import lazy_import, one_line_error, run_main, run_script
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch, transformers = lazy_import("torch"), lazy_import("transformers")  # at first use (conftest.TOGETHER)
 
 from jaxsft import hf, lora, model, ops, runs  # noqa: E402
 from jaxsft.config import FAMILIES, LoraConfig, ModelConfig, UserError, load_config  # noqa: E402

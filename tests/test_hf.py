@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main, run_script
+from conftest import REPO, lazy_import, run_main, run_script
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch, transformers = lazy_import("torch"), lazy_import("transformers")  # at first use (conftest.TOGETHER)
 
 from jaxsft import chatml, evaluate, hf, model, runs, setup  # noqa: E402
 from jaxsft.data import read_jsonl, row_texts  # noqa: E402

@@ -20,10 +20,9 @@ from html.parser import HTMLParser
 import httpx
 import jax
 import numpy as np
-import openai
 import pytest
 
-from conftest import QA
+from conftest import QA, lazy_import
 from live import chromium, free_server, live_app, never_ending_engine, openai_client, tiny_tokenizer, user
 from jaxsft import chatml
 from jaxsft import model as model_lib
@@ -31,6 +30,7 @@ from jaxsft.serve.protocol import ApiError, parse_chat
 from jaxsft.tokenizer import SPECIALS, TextStream, Tokenizer
 
 CONTEXT = 64  # the tiny run's max_seq_len
+openai = lazy_import("openai")  # at first use (conftest.TOGETHER)
 
 
 @pytest.fixture(scope="module")

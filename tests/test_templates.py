@@ -25,9 +25,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO, one_line_error, run_main
+from conftest import REPO, lazy_import, one_line_error, run_main
 
-transformers = pytest.importorskip("transformers")
+transformers = lazy_import("transformers")  # at first use (conftest.TOGETHER)
 
 from jaxsft import chatml, hf, templates  # noqa: E402
 from jaxsft.data import read_jsonl, row_texts  # noqa: E402

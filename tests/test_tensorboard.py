@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import assert_events_are_metrics, read_events
+from conftest import TINY_STEPS, assert_events_are_metrics, read_events
 from jaxsft.tensorboard_log import TensorBoardLog
 
 
@@ -23,7 +23,7 @@ def test_the_runs_events_are_its_metrics_and_config(trained_run):
     scalars = assert_events_are_metrics(run_dir)
     # every kind of record is there: training steps, evaluations, exact match (train.eval_exact)
     assert {"loss", "lr", "grad_norm", "tokens", "val_loss", "val_exact", "elapsed_s"} <= set(scalars)
-    assert len(scalars["loss"]) == 150 and "best" not in scalars
+    assert len(scalars["loss"]) == TINY_STEPS and "best" not in scalars
     _, texts = read_events(run_dir)
     assert [step for step, _ in texts] == [1]
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:

@@ -273,12 +273,12 @@ def pytest_configure(config):
 # while the others wait (xdist hands out whole files, --dist loadfile, in collection order with
 # --no-loadscope-reorder, the next one to a worker with two tests or fewer left); the rest keep
 # pytest's order after these. test_damaged_checkpoints.py stays out of the full list: begun beside
-# test_reliability.py it waits for the reference run that one builds. Both lists ordered by each
-# file's summed test time, measured from a cold cache in session 14 (full suite: test_lora 111 s,
-# test_reliability 78 s, ... test_configs 8.5 s; the last file had left the other worker idle 12 s).
-LONGEST_QUICK = ("test_lora.py", "test_head.py", "test_train.py", "test_families.py", "test_model.py",
-                 "test_engine.py", "test_attention.py", "test_server_faults.py", "test_server.py", "test_hf.py",
-                 "test_serve_guard.py", "test_decode.py", "test_dpo.py", "test_datasets_io.py")
+# test_reliability.py it waits for the reference run that one builds. Ordered by each file's summed
+# test time from a cold cache: the full list in session 14 (test_lora 111 s, test_reliability 78 s, ...
+# test_configs 8.5 s; the last file had left the other worker idle 12 s), the quick one by each
+# file's CPU in session 16 (test_lora, with the rest of its TOGETHER group 36 s, test_head 17 s, ...).
+LONGEST_QUICK = ("test_lora.py", "test_head.py", "test_engine.py", "test_train.py", "test_attention.py",
+                 "test_model.py", "test_decode.py", "test_dpo.py", "test_datasets_io.py", "test_server_faults.py")
 LONGEST_FULL = ("test_lora.py", "test_reliability.py", "test_families.py", "test_hf.py", "test_dpo.py",
                 "test_server.py", "test_attention.py", "test_head.py", "test_pretrain.py", "test_parallel.py",
                 "test_train.py", "test_multihost.py", "test_preference_eval.py", "test_model.py", "test_configs.py")

@@ -42,6 +42,7 @@ def chat(url, **headers):
                                                            "temperature": 0}, headers=headers, timeout=60)
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_api_key_with_the_openai_client(keyed):
     url, _ = keyed
     import openai
@@ -66,6 +67,7 @@ def test_api_key_with_the_openai_client(keyed):
     assert chat(url, authorization=f"Bearer {KEY}", host="example.com").status_code == 200
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_without_a_key_only_local_host_names(open_app, tok):
     url, _ = open_app
     port = url.rsplit(":", 1)[1]
@@ -80,6 +82,7 @@ def test_without_a_key_only_local_host_names(open_app, tok):
         assert chat(url2, host="evil.example").status_code == 403
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_bad_bodies_get_4xx_and_the_server_goes_on(open_app):
     url, _ = open_app
     post = url + "/v1/chat/completions"
@@ -101,6 +104,7 @@ def test_bad_bodies_get_4xx_and_the_server_goes_on(open_app):
     assert chat(url).status_code == 200
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_an_abandoned_upload_is_one_info_line(open_app, caplog):
     url, _ = open_app
     host, port = url[7:].rsplit(":", 1)
@@ -121,6 +125,7 @@ def test_an_abandoned_upload_is_one_info_line(open_app, caplog):
     assert chat(url).status_code == 200
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_a_body_that_trickles_in_past_the_deadline_gets_408(open_app, monkeypatch):
     """A client that sends its headers and then too little of its body, too slowly, holds a
     connection: once BODY_SECONDS have passed it gets 408 with an error body, and the server goes on."""
@@ -143,6 +148,7 @@ def test_a_body_that_trickles_in_past_the_deadline_gets_408(open_app, monkeypatc
     assert chat(url).status_code == 200
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_request_ids_are_echoed_and_logged(open_app, caplog):
     url, _ = open_app
     with caplog.at_level(logging.INFO, logger="jaxsft.serve"):
@@ -169,6 +175,7 @@ def metric(text, name, **labels):
     return None
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_metrics_count_requests_tokens_and_steps(tok):
     with live_app(never_ending_engine(tok, delay=0)(2), tok) as (url, state):
         for _ in range(3):

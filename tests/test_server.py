@@ -459,6 +459,7 @@ def quick(tok):
         yield {"url": url, "state": state, "client": openai_client(url), "model": served(url)}
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_requests_are_tokenised_off_the_event_loop(quick):
     """A request that takes 1 s to tokenise does not hold up the server's other requests."""
     with ThreadPoolExecutor(1) as pool:
@@ -471,6 +472,7 @@ def test_requests_are_tokenised_off_the_event_loop(quick):
         assert slow.result().status_code == 200
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_openai_client_sends_content_parts_and_the_developer_role(quick):
     client, model = quick["client"], quick["model"]
 
@@ -493,6 +495,7 @@ def test_openai_client_sends_content_parts_and_the_developer_role(quick):
         assert e.value.status_code == 400 and e.value.param == param, e.value
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_openai_client_gets_404_for_another_model(quick):
     with pytest.raises(openai.NotFoundError) as e:
         quick["client"].chat.completions.create(model="gpt-4o", messages=user("你好"))
@@ -505,6 +508,7 @@ def _ends(content):
     return list(itertools.accumulate(len(bytes(e.bytes).decode()) for e in content))
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_openai_client_gets_logprobs_whole_and_streamed(quick, tok):
     """Each token's logprob is log_softmax(model.apply(prompt + answer)) at the position before it,
     to 1e-4 (float32, cached vs whole forward pass); top_logprobs are the most likely tokens, most
@@ -589,6 +593,7 @@ def test_busy_server_answers_503_with_retry_after(slow_engine, tok):
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(slow_engine, tok):
     eng = slow_engine(2)
     with live_app(eng, tok) as (url, state):
@@ -610,6 +615,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(slow_engine, tok):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_bin_serve_freezes_what_start_up_built_out_of_the_collectors_sight(slow_engine, tok):
     """freeze_gc (bin/serve passes it): once ready, the engine and everything built before it are
     in the collector's permanent generation, so no full collection scans them mid-stream."""

@@ -92,6 +92,7 @@ def wait_for(cond, what):
         time.sleep(0.01)
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 @pytest.mark.parametrize("consume", [False, True], ids=["cache-intact", "cache-lost"])
 def test_a_failed_prefill_fails_its_request_and_the_server_goes_on(make, tok, fault, consume):
     eng = make(2)
@@ -113,6 +114,7 @@ def test_a_failed_prefill_fails_its_request_and_the_server_goes_on(make, tok, fa
         assert content(chat(url)) == want
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_a_failed_decode_fails_the_running_requests_and_the_queued_one_is_answered(make, tok, fault):
     eng = make(1)
     decode = fault("_decode")
@@ -137,6 +139,7 @@ def no_memory(self):
     raise RuntimeError("RESOURCE_EXHAUSTED: injected: out of memory")
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_a_lost_cache_that_cannot_be_allocated_again_marks_the_server_failed(make, tok, fault, monkeypatch):
     eng = make(1)
     decode = fault("_decode")
@@ -161,6 +164,7 @@ def test_a_lost_cache_that_cannot_be_allocated_again_marks_the_server_failed(mak
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_steps_that_keep_failing_mark_the_server_failed(make, tok, fault):
     eng = make(1)
     decode = fault("_decode")
@@ -189,6 +193,7 @@ class Boom(BaseException):
     """What a buggy callback might raise: no Exception, so no `except Exception` stops it."""
 
 
+@pytest.mark.slow  # end to end: a live HTTP server (uvicorn in this process) and real clients
 def test_an_engine_thread_that_dies_fails_every_request(make, tok, monkeypatch):
     eng = make(2)
     fatal = threading.Event()

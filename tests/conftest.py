@@ -293,7 +293,10 @@ TOGETHER = {"test_lora.py": "torch", "test_families.py": "torch", "test_hf.py": 
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """--dist loadfile, but each group of TOGETHER is one unit (at its first file's place in the order)."""
+    """--dist loadfile (pyproject's), but each group of TOGETHER is one unit (at its first file's
+    place in the order); another --dist is xdist's own."""
+    if config.getoption("dist") != "loadfile":
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class Scheduling(LoadScopeScheduling):
@@ -317,7 +320,7 @@ class lazy_import:
 
 
 def pytest_collection_finish(session):
-    """Everything imported by now (the test modules and theirs: JAX, flax, torch, transformers) is
+    """Everything imported by now (the test modules and theirs: JAX, flax, orbax) is
     moved out of the cyclic collector's sight (gc.freeze), with the thresholds set above. With
     Python's defaults a quick-tier worker spent ~6.6 s in about 17 full collections of ~0.33 s
     each, 1.3-2 s after this (measured with gc.callbacks, session 14)."""

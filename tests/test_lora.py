@@ -749,9 +749,8 @@ def test_qlora_logits_are_within_a_stated_tolerance_of_the_float_base(base_dtype
     lc = dataclasses.replace(ALL, base_dtype=base_dtype)
     adapted, frozen, adapters = lora.init(MC, lc, seed=0, base=base)
     tokens = _tokens()
-    apply = jax.jit(lambda p, t: model.apply(graphdef, p, t)[0])
-    want = np.asarray(apply(base, tokens))
-    got = np.asarray(jax.jit(lambda f, a, t: model.apply(adapted, lora.combine(f, a), t)[0])(frozen, adapters, tokens))
+    want = np.asarray(APPLY(graphdef, base, tokens))
+    got = np.asarray(APPLY(adapted, lora.combine(frozen, adapters), tokens))
     err = np.abs(got - want).max()
     assert 0 < err < LOGIT_TOL[base_dtype], err
     # merged (bin/chat, bin/export, evaluation): the dequantised base plus the adapters, as training computes

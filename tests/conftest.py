@@ -80,7 +80,7 @@ model:
   max_seq_len: 64
   d_model: 64
   n_heads: 4
-  n_layers: 2
+  n_layers: 1
   d_ff: 128
   dropout: 0.0
 data:

@@ -318,7 +318,7 @@ def test_dpo_on_an_imported_llama_base(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch")
     from test_hf import build_llama
     (tmp_path / "llama").mkdir()
-    build_llama(str(tmp_path / "llama"))
+    build_llama(str(tmp_path / "llama"), num_hidden_layers=1)  # one block: the layers' names are test_hf's
     pairs = _pairs_file(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
     yaml = tmp_path / "dpo.yaml"

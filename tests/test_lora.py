@@ -548,7 +548,7 @@ def test_lora_on_an_imported_llama_trains_chats_and_exports_for_peft(tmp_path, c
     from test_hf import build_llama, write_config
     src = tmp_path / "llama"
     src.mkdir()
-    build_llama(str(src))
+    build_llama(str(src), num_hidden_layers=1)  # one block: the layers' names are the import and export tests'
     run = tmp_path / "run"
     config = write_config(str(tmp_path), run, steps=6, model_extra=f"  init_from: {json.dumps(str(src))}\n",
                           n_train=100)
@@ -888,7 +888,7 @@ def test_qlora_int4_on_an_imported_llama_trains_and_exports_a_float_model(tmp_pa
     from test_hf import build_llama, write_config
     src = tmp_path / "llama"
     src.mkdir()
-    build_llama(str(src))
+    build_llama(str(src), num_hidden_layers=1)  # one block: the layers' names are the import and export tests'
     run = tmp_path / "run"
     config_path = write_config(str(tmp_path), run, steps=4, model_extra=f"  init_from: {json.dumps(str(src))}\n",
                                n_train=40)

@@ -96,15 +96,32 @@ def batch():
     return b.replace(answer_at=np.flatnonzero(b.loss_mask.reshape(-1)).astype(np.int32))
 
 
-def _loss_and_grads(cfg, remat, batch, lora_rank=0):
-    """(summed loss, gradient) of steps.loss_sums with dropout, jitted as the train step is."""
-    graphdef, params = model.init(cfg, 0)
-    frozen, combine = None, lambda fz, p: p  # noqa: E731
+def initial_values(cfg, lora_rank=0) -> list:
+    """The starting point of _loss_and_grads as a list of numpy arrays: the model's parameters
+    (lora_rank 0), or the frozen base's then the adapters' (B starts at 0 in lora.init: noise is
+    added, so that every adapter's gradient is non-zero)."""
+    _, params = model.init(cfg, 0)
+    if not lora_rank:
+        return [np.asarray(x) for x in jax.tree.leaves(params)]
+    _, frozen, adapters = lora.init(cfg, LoraConfig(rank=lora_rank), 0, params)
+    rng = np.random.default_rng(1)  # numpy's draws: no program compiled per shape
+    return [np.asarray(x) for x in jax.tree.leaves(frozen)] + [
+        np.asarray(x) + np.float32(0.01) * rng.standard_normal(x.shape, np.float32) for x in jax.tree.leaves(adapters)]
+
+
+def _loss_and_grads(cfg, remat, batch, lora_rank=0, values=None):
+    """(summed loss, gradient) of steps.loss_sums with dropout, jitted as the train step is, from
+    `values` (initial_values' list; computed here when None)."""
+    values = initial_values(cfg, lora_rank) if values is None else values
     if lora_rank:
-        graphdef, frozen, params = lora.init(cfg, LoraConfig(rank=lora_rank), 0, params)
-        # B starts at 0: noise, so that every adapter's gradient is non-zero
-        params = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
-        combine = lora.combine
+        graphdef, base, adapters = lora.graph(cfg, LoraConfig(rank=lora_rank))
+        n = len(jax.tree.leaves(base))
+        frozen = jax.tree.unflatten(jax.tree.structure(base), values[:n])
+        params, combine = jax.tree.unflatten(jax.tree.structure(adapters), values[n:]), lora.combine
+    else:
+        graphdef, abstract = model.abstract(cfg)
+        frozen, combine = None, lambda fz, p: p  # noqa: E731
+        params = jax.tree.unflatten(jax.tree.structure(abstract), values)
 
     def f(p, fz, b, key):
         with model.rematerialised(remat):
@@ -127,17 +144,25 @@ def test_blockwise_model_equals_full_model(batch, monkeypatch):
 REMAT_CASES = (("full", 0, ("block", "dots")), ("blockwise", 4, ("block",)))
 
 
-def remat_mismatches(batch) -> list:
-    """[(attention, LoRA rank, policy, what differs)] of REMAT_CASES: the loss and every gradient
+def remat_cases() -> list:
+    """[(attention, LoRA rank, policies, initial_values)] of REMAT_CASES, on one block: remat acts
+    per block, and its program compiles in about half the time of two (with the tests' older
+    emitters it finds mismatches in one block as in two: measured). The values are computed by
+    the caller's process: eager initialisation compiles a program per op and shape, which under
+    the fusion emitters costs seconds."""
+    return [(attention, rank, policies, initial_values(dataclasses.replace(CFG, attention=attention, n_layers=1), rank))
+            for attention, rank, policies in REMAT_CASES]
+
+
+def remat_mismatches(batch, cases) -> list:
+    """[(attention, LoRA rank, policy, what differs)] of remat_cases(): the loss and every gradient
     leaf against remat none, compared bit for bit."""
     out = []
-    for attention, rank, policies in REMAT_CASES:
-        # one block: remat acts per block, and its program compiles in about half the time of two
-        # (with the tests' older emitters it finds mismatches in one block as in two: measured)
+    for attention, rank, policies, values in cases:
         cfg = dataclasses.replace(CFG, attention=attention, n_layers=1)
-        loss, grads = _loss_and_grads(cfg, "none", batch, rank)
+        loss, grads = _loss_and_grads(cfg, "none", batch, rank, values)
         for policy in policies:
-            loss2, grads2 = _loss_and_grads(cfg, policy, batch, rank)
+            loss2, grads2 = _loss_and_grads(cfg, policy, batch, rank, values)
             leaves = [("loss", loss, loss2)] + [(jax.tree_util.keystr(p), a, b) for (p, a), b in zip(
                 jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads2))]
             out += [(attention, rank, policy, name) for name, a, b in leaves
@@ -153,9 +178,10 @@ def test_remat_is_bitwise_no_remat(batch):
     with level 0 only (bitwise there too, and compiling faster than XLA's default)."""
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_parallel_codegen_split_count=1")  # the new fusion emitters
     code = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import test_attention as t, pickle; "
-            "print(json.dumps(t.remat_mismatches(pickle.loads(sys.stdin.buffer.read()))))")
-    proc = subprocess.run([sys.executable, "-c", code, REPO, os.path.dirname(__file__)], input=pickle.dumps(batch),
-                          capture_output=True, env=dict(env, JAX_PLATFORMS="cpu"), timeout=600)
+            "print(json.dumps(t.remat_mismatches(*pickle.loads(sys.stdin.buffer.read()))))")
+    proc = subprocess.run([sys.executable, "-c", code, REPO, os.path.dirname(__file__)],
+                          input=pickle.dumps((batch, remat_cases())), capture_output=True,
+                          env=dict(env, JAX_PLATFORMS="cpu"), timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     assert json.loads(proc.stdout.decode().splitlines()[-1]) == []
 

@@ -56,9 +56,10 @@ def test_logged_learning_rate_is_the_schedule_of_each_update(trained_run):
 
 
 @pytest.mark.slow
-def test_train_scores_the_test_set_with_the_best_checkpoint(trained_run, tmp_path):
+def test_train_scores_the_test_set_with_the_best_checkpoint(trained_run, tmp_path, capsys, monkeypatch):
     """bin/train with data.test prints the per-category table of the best checkpoint and
-    writes out_dir/test_report.json; its figures and answers are bin/eval's."""
+    writes out_dir/test_report.json; its figures and answers are bin/eval's (main() in this
+    process: bin/eval's own process is test_evaluate's)."""
     proc, run_dir = trained_run["proc"], trained_run["run_dir"]
     assert f"best checkpoint on {trained_run['rows']}: 4 rows, greedy" in proc.stdout
     assert re.search(r"^all +4 +100\.0% +1\.000", proc.stdout, re.M), proc.stdout
@@ -67,8 +68,9 @@ def test_train_scores_the_test_set_with_the_best_checkpoint(trained_run, tmp_pat
     assert report["n"] == 4 and report["overall"]["exact_match"] == 1.0
     assert [r["answer"] for r in report["rows"]] == [r["expected"] for r in report["rows"]]
     out = tmp_path / "eval.json"
-    ev = run_script("eval", "--checkpoint", run_dir, "--data", trained_run["rows"], "--json", out)
-    assert ev.returncode == 0, ev.stderr
+    code, _, err = run_main("eval", ["--checkpoint", run_dir, "--data", trained_run["rows"], "--json", out], capsys,
+                            monkeypatch)
+    assert code == 0, err
     with open(out, encoding="utf-8") as f:
         by_eval = json.load(f)
     assert by_eval["rows"] == report["rows"] and by_eval["by_category"] == report["by_category"]
@@ -95,7 +97,8 @@ def test_chat_prints_the_trained_answer(trained_run, qa):
 
 
 @pytest.mark.slow
-def test_chat_file_writes_one_line_per_row(trained_run, qa, tmp_path):
+def test_chat_file_writes_one_line_per_row(trained_run, qa, tmp_path, capsys, monkeypatch):
+    """bin/chat --file, main() in this process (bin/chat's own process: the test above)."""
     rows = tmp_path / "rows.jsonl"
     with open(rows, "w", encoding="utf-8") as f:
         for q, _ in qa:
@@ -103,9 +106,10 @@ def test_chat_file_writes_one_line_per_row(trained_run, qa, tmp_path):
         f.write("\n")  # blank lines are skipped
         f.write(json.dumps({"messages": [{"role": "user", "content": qa[0][0]}]}, ensure_ascii=False) + "\n")
     out = tmp_path / "answers.jsonl"
-    proc = run_script("chat", "--checkpoint", trained_run["run_dir"], "--file", rows, "--out", out)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == ""
+    code, stdout, err = run_main("chat", ["--checkpoint", trained_run["run_dir"], "--file", rows, "--out", out], capsys,
+                                 monkeypatch)
+    assert code == 0, err
+    assert stdout == ""
     got = [json.loads(l) for l in open(out, encoding="utf-8")]
     assert [r["line"] for r in got] == [1, 2, 3, 4, 6]
     assert [r["question"] for r in got] == [q for q, _ in qa] + [qa[0][0]]

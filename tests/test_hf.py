@@ -352,14 +352,15 @@ def test_export_logits_and_chat_template_parity(exported):
 
 
 @pytest.mark.slow
-def test_export_generate_gives_bin_chat_answers(exported):
+def test_export_generate_gives_bin_chat_answers(exported, capsys, monkeypatch):
     """model.generate(do_sample=False) on the chat template's ids answers 50 rows of
-    data/test.jsonl exactly as bin/chat --file does."""
+    data/test.jsonl exactly as bin/chat --file does (main() in this process: bin/chat's own
+    process is test_cli's)."""
     d = exported["dir"]
     rows_path = write_rows(os.path.join(d, "test50.jsonl"), "test.jsonl", 50)
-    proc = run_script("chat", "--checkpoint", exported["run"], "--file", rows_path, "--out", d / "answers.jsonl",
-                      "--max-new-tokens", 48)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = run_main("chat", ["--checkpoint", exported["run"], "--file", rows_path, "--out", d / "answers.jsonl",
+                                     "--max-new-tokens", 48], capsys, monkeypatch)
+    assert code == 0, err
     with open(d / "answers.jsonl", encoding="utf-8") as f:
         ours = [json.loads(line)["answer"] for line in f]
     hf_model, hf_tok = load_export(exported["out"])

@@ -346,7 +346,7 @@ def test_lora_run_checkpoints_hold_the_adapters_only(lora_reference):
 
 
 @pytest.mark.slow
-def test_lora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_reference):
+def test_lora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_reference, capsys, monkeypatch):
     r = LoraRuns(tmp_path, cache, lora_reference["base"].path())
     p = r.run(hook=("kill_before_latest", 12))  # best/12 committed, latest/12 not
     assert p.returncode == -signal.SIGKILL, p.stderr
@@ -356,17 +356,18 @@ def test_lora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_referen
     assert "resumed run at step 10" in p.stdout
     resumed_at = saved_steps(r.path("latest"))[-1]
     assert 12 <= resumed_at <= 15
-    p = r.run("--resume")
+    p = r.run_here(capsys, monkeypatch, "--resume")  # in this process
     assert p.returncode == 0, p.stderr
     assert f"resumed run at step {resumed_at} " in p.stdout
     assert_same_as_reference(r, lora_reference, resumed_at)
 
 
 @pytest.mark.slow
-def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
-    """bin/chat and bin/eval on a LoRA run answer with the base + best adapters, merged: the same
-    answers as the merged parameters give through the library; a moved base is reported."""
-    from conftest import run_script
+def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path, capsys, monkeypatch):
+    """bin/chat (in its own process) and bin/eval (main() in this process) on a LoRA run answer
+    with the base + best adapters, merged: the same answers as the merged parameters give through
+    the library; a moved base is reported."""
+    from conftest import run_main, run_script
     from jaxsft import checkpoint
     from jaxsft.decode import Generator
     run = lora_reference["runs"].path()
@@ -379,11 +380,12 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == want
     rows = os.path.join(lora_reference["runs"].d, "val.jsonl")
-    p = run_script("eval", "--checkpoint", run, "--data", rows, "--max-new-tokens", "12")
-    assert p.returncode == 0, p.stderr
+    code, out, err = run_main("eval", ["--checkpoint", run, "--data", rows, "--max-new-tokens", "12"], capsys,
+                              monkeypatch)
+    assert code == 0, err
     from jaxsft import evaluate
     report = evaluate.score_rows(gen, evaluate.read_scored_rows(rows))  # the library's figures on base + adapters
-    assert evaluate.score_table(report) in p.stdout, p.stdout
+    assert evaluate.score_table(report) in out, out
     # adapters restored by hand and merged equal what restore gives
     lc = LoraConfig(rank=4, alpha=8.0)
     _, base = runs.init_params_from(mc, 3, runs.load_base(lora_reference["base"].path(), mc))
@@ -403,9 +405,9 @@ def test_chat_and_eval_load_base_plus_adapters(lora_reference, tmp_path):
         ref = json.load(f)
     with open(moved / "lora_base.json", "w") as f:
         json.dump(dict(ref, path=str(tmp_path / "gone"), init_from=str(tmp_path / "gone")), f)
-    p = run_script("chat", "--checkpoint", moved, "3加5等于多少？")
-    assert p.returncode == 2 and p.stderr.strip() == (f"error: {moved}: its base model {tmp_path / 'gone'} "
-                                                      f"(model.init_from) is missing; a LoRA run holds its adapters only")
+    code, _, err = run_main("chat", ["--checkpoint", moved, "3加5等于多少？"], capsys, monkeypatch)
+    assert code == 2 and err.strip() == (f"error: {moved}: its base model {tmp_path / 'gone'} "
+                                         f"(model.init_from) is missing; a LoRA run holds its adapters only")
 
 
 def test_swiglu_lora_gradient_is_autodiffs():
@@ -835,7 +837,8 @@ def test_base_dtype_config_errors(tmp_path):
     # this run is also remat's, blockwise attention's and the chunked head's resume test
     ("int4", True, ("train.remat=block", "model.attention=blockwise", "train.head_chunk=16")),
 ], ids=["int8-bfloat16", "int4-remat-blockwise-chunked-packed"])
-def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_reference, base_dtype, prod, memory):
+def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_reference, base_dtype, prod, memory,
+                                                  capsys, monkeypatch):
     """With lora.base_dtype on: an uninterrupted run, and one SIGKILLed mid-step then resumed
     (the base loaded and quantised again), end bitwise alike; lora_base.json keeps the float
     base's fingerprint. bfloat16's base is a cast, which the step test checks stays bitwise; the
@@ -871,7 +874,7 @@ def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_refere
     assert p.returncode == -signal.SIGKILL, p.stderr
     resumed_at = saved_steps(r.path("latest"))[-1]
     assert saved[0] <= resumed_at <= saved[1]
-    p = r.run("--resume", env=env)
+    p = r.run_here(capsys, monkeypatch, "--resume", min_logits=0 if prod else None)  # in this process
     assert p.returncode == 0, p.stderr
     assert f"resumed run at step {resumed_at} " in p.stdout and "will not match" not in p.stderr
     assert_same_as_reference(r, want, resumed_at)

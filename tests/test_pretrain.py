@@ -206,13 +206,13 @@ def _non_embedding(params) -> dict:
 
 
 @pytest.mark.slow
-def test_sft_from_pretrained_trains_resumes_and_restores(pretrained, tmp_path):
+def test_sft_from_pretrained_trains_resumes_and_restores(pretrained, tmp_path, capsys, monkeypatch):
     config = _sft_config(tmp_path, pretrained)
     run_dir = os.path.join(tmp_path, "sft")
-    proc = run_script("train", "--config", config, "--set", "train.max_steps=16", "--set", "train.eval_every=8",
-                      "--no-progress", timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    # resumed: the extended vocabulary is rebuilt identically, and training goes on from step 16
+    code, _, err = run_main("train", ["--config", config, "--set", "train.max_steps=16", "--set", "train.eval_every=8",
+                                      "--no-progress"], capsys, monkeypatch)  # in this process
+    assert code == 0, err
+    # resumed in a process of its own: the extended vocabulary is rebuilt identically, and training goes on from step 16
     proc = run_script("train", "--config", config, "--set", "train.max_steps=24", "--set", "train.eval_every=8",
                       "--no-progress", "--resume", timeout=300)
     assert proc.returncode == 0, proc.stderr

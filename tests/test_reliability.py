@@ -437,6 +437,17 @@ class Runs:
         return subprocess.run(self.cmd(*extra, hook=hook), cwd=self.d, env={**_env(self.cache), **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
 
+    def run_here(self, capsys, monkeypatch, *extra, min_logits=None):
+        """bin/train's main() in this process (conftest.run_main), in the run's directory: a run no
+        hook stops (a resumed run's end), without an interpreter and JAX import of its own.
+        min_logits: the driver's TEST_HEAD_MIN_LOGITS. Returns a CompletedProcess, as run()."""
+        if min_logits is not None:
+            from jaxsft import head
+            monkeypatch.setattr(head, "MIN_LOGITS", min_logits)
+        monkeypatch.chdir(self.d)
+        code, out, err = run_main("train", [*self.args, *extra], capsys, monkeypatch)
+        return subprocess.CompletedProcess(["bin/train", *self.args, *extra], code, out, err)
+
     def path(self, *p):
         return os.path.join(self.d, "run", *p)
 
@@ -521,7 +532,7 @@ def assert_same_as_reference(r: Runs, reference, resumed_at=None):
 
 
 @pytest.mark.slow
-def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cache, reference):
+def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cache, reference, capsys, monkeypatch):
     r = Runs(tmp_path, cache)
     # 1. killed after step 12's best checkpoint and metrics, before its latest state
     p = r.run(hook=("kill_before_latest", 12))
@@ -539,8 +550,8 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
     assert any(".orbax-checkpoint-tmp" in n for n in os.listdir(r.path("latest"))), os.listdir(r.path("latest"))
     load_tree(r.path("latest"), 15)
 
-    # 3. resumed to the end: the same parameters, optimizer state, best checkpoints and metrics
-    p = r.run("--resume")
+    # 3. resumed to the end (in this process): the same parameters, optimizer state, best checkpoints and metrics
+    p = r.run_here(capsys, monkeypatch, "--resume")
     assert p.returncode == 0, p.stderr
     assert "resumed run at step 15" in p.stdout
     assert_same_as_reference(r, reference, 15)
@@ -552,7 +563,7 @@ def test_sigkill_at_the_worst_moments_then_resume_is_bitwise_exact(tmp_path, cac
 
 
 @pytest.mark.slow
-def test_production_path_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, prod_reference):
+def test_production_path_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, prod_reference, capsys, monkeypatch):
     """Packing, the shared prefix, the answer-only head, exact match and a curriculum whose
     boundary (step 14) falls after the first kill: the resumed run must take up the focus
     batches where they stopped, then the whole set, and end bit for bit as the reference."""
@@ -566,15 +577,15 @@ def test_production_path_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, p
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert "resumed run at step 5" in p.stdout
     assert steps(r.path("best")) == [26] and steps(r.path("latest")) == [20, 25]
-    # 3. resumed to the end
-    p = r.run("--resume")
+    # 3. resumed to the end (in this process)
+    p = r.run_here(capsys, monkeypatch, "--resume")
     assert p.returncode == 0, p.stderr
     assert "resumed run at step 25" in p.stdout
     assert_same_as_reference(r, prod_reference, 25)
 
 
 @pytest.mark.slow
-def test_production_path_kill_after_a_timed_save_resumes_bitwise(tmp_path, cache, prod_reference):
+def test_production_path_kill_after_a_timed_save_resumes_bitwise(tmp_path, cache, prod_reference, capsys, monkeypatch):
     """With no step-count saves, the clock saves the latest state (train.save_every_s) and a
     kill right after such a save loses nothing: the resumed run ends as the reference."""
     r = Runs(tmp_path, cache, prod=True)
@@ -583,7 +594,7 @@ def test_production_path_kill_after_a_timed_save_resumes_bitwise(tmp_path, cache
     assert p.returncode == -signal.SIGKILL, p.stderr
     saved = steps(r.path("latest"))[-1]
     assert 0 < saved < 26 and not steps(r.path("best"))  # before the first evaluation: only the clock saved
-    p = r.run(*timed, "--resume")
+    p = r.run_here(capsys, monkeypatch, *timed, "--resume")
     assert p.returncode == 0, p.stderr
     assert f"resumed run at step {saved}" in p.stdout
     assert_same_as_reference(r, prod_reference)
@@ -632,7 +643,8 @@ def test_a_signal_saves_a_resumable_state(tmp_path, cache, sig):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prod", [False, True], ids=["padded", "production"])
-def test_ctrl_c_then_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, cache, reference, prod_reference, prod):
+def test_ctrl_c_then_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, cache, reference, prod_reference, prod,
+                                                                   capsys, monkeypatch):
     ref = prod_reference if prod else reference
     r = Runs(tmp_path, cache, prod)
     step = assert_interrupted(r.run(hook=("sigint_at", 7)), r, ref["saves"])  # Ctrl-C
@@ -645,7 +657,7 @@ def test_ctrl_c_then_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, cac
             load_tree(r.path(d), steps(r.path(d))[-1])
     assert step <= steps(r.path("latest"))[-1] <= 15  # the save at 15 may still be in flight
     resumed_at = steps(r.path("latest"))[-1]
-    p = r.run("--resume")
+    p = r.run_here(capsys, monkeypatch, "--resume")  # in this process
     assert p.returncode == 0, p.stderr
     assert f"resumed run at step {resumed_at} " in p.stdout
     assert_same_as_reference(r, ref, resumed_at)
@@ -747,15 +759,23 @@ def test_nothing_a_user_loads_is_a_pickle(reference, monkeypatch):
     assert load_tree(os.path.join(run, "latest"), TOTAL_STEPS).keys() == reference["latest"].keys()
 
 
+def chat_here(lines, run_dir, capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """Interactive bin/chat on run_dir, main() in this process (conftest.run_main), reading `lines`
+    as typed (its own process, on a terminal: test_stream.py)."""
+    import io
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    args = ["--checkpoint", run_dir, "--max-new-tokens", "8"]
+    code, out, err = run_main("chat", args, capsys, monkeypatch)
+    return subprocess.CompletedProcess(["bin/chat", *args], code, out, err)
+
+
 @pytest.mark.slow
-def test_chat_unknown_characters_empty_questions_and_long_conversations(reference):
+def test_chat_unknown_characters_empty_questions_and_long_conversations(reference, capsys, monkeypatch):
     """Interactive chat: an empty line is refused politely, characters outside the
     vocabulary are reported once, a conversation beyond the context is cut from
     its oldest turns; nothing crashes."""
     lines = ["", "12加5等于多少？😀", "😀3加4等于多少？", "1加2等于多少？" * 20, "/quit"]  # 😀: not in the vocabulary
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bin", "chat"), "--checkpoint",
-                           reference["runs"].path(), "--max-new-tokens", "8"], input="\n".join(lines) + "\n",
-                          env=_env(None), capture_output=True, text=True, timeout=120)
+    proc = chat_here(lines, reference["runs"].path(), capsys, monkeypatch)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("(please type a question)") == 1
@@ -766,12 +786,9 @@ def test_chat_unknown_characters_empty_questions_and_long_conversations(referenc
 
 
 @pytest.mark.slow
-def test_chat_commands_are_listed_and_never_sent_to_the_model(reference):
+def test_chat_commands_are_listed_and_never_sent_to_the_model(reference, capsys, monkeypatch):
     """/help lists the commands; an unknown /command says so and lists them; neither is a question."""
-    lines = ["/help", "/frobnicate now", "/quit"]
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bin", "chat"), "--checkpoint",
-                           reference["runs"].path(), "--max-new-tokens", "8"], input="\n".join(lines) + "\n",
-                          env=_env(None), capture_output=True, text=True, timeout=120)
+    proc = chat_here(["/help", "/frobnicate now", "/quit"], reference["runs"].path(), capsys, monkeypatch)
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr.splitlines()
     listing = "/clear forgets the conversation, /system TEXT sets the system prompt, /help lists these, /quit leaves."

@@ -67,12 +67,14 @@ def test_chat_interactive_streams_answers_and_knows_commands(trained_run):
 
 
 @pytest.mark.slow
-def test_chat_compare_base_and_sft(trained_run):
-    """The base model gets <bos> + the raw text (no template); the SFT model answers in ChatML."""
+def test_chat_compare_base_and_sft(trained_run, capsys, monkeypatch):
+    """The base model gets <bos> + the raw text (no template); the SFT model answers in ChatML.
+    (main() in this process: bin/chat's own, under an ASCII locale, is the test above.)"""
     from jaxsft import runs
     run = trained_run["run_dir"]
     q = QA[0][0]
-    rc, out, err = chat("--checkpoint", run, "--compare", run, "--max-new-tokens", 10, q)
+    rc, out, err = run_main("chat", ["--checkpoint", run, "--compare", run, "--max-new-tokens", 10, q], capsys,
+                            monkeypatch)
     assert rc == 0, err
     params, cfg, tok = runs.restore(run)
     base = Generator(params, cfg, tok, "", max_new_tokens=10)

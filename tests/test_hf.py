@@ -291,7 +291,7 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_export_files_config_and_tensor_names(exported):
+def test_export_files_config_and_tensor_names(exported, capsys, monkeypatch):
     from safetensors import safe_open
     out = exported["out"]
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
@@ -318,9 +318,8 @@ def test_export_files_config_and_tensor_names(exported):
     gen_cfg = transformers.GenerationConfig.from_pretrained(out)
     assert gen_cfg.eos_token_id == tok.end_id == tok.itos.index("<|endoftext|>")
     # a second export into the same directory is refused, and writes nothing
-    proc = run_script("export", "--checkpoint", exported["run"], "--out", out)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {out}: already exists and is not an empty directory"]
+    code, _, err = run_main("export", ["--checkpoint", exported["run"], "--out", out], capsys, monkeypatch)
+    assert code == 2 and err.strip().splitlines() == [f"error: {out}: already exists and is not an empty directory"]
 
 
 @pytest.mark.slow

@@ -505,18 +505,20 @@ def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets, n_new, t
 
 
 @pytest.mark.slow
-def test_bin_export_merged_and_adapter_load_in_transformers_and_peft(lora_reference, tmp_path):
-    """bin/export of a LoRA run: merged, transformers' Llama gives the run's logits (what bin/chat
-    answers with); --adapter, PEFT on transformers' Llama of the exported base gives them too."""
+def test_bin_export_merged_and_adapter_load_in_transformers_and_peft(lora_reference, tmp_path, capsys, monkeypatch):
+    """bin/export of a LoRA run: merged (in its own process), transformers' Llama gives the run's
+    logits (what bin/chat answers with); --adapter (main() in this process), PEFT on transformers'
+    Llama of the exported base gives them too."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     import transformers
-    from conftest import run_script
+    from conftest import run_main, run_script
     run = lora_reference["runs"].path()
-    for extra in ([], ["--adapter"]):
-        out = tmp_path / ("adapter" if extra else "merged")
-        p = run_script("export", "--checkpoint", run, "--out", out, *extra)
-        assert p.returncode == 0, p.stderr
+    p = run_script("export", "--checkpoint", run, "--out", tmp_path / "merged")
+    assert p.returncode == 0, p.stderr
+    code, _, err = run_main("export", ["--checkpoint", run, "--out", tmp_path / "adapter", "--adapter"], capsys,
+                            monkeypatch)
+    assert code == 0, err
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter", "base"]
     assert sorted(os.listdir(tmp_path / "adapter" / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
     with open(tmp_path / "adapter" / "adapter" / "adapter_config.json") as f:
@@ -533,8 +535,9 @@ def test_bin_export_merged_and_adapter_load_in_transformers_and_peft(lora_refere
         base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter" / "base"))
         adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter" / "adapter")).eval()
         np.testing.assert_allclose(adapted(ids).logits.numpy(), ours, atol=1e-4, rtol=0)
-    p = run_script("export", "--checkpoint", lora_reference["base"].path(), "--out", tmp_path / "x", "--adapter")
-    assert p.returncode == 2 and "not a LoRA run" in p.stderr
+    code, _, err = run_main("export", ["--checkpoint", lora_reference["base"].path(), "--out", tmp_path / "x",
+                                       "--adapter"], capsys, monkeypatch)
+    assert code == 2 and "not a LoRA run" in err
 
 
 @pytest.mark.slow

@@ -845,7 +845,9 @@ def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_refere
     """With lora.base_dtype on: an uninterrupted run, and one SIGKILLed mid-step then resumed
     (the base loaded and quantised again), end bitwise alike; lora_base.json keeps the float
     base's fingerprint. bfloat16's base is a cast, which the step test checks stays bitwise; the
-    int8 run is also SFT's resume test under train.dtype bfloat16 (DPO's: tests/test_dpo.py)."""
+    int8 run is also SFT's resume test under train.dtype bfloat16 (DPO's: tests/test_dpo.py).
+    The uninterrupted and the resumed run are bin/train's main() in this process, the killed one
+    bin/train in its own."""
     from test_reliability import PROD_SAVES, PROD_STEPS
     base = lora_reference["base"].path()
     options = [a for o in (f"lora.base_dtype={base_dtype}", *memory) for a in ("--set", o)]
@@ -854,7 +856,7 @@ def test_qlora_sigkill_then_resume_is_bitwise_exact(tmp_path, cache, lora_refere
     ref = LoraRuns(tmp_path / "ref", cache, base, prod)
     ref.args += options
     env = {"TEST_HEAD_MIN_LOGITS": "0"} if prod else {}  # the head in chunks of 16 at this vocabulary too
-    p = ref.run(env=env)
+    p = ref.run_here(capsys, monkeypatch, min_logits=0 if prod else None)  # in this process
     assert p.returncode == 0, p.stderr
     with open(ref.path("config.json")) as f:
         cfg = json.load(f)

@@ -242,9 +242,9 @@ STYLE_OF = {"llama-llama3": "llama3", "llama-linear": "llama3", "mistral": "gemm
 
 def build_styled(path: str, case: str) -> str:
     """The base of `case` (every tensor random, as `build`, in one block: the layers' names and
-    values in and out are test_import_gives_transformers_logits' and test_export_is_the_family_
-    transformers_loads', on two) with its style's tokenizer files, chat template and eos ids
-    (generation_config.json), as a downloaded model's directory has them."""
+    values in and out are checked on two by test_import_gives_transformers_logits and
+    test_export_is_the_family_transformers_loads) with its style's tokenizer files, chat template
+    and eos ids (generation_config.json), as a downloaded model's directory has them."""
     import test_templates as tt
     style = STYLE_OF[case]
     backend = styled_backend()
@@ -252,8 +252,9 @@ def build_styled(path: str, case: str) -> str:
     tokens, eos = tt.STYLES[style][2], [backend.token_to_id(t) for t in tt.STYLES[style][3]]
     ids = {k: backend.token_to_id(tokens[f"{k}_token"]) if f"{k}_token" in tokens else None for k in ("bos", "pad")}
     cls, settings, _ = CASES[case]
-    cfg = getattr(transformers, cls)(**{**COMMON, "num_hidden_layers": 1, "bos_token_id": ids["bos"], "eos_token_id": eos,
-                                        "pad_token_id": ids["pad"]}, vocab_size=backend.get_vocab_size(), **settings)
+    cfg = getattr(transformers, cls)(**{**COMMON, "num_hidden_layers": 1, "bos_token_id": ids["bos"],
+                                        "eos_token_id": eos, "pad_token_id": ids["pad"]},
+                                     vocab_size=backend.get_vocab_size(), **settings)
     torch.manual_seed(1)
     m = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
